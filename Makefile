@@ -1,0 +1,40 @@
+# One command each: `make demo` runs the gateway's main job on embedded defaults,
+# `make test` runs lint, type checks and the test suite. Both bootstrap .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench geo clean run
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m gateway demo
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict gateway
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+geo: $(STAMP)
+	$(BIN)/gateway geo build
+
+run: $(STAMP)
+	$(BIN)/gateway run --config config/gateway.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

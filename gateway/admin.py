@@ -1,0 +1,183 @@
+"""The admin listener: /healthz, /readyz, /metrics (no token) and /admin/* (bearer token)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from aiohttp import web
+
+from gateway import metrics
+from gateway.errors import StoreError
+from gateway.explain import explain
+from gateway.keys import KeyOpError, issue_key, list_keys, revoke_key, rotate_key, show_key
+from gateway.policy import canonical, validate_policy
+from gateway.settings import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayService
+
+SERVICE: web.AppKey[Any] = web.AppKey("service", object)
+
+
+def _err(status: int, message: str) -> web.Response:
+    return web.json_response({"type": "error", "error": {"type": "admin_error",
+                                                         "message": message}}, status=status)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith("/admin/"):
+        return await handler(request)  # type: ignore[no-any-return]
+    svc: GatewayService = request.app[SERVICE]
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = svc.config.secrets.admin_token
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             expected.encode()):
+        return _err(401, "admin API needs Authorization: Bearer <admin token>")
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except KeyOpError as exc:
+        return _err(exc.status, str(exc))
+    except StoreError as exc:
+        return _err(503, str(exc))
+
+
+def _actor(request: web.Request) -> str:
+    return f"admin-api:{request.remote}"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:
+        return {}
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise KeyOpError(400, "body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise KeyOpError(400, "body must be a JSON object")
+    return doc
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, body = request.app[SERVICE].readiness()
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    svc: GatewayService = request.app[SERVICE]
+    metrics.STORE_UP.set(1 if svc.limits.store_ok else 0)
+    return web.Response(body=metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def keys_list(request: web.Request) -> web.Response:
+    store = request.app[SERVICE].store
+    return web.json_response({"keys": await list_keys(store, request.query.get("reseller"))})
+
+
+async def keys_issue(request: web.Request) -> web.Response:
+    svc: GatewayService = request.app[SERVICE]
+    rec, full = await issue_key(svc.store, await _body(request), _actor(request))
+    return web.json_response({"key_id": rec.key_id, "key": full, "record": rec.public()},
+                             status=201)
+
+
+async def keys_show(request: web.Request) -> web.Response:
+    store = request.app[SERVICE].store
+    return web.json_response(await show_key(store, request.match_info["key_id"]))
+
+
+async def keys_revoke(request: web.Request) -> web.Response:
+    store = request.app[SERVICE].store
+    return web.json_response(await revoke_key(store, request.match_info["key_id"],
+                                              _actor(request)))
+
+
+async def keys_rotate(request: web.Request) -> web.Response:
+    store = request.app[SERVICE].store
+    body = await _body(request)
+    overlap = body.get("overlap_s", 3600)
+    if not isinstance(overlap, int | float) or isinstance(overlap, bool):
+        raise KeyOpError(400, "overlap_s must be a number of seconds")
+    rec, full = await rotate_key(store, request.match_info["key_id"], _actor(request),
+                                 float(overlap))
+    return web.json_response({"key_id": rec.key_id, "key": full, "record": rec.public()})
+
+
+async def policy_show(request: web.Request) -> web.Response:
+    stored = await request.app[SERVICE].store.get_policy()
+    if stored is None:
+        return _err(404, "no policy stored")
+    return web.json_response({"version": stored.version, "applied_at": stored.applied_at,
+                              "actor": stored.actor, "policy": json.loads(stored.doc)})
+
+
+async def policy_put(request: web.Request) -> web.Response:
+    """Body: the policy as YAML or JSON. ?dry_run=1 validates only; ?expected_version=N."""
+    from gateway.audit import log_audit
+
+    svc: GatewayService = request.app[SERVICE]
+    text = await request.text()
+    try:
+        raw = yaml.safe_load(text)
+        doc = validate_policy(raw, "request body")
+    except yaml.YAMLError as exc:
+        return _err(400, f"request body: not valid YAML/JSON: {exc}")
+    except ConfigError as exc:
+        return web.json_response({"type": "error", "error": {
+            "type": "invalid_policy", "message": str(exc), "field": exc.field,
+            "reason": exc.reason}}, status=400)
+    if request.query.get("dry_run") in ("1", "true"):
+        return web.json_response({"valid": True, "policy": json.loads(canonical(doc))})
+    expected = request.query.get("expected_version")
+    try:
+        version = await svc.store.put_policy(canonical(doc), _actor(request),
+                                             int(expected) if expected else None)
+    except ValueError as exc:
+        return _err(409, str(exc))
+    log_audit(_actor(request), "policy_applied", "policy", version=version)
+    return web.json_response({"version": version})
+
+
+async def explain_view(request: web.Request) -> web.Response:
+    svc: GatewayService = request.app[SERVICE]
+    q = request.query
+    if "ip" not in q:
+        return _err(400, "ip is required")
+    out = explain(svc.pipeline, svc.registry, q["ip"], key=request.headers.get("x-explain-key")
+                  or q.get("key"), reseller=q.get("reseller"),
+                  customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
+                  model=q.get("model"), path=q.get("path", "/v1/messages"))
+    return web.json_response(out)
+
+
+async def reload_view(request: web.Request) -> web.Response:
+    ok = await request.app[SERVICE].reload()
+    return web.json_response({"reloaded": ok}, status=200 if ok else 400)
+
+
+def build_admin_app(service: GatewayService) -> web.Application:
+    app = web.Application(middlewares=[_auth])
+    app[SERVICE] = service
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_view)
+    r.add_get("/admin/keys", keys_list)
+    r.add_post("/admin/keys", keys_issue)
+    r.add_get("/admin/keys/{key_id}", keys_show)
+    r.add_post("/admin/keys/{key_id}/revoke", keys_revoke)
+    r.add_post("/admin/keys/{key_id}/rotate", keys_rotate)
+    r.add_get("/admin/policy", policy_show)
+    r.add_put("/admin/policy", policy_put)
+    r.add_get("/admin/explain", explain_view)
+    r.add_post("/admin/reload", reload_view)
+    return app

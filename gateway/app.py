@@ -1,0 +1,302 @@
+"""Assembles the gateway: the proxy and admin listeners, the store, the snapshots kept in sync
+with it, geo reloads, SIGHUP config reloads and graceful SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway import metrics
+from gateway.admin import build_admin_app
+from gateway.audit import configure_logging, logger
+from gateway.errors import StoreError
+from gateway.geo import GeoDatabaseError, GeoResolver
+from gateway.identity import KeyRegistry
+from gateway.limits import Limits
+from gateway.pipeline import Pipeline, build_runtime
+from gateway.policy import canonical, compile_policy, load_policy_file, validate_policy
+from gateway.settings import ConfigError, LoadedConfig, load_settings, parse_hostport
+from gateway.store import Store, open_store
+
+LAST_USED_FLUSH_S = 10.0
+
+
+class GatewayService:
+    """One gateway instance (one process); `start` then `wait_closed`, or `stop`."""
+
+    def __init__(self, config: LoadedConfig, overrides: list[str] | None = None,
+                 reuse_port: bool = False) -> None:
+        self.config = config
+        self.overrides = overrides or []
+        self.reuse_port = reuse_port
+        s = config.settings
+        configure_logging(s.log.level, s.log.format)
+        try:
+            self.geo = GeoResolver(s.geo.country_db, s.geo.asn_db, s.geo.anonymous_ip_db,
+                                   s.geo.cache_size)
+        except GeoDatabaseError as exc:
+            raise ConfigError(config.path, "geo", str(exc)) from None
+        self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
+        self.registry = KeyRegistry(self.store)
+        self.limits = Limits(self.store, s.store.on_error, s.store.fallback_instances,
+                             s.limits_headers)
+        self.pipeline = Pipeline(build_runtime(config), self.geo, self.registry, self.limits)
+        self.synced = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runners: list[web.AppRunner] = []
+        self._stopping = asyncio.Event()
+        self.proxy_port = 0
+        self.admin_port = 0
+        self._stop_task: asyncio.Future[None] | None = None
+        self._side_tasks: set[asyncio.Future[Any]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.config.settings
+        await self._store_start()
+        await self.store.subscribe(self._on_event)
+        self.limits.start()
+        self._tasks = [
+            asyncio.create_task(self._sync_loop(), name="store-sync"),
+            asyncio.create_task(self._geo_loop(), name="geo-reload"),
+            asyncio.create_task(self._flush_loop(), name="last-used-flush"),
+        ]
+        self._publish_gauges()
+        proxy = web.Application(client_max_size=s.upstream.max_body_bytes + 1)
+        proxy.router.add_route("*", "/{tail:.*}", self.pipeline.handle)
+        admin = build_admin_app(self)
+        self.proxy_port = await self._serve(proxy, s.listen)
+        self.admin_port = await self._serve(admin, s.admin_listen)
+        logger().info("gateway_started", listen=s.listen, admin_listen=s.admin_listen,
+                      proxy_port=self.proxy_port, admin_port=self.admin_port,
+                      store=s.store.url.split("@")[-1], policy_version=self.policy_version)
+
+    async def _serve(self, app: web.Application, hostport: str) -> int:
+        host, port = parse_hostport(hostport)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=self.config.settings.shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None,
+                           backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def _store_start(self) -> None:
+        try:
+            await self.store.start()
+            await self._full_sync(seed=True)
+        except StoreError as exc:
+            # Serve anyway: /readyz says why; the sync loop keeps trying.
+            logger().error("store_unavailable", reason=str(exc))
+            self.limits._mark(False)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        logger().info("shutdown_started", inflight=self.pipeline.inflight,
+                      grace_s=self.config.settings.shutdown_grace_s)
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        for task in [*self._tasks, *self._side_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
+        await self.pipeline.rt.upstream.close()
+        try:
+            await self.registry.flush_last_used()
+        except StoreError:
+            pass
+        await self.limits.close()
+        await self.pipeline.rt.upstream.close()
+        await self.store.close()
+        self.geo.close()
+        logger().info("shutdown_complete")
+        self._stopping.set()
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_term)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _on_term(self) -> None:
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self.stop())
+
+    async def wait_closed(self) -> None:
+        await self._stopping.wait()
+
+    # --- reload ---------------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config file, reopen changed geo databases, reconfigure logging.
+        An invalid config is refused and the running one stays."""
+        try:
+            new = await asyncio.to_thread(load_settings, self.config.path, self.overrides)
+        except ConfigError as exc:
+            logger().error("config_reload_failed", path=self.config.path, reason=str(exc))
+            return False
+        old = self.config
+        s = new.settings
+        fixed = [f for f in ("listen", "admin_listen") if getattr(s, f) != getattr(
+            old.settings, f)]
+        if s.store != old.settings.store:
+            fixed.append("store")
+        if s.geo.model_dump() != old.settings.geo.model_dump():
+            try:
+                geo = await asyncio.to_thread(GeoResolver, s.geo.country_db, s.geo.asn_db,
+                                              s.geo.anonymous_ip_db, s.geo.cache_size)
+            except GeoDatabaseError as exc:
+                logger().error("config_reload_failed", path=new.path, reason=str(exc))
+                return False
+            self.geo = self.pipeline.geo = geo
+        else:
+            await self.geo.reload_in_thread()
+        configure_logging(s.log.level, s.log.format)
+        old_rt = self.pipeline.rt
+        self.pipeline.rt = build_runtime(new)
+        self.limits.family = s.limits_headers
+        self.config = new
+        # Requests in flight keep the old upstream session until they finish.
+        self._later(max(s.upstream.read_timeout_s, 1.0), old_rt.upstream.close)
+        self._publish_gauges()
+        logger().info("config_reloaded", path=new.path,
+                      needs_restart=fixed or None)
+        return True
+
+    def _later(self, delay: float, fn: Any) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            await fn()
+
+        task = asyncio.ensure_future(run())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # --- store sync -----------------------------------------------------------------------
+    @property
+    def policy_version(self) -> int | None:
+        p = self.pipeline.policy
+        return p.version if p else None
+
+    async def _full_sync(self, seed: bool = False) -> None:
+        stored = await self.store.get_policy()
+        if stored is None and seed and self.config.settings.policy_file:
+            doc = load_policy_file(self.config.settings.policy_file)
+            try:
+                await self.store.put_policy(canonical(doc), "seed:" + socket.gethostname(), 0)
+            except ValueError:
+                pass  # another instance seeded first
+            stored = await self.store.get_policy()
+        if stored is not None:
+            self._install_policy(stored.version, stored.doc)
+        await self.registry.load_all()
+        self.synced = True
+
+    def _install_policy(self, version: int, doc_json: str) -> None:
+        current = self.pipeline.policy
+        if current is not None and current.version == version:
+            return
+        try:
+            doc = validate_policy(json.loads(doc_json), f"store policy v{version}")
+        except (ConfigError, ValueError) as exc:
+            logger().error("policy_rejected", version=version, reason=str(exc))
+            return
+        self.pipeline.policy = compile_policy(doc, version)
+        metrics.POLICY_VERSION.set(version)
+        logger().info("policy_loaded", version=version, rules=len(doc.rules),
+                      resellers=len(doc.resellers))
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        try:
+            kind = event.get("kind")
+            if kind == "key" and isinstance(event.get("key_id"), str):
+                await self.registry.refresh(event["key_id"])
+                if event.get("epoch") == self.registry.epoch + 1:
+                    self.registry.epoch += 1
+            elif kind == "policy":
+                stored = await self.store.get_policy()
+                if stored is not None:
+                    self._install_policy(stored.version, stored.doc)
+            elif kind == "resync":
+                await self._check_versions()
+        except StoreError:
+            self.limits._mark(False)
+
+    async def _check_versions(self) -> None:
+        keys_epoch, policy_version = await self.store.versions()
+        if not self.synced:
+            await self._full_sync(seed=True)
+            return
+        if keys_epoch != self.registry.epoch:
+            await self.registry.load_all()
+        if policy_version and policy_version != self.policy_version:
+            stored = await self.store.get_policy()
+            if stored is not None:
+                self._install_policy(stored.version, stored.doc)
+
+    async def _sync_loop(self) -> None:
+        """Safety net for lost events, and the store health signal for /readyz."""
+        interval = self.config.settings.store.sync_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._check_versions()
+                self.limits._mark(True)
+            except StoreError:
+                self.limits.store_errors += 1
+                self.limits._mark(False)
+            except ConfigError as exc:
+                logger().error("policy_rejected", reason=str(exc))
+            metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
+
+    async def _geo_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.settings.geo.reload_interval_s)
+            if await self.geo.reload_in_thread():
+                self._publish_gauges()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_FLUSH_S)
+            try:
+                await self.registry.flush_last_used()
+            except StoreError:
+                pass
+
+    def _publish_gauges(self) -> None:
+        for kind, epoch in self.geo.build_epochs().items():
+            metrics.GEO_EPOCH.labels(kind).set(epoch)
+        metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, body): not ready without geo or policy, or with the store away and
+        `on_error: closed`; degraded (still ready) with the store away and `on_error: open`."""
+        checks: dict[str, Any] = {
+            "geo": {k: {"build_epoch": v} for k, v in self.geo.build_epochs().items()},
+            "policy": {"version": self.policy_version},
+            "store": "ok" if self.limits.store_ok else "unreachable",
+        }
+        ready = self.policy_version is not None
+        status = "ready"
+        if not self.limits.store_ok:
+            if self.config.settings.store.on_error == "closed":
+                ready = False
+            else:
+                status = "degraded"
+        if not ready:
+            status = "not_ready"
+        return ready, {"status": status, "degraded": [] if status != "degraded" else ["store"],
+                       "checks": checks, "time": time.time()}

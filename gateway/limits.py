@@ -1,0 +1,223 @@
+"""Admission and settlement against the store's limit scripts, the `on_error` policy, lease
+renewal, and the provider-shaped rate-limit headers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from datetime import UTC, datetime
+
+from gateway.audit import logger
+from gateway.errors import GatewayError, StoreError
+from gateway.policy import CompiledPolicy, LimitSet
+from gateway.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Bucket,
+    KeyRecord,
+    Settlement,
+    Store,
+    Subject,
+)
+from gateway.store.memory import Limiter
+
+LEASE_TTL_MS = 60_000
+RENEW_EVERY_S = 20.0
+
+CODES = {
+    "rpm": "requests_per_minute",
+    "itpm": "input_tokens_per_minute",
+    "otpm": "output_tokens_per_minute",
+    "concurrency": "concurrency",
+}
+_DIMS = ("rpm", "itpm", "otpm", "concurrency")
+
+
+def _pick(*sets: LimitSet | dict[str, int] | None) -> dict[str, int]:
+    """Per dimension, the first set that names a value."""
+    out: dict[str, int] = {}
+    for dim in _DIMS:
+        for s in sets:
+            if s is None:
+                continue
+            v = s.get(dim) if isinstance(s, dict) else getattr(s, dim)
+            if v is not None:
+                out[dim] = int(v)
+                break
+    return out
+
+
+def subjects_for(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None
+                 ) -> tuple[Subject, ...]:
+    """The limited subjects of a request: key (key → policy key defaults), reseller
+    (reseller → policy reseller defaults) and, when attested, customer."""
+    r = key.reseller
+    res = policy.doc.resellers.get(r)
+    subjects = [Subject("key", key.key_id, r, **_pick(key.limits, policy.doc.limits.key))]
+    rl = _pick(res.limits if res else None, policy.doc.limits.reseller)
+    if any(rl.values()):
+        subjects.append(Subject("reseller", r, r, **rl))
+    if customer_id is not None:
+        cl = _pick(res.customer_limits if res else None, policy.doc.limits.customer)
+        if any(cl.values()):
+            subjects.append(Subject("customer", customer_id, r, **cl))
+    return tuple(s for s in subjects if s.rpm or s.itpm or s.otpm or s.concurrency)
+
+
+def retry_after_s(ms: float) -> int:
+    """Whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(ms / 1000.0))
+
+
+def _rfc3339(ms_from_now: float) -> str:
+    t = datetime.fromtimestamp(time.time() + ms_from_now / 1000.0, tz=UTC)
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _duration(ms: float) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 20ms."""
+    if ms < 1000:
+        return f"{max(0, int(ms))}ms"
+    s = ms / 1000.0
+    if s < 60:
+        return f"{s:.3g}s"
+    m, sec = divmod(int(s), 60)
+    return f"{m}m{sec}s"
+
+
+def rate_headers(buckets: dict[str, Bucket], family: str) -> dict[str, str]:
+    """Provider rate-limit headers for the tightest subject of each dimension."""
+    h: dict[str, str] = {}
+    if family == "openai":
+        rb = buckets.get("rpm")
+        if rb:
+            h["x-ratelimit-limit-requests"] = str(rb.limit)
+            h["x-ratelimit-remaining-requests"] = str(rb.remaining)
+            h["x-ratelimit-reset-requests"] = _duration(rb.reset_ms)
+        tok = [b for b in (buckets.get("itpm"), buckets.get("otpm")) if b]
+        if tok:
+            tb = min(tok, key=lambda x: x.remaining)
+            h["x-ratelimit-limit-tokens"] = str(tb.limit)
+            h["x-ratelimit-remaining-tokens"] = str(tb.remaining)
+            h["x-ratelimit-reset-tokens"] = _duration(tb.reset_ms)
+        return h
+    for dim, name in (("rpm", "requests"), ("itpm", "input-tokens"), ("otpm", "output-tokens")):
+        b = buckets.get(dim)
+        if b:
+            h[f"anthropic-ratelimit-{name}-limit"] = str(b.limit)
+            h[f"anthropic-ratelimit-{name}-remaining"] = str(b.remaining)
+            h[f"anthropic-ratelimit-{name}-reset"] = _rfc3339(b.reset_ms)
+    return h
+
+
+class Admission:
+    """One request's admission: what was reserved, for settlement and lease release."""
+
+    __slots__ = ("fallback", "input_reserved", "lease_id", "output_reserved", "subjects")
+
+    def __init__(self, subjects: tuple[Subject, ...], lease_id: str, input_reserved: int,
+                 output_reserved: int, fallback: bool) -> None:
+        self.subjects = subjects
+        self.lease_id = lease_id
+        self.input_reserved = input_reserved
+        self.output_reserved = output_reserved
+        self.fallback = fallback
+
+
+class Limits:
+    """Admits requests through the store (ONE script call), or the local fallback limiter when
+    the store is away and `on_error: open`; settles off the request path."""
+
+    def __init__(self, store: Store, on_error: str, fallback_instances: int,
+                 headers_family: str) -> None:
+        self.store = store
+        self.on_error = on_error
+        self.fallback = Limiter(divisor=fallback_instances)
+        self.family = headers_family
+        self.live: dict[str, Admission] = {}
+        self.store_ok = True
+        self.store_errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")
+
+    async def close(self) -> None:
+        if self._renewer:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _mark(self, ok: bool) -> None:
+        if ok and not self.store_ok:
+            logger().info("store_recovered")
+        elif not ok and self.store_ok:
+            logger().error("store_unavailable", on_error=self.on_error)
+        self.store_ok = ok
+
+    async def admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int
+                    ) -> tuple[Admission | None, dict[str, str]]:
+        """Admit or raise the 429 / 503 GatewayError; returns the admission and its headers."""
+        if not subjects:
+            return None, {}
+        lease_id = secrets.token_hex(8)
+        req = AdmitRequest(subjects, lease_id, LEASE_TTL_MS, input_est, output_est)
+        fallback = False
+        try:
+            result: AdmitResult = await self.store.admit(req)
+            self._mark(True)
+        except StoreError:
+            self.store_errors += 1
+            self._mark(False)
+            if self.on_error == "closed":
+                raise GatewayError(503, "overloaded_error", "store_unavailable",
+                                   "rate-limit store unavailable; try again shortly",
+                                   {"retry-after": "1"}) from None
+            result = self.fallback.admit(req)
+            fallback = True
+        headers = rate_headers(result.buckets, self.family)
+        if not result.ok:
+            dim = result.failed_dimension or "rpm"
+            headers["retry-after"] = str(retry_after_s(result.retry_after_ms))
+            raise GatewayError(429, "rate_limit_error", CODES[dim],
+                               f"rate limit exceeded: {CODES[dim]} ({result.failed_subject})",
+                               headers, decision="rate_limited")
+        adm = Admission(subjects, lease_id, input_est, output_est, fallback)
+        self.live[lease_id] = adm
+        return adm, headers
+
+    def settle(self, adm: Admission, input_actual: int, output_actual: int) -> None:
+        """Correct the buckets and release the lease, in the background."""
+        self.live.pop(adm.lease_id, None)
+        st = Settlement(adm.subjects, adm.lease_id, adm.input_reserved, adm.output_reserved,
+                        input_actual, output_actual)
+        if adm.fallback:
+            self.fallback.settle(st)
+            return
+        task = asyncio.create_task(self._settle(st))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, st: Settlement) -> None:
+        try:
+            await self.store.settle(st)
+        except StoreError:
+            # Leases expire on their own; token corrections are lost for this request.
+            self.store_errors += 1
+            self._mark(False)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            leases = [(a.subjects, a.lease_id) for a in self.live.values()
+                      if any(s.concurrency for s in a.subjects)]
+            if not leases:
+                continue
+            try:
+                await self.store.renew_leases(leases, LEASE_TTL_MS)
+            except StoreError:
+                self.store_errors += 1

@@ -1,0 +1,61 @@
+"""Prometheus metrics (DESIGN.md §7b). Label values are bounded: configured resellers, ISO
+country codes, decision and reason codes; never key ids, customer ids or addresses.
+
+With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR before any worker starts, and
+/metrics aggregates every worker's samples.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _mp
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
+
+REQUESTS = Counter("gateway_requests_total", "Requests by outcome",
+                   ["decision", "reason", "reseller", "country"])
+SHADOW = Counter("gateway_shadow_matches_total", "Shadow-mode rule matches (would deny)",
+                 ["rule"])
+REQUEST_DURATION = Histogram("gateway_request_duration_seconds",
+                             "Time from request to the end of the response", buckets=_LAT)
+UPSTREAM_DURATION = Histogram("gateway_upstream_duration_seconds",
+                              "Upstream time, request sent to response finished", buckets=_LAT)
+UPSTREAM_TTFB = Histogram("gateway_upstream_ttfb_seconds",
+                          "Upstream time to the first response byte", buckets=_LAT)
+UPSTREAM_RESPONSES = Counter("gateway_upstream_responses_total", "Upstream responses by status",
+                             ["status"])
+TOKENS = Counter("gateway_tokens_total", "Tokens reported by the upstream",
+                 ["direction", "reseller"])
+STORE_ERRORS = Counter("gateway_store_errors_total", "Failed store calls")
+STORE_DURATION = Histogram("gateway_store_duration_seconds", "Admission round trips",
+                           buckets=_FAST)
+INFLIGHT = Gauge("gateway_inflight_requests", "Requests being served", multiprocess_mode="livesum")
+POLICY_VERSION = Gauge("gateway_policy_version", "Live policy version", multiprocess_mode="max")
+GEO_EPOCH = Gauge("gateway_geo_database_build_epoch", "Build epoch of each open geo database",
+                  ["database"], multiprocess_mode="max")
+CACHE = Counter("gateway_cache_lookups_total", "In-process cache lookups",
+                ["cache", "result"])
+STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
+                 multiprocess_mode="min")
+
+
+def render() -> bytes:
+    """The exposition of this process, or of all workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def country_label(country: str | None) -> str:
+    return country if country and len(country) == 2 and country.isalpha() else "unknown"

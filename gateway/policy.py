@@ -1,0 +1,310 @@
+"""Policy: the DESIGN.md §4 document, validated, compiled once per version into plain lookups,
+and the one decision function used by the request path and by explain."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.geo import ANONYMIZER_NAMES, GeoInfo
+from gateway.settings import ConfigError
+
+_CC = re.compile(r"^[A-Z]{2}$")
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _countries(v: list[str]) -> list[str]:
+    out = []
+    for c in v:
+        cc = c if c == "unknown" else c.upper()
+        if cc != "unknown" and not _CC.match(cc):
+            raise ValueError(f"{c!r} is not an ISO 3166 alpha-2 country code or 'unknown'")
+        out.append(cc)
+    return out
+
+
+class LimitSet(_M):
+    rpm: int | None = Field(default=None, ge=0)
+    itpm: int | None = Field(default=None, ge=0)
+    otpm: int | None = Field(default=None, ge=0)
+    concurrency: int | None = Field(default=None, ge=0)
+
+
+class Match(_M):
+    country: list[str] | None = None
+    not_country: list[str] | None = None
+    asn: list[int | Literal["unknown"]] | None = None
+    anonymizer: list[str] | None = None
+    reseller: list[str] | None = None
+    model: list[str] | None = None
+    path: list[str] | None = None
+
+    @field_validator("country", "not_country")
+    @classmethod
+    def _cc(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _countries(v)
+
+    @field_validator("anonymizer")
+    @classmethod
+    def _anon(cls, v: list[str] | None) -> list[str] | None:
+        for a in v or ():
+            if a not in ANONYMIZER_NAMES:
+                raise ValueError(f"{a!r} is not one of {', '.join(sorted(ANONYMIZER_NAMES))}")
+        return v
+
+    @field_validator("model", "path", "reseller", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class Rule(_M):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    action: Literal["allow", "deny"]
+    mode: Literal["enforce", "shadow"] = "enforce"
+    reason: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,64}$")
+    match: Match = Field(default_factory=Match)
+
+
+class Reseller(_M):
+    status: Literal["active", "suspended"] = "active"
+    countries: list[str] | None = None
+    require_customer: bool = False
+    limits: LimitSet = Field(default_factory=LimitSet)
+    customer_limits: LimitSet | None = None
+
+    @field_validator("countries")
+    @classmethod
+    def _cc(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _countries(v)
+
+
+class DefaultLimits(_M):
+    key: LimitSet = Field(default_factory=LimitSet)
+    reseller: LimitSet = Field(default_factory=LimitSet)
+    customer: LimitSet = Field(default_factory=LimitSet)
+
+
+class PolicyDoc(_M):
+    version: Literal[1] = 1
+    default_action: Literal["allow", "deny"] = "allow"
+    rules: list[Rule] = Field(default_factory=list)
+    resellers: dict[str, Reseller] = Field(default_factory=dict)
+    limits: DefaultLimits = Field(default_factory=DefaultLimits)
+
+
+def _loc(err: dict[str, Any], raw: Any) -> str:
+    """A readable field path; rules are named by id, not index."""
+    parts: list[str] = []
+    node = raw
+    for p in err["loc"]:
+        if parts and parts[-1] == "rules" and isinstance(p, int):
+            rid = node[p].get("id") if isinstance(node, list) and p < len(node) and isinstance(
+                node[p], dict) else None
+            parts[-1] = f"rules[{rid if rid else p}]"
+        else:
+            parts.append(str(p))
+        if isinstance(node, dict):
+            node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return ".".join(parts)
+
+
+def validate_policy(raw: Any, source: str) -> PolicyDoc:
+    """Validate a policy document; raise ConfigError naming source, rule id, field and reason."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "policy must be a mapping")
+    try:
+        doc = PolicyDoc.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        raise ConfigError(source, _loc(dict(err), raw), msg) from None
+    seen: set[str] = set()
+    for rule in doc.rules:
+        where = f"rules[{rule.id}]"
+        if rule.id in seen:
+            raise ConfigError(source, f"{where}.id", "duplicate rule id")
+        seen.add(rule.id)
+        if rule.action == "deny" and not rule.reason:
+            raise ConfigError(source, f"{where}.reason", "a deny rule needs a reason code")
+        if rule.action == "allow" and rule.mode == "shadow":
+            raise ConfigError(source, f"{where}.mode", "shadow mode is for deny rules")
+    return doc
+
+
+def load_policy_file(path: str) -> PolicyDoc:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
+    return validate_policy(raw, path)
+
+
+def canonical(doc: PolicyDoc) -> str:
+    """The stored form: canonical JSON (what versions and diffs compare)."""
+    return json.dumps(doc.model_dump(mode="json", exclude_none=True), sort_keys=True,
+                      separators=(",", ":"))
+
+
+# --- compiled form ---------------------------------------------------------------------------
+
+def _glob(patterns: list[str] | None) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    id: str
+    action: str
+    mode: str
+    reason: str | None
+    country: frozenset[str | None] | None
+    not_country: frozenset[str | None] | None
+    asn: frozenset[int | None] | None
+    anonymizer: frozenset[str] | None
+    reseller: frozenset[str] | None
+    model: re.Pattern[str] | None
+    path: re.Pattern[str] | None
+    has_location: bool
+
+    def why_not(self, loc: GeoInfo | None, reseller: str | None, model: str | None,
+                path: str) -> str | None:
+        """None when the rule matches (for this location); else the first field that fails."""
+        if self.reseller is not None and reseller not in self.reseller:
+            return "reseller"
+        if self.model is not None and (model is None or not self.model.match(model)):
+            return "model"
+        if self.path is not None and not self.path.match(path):
+            return "path"
+        if not self.has_location:
+            return None
+        if loc is None:
+            return "no address"
+        if self.country is not None and loc.country not in self.country:
+            return "country"
+        if self.not_country is not None and loc.country in self.not_country:
+            return "not_country"
+        if self.asn is not None and loc.asn not in self.asn:
+            return "asn"
+        if self.anonymizer is not None and not self.anonymizer.intersection(loc.anonymizer):
+            return "anonymizer"
+        return None
+
+
+def _cc_set(v: list[str] | None) -> frozenset[str | None] | None:
+    if v is None:
+        return None
+    return frozenset(None if c == "unknown" else c for c in v)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    version: int
+    doc: PolicyDoc
+    rules: tuple[CompiledRule, ...]
+    reseller_countries: dict[str, frozenset[str | None] | None]
+    shadow_ids: frozenset[str] = field(default_factory=frozenset)
+
+
+def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
+    rules = []
+    for r in doc.rules:
+        m = r.match
+        rules.append(CompiledRule(
+            id=r.id, action=r.action, mode=r.mode, reason=r.reason,
+            country=_cc_set(m.country), not_country=_cc_set(m.not_country),
+            asn=None if m.asn is None else frozenset(
+                None if a == "unknown" else int(a) for a in m.asn),
+            anonymizer=None if m.anonymizer is None else frozenset(m.anonymizer),
+            reseller=None if m.reseller is None else frozenset(m.reseller),
+            model=_glob(m.model), path=_glob(m.path),
+            has_location=any(x is not None for x in (m.country, m.not_country, m.asn,
+                                                     m.anonymizer)),
+        ))
+    return CompiledPolicy(
+        version=version, doc=doc, rules=tuple(rules),
+        reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
+        shadow_ids=frozenset(r.id for r in doc.rules if r.mode == "shadow"),
+    )
+
+
+# --- decision --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    client: GeoInfo
+    customer: GeoInfo | None
+    reseller: str | None
+    model: str | None
+    path: str
+
+
+@dataclass(slots=True)
+class RuleDecision:
+    action: str  # allow | deny
+    rule: str | None
+    reason: str | None
+    shadow: list[str]
+    trace: list[dict[str, Any]] | None = None
+
+
+def evaluate_rules(policy: CompiledPolicy, inp: Inputs, trace: bool = False) -> RuleDecision:
+    """Rules in order; the first enforced match decides; matching shadow rules are collected.
+
+    Location fields are judged on the connecting client and on the attested customer: a rule
+    matches when it matches either."""
+    shadow: list[str] = []
+    steps: list[dict[str, Any]] | None = [] if trace else None
+    for r in policy.rules:
+        miss = r.why_not(inp.client, inp.reseller, inp.model, inp.path)
+        matched_on = "client" if miss is None else None
+        if miss is not None and r.has_location and inp.customer is not None:
+            cmiss = r.why_not(inp.customer, inp.reseller, inp.model, inp.path)
+            if cmiss is None:
+                matched_on = "customer"
+        if steps is not None:
+            steps.append({"rule": r.id, "action": r.action, "mode": r.mode,
+                          "matched": matched_on is not None, "matched_on": matched_on,
+                          "failed_field": None if matched_on else miss})
+        if matched_on is None:
+            continue
+        if r.mode == "shadow":
+            shadow.append(r.id)
+            continue
+        return RuleDecision(r.action, r.id, r.reason if r.action == "deny" else None, shadow,
+                            steps)
+    if policy.doc.default_action == "deny":
+        return RuleDecision("deny", None, "default_deny", shadow, steps)
+    return RuleDecision("allow", None, None, shadow, steps)
+
+
+def country_allowed(allowed: frozenset[str | None] | None, country: str | None) -> bool:
+    """An allow-list admits a country it names; unknown (None) only when it names `unknown`."""
+    return allowed is None or country in allowed
+
+
+def glob_list(patterns: list[str]) -> re.Pattern[str] | None:
+    """Compiled key scopes (cached per pattern list by the caller)."""
+    return _glob(patterns)

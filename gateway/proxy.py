@@ -1,0 +1,167 @@
+"""Forwarding to the upstream model API: header hygiene, credential injection, and streaming
+the answer back chunk by chunk as it arrives."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import GatewayError
+from gateway.usage import MAX_BUFFERED_JSON, SSEUsageParser, Usage, usage_from_json
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+# Request headers never forwarded: the client's credentials, our own attestation headers,
+# what aiohttp sets itself, and forwarding headers we rebuild.
+_DROP_REQUEST = frozenset({"host", "content-length", "x-api-key", "authorization",
+                           "x-forwarded-for", "forwarded", "x-real-ip", "accept-encoding"})
+_DROP_RESPONSE = frozenset({"content-length", "content-encoding", "date", "server"})
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """What the forward stage learned: status, timings and reported usage."""
+
+    upstream_status: int | None = None
+    ttfb_s: float | None = None
+    upstream_s: float | None = None
+    usage: Usage | None = None
+    completed: bool = False
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    return {t.strip().lower() for v in headers.getall("connection", ()) for t in v.split(",")}
+
+
+class Upstream:
+    """One pooled keep-alive connector to the upstream, the credential, the timeouts."""
+
+    def __init__(self, url: str, api_key: str, auth_header: str, connect_timeout_s: float,
+                 read_timeout_s: float, max_connections: int, drop_headers: frozenset[str]
+                 ) -> None:
+        self.url = url
+        self.auth_name = "x-api-key" if auth_header == "x-api-key" else "Authorization"
+        self.auth_value = api_key if auth_header == "x-api-key" else f"Bearer {api_key}"
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+                                             sock_read=read_timeout_s)
+        self.drop = _DROP_REQUEST | HOP_BY_HOP | drop_headers
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60,
+                                           ttl_dns_cache=60),
+            timeout=self.timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def request_headers(self, incoming: CIMultiDictProxy[str], xff: str,
+                        request_id: str) -> CIMultiDict[str]:
+        drop = self.drop | _connection_tokens(incoming)
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            if name.lower() not in drop:
+                out.add(name, value)
+        out[self.auth_name] = self.auth_value
+        out["X-Forwarded-For"] = xff
+        out["x-request-id"] = request_id
+        # Metering needs a readable answer: ask the upstream for an uncompressed one.
+        out["Accept-Encoding"] = "identity"
+        return out
+
+    async def forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        headers: CIMultiDict[str],
+        extra_response_headers: dict[str, str],
+        on_first_byte: Callable[[], None] | None = None,
+    ) -> tuple[web.StreamResponse, Forwarded]:
+        """Send the request upstream and stream the answer to the client as it arrives.
+
+        Raises the 502/504 GatewayError when no answer started; once the answer has started, a
+        failure cuts the client's response (the status is already sent)."""
+        info = Forwarded()
+        url = self.url + request.rel_url.raw_path_qs if request.rel_url.raw_query_string else (
+            self.url + request.rel_url.raw_path)
+        t0 = time.perf_counter()
+        try:
+            up = await self.session.request(request.method, url, data=body or None,
+                                            headers=headers, allow_redirects=False)
+        except TimeoutError:
+            raise GatewayError(504, "api_error", "upstream_timeout",
+                               "upstream did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise GatewayError(502, "api_error", "upstream_unavailable",
+                               f"upstream unreachable ({type(exc).__name__})") from None
+        try:
+            info.upstream_status = up.status
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            drop = HOP_BY_HOP | _DROP_RESPONSE | _connection_tokens(up.headers)
+            for name, value in up.headers.items():
+                if name.lower() not in drop:
+                    resp.headers.add(name, value)
+            if "content-encoding" in up.headers:
+                resp.headers["Content-Encoding"] = up.headers["content-encoding"]
+            resp.headers.update(extra_response_headers)
+            ctype = up.headers.get("content-type", "")
+            sse = ctype.startswith("text/event-stream")
+            is_json = ctype.startswith("application/json") and (
+                "content-encoding" not in up.headers)
+            length = up.content_length
+            if length is not None and not sse:
+                resp.content_length = length
+            parser = SSEUsageParser() if sse else None
+            if parser is not None:
+                info.usage = parser.usage  # updated in place: an aborted stream keeps its count
+            buf: list[bytes] | None = [] if is_json and up.status < 400 else None
+            buffered = 0
+            await resp.prepare(request)
+            first = True
+            try:
+                async for chunk in up.content.iter_any():
+                    if first:
+                        info.ttfb_s = time.perf_counter() - t0
+                        first = False
+                        if on_first_byte:
+                            on_first_byte()
+                    if parser is not None:
+                        parser.feed(chunk)
+                    elif buf is not None:
+                        buffered += len(chunk)
+                        if buffered <= MAX_BUFFERED_JSON:
+                            buf.append(chunk)
+                        else:
+                            buf = None
+                    await resp.write(chunk)
+            except (TimeoutError, aiohttp.ClientError):
+                # Mid-stream upstream failure: the status is sent; cut the client's response.
+                info.upstream_s = time.perf_counter() - t0
+                if request.transport is not None:
+                    request.transport.close()
+                return resp, info
+            if info.ttfb_s is None:
+                info.ttfb_s = time.perf_counter() - t0
+            if buf is not None:
+                info.usage = usage_from_json(b"".join(buf))
+            await resp.write_eof()
+            info.completed = True
+            info.upstream_s = time.perf_counter() - t0
+            return resp, info
+        finally:
+            # A finished answer returns the connection to the pool; an aborted one (client gone,
+            # cancellation) closes it, which cancels the upstream request.
+            if info.completed:
+                up.release()
+            else:
+                up.close()
+                if info.upstream_s is None:
+                    info.upstream_s = time.perf_counter() - t0

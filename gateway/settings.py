@@ -1,0 +1,259 @@
+"""Gateway configuration: the typed schema of DESIGN.md §3 and its one loader.
+
+`gateway run` and `gateway check-config` both call `load_settings`; an invalid file raises
+`ConfigError` naming the file, the offending field and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A config or policy file that cannot be used; the message names file, field and reason."""
+
+    def __init__(self, file: str, field: str, reason: str) -> None:
+        self.file = file
+        self.field = field
+        self.reason = reason
+        where = f"{file}: {field}" if field else file
+        super().__init__(f"{where}: {reason}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split "host:port" / "[v6]:port" into its parts; raise ValueError when malformed."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise ValueError(f"expected host:port, got {value!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    if ":" in host:
+        ipaddress.IPv6Address(host)  # raises ValueError on garbage
+    return host, port
+
+
+class UpstreamSettings(_Model):
+    url: str = "https://api.anthropic.com"
+    api_key_env: str = "UPSTREAM_API_KEY"
+    auth_header: Literal["x-api-key", "authorization"] = "x-api-key"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
+        return v.rstrip("/")
+
+
+class StoreSettings(_Model):
+    url: str = "memory://"
+    key_prefix: str = "gw:"
+    on_error: Literal["closed", "open"] = "closed"
+    fallback_instances: int = Field(default=1, ge=1)
+    timeout_s: float = Field(default=1.0, gt=0)
+    sync_interval_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        allowed = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix")
+        if scheme not in allowed:
+            raise ValueError(f"scheme must be one of {', '.join(allowed)}, got {v!r}")
+        return v
+
+
+class ClientIPSettings(_Model):
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    header: str = "X-Forwarded-For"
+    recursive: bool = True
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an IP network: {cidr!r}") from exc
+        return v
+
+
+class GeoSettings(_Model):
+    country_db: str = "../geo/demo/Demo-Country.mmdb"
+    asn_db: str | None = "../geo/demo/Demo-ASN.mmdb"
+    anonymous_ip_db: str | None = "../geo/demo/Demo-Anonymous-IP.mmdb"
+    cache_size: int = Field(default=65536, ge=0)
+    reload_interval_s: float = Field(default=30.0, gt=0)
+
+
+class CustomerSettings(_Model):
+    id_header: str = "X-Customer-Id"
+    ip_header: str = "X-Customer-IP"
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(_Model):
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "127.0.0.1:9090"
+    admin_token_env: str = "GATEWAY_ADMIN_TOKEN"
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    client_ip: ClientIPSettings = Field(default_factory=ClientIPSettings)
+    geo: GeoSettings = Field(default_factory=GeoSettings)
+    customer: CustomerSettings = Field(default_factory=CustomerSettings)
+    policy_file: str | None = "policy.yaml"
+    limits_headers: Literal["anthropic", "openai"] = "anthropic"
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+
+class Secrets(BaseModel):
+    """Secrets read from the environment variables the config names; never logged."""
+
+    model_config = ConfigDict(frozen=True)
+    upstream_api_key: str
+    admin_token: str
+
+    def __repr__(self) -> str:
+        return "Secrets(<redacted>)"
+
+    __str__ = __repr__
+
+
+class LoadedConfig(BaseModel):
+    """A validated config: settings with resolved paths, the secrets and where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+    path: str
+    settings: Settings
+    secrets: Secrets
+
+    def __repr__(self) -> str:
+        return f"LoadedConfig(path={self.path!r})"
+
+
+def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    node = doc
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{part} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def resolve_relative(base_file: str, value: str) -> str:
+    """Resolve a path named in a file against that file's directory (absolute paths unchanged)."""
+    p = Path(value)
+    if p.is_absolute():
+        return str(p)
+    return os.path.normpath(str(Path(base_file).resolve().parent / p))
+
+
+def load_settings(
+    path: str,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> LoadedConfig:
+    """Load, validate and resolve a config file; `overrides` are "dotted.field=yaml-value" pairs.
+
+    Raises ConfigError naming the file, the field and the reason on any problem, including a
+    missing environment variable for a secret.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "", "top level must be a mapping")
+    for item in overrides or ():
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(path, key or item, "override must look like field.path=value")
+        try:
+            _set_path(raw, key, yaml.safe_load(val))
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(path, key, str(exc)) from exc
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        raise ConfigError(path, field, msg) from None
+    settings = _resolve_paths(path, settings)
+    secrets = {}
+    for field, var in (
+        ("upstream.api_key_env", settings.upstream.api_key_env),
+        ("admin_token_env", settings.admin_token_env),
+    ):
+        value = env.get(var, "")
+        if not value:
+            raise ConfigError(path, field, f"environment variable {var} is not set")
+        secrets[field] = value
+    return LoadedConfig(
+        path=str(Path(path)),
+        settings=settings,
+        secrets=Secrets(
+            upstream_api_key=secrets["upstream.api_key_env"],
+            admin_token=secrets["admin_token_env"],
+        ),
+    )
+
+
+def _resolve_paths(path: str, s: Settings) -> Settings:
+    geo = s.geo.model_copy(
+        update={
+            "country_db": resolve_relative(path, s.geo.country_db),
+            "asn_db": resolve_relative(path, s.geo.asn_db) if s.geo.asn_db else None,
+            "anonymous_ip_db": (
+                resolve_relative(path, s.geo.anonymous_ip_db) if s.geo.anonymous_ip_db else None
+            ),
+        }
+    )
+    policy_file = resolve_relative(path, s.policy_file) if s.policy_file else None
+    return s.model_copy(update={"geo": geo, "policy_file": policy_file})

@@ -1,0 +1,181 @@
+"""The store contract shared by the embedded and the Redis backend (one contract test suite)."""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+WINDOW_MS = 60_000.0
+DIMENSIONS = ("rpm", "itpm", "otpm", "concurrency")
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    """A reseller key as stored: only hashes of secrets, never a secret."""
+
+    key_id: str
+    reseller: str
+    secret_hash: str
+    name: str | None = None
+    models: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    countries: list[str] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)
+    expires_at: float | None = None
+    status: str = "active"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    prev_secret_hash: str | None = None
+    prev_valid_until: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> KeyRecord:
+        return cls(**json.loads(text))
+
+    def public(self) -> dict[str, Any]:
+        """The record as shown to operators: no hashes."""
+        d = asdict(self)
+        d.pop("secret_hash")
+        d.pop("prev_secret_hash")
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    version: int
+    doc: str  # canonical JSON of the validated policy document
+    applied_at: float
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """One rate-limited subject of a request (key, reseller or customer) and its limits."""
+
+    kind: str  # "key" | "reseller" | "customer"
+    ident: str
+    reseller: str  # hash tag: all subjects of one request share the reseller's slot
+    rpm: int = 0
+    itpm: int = 0
+    otpm: int = 0
+    concurrency: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    subjects: tuple[Subject, ...]
+    lease_id: str
+    lease_ttl_ms: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """State of one dimension of one subject after admission (for rate-limit headers)."""
+
+    limit: int
+    remaining: int
+    reset_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    ok: bool
+    failed_dimension: str | None = None  # rpm | itpm | otpm | concurrency
+    failed_subject: str | None = None
+    retry_after_ms: float = 0.0
+    # Per dimension (rpm, itpm, otpm): the tightest subject's bucket, if any subject limits it.
+    buckets: dict[str, Bucket] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Correction of a finished request: actual minus reserved tokens, and its lease."""
+
+    subjects: tuple[Subject, ...]
+    lease_id: str
+    input_reserved: int
+    output_reserved: int
+    input_actual: int
+    output_actual: int
+
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Store(abc.ABC):
+    """Keys, the versioned policy document, change events and atomic admission."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreError when the store cannot be reached."""
+
+    # keys
+    @abc.abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    @abc.abstractmethod
+    async def put_key(self, rec: KeyRecord) -> int:
+        """Create or replace a key record; bump the keys epoch (returned) and publish the change."""
+
+    @abc.abstractmethod
+    async def touch_keys(self, last_used: dict[str, float]) -> None: ...
+
+    @abc.abstractmethod
+    async def last_used(self, key_ids: list[str]) -> dict[str, float]: ...
+
+    # policy
+    @abc.abstractmethod
+    async def get_policy(self) -> StoredPolicy | None: ...
+
+    @abc.abstractmethod
+    async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
+        """Store a new policy version atomically and publish it; return the new version.
+
+        With `expected_version`, refuse (ValueError) when the live version differs."""
+
+    @abc.abstractmethod
+    async def versions(self) -> tuple[int, int]:
+        """(keys epoch, policy version): the periodic safety-net check."""
+
+    # events
+    @abc.abstractmethod
+    async def subscribe(self, handler: EventHandler) -> None:
+        """Deliver every change event to `handler` until close (reconnecting as needed)."""
+
+    # limits
+    @abc.abstractmethod
+    async def admit(self, req: AdmitRequest) -> AdmitResult:
+        """Check and consume all limits of a request atomically; a refusal consumes nothing."""
+
+    @abc.abstractmethod
+    async def settle(self, s: Settlement) -> None:
+        """Correct token buckets to actual usage and release the lease."""
+
+    @abc.abstractmethod
+    async def renew_leases(
+        self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
+    ) -> None:
+        """Extend the expiry of live leases (long streams)."""
+
+
+def gcra_cost(limit: int, cost: int) -> int:
+    """Cost charged to a bucket: a request larger than the whole bucket is charged the bucket,
+    so it can still pass when the bucket is full instead of never."""
+    return min(cost, limit)

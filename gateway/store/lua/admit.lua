@@ -1,0 +1,63 @@
+-- Admission: check and consume every limit of one request, all-or-nothing (DESIGN.md §8).
+-- KEYS: 4 per subject, in order: rpm bucket, itpm bucket, otpm bucket, concurrency zset
+--       (all of one request share the reseller's hash tag, so this runs on one shard).
+-- ARGV: [1] lease id, [2] lease ttl ms, [3] input-token cost, [4] output-token cost,
+--       then 4 limits per subject: rpm, itpm, otpm, concurrency (0 = unlimited).
+-- Returns: {1, <9 bucket values>} when admitted, {0, subject index (1-based), dimension index
+--          (1 rpm, 2 itpm, 3 otpm, 4 concurrency), retry-after ms as a string} when refused.
+--          Bucket values: for rpm, itpm, otpm: limit, remaining, reset ms (string) of the
+--          tightest subject (limit 0 when no subject limits that dimension).
+-- Buckets are GCRA with a burst of the whole per-minute limit; time comes from the server.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local WINDOW = 60000
+local lease, ttl = ARGV[1], tonumber(ARGV[2])
+local costs = {1, tonumber(ARGV[3]), tonumber(ARGV[4])}
+local n = #KEYS / 4
+local plan = {}
+local best = {{0, -1, 0}, {0, -1, 0}, {0, -1, 0}}
+for i = 1, n do
+  for d = 1, 3 do
+    local limit = tonumber(ARGV[4 + (i - 1) * 4 + d])
+    if limit > 0 then
+      local key = KEYS[(i - 1) * 4 + d]
+      local T = WINDOW / limit
+      local tat = tonumber(redis.call('GET', key) or now)
+      if tat < now then tat = now end
+      local new_tat = tat + math.min(costs[d], limit) * T
+      if new_tat - now > WINDOW then
+        return {0, i, d, string.format('%.3f', new_tat - now - WINDOW)}
+      end
+      plan[#plan + 1] = {key, new_tat}
+      local remaining = math.floor((WINDOW - (new_tat - now)) / T)
+      if best[d][2] < 0 or remaining < best[d][2] then
+        best[d] = {limit, remaining, new_tat - now}
+      end
+    end
+  end
+  local climit = tonumber(ARGV[4 + (i - 1) * 4 + 4])
+  if climit > 0 then
+    local key = KEYS[(i - 1) * 4 + 4]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= climit then
+      return {0, i, 4, '1000'}
+    end
+  end
+end
+for _, p in ipairs(plan) do
+  redis.call('SET', p[1], string.format('%.3f', p[2]), 'PX', math.ceil(p[2] - now) + 1000)
+end
+for i = 1, n do
+  if tonumber(ARGV[4 + (i - 1) * 4 + 4]) > 0 then
+    local key = KEYS[(i - 1) * 4 + 4]
+    redis.call('ZADD', key, now + ttl, lease)
+    redis.call('PEXPIRE', key, ttl * 2)
+  end
+end
+local out = {1}
+for d = 1, 3 do
+  out[#out + 1] = best[d][1]
+  out[#out + 1] = math.max(best[d][2], 0)
+  out[#out + 1] = string.format('%.3f', best[d][3])
+end
+return out

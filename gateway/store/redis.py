@@ -1,0 +1,268 @@
+"""The Redis backend (redis.asyncio + hiredis): single node, Sentinel or Cluster.
+
+Layout under `key_prefix` (P): P{meta} (keys_epoch, policy_version), P{meta}:policy,
+P{meta}:keys (key id → record JSON), P{meta}:last_used, the channel Pevents, and limit state
+under P{r:<reseller>}:... so one request's limits live on one Cluster shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.audit import logger
+from gateway.errors import StoreError
+from gateway.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Bucket,
+    EventHandler,
+    KeyRecord,
+    Settlement,
+    Store,
+    StoredPolicy,
+    Subject,
+    gcra_cost,
+)
+
+_DIMS = ("rpm", "itpm", "otpm", "concurrency")
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _lua(name: str) -> str:
+    return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        password = unquote(cred.partition(":")[2]) or None
+    hosts = []
+    for hp in netloc.split(","):
+        host, _, port = hp.rpartition(":")
+        hosts.append((host or hp, int(port) if port.isdigit() else 26379))
+    segs = [s for s in parts.path.split("/") if s]
+    if not segs:
+        raise ValueError("redis+sentinel:// URL needs the service name as its path")
+    db = int(segs[1]) if len(segs) > 1 else 0
+    return hosts, segs[0], db, password
+
+
+class RedisStore(Store):
+    """Store on Redis; every failure surfaces as StoreError."""
+
+    def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.timeout = timeout_s
+        self.cluster = url.startswith("redis+cluster://")
+        common: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 1),
+        }
+        self.client: Any
+        self._sub_factory: Any
+        if self.cluster:
+            plain = "redis://" + url[len("redis+cluster://"):]
+            self.client = RedisCluster.from_url(plain, **common)
+            first = urlsplit(plain)
+            self._sub_factory = lambda: aioredis.Redis(
+                host=first.hostname or "127.0.0.1", port=first.port or 6379,
+                password=first.password, socket_connect_timeout=timeout_s)
+        elif url.startswith("redis+sentinel://"):
+            hosts, service, db, password = _sentinel_parts(url)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, socket_timeout=timeout_s, password=password, db=db)
+            self.client = sentinel.master_for(service, socket_timeout=timeout_s,
+                                              password=password, db=db)
+            self._sub_factory = lambda: sentinel.master_for(service, password=password, db=db)
+        else:
+            self.client = aioredis.from_url(url, **common)
+            self._sub_factory = lambda: aioredis.from_url(url, socket_connect_timeout=timeout_s)
+        self.k_meta = f"{key_prefix}{{meta}}"
+        self.k_policy = f"{key_prefix}{{meta}}:policy"
+        self.k_keys = f"{key_prefix}{{meta}}:keys"
+        self.k_used = f"{key_prefix}{{meta}}:last_used"
+        self.channel = f"{key_prefix}events"
+        self._admit = self.client.register_script(_lua("admit.lua"))
+        self._settle = self.client.register_script(_lua("settle.lua"))
+        self._renew = self.client.register_script(_lua("renew.lua"))
+        self._put_policy = self.client.register_script(_lua("put_policy.lua"))
+        self._put_key = self.client.register_script(_lua("put_key.lua"))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.round_trips = 0  # commands sent; tests count them per request
+
+    async def _call(self, coro: Any) -> Any:
+        self.round_trips += 1
+        try:
+            return await coro
+        except ResponseError:
+            raise
+        except _FAILURES as exc:
+            raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
+
+    async def start(self) -> None:
+        if self.cluster:
+            await self._call(self.client.initialize())
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.client.aclose()
+        except _FAILURES:
+            pass
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping())
+
+    # keys ---------------------------------------------------------------------------------
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = await self._call(self.client.hget(self.k_keys, key_id))
+        return KeyRecord.from_json(raw) if raw else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        raw = await self._call(self.client.hgetall(self.k_keys))
+        return [KeyRecord.from_json(v) for v in raw.values()]
+
+    async def put_key(self, rec: KeyRecord) -> int:
+        epoch = int(await self._call(
+            self._put_key(keys=[self.k_meta, self.k_keys], args=[rec.key_id, rec.to_json()])))
+        await self._call(self.client.publish(
+            self.channel, json.dumps({"kind": "key", "key_id": rec.key_id, "epoch": epoch})))
+        return epoch
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        if last_used:
+            await self._call(self.client.hset(
+                self.k_used, mapping={k: repr(v) for k, v in last_used.items()}))
+
+    async def last_used(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        vals = await self._call(self.client.hmget(self.k_used, key_ids))
+        return {k: float(v) for k, v in zip(key_ids, vals, strict=True) if v is not None}
+
+    # policy -------------------------------------------------------------------------------
+    async def get_policy(self) -> StoredPolicy | None:
+        raw = await self._call(self.client.hgetall(self.k_policy))
+        if not raw:
+            return None
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        return StoredPolicy(int(d["version"]), d["doc"], float(d["applied_at"]), d["actor"])
+
+    async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
+        args = [doc, actor, repr(time.time()), "" if expected_version is None
+                else str(expected_version)]
+        try:
+            version = int(await self._call(
+                self._put_policy(keys=[self.k_meta, self.k_policy], args=args)))
+        except ResponseError as exc:
+            if "version_conflict" in str(exc):
+                raise ValueError(f"policy changed meanwhile ({exc})") from None
+            raise StoreError(f"store error: {exc}") from exc
+        await self._call(self.client.publish(
+            self.channel, json.dumps({"kind": "policy", "version": version})))
+        return version
+
+    async def versions(self) -> tuple[int, int]:
+        ke, pv = await self._call(self.client.hmget(self.k_meta, ["keys_epoch", "policy_version"]))
+        return int(ke or 0), int(pv or 0)
+
+    # events -------------------------------------------------------------------------------
+    async def subscribe(self, handler: EventHandler) -> None:
+        task = asyncio.create_task(self._listen(handler), name="store-subscriber")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self, handler: EventHandler) -> None:
+        backoff = 0.1
+        while not self._closed:
+            conn = self._sub_factory()
+            pubsub = conn.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff = 0.1
+                await handler({"kind": "resync"})  # anything missed while disconnected
+                while not self._closed:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        event = json.loads(msg["data"])
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        await handler(event)
+            except asyncio.CancelledError:
+                raise
+            except (*_FAILURES, StoreError) as exc:
+                logger().debug("store_subscriber_disconnected", reason=type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                    await conn.aclose()
+                except _FAILURES:
+                    pass
+
+    # limits -------------------------------------------------------------------------------
+    def _subject_keys(self, s: Subject) -> list[str]:
+        base = f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
+        return [f"{base}:{d}" for d in _DIMS]
+
+    async def admit(self, req: AdmitRequest) -> AdmitResult:
+        keys: list[str] = []
+        args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
+        for s in req.subjects:
+            keys.extend(self._subject_keys(s))
+            args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
+        res = await self._call(self._admit(keys=keys, args=args))
+        if int(res[0]) == 0:
+            s = req.subjects[int(res[1]) - 1]
+            return AdmitResult(False, _DIMS[int(res[2]) - 1], f"{s.kind}:{s.ident}",
+                               float(res[3]))
+        buckets = {}
+        for i, dim in enumerate(("rpm", "itpm", "otpm")):
+            limit = int(res[1 + i * 3])
+            if limit:
+                buckets[dim] = Bucket(limit, int(res[2 + i * 3]), float(res[3 + i * 3]))
+        return AdmitResult(True, buckets=buckets)
+
+    async def settle(self, st: Settlement) -> None:
+        keys: list[str] = []
+        args: list[Any] = [st.lease_id]
+        for s in st.subjects:
+            k = self._subject_keys(s)
+            keys.extend((k[1], k[2], k[3]))
+            din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
+            dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
+            args.extend((s.itpm, s.otpm, din, dout))
+        await self._call(self._settle(keys=keys, args=args))
+
+    async def renew_leases(
+        self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
+    ) -> None:
+        for subjects, lease_id in leases:
+            keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
+            if keys:
+                await self._call(self._renew(keys=keys, args=[lease_id, ttl_ms]))

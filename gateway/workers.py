@@ -1,0 +1,93 @@
+"""`gateway run --workers N`: N processes sharing the listeners (SO_REUSEPORT), each with its
+own uvloop event loop, supervised: a worker that dies is restarted; SIGTERM drains all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from gateway.audit import configure_logging, logger
+from gateway.settings import ConfigError, load_settings
+
+WORKER_ENV = "GATEWAY_WORKER_ID"
+
+
+def supervise(config_path: str, overrides: list[str], n: int) -> int:
+    config = load_settings(config_path, overrides)
+    s = config.settings
+    if s.store.url.startswith("memory://"):
+        raise ConfigError(config.path, "store.url",
+                          "--workers > 1 needs a shared store (redis://...); the embedded "
+                          "memory:// store lives in one process")
+    configure_logging(s.log.level, s.log.format)
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    cmd = [sys.executable, "-m", "gateway", "run", "--config", config_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+    restarts: dict[int, list[float]] = {}
+
+    def spawn(i: int) -> None:
+        p = subprocess.Popen(cmd, env=dict(env, **{WORKER_ENV: str(i)}))
+        procs[i] = p
+        logger().info("worker_started", worker=i, pid=p.pid)
+
+    def forward(sig: int) -> None:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def on_term(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, lambda signum, _f: forward(signal.SIGHUP))
+    for i in range(n):
+        spawn(i)
+    deadline: float | None = None
+    try:
+        while procs:
+            time.sleep(0.2)
+            for i, p in list(procs.items()):
+                code = p.poll()
+                if code is None:
+                    continue
+                del procs[i]
+                _mark_dead(p.pid)
+                if stopping:
+                    continue
+                logger().error("worker_exited", worker=i, pid=p.pid, code=code)
+                recent = [t for t in restarts.get(i, []) if t > time.time() - 60]
+                restarts[i] = [*recent, time.time()]
+                if len(recent) >= 10:
+                    logger().error("worker_crash_loop", worker=i)
+                    stopping = True
+                    forward(signal.SIGTERM)
+                    continue
+                spawn(i)
+            if stopping and deadline is None:
+                deadline = time.time() + s.shutdown_grace_s + 5
+            if deadline is not None and time.time() > deadline:
+                forward(signal.SIGKILL)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _mark_dead(pid: int) -> None:
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    except (ImportError, OSError, ValueError):
+        pass

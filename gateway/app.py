@@ -31,8 +31,9 @@ class GatewayService:
     """One gateway instance (one process); `start` then `wait_closed`, or `stop`."""
 
     def __init__(self, config: LoadedConfig, overrides: list[str] | None = None,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, environ: dict[str, str] | None = None) -> None:
         self.config = config
+        self.environ = environ
         self.overrides = overrides or []
         self.reuse_port = reuse_port
         s = config.settings
@@ -144,7 +145,8 @@ class GatewayService:
         """SIGHUP: re-read the config file, reopen changed geo databases, reconfigure logging.
         An invalid config is refused and the running one stays."""
         try:
-            new = await asyncio.to_thread(load_settings, self.config.path, self.overrides)
+            new = await asyncio.to_thread(load_settings, self.config.path, self.overrides,
+                                          self.environ)
         except ConfigError as exc:
             logger().error("config_reload_failed", path=self.config.path, reason=str(exc))
             return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -12,6 +12,15 @@ from gateway.context import RequestContext
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+_stream: TextIO | None = None
+
+
+def set_log_stream(stream: TextIO | None) -> None:
+    """Send log lines to `stream` instead of stdout (embedding and tests)."""
+    global _stream
+    _stream = stream
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
@@ -28,7 +37,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(file=_stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
 

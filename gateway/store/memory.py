@@ -56,8 +56,10 @@ class Limiter:
                 tat = max(self.tat.get(key, now), now)
                 new_tat = tat + gcra_cost(limit, costs[dim]) * t
                 if new_tat - now > WINDOW_MS:
+                    current = Bucket(limit, max(0, int((WINDOW_MS - (tat - now)) // t)),
+                                     tat - now)
                     return AdmitResult(False, dim, f"{s.kind}:{s.ident}",
-                                       new_tat - now - WINDOW_MS)
+                                       new_tat - now - WINDOW_MS, {dim: current})
                 planned.append((key, new_tat))
                 remaining = int((WINDOW_MS - (new_tat - now)) // t)
                 b = buckets.get(dim)

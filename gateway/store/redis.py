@@ -239,8 +239,10 @@ class RedisStore(Store):
         res = await self._call(self._admit(keys=keys, args=args))
         if int(res[0]) == 0:
             s = req.subjects[int(res[1]) - 1]
-            return AdmitResult(False, _DIMS[int(res[2]) - 1], f"{s.kind}:{s.ident}",
-                               float(res[3]))
+            dim = _DIMS[int(res[2]) - 1]
+            failed = {dim: Bucket(int(res[4]), int(res[5]), float(res[6]))}
+            return AdmitResult(False, dim, f"{s.kind}:{s.ident}", float(res[3]),
+                               failed if dim != "concurrency" else {})
         buckets = {}
         for i, dim in enumerate(("rpm", "itpm", "otpm")):
             limit = int(res[1 + i * 3])

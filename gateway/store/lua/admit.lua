@@ -4,7 +4,8 @@
 -- ARGV: [1] lease id, [2] lease ttl ms, [3] input-token cost, [4] output-token cost,
 --       then 4 limits per subject: rpm, itpm, otpm, concurrency (0 = unlimited).
 -- Returns: {1, <9 bucket values>} when admitted, {0, subject index (1-based), dimension index
---          (1 rpm, 2 itpm, 3 otpm, 4 concurrency), retry-after ms as a string} when refused.
+--          (1 rpm, 2 itpm, 3 otpm, 4 concurrency), retry-after ms as a string, limit, remaining,
+--          reset ms as a string} when refused (the refusing bucket as it stands).
 --          Bucket values: for rpm, itpm, otpm: limit, remaining, reset ms (string) of the
 --          tightest subject (limit 0 when no subject limits that dimension).
 -- Buckets are GCRA with a burst of the whole per-minute limit; time comes from the server.
@@ -26,7 +27,9 @@ for i = 1, n do
       if tat < now then tat = now end
       local new_tat = tat + math.min(costs[d], limit) * T
       if new_tat - now > WINDOW then
-        return {0, i, d, string.format('%.3f', new_tat - now - WINDOW)}
+        return {0, i, d, string.format('%.3f', new_tat - now - WINDOW), limit,
+                math.max(math.floor((WINDOW - (tat - now)) / T), 0),
+                string.format('%.3f', tat - now)}
       end
       plan[#plan + 1] = {key, new_tat}
       local remaining = math.floor((WINDOW - (new_tat - now)) / T)
@@ -40,7 +43,7 @@ for i = 1, n do
     local key = KEYS[(i - 1) * 4 + 4]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if redis.call('ZCARD', key) >= climit then
-      return {0, i, 4, '1000'}
+      return {0, i, 4, '1000', climit, 0, '1000'}
     end
   end
 end

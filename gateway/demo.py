@@ -1,0 +1,260 @@
+"""`make demo`: the gateway's main job on embedded defaults, end to end, in one command.
+
+Starts the stand-in model API, starts `gateway run --config config/gateway.yaml` pointed at it,
+issues reseller keys with the CLI, sends requests with the official `anthropic` SDK through a
+trusted proxy from several countries, and prints what happened, log lines included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.standin import FakeUpstream
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "config/gateway.yaml"
+W = 100
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _h(title: str) -> None:
+    print(f"\n{'─' * W}\n▶ {title}\n{'─' * W}")
+
+
+class Demo:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.admin_port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, GATEWAY_ADMIN_TOKEN="demo-admin-" + secrets.token_hex(8),
+                        UPSTREAM_API_KEY="demo-upstream-" + secrets.token_hex(8))
+        self.logs: list[dict[str, Any]] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sets: list[str] = []
+        self.outcomes: list[tuple[str, str]] = []
+
+    # --- processes ----------------------------------------------------------------------
+    async def start_gateway(self, upstream_url: str) -> None:
+        self.sets = ["--set", f"upstream.url={upstream_url}",
+                     "--set", f"listen=127.0.0.1:{self.port}",
+                     "--set", f"admin_listen=127.0.0.1:{self.admin_port}",
+                     "--set", "shutdown_grace_s=5"]
+        cmd = [sys.executable, "-m", "gateway", "run", "--config", CONFIG, *self.sets]
+        print("$ gateway run --config", CONFIG, " ".join(self.sets[1::2]).replace(
+            "upstream", "--set upstream").replace(" listen", " --set listen").replace(
+            " admin_listen", " --set admin_listen").replace(" shutdown", " --set shutdown"))
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=REPO, env=self.env, stdout=asyncio.subprocess.PIPE)
+        self._reader = asyncio.create_task(self._read_logs())
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
+                        if r.status == 200:
+                            print(f"gateway ready: /readyz → {r.status} {await r.text()}")
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if self.proc.returncode is not None or time.monotonic() > deadline:
+                    raise SystemExit("the gateway did not become ready")
+                await asyncio.sleep(0.1)
+
+    async def _read_logs(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for raw in self.proc.stdout:
+            try:
+                self.logs.append(json.loads(raw))
+            except ValueError:
+                print("  gateway:", raw.decode(errors="replace").rstrip())
+
+    async def stop_gateway(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.proc.wait(), 30)
+            await self._reader
+            print(f"gateway stopped on SIGTERM (exit {self.proc.returncode})")
+
+    async def cli(self, *args: str, show: bool = True) -> tuple[int, str]:
+        cmd = [sys.executable, "-m", "gateway", *args, "--config", CONFIG,
+               "--set", f"admin_listen=127.0.0.1:{self.admin_port}"]
+        if show:
+            print("$ gateway", " ".join(args))
+        p = await asyncio.create_subprocess_exec(*cmd, cwd=REPO, env=self.env,
+                                                 stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.STDOUT)
+        out, _ = await p.communicate()
+        return p.returncode or 0, out.decode()
+
+    async def issue(self, *args: str) -> str:
+        code, out = await self.cli("keys", "issue", *args, "--json")
+        if code:
+            raise SystemExit(f"keys issue failed: {out}")
+        doc = json.loads(out)
+        print(f"  → key_id {doc['key_id']} (the full key is printed once; hidden here)")
+        return str(doc["key"])
+
+    # --- requests -----------------------------------------------------------------------
+    async def ask(self, label: str, key: str, client_ip: str, *, stream: bool = False,
+                  customer: tuple[str, str] | None = None, max_tokens: int = 64) -> None:
+        import anthropic
+
+        headers = {"X-Forwarded-For": client_ip}
+        if customer:
+            headers.update({"X-Customer-Id": customer[0], "X-Customer-IP": customer[1]})
+        client = anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0,
+                                          default_headers=headers)
+        who = f"from {client_ip}" + (f" for customer {customer[0]}@{customer[1]}"
+                                     if customer else "")
+        msgs: list[Any] = [{"role": "user", "content": "Hello"}]
+        try:
+            if stream:
+                parts = []
+                async with client.messages.stream(model="claude-demo-1", max_tokens=max_tokens,
+                                                  messages=msgs) as s:
+                    async for text in s.text_stream:
+                        parts.append(text)
+                    final = await s.get_final_message()
+                result = (f"200 streamed {len(parts)} text events: {''.join(parts)!r} "
+                          f"(usage in {final.usage.input_tokens}, out {final.usage.output_tokens})")
+            else:
+                raw = await client.messages.with_raw_response.create(
+                    model="claude-demo-1", max_tokens=max_tokens, messages=msgs)
+                msg = await raw.parse()
+                rl = raw.headers.get("anthropic-ratelimit-requests-remaining")
+                text = getattr(msg.content[0], "text", "")
+                result = f"200 {text!r} (requests remaining {rl})"
+
+        except anthropic.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            extra = ""
+            if exc.status_code == 429:
+                h = exc.response.headers
+                extra = (f" retry-after={h.get('retry-after')}s, output-tokens remaining="
+                         f"{h.get('anthropic-ratelimit-output-tokens-remaining')}, requests "
+                         f"remaining={h.get('anthropic-ratelimit-requests-remaining')}")
+            result = f"{exc.status_code} {err.get('type')} / {err.get('code')}{extra}"
+        finally:
+            await client.close()
+        self.outcomes.append((label, result))
+        print(f"  {label:<46} {who}\n      ⇒ {result}")
+
+    # --- the story ----------------------------------------------------------------------
+    async def run(self) -> None:
+        async with FakeUpstream() as upstream:
+            upstream.reply_text = "Hello from the model behind the gateway."
+            upstream.chunks = 5
+            upstream.event_delay_s = 0.05
+            upstream.output_tokens = 40
+            _h("1. Start a stand-in model API (Anthropic Messages wire format) and the gateway")
+            print(f"stand-in model API on {upstream.url}")
+            await self.start_gateway(upstream.url)
+            try:
+                await self.story(upstream)
+            finally:
+                await self.stop_gateway()
+        self.print_logs()
+
+    async def story(self, upstream: FakeUpstream) -> None:
+        _h("2. Issue reseller keys with the CLI (embedded store: through the admin API)")
+        direct = await self.issue("--reseller", "direct", "--name", "demo-direct")
+        acme = await self.issue("--reseller", "acme", "--name", "acme-prod")
+        tight = await self.issue("--reseller", "direct", "--name", "tight", "--rpm", "3")
+        otpm = await self.issue("--reseller", "direct", "--name", "small-otpm", "--otpm", "100")
+
+        _h("3. Requests through a trusted proxy (127.0.0.1 sends X-Forwarded-For) from "
+           "several places")
+        await self.ask("US client, plain request", direct, "192.0.2.10")
+        await self.ask("US client, streaming (SSE passes through live)", direct, "192.0.2.11",
+                       stream=True)
+        await self.ask("GB client", direct, "192.0.2.20")
+        await self.ask("CN client (restricted region)", direct, "198.51.100.5")
+        await self.ask("IR client over IPv6", direct, "2001:db8:98::1")
+        await self.ask("VPN exit (anonymizer)", direct, "203.0.113.5")
+        await self.ask("hosting provider (shadow rule: logged only)", direct, "203.0.113.35")
+
+        _h("4. A reseller (acme) must attest its downstream customer")
+        await self.ask("acme, no attestation", acme, "192.0.2.12")
+        await self.ask("acme, customer in JP", acme, "192.0.2.12",
+                       customer=("cust-42", "192.0.2.50"))
+        await self.ask("acme from the US, customer in IR", acme, "192.0.2.12",
+                       customer=("cust-43", "198.51.100.33"))
+        await self.ask("acme, customer in SG (registered country)", acme, "192.0.2.12",
+                       customer=("cust-44", "203.0.113.85"))
+
+        _h("5. Rate limits: a key with rpm 3, and one with 100 output tokens per minute")
+        for i in range(4):
+            await self.ask(f"tight key, request {i + 1}", tight, "192.0.2.13")
+        await self.ask("small-otpm key, max_tokens 60 (upstream reports 40)", otpm,
+                       "192.0.2.14", max_tokens=60)
+        await self.ask("again: 40 used + 60 reserved ≤ 100", otpm, "192.0.2.14",
+                       max_tokens=60)
+        await self.ask("again: 80 used + 60 reserved > 100", otpm, "192.0.2.14",
+                       max_tokens=60)
+
+        _h("6. Explain a decision, look up an address")
+        _, out = await self.cli("explain", "--ip", "192.0.2.12", "--reseller", "acme",
+                                "--customer-ip", "198.51.100.33", "--customer-id", "cust-43",
+                                "--model", "claude-demo-1")
+        print("  " + out.rstrip().replace("\n", "\n  "))
+        _, out = await self.cli("geo", "lookup", "203.0.113.5")
+        print("  " + out.rstrip().replace("\n", "\n  "))
+
+        _h("7. Revoke a key: refused at once")
+        kid = direct.split("_")[1]
+        _, out = await self.cli("keys", "revoke", kid)
+        print("  " + out.rstrip())
+        await self.ask("revoked key", direct, "192.0.2.10")
+        seen = upstream.requests
+        leaked = [r for r in seen if any(k in (r.headers.get("x-api-key", "") +
+                                              r.headers.get("authorization", ""))
+                                         for k in (direct, acme, tight, otpm))]
+        print(f"\n  the stand-in saw {len(seen)} requests; "
+              f"{len(leaked)} carried a reseller key (the gateway swaps in its own credential)")
+
+    def print_logs(self) -> None:
+        _h("8. What the gateway logged: one JSON line per request (and audit events)")
+        reqs = [x for x in self.logs if x.get("event") == "request"]
+        print(f"{'status':<7}{'decision':<13}{'client_ip':<16}{'cc':<4}{'anon':<13}"
+              f"{'reseller':<9}{'cust_cc':<8}{'reason / rule':<40}shadow")
+        for x in reqs:
+            why = x.get("reason") or x.get("rule") or ""
+            print(f"{x['status']!s:<7}{x['decision']:<13}{x['client_ip']!s:<16}"
+                  f"{x['country'] or '-':<4}{','.join(x['anonymizer']) or '-':<13}"
+                  f"{x['reseller'] or '-':<9}{x['customer_country'] or '-':<8}{why:<40}"
+                  f"{','.join(x['shadow']) or ''}")
+        audits = [x for x in self.logs if x.get("event") == "audit"]
+        print(f"\naudit events: {', '.join(a['action'] + ' ' + a['target'] for a in audits)}")
+        if reqs:
+            print("\none request line in full:")
+            print(json.dumps(reqs[1] if len(reqs) > 1 else reqs[0], indent=None))
+        others = sorted({x["event"] for x in self.logs} - {"request", "audit"})
+        print(f"\nother events: {', '.join(others)}")
+
+
+def run_demo() -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    asyncio.run(Demo().run())
+    return 0

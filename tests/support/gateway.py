@@ -1,0 +1,142 @@
+"""Run a real GatewayService in-process on free ports, with its log lines captured as dicts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from gateway.app import GatewayService
+from gateway.audit import set_log_stream
+from gateway.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-token-0123456789"
+UPSTREAM_KEY = "test-upstream-key-9876543210"
+
+
+class LogCapture(io.StringIO):
+    """A text stream that keeps every JSON log line as a dict."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            if line.strip():
+                self.raw.append(line)
+                self.lines.append(json.loads(line))
+        return len(s)
+
+    def flush(self) -> None:
+        return None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [x for x in self.lines if x.get("event") == name]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self.events("request")
+
+
+async def poll(fn: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Call `fn` (sync or async) until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+class RunningGateway:
+    def __init__(self, service: GatewayService, logs: LogCapture, tmp: Path) -> None:
+        self.service = service
+        self.logs = logs
+        self.tmp = tmp
+        self.url = f"http://127.0.0.1:{service.proxy_port}"
+        self.admin_url = f"http://127.0.0.1:{service.admin_port}"
+        self.admin_headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def admin(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.request(
+            method, self.admin_url + path, headers=self.admin_headers, **kw
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def issue_key(self, reseller: str = "direct", **spec: Any) -> tuple[str, str]:
+        status, body = await self.admin("POST", "/admin/keys", json={"reseller": reseller, **spec})
+        assert status == 201, body
+        return body["key_id"], body["key"]
+
+    async def apply_policy(self, policy: dict[str, Any]) -> int:
+        status, body = await self.admin("PUT", "/admin/policy", data=json.dumps(policy))
+        assert status == 200, body
+        version: int = body["version"]
+        await poll(lambda: self.service.policy_version == version)
+        return version
+
+
+DEFAULT_POLICY: dict[str, Any] = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
+
+
+def write_config(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
+                 **sections: Any) -> Path:
+    """A config file in `tmp` pointing at the demo geo databases and `upstream_url`."""
+    geo = REPO / "geo" / "demo"
+    cfg: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "upstream": {"url": upstream_url, "connect_timeout_s": 2, "read_timeout_s": 5},
+        "geo": {"country_db": str(geo / "Demo-Country.mmdb"),
+                "asn_db": str(geo / "Demo-ASN.mmdb"),
+                "anonymous_ip_db": str(geo / "Demo-Anonymous-IP.mmdb"),
+                "reload_interval_s": 0.2},
+        "store": {"url": "memory://", "sync_interval_s": 0.2},
+        "policy_file": "policy.yaml",
+        "shutdown_grace_s": 5,
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(name), dict):
+            cfg[name] = {**cfg[name], **value}
+        else:
+            cfg[name] = value
+    (tmp / "policy.yaml").write_text(yaml.safe_dump(policy or DEFAULT_POLICY))
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@asynccontextmanager
+async def running_gateway(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
+                          **sections: Any) -> AsyncIterator[RunningGateway]:
+    """Start a gateway on free ports; stop it (gracefully) on exit."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = write_config(tmp, upstream_url, policy, **sections)
+    env = dict(os.environ, GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, UPSTREAM_API_KEY=UPSTREAM_KEY)
+    config = load_settings(str(path), environ=env)
+    logs = LogCapture()
+    set_log_stream(logs)
+    service = GatewayService(config, environ=env)
+    await service.start()
+    try:
+        yield RunningGateway(service, logs, tmp)
+    finally:
+        await service.stop()
+        set_log_stream(None)

@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff check gateway tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict gateway

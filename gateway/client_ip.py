@@ -19,6 +19,10 @@ MAX_HEADER_LEN = 16 * 1024
 _CACHE_MAX = 16384
 
 
+def _port(s: str) -> bool:
+    return 0 < len(s) <= 5 and s.isascii() and s.isdigit() and int(s) <= 65535
+
+
 def parse_addr(token: str) -> str | None:
     """Normalise one forwarding element to an address string, or None when it is not one.
 
@@ -33,16 +37,16 @@ def parse_addr(token: str) -> str | None:
         if end < 0:
             return None
         rest = t[end + 1 :]
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        if rest and not (rest.startswith(":") and _port(rest[1:])):
             return None
-        t = t[1:end]
         try:
-            return str(ipaddress.IPv6Address(t))
+            v6 = ipaddress.IPv6Address(t[1:end])
         except ValueError:
             return None
+        return str(v6.ipv4_mapped) if v6.ipv4_mapped is not None else str(v6)
     if t.count(":") == 1:  # IPv4 with a port
         host, _, port = t.partition(":")
-        if not port.isdigit():
+        if not _port(port):
             return None
         t = host
     try:
@@ -63,7 +67,8 @@ def _forwarded_for(value: str) -> list[str]:
             name, eq, val = pair.partition("=")
             if eq and name.strip().lower() == "for":
                 found = val.strip().strip('"')
-        out.append(found)
+        # An element without for= is not an address: it stops the walk like garbage does.
+        out.append(found if found or not element.strip() else "-")
     return out
 
 

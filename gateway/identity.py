@@ -37,7 +37,7 @@ def new_key(key_id: str | None = None) -> tuple[str, str, str]:
 
 def parse_key(value: str) -> tuple[str, str] | None:
     """(key_id, secret) of a well-formed key, else None."""
-    m = KEY_RE.match(value)
+    m = KEY_RE.fullmatch(value)
     return (m.group(1), m.group(2)) if m else None
 
 

@@ -80,7 +80,8 @@ class StoreSettings(_Model):
         scheme = urlsplit(v).scheme
         allowed = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix")
         if scheme not in allowed:
-            raise ValueError(f"scheme must be one of {', '.join(allowed)}, got {v!r}")
+            shown = f"{scheme}://…" if scheme else "a URL without a scheme"
+            raise ValueError(f"scheme must be one of {', '.join(allowed)}, got {shown}")
         return v
 
 
@@ -211,8 +212,12 @@ def load_settings(
         if not sep or not key:
             raise ConfigError(path, key or item, "override must look like field.path=value")
         try:
-            _set_path(raw, key, yaml.safe_load(val))
-        except (ValueError, yaml.YAMLError) as exc:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError:
+            value = val  # not YAML (e.g. "[::1]:8080"): take it as a plain string
+        try:
+            _set_path(raw, key, value)
+        except ValueError as exc:
             raise ConfigError(path, key, str(exc)) from exc
     try:
         settings = Settings.model_validate(raw)

@@ -76,7 +76,7 @@ def usage_from_json(body: bytes) -> Usage:
     usage = Usage()
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return usage
     if isinstance(doc, dict):
         usage_from_object(doc.get("usage"), usage)
@@ -114,7 +114,7 @@ class SSEUsageParser:
     def _line(self, payload: bytes) -> None:
         try:
             doc = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(doc, dict):
             return

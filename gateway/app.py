@@ -56,6 +56,8 @@ class GatewayService:
         self.admin_port = 0
         self._stop_task: asyncio.Future[None] | None = None
         self._side_tasks: set[asyncio.Future[Any]] = set()
+        # Upstream sessions of runtimes replaced by a reload, closed once their requests end.
+        self._retired: list[Any] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,7 +112,9 @@ class GatewayService:
         for task in [*self._tasks, *self._side_tasks]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
-        await self.pipeline.rt.upstream.close()
+        for upstream in self._retired:
+            await upstream.close()
+        self._retired.clear()
         try:
             await self.registry.flush_last_used()
         except StoreError:
@@ -171,8 +175,16 @@ class GatewayService:
         self.pipeline.rt = build_runtime(new)
         self.limits.family = s.limits_headers
         self.config = new
-        # Requests in flight keep the old upstream session until they finish.
-        self._later(max(s.upstream.read_timeout_s, 1.0), old_rt.upstream.close)
+        # Requests in flight keep the old upstream session until they finish; `stop` closes
+        # it if the service stops first.
+        retired = old_rt.upstream
+        self._retired.append(retired)
+
+        async def close_retired() -> None:
+            self._retired.remove(retired)
+            await retired.close()
+
+        self._later(max(s.upstream.read_timeout_s, 1.0), close_retired)
         self._publish_gauges()
         logger().info("config_reloaded", path=new.path,
                       needs_restart=fixed or None)

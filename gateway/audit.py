@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -30,6 +32,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
+    global _writer
+    _writer = _RequestWriter(_stream, level, fmt)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -38,7 +42,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=_stream or sys.stdout),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=False,  # reconfigured on SIGHUP and in tests
     )
 
 
@@ -47,9 +51,48 @@ def logger() -> Any:
     return structlog.get_logger("gateway")
 
 
+class _RequestWriter:
+    """The `request` line on the hot path: the same JSON structlog renders, written directly
+    (structlog's processor chain costs about 5 times more per line)."""
+
+    __slots__ = ("_prefix", "_sec", "enabled", "fast", "stream")
+
+    def __init__(self, stream: TextIO | None, level: str, fmt: str) -> None:
+        self.stream = stream
+        self.enabled = _LEVELS[level] <= logging.INFO
+        self.fast = fmt == "json"
+        self._sec = -1
+        self._prefix = ""
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((now - sec) * 1e6):06d}Z"
+
+    def write(self, ctx: RequestContext) -> None:
+        if not self.enabled:
+            return
+        fields = ctx.log_fields()
+        if not self.fast:
+            logger().info("request", **fields)
+            return
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = self._timestamp()
+        stream = self.stream or sys.stdout
+        stream.write(json.dumps(fields) + "\n")
+        stream.flush()
+
+
+_writer = _RequestWriter(None, "info", "json")
+
+
 def log_request(ctx: RequestContext) -> None:
     """Emit the one `request` line for a finished request."""
-    logger().info("request", **ctx.log_fields())
+    _writer.write(ctx)
 
 
 def log_audit(actor: str, action: str, target: str, **fields: Any) -> None:

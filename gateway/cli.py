@@ -132,6 +132,15 @@ def _embedded(config: LoadedConfig) -> bool:
     return config.settings.store.url.startswith("memory://")
 
 
+def _cli_logging() -> None:
+    """Audit events of a CLI change go to stderr as JSON lines: stdout is the command's own
+    output (with --json, exactly one JSON document)."""
+    from gateway.audit import configure_logging, set_log_stream
+
+    set_log_stream(sys.stderr)
+    configure_logging("info", "json")
+
+
 def _actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
@@ -164,6 +173,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     config = _load(args)
     actor = _actor()
     remote = Remote(config) if _embedded(config) else None
+    _cli_logging()
 
     def run(direct: Callable[[Any], Awaitable[Any]], method: str, path: str,
             body: Any = None) -> Any:
@@ -305,7 +315,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                                       text=canonical(doc)))
         version = out["version"]
     else:
-        from gateway.audit import configure_logging, log_audit
+        from gateway.audit import log_audit
 
         async def put(store: Any) -> int:
             try:
@@ -315,7 +325,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
             return v
 
         version = _with_store(config, put)
-        configure_logging("info", "json")
+        _cli_logging()
         log_audit(_actor(), "policy_applied", "policy", version=version)
     print(f"applied policy version {version}")
     return 0

@@ -91,6 +91,8 @@ class ClientIPResolver:
         self.recursive = recursive
         self.rfc7239 = header.lower() == "forwarded"
         self._trusted_cache: dict[str, bool] = {}
+        self._norm_cache: dict[str, str] = {}
+        self._resolve_cache: dict[tuple[str, str], Resolution] = {}
 
     def is_trusted(self, ip: str) -> bool:
         """Whether `ip` (a normalised address string) is a trusted proxy; cached."""
@@ -109,11 +111,33 @@ class ClientIPResolver:
         self._trusted_cache[ip] = result
         return result
 
+    def normalize(self, peer: str) -> str:
+        """The peer address in canonical form (cached: peers repeat)."""
+        hit = self._norm_cache.get(peer)
+        if hit is None:
+            hit = parse_addr(peer) or peer
+            if len(self._norm_cache) >= _CACHE_MAX:
+                self._norm_cache.clear()
+            self._norm_cache[peer] = hit
+        return hit
+
     def resolve(self, peer: str, header_values: list[str]) -> Resolution:
         """nginx realip: from an untrusted peer the header is ignored; otherwise walk it right to
         left while the current address is trusted (only one step unless `recursive`), stopping
-        at the first malformed element."""
-        peer_norm = parse_addr(peer) or peer
+        at the first malformed element. Results are cached per (peer, header)."""
+        if not header_values:
+            return Resolution(self.normalize(peer), "peer", -1)
+        key = (peer, header_values[0] if len(header_values) == 1 else ",".join(header_values))
+        hit = self._resolve_cache.get(key)
+        if hit is None:
+            hit = self._resolve(peer, header_values)
+            if len(self._resolve_cache) >= _CACHE_MAX:
+                self._resolve_cache.clear()
+            self._resolve_cache[key] = hit
+        return hit
+
+    def _resolve(self, peer: str, header_values: list[str]) -> Resolution:
+        peer_norm = self.normalize(peer)
         if not header_values or not self.is_trusted(peer_norm):
             return Resolution(peer_norm, "peer", -1)
         joined = ",".join(header_values)

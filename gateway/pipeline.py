@@ -161,7 +161,15 @@ class Pipeline:
             headers = rt.upstream.request_headers(
                 request.headers, self._xff(request, peer, peer_trusted, rt), ctx.request_id)
             rl_headers["x-request-id"] = ctx.request_id
-            resp, fwd = await rt.upstream.forward(request, body, headers, rl_headers)
+            started = Forwarded()
+            try:
+                resp, fwd = await rt.upstream.forward(request, body, headers, rl_headers,
+                                                      info=started)
+            finally:
+                if started.upstream_status is not None:
+                    # An answer began: log and settle on what it delivered, even when the
+                    # client hung up mid-stream (cancellation skips the assignment above).
+                    fwd = started
             ctx.status = resp.status
             return resp
         except GatewayError as err:

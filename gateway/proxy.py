@@ -84,12 +84,15 @@ class Upstream:
         headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
         on_first_byte: Callable[[], None] | None = None,
+        info: Forwarded | None = None,
     ) -> tuple[web.StreamResponse, Forwarded]:
         """Send the request upstream and stream the answer to the client as it arrives.
 
         Raises the 502/504 GatewayError when no answer started; once the answer has started, a
-        failure cuts the client's response (the status is already sent)."""
-        info = Forwarded()
+        failure cuts the client's response (the status is already sent). `info`, when given, is
+        filled in as the answer goes, so a caller still sees what was delivered when the
+        forward is cancelled (client gone) mid-stream."""
+        info = Forwarded() if info is None else info
         url = self.url + request.rel_url.raw_path_qs if request.rel_url.raw_query_string else (
             self.url + request.rel_url.raw_path)
         t0 = time.perf_counter()

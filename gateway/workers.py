@@ -63,7 +63,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                 if code is None:
                     continue
                 del procs[i]
-                _mark_dead(p.pid)
+                _mark_dead(p.pid, metrics_dir)
                 if stopping:
                     continue
                 logger().error("worker_exited", worker=i, pid=p.pid, code=code)
@@ -80,14 +80,25 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
             if deadline is not None and time.time() > deadline:
                 forward(signal.SIGKILL)
     finally:
+        # Never leave a worker behind, even when supervising itself failed.
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=s.shutdown_grace_s + 5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    # The directory is only in the workers' environment, not in ours: pass it explicitly.
     try:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
     except (ImportError, OSError, ValueError):
         pass

@@ -1,0 +1,742 @@
+"""The gateway benchmark (DESIGN.md §9), measured against a bare aiohttp pass-through.
+
+    python -m bench.run [--quick] [--requests N] [--concurrency C]
+
+Starts, all on 127.0.0.1 and each in its own process: a minimal upstream (bench.upstream), the
+bare pass-through proxy (bench.passthrough), `gateway run` on the embedded store (memory://)
+and `gateway run` on a private redis-server. Then, with aiohttp clients in this process:
+
+1. throughput: N admitted requests per target at concurrency C, in interleaved rounds; CPU time
+   of the proxy process per request (/proc/<pid>/stat), requests/s, latency p50/p99;
+2. Redis round trips per admitted and per policy-denied request (INFO commandstats deltas,
+   minus the background sync measured over an idle interval of the same length);
+3. time to first byte of a stream under moderate load: gateway TTFB minus direct-upstream TTFB;
+4. gateway RSS across many requests and across long streams.
+
+Figures are printed as ratios against the pass-through of the same run (the budget is stated
+that way), absolute numbers beside them are noisy. JSON goes to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import yaml
+
+from bench.load import LoadResult, percentile, run_load
+from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes
+
+CONFIG = "config/gateway.yaml"
+RESULTS = REPO / "bench" / "results" / "latest.json"
+ALLOWED_IP = "192.0.2.1"     # a US address in the demo GeoIP data: admitted
+DENIED_IP = "198.51.100.5"   # CN in the demo GeoIP data: 403 by the restricted-regions rule
+HIGH = 1_000_000_000
+MiB = 1024 * 1024
+X = "\u00d7"  # multiplication sign
+MINUS = "\u2212"
+
+#: After each measured batch: lets the last settlements (sent after the responses) land inside
+#: the measured window.
+SETTLE_S = 0.05
+BUDGET_CPU_RATIO = 1.3
+BUDGET_TTFB_P99_MS = 2.0
+#: RSS growth still called flat. Python's allocator keeps arenas; a leak of even 100 bytes a
+#: request shows as 1 MiB per 10,000 requests, buffering a stream as its whole size.
+FLAT_RSS_MIB = 2.0
+
+BODY = json.dumps({"model": "claude-bench-1", "max_tokens": 64,
+                   "messages": [{"role": "user", "content": "Hello, benchmark."}]}).encode()
+STREAM_BODY = json.dumps({"model": "claude-bench-1", "max_tokens": 64, "stream": True,
+                          "messages": [{"role": "user", "content": "Hello, benchmark."}]}
+                         ).encode()
+
+
+@dataclass
+class Params:
+    requests: int
+    concurrency: int
+    warmup: int
+    rounds: int
+    stream_rounds: int
+    denied: int
+    stream_requests: int
+    stream_concurrency: int
+    stream_events: int
+    stream_delay_ms: float
+    mem_requests: int
+    long_streams: int
+    long_events: int
+    long_pad: int
+    long_delay_ms: float
+    time_budget_s: float
+
+
+def params(args: argparse.Namespace) -> Params:
+    quick = args.quick
+    p = Params(
+        requests=1000 if quick else 5000,
+        concurrency=32,
+        warmup=200 if quick else 500,
+        rounds=4,
+        stream_rounds=4,
+        denied=300 if quick else 1000,
+        stream_requests=240 if quick else 800,
+        stream_concurrency=4,
+        stream_events=5,
+        stream_delay_ms=10.0,
+        mem_requests=2000 if quick else 10_000,
+        long_streams=4,
+        long_events=1000 if quick else 2000,
+        long_pad=2048,
+        long_delay_ms=1.0,
+        time_budget_s=75.0 if quick else 200.0,
+    )
+    if args.requests:
+        p.requests = args.requests
+    if args.concurrency:
+        p.concurrency = args.concurrency
+    return p
+
+
+@dataclass
+class Target:
+    name: str
+    label: str
+    url: str
+    child: Child | None            # the process whose CPU is measured (None: no proxy)
+    headers: dict[str, str]
+    throughput: LoadResult = field(default_factory=LoadResult)
+    cpu_s: float = 0.0
+    round_cpu: list[tuple[float, int]] = field(default_factory=list)
+    stream: LoadResult = field(default_factory=LoadResult)
+    rss: dict[str, Any] = field(default_factory=dict)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("wb")
+
+
+def write_policy(tmp: Path) -> Path:
+    """config/policy.yaml with the `direct` reseller's limits raised out of the way."""
+    doc = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
+    doc["resellers"]["direct"]["limits"] = {"rpm": HIGH, "itpm": HIGH, "otpm": HIGH,
+                                            "concurrency": 100_000}
+    path = tmp / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class Gateway:
+    def __init__(self, name: str, upstream: str, store_url: str, policy: Path, tmp: Path,
+                 env: dict[str, str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.store_url = store_url
+        self.env = env
+        self.log_path = tmp / f"{name}.log"
+        self.sets = [f"upstream.url={upstream}", f"listen=127.0.0.1:{self.port}",
+                     f"admin_listen=127.0.0.1:{self.admin_port}", f"store.url={store_url}",
+                     f"policy_file={policy}", "shutdown_grace_s=2"]
+        argv = py("gateway", "run", "--config", CONFIG)
+        for s in self.sets:
+            argv += ["--set", s]
+        self.child = Child(name, argv, env, _open_log(self.log_path))
+        self.key = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/messages"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self) -> None:
+        await self.child.start()
+        await self.child.wait_http(f"{self.admin_url}/readyz", timeout=30)
+
+    async def issue_key(self) -> None:
+        argv = py("gateway", "keys", "issue", "--reseller", "direct", "--name", "bench",
+                  "--rpm", str(HIGH), "--itpm", str(HIGH), "--otpm", str(HIGH),
+                  "--concurrency", "10000", "--json", "--config", CONFIG,
+                  "--set", f"admin_listen=127.0.0.1:{self.admin_port}",
+                  "--set", f"store.url={self.store_url}")
+        p = await asyncio.create_subprocess_exec(*argv, cwd=REPO, env=self.env,
+                                                 stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), 30)
+        if p.returncode:
+            raise RuntimeError(f"keys issue failed for {self.name}: {err.decode()}")
+        self.key = json.loads(out)["key"]
+        # A key written straight to Redis reaches the gateway through pub/sub: wait for it.
+        deadline = time.monotonic() + 10
+        async with aiohttp.ClientSession() as s:
+            while True:
+                async with s.post(self.url, data=BODY, headers=headers(self.key)) as r:
+                    await r.read()
+                    if r.status == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: the new key is refused ({r.status})")
+                await asyncio.sleep(0.1)
+
+    async def admissions(self) -> float:
+        """gateway_store_duration_seconds_count: admission round trips so far."""
+        async with aiohttp.ClientSession() as s, s.get(f"{self.admin_url}/metrics") as r:
+            text = await r.text()
+        m = re.search(r"^gateway_store_duration_seconds_count\s+(\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def log_errors(self) -> int:
+        n = 0
+        with self.log_path.open("rb") as f:
+            for line in f:
+                if b'"level": "error"' in line or b'"level":"error"' in line:
+                    n += 1
+        return n
+
+
+def headers(key: str, ip: str = ALLOWED_IP) -> dict[str, str]:
+    return {"x-api-key": key, "anthropic-version": "2023-06-01",
+            "content-type": "application/json", "X-Forwarded-For": ip}
+
+
+# --- Redis accounting ---------------------------------------------------------------------------
+
+def script_internal_commands() -> frozenset[str]:
+    """Commands the gateway's hot-path Lua scripts run inside Redis: INFO commandstats counts
+    them, but they are no round trips."""
+    import gateway
+
+    lua = Path(gateway.__file__).parent / "store" / "lua"
+    names: set[str] = set()
+    for f in ("admit.lua", "settle.lua", "renew.lua"):
+        names.update(n.lower() for n in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]",
+                                                   (lua / f).read_text()))
+    return frozenset(names)
+
+
+#: Sent once per new pooled connection, not per request: reported apart.
+CONNECTION_SETUP = frozenset({"hello", "client", "auth", "select"})
+
+
+class RedisProbe:
+    """INFO commandstats / cpu of the private redis-server over one connection of our own."""
+
+    def __init__(self, port: int) -> None:
+        import redis.asyncio as aioredis
+
+        self.r = aioredis.Redis(host="127.0.0.1", port=port)
+        self.internal = script_internal_commands()
+
+    async def open(self) -> None:
+        await self.r.ping()  # connection set up before any snapshot
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def commands(self) -> Counter[str]:
+        info = await self.r.info("commandstats")
+        out: Counter[str] = Counter()
+        for k, v in info.items():
+            if not k.startswith("cmdstat_"):
+                continue
+            calls = v["calls"] if isinstance(v, dict) else int(
+                re.search(r"calls=(\d+)", str(v)).group(1))  # type: ignore[union-attr]
+            out[k[len("cmdstat_"):].lower()] = int(calls)
+        return out
+
+    async def cpu(self) -> float:
+        info = await self.r.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    def round_trips(self, before: Counter[str], after: Counter[str]) -> Counter[str]:
+        """Commands sent by clients between two snapshots (ours and script-internal ones
+        excluded)."""
+        d: Counter[str] = Counter()
+        for k, v in after.items():
+            if k == "info" or k in self.internal:
+                continue
+            if v - before.get(k, 0):
+                d[k] = v - before.get(k, 0)
+        return d
+
+
+# --- phases -------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _expect(res: LoadResult, status: int, what: str) -> None:
+    bad = {s: n for s, n in res.statuses.items() if s != status}
+    if bad or res.errors:
+        raise RuntimeError(f"{what}: expected every answer {status}, got {dict(res.statuses)}"
+                           f" and {res.errors} transport errors")
+
+
+async def phase_throughput(p: Params, targets: list[Target], redis_gw: Target,
+                           probe: RedisProbe, gw: dict[str, Gateway]) -> dict[str, Any]:
+    for t in targets:
+        _expect(await run_load(t.url, p.warmup, p.concurrency, t.headers, BODY), 200,
+                f"warm-up of {t.label}")
+    per_round = max(1, p.requests // p.rounds)
+    cmds: Counter[str] = Counter()
+    adm = 0.0
+    rcpu = 0.0
+    for t in targets:
+        if t.child is not None:
+            t.rss["before_throughput"] = rss_bytes(t.child.pid)
+    for r in range(p.rounds):
+        for t in targets:
+            log(f"throughput round {r + 1}/{p.rounds}: {t.label}")
+            is_redis = t is redis_gw
+            if is_redis:
+                c0, a0, rc0 = (await probe.commands(), await gw[t.name].admissions(),
+                               await probe.cpu())
+            cpu0 = cpu_seconds(t.child.pid) if t.child else 0.0
+            res = await run_load(t.url, per_round, p.concurrency, t.headers, BODY)
+            await asyncio.sleep(SETTLE_S)
+            cpu1 = cpu_seconds(t.child.pid) if t.child else 0.0
+            if is_redis:
+                c1, a1, rc1 = (await probe.commands(), await gw[t.name].admissions(),
+                               await probe.cpu())
+                cmds += probe.round_trips(c0, c1)
+                adm += a1 - a0
+                rcpu += rc1 - rc0
+            _expect(res, 200, t.label)
+            t.cpu_s += cpu1 - cpu0
+            t.round_cpu.append((cpu1 - cpu0, res.requests))
+            t.throughput.merge(res)
+    for t in targets:
+        if t.child is not None:
+            t.rss["after_throughput"] = rss_bytes(t.child.pid)
+    busy = redis_gw.throughput.elapsed_s
+    log(f"idle interval of {busy:.1f} s on the Redis gateway (background sync calls)")
+    idle = await idle_commands(probe, busy)
+    n = redis_gw.throughput.requests
+    return {"requests": n, "duration_s": busy, "commands": dict(cmds), "idle": dict(idle),
+            "admissions": adm, "redis_cpu_s": rcpu}
+
+
+async def idle_commands(probe: RedisProbe, seconds: float) -> Counter[str]:
+    c0 = await probe.commands()
+    await asyncio.sleep(seconds)
+    return probe.round_trips(c0, await probe.commands())
+
+
+async def phase_denied(p: Params, gws: list[Target], redis_gw: Target,
+                       probe: RedisProbe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in gws:
+        h = dict(t.headers, **{"X-Forwarded-For": DENIED_IP})
+        _expect(await run_load(t.url, 50, p.concurrency, h, BODY), 403, f"denied, {t.label}")
+        log(f"policy-denied requests: {t.label}")
+        assert t.child is not None
+        c0 = await probe.commands()
+        cpu0 = cpu_seconds(t.child.pid)
+        res = await run_load(t.url, p.denied, p.concurrency, h, BODY)
+        await asyncio.sleep(SETTLE_S)
+        cpu1 = cpu_seconds(t.child.pid)
+        c1 = await probe.commands()
+        _expect(res, 403, f"denied, {t.label}")
+        entry: dict[str, Any] = {"requests": res.requests, "cpu_s": cpu1 - cpu0,
+                                 "rps": res.rps, "duration_s": res.elapsed_s}
+        if t is redis_gw:
+            entry["commands"] = dict(probe.round_trips(c0, c1))
+            entry["idle"] = dict(await idle_commands(probe, res.elapsed_s))
+        out[t.name] = entry
+    return out
+
+
+async def phase_stream(p: Params, targets: list[Target]) -> None:
+    for t in targets:
+        h = dict(t.headers, **{"x-bench-events": str(p.stream_events),
+                               "x-bench-delay-ms": str(p.stream_delay_ms)})
+        _expect(await run_load(t.url, 50, p.stream_concurrency, h, STREAM_BODY, stream=True),
+                200, f"stream warm-up, {t.label}")
+    per_round = max(1, p.stream_requests // p.stream_rounds)
+    for r in range(p.stream_rounds):
+        for t in targets:
+            log(f"stream TTFB round {r + 1}/{p.stream_rounds}: {t.label}")
+            h = dict(t.headers, **{"x-bench-events": str(p.stream_events),
+                                   "x-bench-delay-ms": str(p.stream_delay_ms)})
+            res = await run_load(t.url, per_round, p.stream_concurrency, h, STREAM_BODY,
+                                 stream=True)
+            _expect(res, 200, f"stream, {t.label}")
+            t.stream.merge(res)
+
+
+async def phase_memory(p: Params, t: Target) -> dict[str, Any]:
+    assert t.child is not None
+    pid = t.child.pid
+    log(f"memory: {p.mem_requests} requests through {t.label}")
+    samples = [rss_bytes(pid)]
+    steps = 5
+    for _ in range(steps):
+        res = await run_load(t.url, p.mem_requests // steps, p.concurrency, t.headers, BODY)
+        _expect(res, 200, f"memory, {t.label}")
+        samples.append(rss_bytes(pid))
+    return {"requests": p.mem_requests, "rss_samples": samples,
+            "growth": samples[-1] - samples[0]}
+
+
+async def phase_long_streams(p: Params, t: Target) -> dict[str, Any]:
+    assert t.child is not None
+    pid = t.child.pid
+    log(f"memory: {p.long_streams} long streams through {t.label}")
+    h = dict(t.headers, **{"x-bench-events": str(p.long_events),
+                           "x-bench-delay-ms": str(p.long_delay_ms),
+                           "x-bench-pad": str(p.long_pad)})
+    # One short warm-up stream of the same shape, so first-use allocations are not counted.
+    _expect(await run_load(t.url, p.long_streams, p.long_streams,
+                           dict(h, **{"x-bench-events": "50"}), STREAM_BODY, stream=True),
+            200, "long-stream warm-up")
+    before = rss_bytes(pid)
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append(rss_bytes(pid))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        res = await run_load(t.url, p.long_streams, p.long_streams, h, STREAM_BODY,
+                             stream=True, timeout_s=120)
+    finally:
+        done.set()
+        await sampler
+    _expect(res, 200, "long streams")
+    after = rss_bytes(pid)
+    return {"streams": p.long_streams, "bytes_streamed": res.body_bytes,
+            "duration_s": res.elapsed_s, "rss_before": before, "rss_peak": max([*samples, after]),
+            "rss_after": after, "growth": after - before,
+            "peak_growth": max([*samples, after]) - before}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+async def bench(p: Params) -> dict[str, Any]:
+    from tests.support.redis_server import RedisServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    env = dict(os.environ, GATEWAY_ADMIN_TOKEN="bench-admin-" + secrets.token_hex(8),
+               UPSTREAM_API_KEY="bench-upstream-" + secrets.token_hex(8))
+    policy = write_policy(tmp)
+    up_port, pt_port = free_port(), free_port()
+    upstream = Child("upstream", py("bench.upstream", "--port", str(up_port)), env,
+                     _open_log(tmp / "upstream.log"))
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    passthrough = Child("pass-through", py("bench.passthrough", "--port", str(pt_port),
+                                           "--upstream", upstream_url), env,
+                        _open_log(tmp / "passthrough.log"))
+    redis = RedisServer()
+    children: list[Child] = [upstream, passthrough]
+    gws: dict[str, Gateway] = {}
+    probe: RedisProbe | None = None
+    try:
+        log("starting upstream, pass-through and redis-server")
+        await asyncio.to_thread(redis.start)
+        await upstream.start()
+        await passthrough.start()
+        await upstream.wait_http(f"{upstream_url}/v1/messages", method="POST")
+        await passthrough.wait_http(f"http://127.0.0.1:{pt_port}/v1/messages", method="POST")
+        for name, store in (("gw-memory", "memory://"), ("gw-redis", redis.url)):
+            gws[name] = Gateway(name, upstream_url, store, policy, tmp, env)
+            children.append(gws[name].child)
+        log("starting the gateways (memory:// and redis://) and issuing keys")
+        await asyncio.gather(*(g.start() for g in gws.values()))
+        await asyncio.gather(*(g.issue_key() for g in gws.values()))
+        probe = RedisProbe(redis.port)
+        await probe.open()
+
+        direct = Target("direct", "upstream, direct", f"{upstream_url}/v1/messages", None,
+                        headers("unused"))
+        base = Target("passthrough", "aiohttp pass-through",
+                      f"http://127.0.0.1:{pt_port}/v1/messages", passthrough, headers("unused"))
+        gmem = Target("gw-memory", "gateway, memory://", gws["gw-memory"].url,
+                      gws["gw-memory"].child, headers(gws["gw-memory"].key))
+        gred = Target("gw-redis", "gateway, redis://", gws["gw-redis"].url,
+                      gws["gw-redis"].child, headers(gws["gw-redis"].key))
+        upstream_cpu0 = cpu_seconds(upstream.pid)
+        redis_admitted = await phase_throughput(p, [direct, base, gmem, gred], gred, probe, gws)
+        upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu0
+        denied = await phase_denied(p, [gmem, gred], gred, probe)
+        await phase_stream(p, [direct, base, gmem, gred])
+        memory = await phase_memory(p, gmem)
+        long_streams = await phase_long_streams(p, gmem)
+        errors = {name: g.log_errors() for name, g in gws.items()}
+        return report_data(p, [direct, base, gmem, gred], redis_admitted, denied, memory,
+                           long_streams, errors, upstream_cpu)
+    finally:
+        log("stopping everything")
+        if probe is not None:
+            await probe.close()
+        for c in reversed(children):
+            await c.stop()
+            if c.log is not None:
+                c.log.close()
+        await asyncio.to_thread(redis.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _us(seconds: float, n: int) -> float:
+    return seconds / n * 1e6 if n else 0.0
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000.0, 3)
+
+
+def report_data(p: Params, targets: list[Target], adm: dict[str, Any], denied: dict[str, Any],
+                memory: dict[str, Any], long_streams: dict[str, Any], log_errors: dict[str, int],
+                upstream_cpu: float) -> dict[str, Any]:
+    by = {t.name: t for t in targets}
+    rows: dict[str, Any] = {}
+    for t in targets:
+        tp, st = t.throughput, t.stream
+        rows[t.name] = {
+            "label": t.label,
+            "requests": tp.requests,
+            "cpu_us_per_request": round(_us(t.cpu_s, tp.requests), 1) if t.child else None,
+            "rps": round(tp.rps, 1),
+            "latency_p50_ms": _ms(percentile(tp.latencies_s, 50)),
+            "latency_p99_ms": _ms(percentile(tp.latencies_s, 99)),
+            "stream_requests": st.requests,
+            "ttfb_p50_ms": _ms(percentile(st.ttfb_s, 50)),
+            "ttfb_p99_ms": _ms(percentile(st.ttfb_s, 99)),
+            "rss_mib": {k: round(v / MiB, 2) for k, v in t.rss.items()},
+        }
+    base_cpu = rows["passthrough"]["cpu_us_per_request"] or 0.0
+    d = by["direct"].stream.ttfb_s
+    for name in ("passthrough", "gw-memory", "gw-redis"):
+        r = rows[name]
+        r["cpu_ratio"] = round(r["cpu_us_per_request"] / base_cpu, 3) if base_cpu else None
+        # Per interleaved round, to show the spread (the machine may be shared).
+        r["cpu_ratio_by_round"] = [
+            round((c / n) / (bc / bn), 3) if bc and n and bn else None
+            for (c, n), (bc, bn) in zip(by[name].round_cpu, by["passthrough"].round_cpu,
+                                        strict=True)]
+        s = by[name].stream.ttfb_s
+        for q in (50, 99):
+            a, b = percentile(s, q), percentile(d, q)
+            r[f"added_ttfb_p{q}_ms"] = None if a is None or b is None else round(
+                (a - b) * 1000.0, 3)
+            c = percentile(by["passthrough"].stream.ttfb_s, q)
+            if name != "passthrough":
+                r[f"added_ttfb_vs_passthrough_p{q}_ms"] = None if a is None or c is None else (
+                    round((a - c) * 1000.0, 3))
+
+    def per(counter: dict[str, int], idle: dict[str, int], n: int, busy: float,
+            idle_s: float) -> dict[str, Any]:
+        scale = busy / idle_s if idle_s else 1.0
+        names = sorted(set(counter) | set(idle))
+        # Clamped at 0: a sync call that fell into the idle window instead of the busy one.
+        net = {k: max(0.0, (counter.get(k, 0) - idle.get(k, 0) * scale) / n) for k in names}
+        steady = {k: v for k, v in net.items() if k not in CONNECTION_SETUP}
+        return {"per_request": round(sum(steady.values()), 4),
+                "connection_setup_per_request": round(sum(net.values()) - sum(steady.values()),
+                                                      4),
+                "by_command": {k: round(v, 4) for k, v in net.items() if abs(v) >= 0.0005},
+                "raw_commands": counter, "idle_commands": idle}
+
+    n = adm["requests"]
+    admitted = per(adm["commands"], adm["idle"], n, adm["duration_s"], adm["duration_s"])
+    admitted["admission_calls_per_request"] = round(adm["admissions"] / n, 4) if n else None
+    admitted["redis_cpu_us_per_request"] = round(_us(adm["redis_cpu_s"], n), 1)
+    dr = denied["gw-redis"]
+    denied_rt = per(dr["commands"], dr["idle"], dr["requests"], dr["duration_s"],
+                    dr["duration_s"])
+    denied_cpu = {k: round(_us(v["cpu_s"], v["requests"]), 1) for k, v in denied.items()}
+
+    checks = [
+        _check("CPU/request, gateway memory:// ÷ pass-through",
+               rows["gw-memory"]["cpu_ratio"], f"≤ {BUDGET_CPU_RATIO}{X}",
+               lambda v: v <= BUDGET_CPU_RATIO, X),
+        _check("CPU/request, gateway redis:// ÷ pass-through",
+               rows["gw-redis"]["cpu_ratio"], f"≤ {BUDGET_CPU_RATIO}{X}",
+               lambda v: v <= BUDGET_CPU_RATIO, X),
+        _check("Redis round trips before forwarding / admitted req",
+               admitted["admission_calls_per_request"], "= 1",
+               lambda v: abs(v - 1.0) < 0.01, ""),
+        _check("Redis round trips in all / admitted req (+settle)",
+               admitted["per_request"], "≤ 2 (admit+settle)",
+               lambda v: v <= 2.05, ""),
+        _check("Redis round trips / policy-denied request",
+               denied_rt["per_request"], "= 0", lambda v: abs(v) < 0.01, ""),
+        _check(f"added TTFB p99, gateway memory:// {MINUS} direct (ms)",
+               rows["gw-memory"]["added_ttfb_p99_ms"], f"≤ {BUDGET_TTFB_P99_MS} ms",
+               lambda v: v <= BUDGET_TTFB_P99_MS, " ms"),
+        _check(f"added TTFB p99, gateway redis:// {MINUS} direct (ms)",
+               rows["gw-redis"]["added_ttfb_p99_ms"], f"≤ {BUDGET_TTFB_P99_MS} ms",
+               lambda v: v <= BUDGET_TTFB_P99_MS, " ms"),
+        _check(f"RSS growth across {memory['requests']:,} requests (MiB)",
+               round(memory["growth"] / MiB, 2), f"flat (≤ {FLAT_RSS_MIB} MiB)",
+               lambda v: v <= FLAT_RSS_MIB, " MiB"),
+        _check(f"RSS growth across {long_streams['streams']} streams of "
+               f"{long_streams['bytes_streamed'] / long_streams['streams'] / MiB:.1f} MiB",
+               round(long_streams["peak_growth"] / MiB, 2), f"flat (≤ {FLAT_RSS_MIB} MiB)",
+               lambda v: v <= FLAT_RSS_MIB, " MiB"),
+    ]
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "aiohttp": aiohttp.__version__},
+        "params": p.__dict__,
+        "checks": checks,
+        "targets": rows,
+        "redis_admitted": admitted,
+        "redis_denied": denied_rt,
+        "denied_cpu_us_per_request": denied_cpu,
+        "denied_cpu_ratio": {k: round(v / base_cpu, 3) if base_cpu else None
+                             for k, v in denied_cpu.items()},
+        "memory_requests": {**memory, "rss_samples_mib": [round(x / MiB, 2)
+                                                          for x in memory["rss_samples"]]},
+        "memory_long_streams": long_streams,
+        "upstream_cpu_us_per_request": round(_us(upstream_cpu, sum(
+            t.throughput.requests for t in targets)), 1),
+        "gateway_log_errors": log_errors,
+    }
+
+
+def _check(name: str, value: float | None, budget: str, ok: Any, unit: str) -> dict[str, Any]:
+    return {"check": name, "value": value, "budget": budget, "unit": unit.strip(),
+            "ok": None if value is None else bool(ok(value))}
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def _f(v: Any, fmt: str = "{:.1f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def render(r: dict[str, Any]) -> str:
+    p = r["params"]
+    m = r["machine"]
+    out = [
+        f"Gateway benchmark — {r['when']} — {m['cpus']} CPUs, Python {m['python']}, "
+        f"aiohttp {m['aiohttp']}",
+        f"{p['requests']:,} requests per target at concurrency {p['concurrency']} "
+        f"(+{p['warmup']} warm-up), {p['rounds']} interleaved rounds; streams: "
+        f"{p['stream_requests']:,} at concurrency {p['stream_concurrency']}, "
+        f"{p['stream_events']} events {p['stream_delay_ms']:g} ms apart",
+        "",
+        "Budget (DESIGN.md §9), as ratios against the bare aiohttp pass-through of this run:",
+        f"  {'check':<54}{'measured':>12}  {'budget':<22}result",
+    ]
+    for c in r["checks"]:
+        val = "—" if c["value"] is None else (
+            f"{c['value']:.2f}{X if c['unit'] == X else ''}")
+        res = {True: "ok", False: "OVER", None: "n/a"}[c["ok"]]
+        out.append(f"  {c['check']:<54}{val:>12}  {c['budget']:<22}{res}")
+    out += ["", "Absolute numbers (noisy: load generator, upstream, proxies and Redis share "
+            f"{m['cpus']} CPUs; compare within a run only):",
+            f"  {'target':<22}{'CPU µs/req':>11}{'ratio':>8}{'req/s':>9}{'p50 ms':>9}"
+            f"{'p99 ms':>9}{'TTFB p50':>10}{'TTFB p99':>10}{'+TTFB p50':>11}{'+TTFB p99':>11}"]
+    for row in r["targets"].values():
+        out.append(
+            f"  {row['label']:<22}{_f(row['cpu_us_per_request']):>11}"
+            f"{_f(row.get('cpu_ratio'), '{:.2f}' + X):>8}{_f(row['rps'], '{:.0f}'):>9}"
+            f"{_f(row['latency_p50_ms'], '{:.2f}'):>9}{_f(row['latency_p99_ms'], '{:.2f}'):>9}"
+            f"{_f(row['ttfb_p50_ms'], '{:.2f}'):>10}{_f(row['ttfb_p99_ms'], '{:.2f}'):>10}"
+            f"{_f(row.get('added_ttfb_p50_ms'), '{:+.2f}'):>11}"
+            f"{_f(row.get('added_ttfb_p99_ms'), '{:+.2f}'):>11}")
+    out.append("  (latencies in ms; TTFB = request sent to first body byte of a stream, "
+               f"{p['stream_concurrency']} streams at a time; +TTFB = minus the direct upstream's)")
+    t = r["targets"]
+    out.append("  CPU ratio per interleaved round: " + "; ".join(
+        f"{t[k]['label']} " + " ".join(_f(v, "{:.2f}") for v in t[k]["cpu_ratio_by_round"])
+        for k in ("gw-memory", "gw-redis")))
+    a, dn = r["redis_admitted"], r["redis_denied"]
+    by = ", ".join(f"{k} {v:.3f}" for k, v in a["by_command"].items()
+                   if k not in CONNECTION_SETUP) or "none"
+    out += ["",
+            f"  Redis, admitted: {a['per_request']:.3f} commands/request ({by}), of which "
+            f"admission {_f(a['admission_calls_per_request'], '{:.3f}')} (before forwarding);"
+            f" plus {a['connection_setup_per_request']:.3f} for new pooled connections;"
+            f" redis-server CPU {a['redis_cpu_us_per_request']:.1f} µs/request",
+            f"  Redis, policy-denied: {dn['per_request']:.3f} commands/request; idle "
+            f"background over the same interval: {sum(dn['idle_commands'].values())} commands",
+            "  CPU per policy-denied request (403): " + ", ".join(
+                f"{k} {v:.1f} µs ({r['denied_cpu_ratio'][k]:.2f}{X} an admitted pass-through)"
+                for k, v in r["denied_cpu_us_per_request"].items()),
+            f"  RSS of gateway memory:// across {r['memory_requests']['requests']:,} requests "
+            "(MiB): " + " → ".join(f"{x:.1f}" for x in r["memory_requests"]["rss_samples_mib"]),
+            ]
+    ls = r["memory_long_streams"]
+    out.append(f"  RSS across {ls['streams']} concurrent streams, {ls['bytes_streamed'] / MiB:.1f}"
+               f" MiB in {ls['duration_s']:.1f} s (MiB): before {ls['rss_before'] / MiB:.1f}, "
+               f"peak {ls['rss_peak'] / MiB:.1f}, after {ls['rss_after'] / MiB:.1f}")
+    errs = r["gateway_log_errors"]
+    if any(errs.values()):
+        out.append(f"  gateway error log lines: {errs}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    ap.add_argument("--requests", type=int, help="admitted requests per target (default 5000; "
+                    "--quick 1000)")
+    ap.add_argument("--concurrency", type=int, help="concurrent connections (default 32)")
+    ap.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    args = ap.parse_args(argv)
+    p = params(args)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+
+    async def bounded() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM like Ctrl-C: cancel, so that everything started is stopped.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with asyncio.timeout(p.time_budget_s):
+            return await bench(p)
+
+    started = time.monotonic()
+    try:
+        result = asyncio.run(bounded())
+    except TimeoutError:
+        print(f"benchmark aborted: over its time budget of {p.time_budget_s:.0f} s",
+              file=sys.stderr)
+        return 1
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    text = render(result)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\n(wall time {result['wall_s']} s; JSON: {args.output})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

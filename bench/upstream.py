@@ -1,0 +1,106 @@
+"""The benchmark's upstream: a minimal, fast stand-in for `POST /v1/messages` (own process).
+
+Without `x-bench-events` it answers a small fixed Anthropic Messages JSON body. With
+`x-bench-events: N` it streams an Anthropic-shaped SSE answer: `message_start` at once, then N
+`content_block_delta` events, each after `x-bench-delay-ms` milliseconds and padded with
+`x-bench-pad` bytes of text, then `message_delta` (usage) and `message_stop`.
+
+    python -m bench.upstream --port 8787
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from aiohttp import web
+
+MESSAGE = json.dumps({
+    "id": "msg_bench0000000000000000000",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-bench-1",
+    "content": [{"type": "text", "text": "Hello from the benchmark upstream."}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 12, "output_tokens": 9},
+}, separators=(",", ":")).encode()
+
+
+def _event(name: str, data: dict[str, object]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+STREAM_HEAD = _event("message_start", {"type": "message_start", "message": {
+    "id": "msg_bench0000000000000000000", "type": "message", "role": "assistant",
+    "model": "claude-bench-1", "content": [], "stop_reason": None, "stop_sequence": None,
+    "usage": {"input_tokens": 12, "output_tokens": 1}}}) + _event(
+    "content_block_start", {"type": "content_block_start", "index": 0,
+                            "content_block": {"type": "text", "text": ""}})
+
+
+def _delta(pad: int) -> bytes:
+    return _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "x" * pad}})
+
+
+def _tail(events: int) -> bytes:
+    return (_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            + _event("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": "end_turn",
+                                                 "stop_sequence": None},
+                                       "usage": {"output_tokens": events}})
+            + _event("message_stop", {"type": "message_stop"}))
+
+
+_DELTAS: dict[int, bytes] = {}
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    events = request.headers.get("x-bench-events")
+    if events is None:
+        return web.Response(body=MESSAGE, content_type="application/json")
+    n = int(events)
+    delay = float(request.headers.get("x-bench-delay-ms", "0")) / 1000.0
+    pad = int(request.headers.get("x-bench-pad", "8"))
+    delta = _DELTAS.get(pad)
+    if delta is None:
+        delta = _DELTAS[pad] = _delta(pad)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(STREAM_HEAD)
+    for _ in range(n):
+        if delay:
+            await asyncio.sleep(delay)
+        await resp.write(delta)
+    await resp.write(_tail(n))
+    await resp.write_eof()
+    return resp
+
+
+def build_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None,
+                backlog=1024)
+
+
+if __name__ == "__main__":
+    main()

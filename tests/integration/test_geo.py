@@ -1,0 +1,161 @@
+"""Geo end to end with MaxMind's own test databases: the located client in the request log
+line, forged forwarding headers from untrusted peers, hot replacement of a database file (and
+refusal of a corrupt one), and `gateway geo lookup`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.support.cli import TEST_GEO, run_cli, send
+from tests.support.gateway import REPO, poll, running_gateway, write_config
+from tests.support.upstream import FakeUpstream
+
+ALL_FLAGS = {"vpn", "tor", "public_proxy", "residential_proxy", "hosting"}
+#: No rules, a reseller without a country list: every located request is served and logged.
+OPEN_POLICY: dict[str, Any] = {"version": 1, "default_action": "allow", "rules": [],
+                               "resellers": {"direct": {"status": "active"}}}
+DEMO_COUNTRY = REPO / "geo" / "demo" / "Demo-Country.mmdb"
+TEST_COUNTRY = TEST_GEO / "GeoIP2-Country-Test.mmdb"
+
+
+def _maxmind_geo(**extra: Any) -> dict[str, Any]:
+    return {"country_db": str(TEST_COUNTRY),
+            "asn_db": str(TEST_GEO / "GeoLite2-ASN-Test.mmdb"),
+            "anonymous_ip_db": str(TEST_GEO / "GeoIP2-Anonymous-IP-Test.mmdb"), **extra}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _replace_with(path: Path, content: Path | bytes) -> None:
+    """Replace `path` by rename, as geoipupdate does."""
+    tmp = path.with_suffix(".incoming")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        shutil.copyfile(content, tmp)
+    os.replace(tmp, path)
+
+
+async def test_log_line_locates_client_behind_trusted_proxy(tmp_path: Path,
+                                                            upstream: FakeUpstream) -> None:
+    """Through a trusted proxy the log line carries the forwarded client's address, country,
+    ASN and anonymizer flags from MaxMind's test databases (IPv4 and IPv6)."""
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY, geo=_maxmind_geo()) as gw:
+        _, key = await gw.issue_key("direct")
+        cases = [
+            ("89.160.20.113", "SE", 29518, set()),
+            ("81.2.69.160", "GB", None, ALL_FLAGS),
+            ("2001:250::1", "CN", None, set()),
+            ("214.78.120.1", "US", 721, set()),
+            ("1.2.0.1", None, None, {"vpn"}),
+        ]
+        for ip, country, asn, flags in cases:
+            # A chain: the client, then a trusted proxy of ours in front of the gateway.
+            status, _, _ = await send(gw.url, key, ip=f"{ip}, 127.0.0.2")
+            assert status == 200
+            line = gw.logs.requests()[-1]
+            assert (line["client_ip"], line["peer_ip"]) == (ip, "127.0.0.1")
+            assert (line["country"], line["asn"]) == (country, asn), ip
+            assert set(line["anonymizer"]) == flags and isinstance(line["anonymizer"], list)
+        assert upstream.requests[0].headers["X-Forwarded-For"] == "89.160.20.113, 127.0.0.2, " \
+                                                                  "127.0.0.1"
+
+
+async def test_forged_forwarding_header_from_untrusted_peer(tmp_path: Path,
+                                                            upstream: FakeUpstream) -> None:
+    """A peer outside trusted_proxies is located at its own address, whatever X-Forwarded-For
+    it sends, and its forged chain is not passed upstream."""
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY, geo=_maxmind_geo(),
+                               client_ip={"trusted_proxies": ["10.0.0.0/8"]}) as gw:
+        _, key = await gw.issue_key("direct")
+        status, _, _ = await send(gw.url, key, ip="89.160.20.113")
+        assert status == 200
+        line = gw.logs.requests()[-1]
+        assert (line["client_ip"], line["peer_ip"]) == ("127.0.0.1", "127.0.0.1")
+        assert (line["country"], line["asn"], line["anonymizer"]) == (None, None, [])
+        assert upstream.last_request.headers["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_replaced_database_used_without_restart(tmp_path: Path,
+                                                      upstream: FakeUpstream) -> None:
+    """A country database replaced on disk is picked up while serving; a corrupt replacement is
+    refused (geo_database_rejected) and lookups keep using the database already open."""
+    live = await asyncio.to_thread(_copy, DEMO_COUNTRY, tmp_path / "geo" / "Country.mmdb")
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={"country_db": str(live)}) as gw:
+        _, key = await gw.issue_key("direct")
+
+        async def located(ip: str) -> str | None:
+            status, _, _ = await send(gw.url, key, ip=ip)
+            assert status == 200
+            country: str | None = gw.logs.requests()[-1]["country"]
+            return country
+
+        assert await located("192.0.2.1") == "US"  # demo data
+        assert await located("89.160.20.113") is None
+        demo_epoch = gw.service.geo.build_epochs()["country"]
+
+        await asyncio.to_thread(_replace_with, live, TEST_COUNTRY)
+        await poll(lambda: _is(located("89.160.20.113"), "SE"), timeout=10)
+        assert await located("192.0.2.1") is None  # not in MaxMind's test data
+        loaded = gw.logs.events("geo_database_loaded")[-1]
+        assert (loaded["database"], loaded["path"]) == ("country", str(live))
+        assert loaded["database_type"] == "GeoIP2-Country"
+        new_epoch = gw.service.geo.build_epochs()["country"]
+        assert loaded["build_epoch"] == new_epoch != demo_epoch
+
+        await asyncio.to_thread(_replace_with, live, b"\x00not a maxmind db\xff" * 512)
+        rejected = await poll(lambda: gw.logs.events("geo_database_rejected"), timeout=10)
+        assert rejected[0]["path"] == str(live) and rejected[0]["reason"]
+        assert rejected[0]["build_epoch"] == new_epoch
+        assert await located("89.160.20.113") == "SE"
+        assert gw.service.geo.build_epochs()["country"] == new_epoch
+        status, body = await gw.admin("GET", "/readyz")
+        assert status == 200, body
+
+        # A later good file is still taken: the refusal did not stop the watcher.
+        await asyncio.to_thread(_replace_with, live, DEMO_COUNTRY)
+        await poll(lambda: _is(located("192.0.2.1"), "US"), timeout=10)
+        assert len(gw.logs.events("geo_database_rejected")) == 1
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+def test_geo_lookup_cli(tmp_path: Path) -> None:
+    """`gateway geo lookup IP --json` reports what the configured databases say of an address."""
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", geo=_maxmind_geo())
+    out = run_cli("geo", "lookup", "89.160.20.113", "--json", config=cfg)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["ip"], doc["country"], doc["registered_country"]) == ("89.160.20.113", "SE", "DE")
+    assert (doc["asn"], doc["asn_org"], doc["anonymizer"]) == (29518, "Bredband2 AB", [])
+    dbs = doc["databases"]
+    assert {k: v["database_type"] for k, v in dbs.items()} == {
+        "country": "GeoIP2-Country", "asn": "GeoLite2-ASN",
+        "anonymous_ip": "GeoIP2-Anonymous-IP"}
+    assert dbs["country"]["found"] and dbs["asn"]["found"]
+    assert dbs["country"]["path"] == str(TEST_COUNTRY)
+
+    out = run_cli("geo", "lookup", "81.2.69.160", "--json", config=cfg)
+    doc = json.loads(out.stdout)
+    assert doc["country"] == "GB" and set(doc["anonymizer"]) == ALL_FLAGS
+    assert doc["asn"] is None and not doc["databases"]["asn"]["found"]
+
+    (tmp_path / "demo").mkdir()
+    demo = write_config(tmp_path / "demo", "http://127.0.0.1:9")
+    out = run_cli("geo", "lookup", "203.0.113.85", "--json", config=demo)
+    doc = json.loads(out.stdout)
+    assert (doc["country"], doc["registered_country"]) == ("SG", "SG")  # registered fallback
+    out = run_cli("geo", "lookup", "203.0.113.35", config=demo)
+    assert out.returncode == 0 and "hosting" in out.stdout and "64521" in out.stdout

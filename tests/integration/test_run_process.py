@@ -1,0 +1,232 @@
+"""The real `python -m gateway` process: run, keys issue, request log lines on stdout, graceful
+SIGTERM with a stream in flight, and check-config exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+
+from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, poll, write_config
+from tests.support.upstream import FakeUpstream
+
+MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
+           "messages": [{"role": "user", "content": "hi"}]}
+US = {"X-Forwarded-For": "192.0.2.1"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gateway_env() -> dict[str, str]:
+    return dict(os.environ, GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, UPSTREAM_API_KEY=UPSTREAM_KEY)
+
+
+class GatewayProcess:
+    """A `python -m gateway run` child whose stdout is collected as JSON log lines."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, config: Path, port: int,
+                 admin_port: int) -> None:
+        self.proc = proc
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.stderr = b""
+        self._readers = [asyncio.create_task(self._read_stdout()),
+                         asyncio.create_task(self._read_stderr())]
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode()
+            self.raw.append(line)
+            self.lines.append(json.loads(line))  # every stdout line is one JSON object
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = await self.proc.stderr.read()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [x for x in self.lines if x.get("event") == name]
+
+    async def ready(self) -> bool:
+        assert self.proc.returncode is None, f"gateway exited early: {self.stderr.decode()}"
+        try:
+            async with aiohttp.ClientSession() as http, http.get(
+                    self.admin_url + "/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    async def finish(self) -> int:
+        """Wait for the process to exit and for its output to be read; its exit code."""
+        async with asyncio.timeout(30):
+            code = await self.proc.wait()
+            await asyncio.gather(*self._readers)
+        return code
+
+
+@asynccontextmanager
+async def gateway_process(tmp: Path, upstream_url: str, **sections: Any
+                          ) -> AsyncIterator[GatewayProcess]:
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp, upstream_url, listen=f"127.0.0.1:{port}",
+                          admin_listen=f"127.0.0.1:{admin_port}", **sections)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=tmp,
+        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    gw = GatewayProcess(proc, config, port, admin_port)
+    try:
+        await poll(gw.ready, timeout=30, interval=0.05)
+        yield gw
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with suppress(TimeoutError):
+            await gw.finish()
+
+
+async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, cwd=cwd, env=gateway_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_run_serves_sdk_stream_and_logs_json(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A real gateway process serves a key issued by the CLI and logs one JSON request line."""
+    async with gateway_process(tmp_path, upstream.url) as gw:
+        code, out, err = await cli("keys", "issue", "--reseller", "direct", "--json",
+                                   "--config", str(gw.config), cwd=tmp_path)
+        assert code == 0, err
+        issued = json.loads(out)  # stdout is exactly one JSON document
+        assert set(issued) == {"key_id", "key"}
+        key = issued["key"]
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
+                                            default_headers=US) as client:
+            async with client.messages.stream(**MESSAGE) as stream:  # type: ignore[arg-type]
+                text = "".join([t async for t in stream.text_stream])
+                final = await stream.get_final_message()
+        assert text == upstream.reply_text
+        assert final.usage.output_tokens == upstream.output_tokens
+        assert UPSTREAM_KEY in upstream.last_request.headers.getall("x-api-key")
+        [line] = await poll(lambda: gw.events("request"))
+        assert line["key_id"] == issued["key_id"] and line["status"] == 200
+        assert line["country"] == "US" and line["decision"] == "allow"
+        assert line["input_tokens"] == upstream.input_tokens
+        assert line["output_tokens"] == upstream.output_tokens
+        assert gw.events("gateway_started")
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.finish() == 0
+        raw = "".join(gw.raw)
+        for secret in (key, UPSTREAM_KEY, ADMIN_TOKEN):
+            assert secret not in raw
+
+
+async def test_sigterm_drains_inflight_stream(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """SIGTERM stops new connections, lets a held stream finish when released, then exits 0."""
+    hold = asyncio.Event()
+    upstream.hold_stream = hold
+    try:
+        async with gateway_process(tmp_path, upstream.url, shutdown_grace_s=30) as gw:
+            code, out, err = await cli("keys", "issue", "--reseller", "direct", "--json",
+                                       "--config", str(gw.config), cwd=tmp_path)
+            assert code == 0, err
+            key = json.loads(out)["key"]
+            got_first = asyncio.Event()
+
+            async def consume() -> str:
+                async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0,
+                                                    default_headers=US) as client:
+                    async with client.messages.stream(**MESSAGE) as stream:  # type: ignore[arg-type]
+                        async for event in stream:
+                            if event.type == "message_start":
+                                got_first.set()
+                        final = await stream.get_final_message()
+                block = final.content[0]
+                assert block.type == "text"
+                return block.text
+
+            task = asyncio.create_task(consume())
+            async with asyncio.timeout(15):
+                await got_first.wait()
+            gw.proc.send_signal(signal.SIGTERM)
+            await poll(lambda: gw.events("shutdown_started"), timeout=15)
+
+            async def refused() -> bool:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                except ConnectionRefusedError:
+                    return True
+                writer.close()
+                return False
+
+            await poll(refused, timeout=15)
+            # Still draining: the stream is open and the process alive.
+            assert not task.done() and gw.proc.returncode is None
+            assert not gw.events("shutdown_complete")
+            hold.set()
+            async with asyncio.timeout(20):
+                assert await task == upstream.reply_text
+            assert await gw.finish() == 0
+            assert gw.events("shutdown_complete")
+            [line] = gw.events("request")
+            assert line["status"] == 200
+            assert line["output_tokens"] == upstream.output_tokens
+            assert gw.lines.index(gw.events("request")[0]) < gw.lines.index(
+                gw.events("shutdown_complete")[0])
+    finally:
+        hold.set()
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    """check-config exits 0 on a valid file and 2 naming the field on an invalid one."""
+    good = write_config(tmp_path, "http://127.0.0.1:9")
+
+    def check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                               str(path)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    ok = check(good, gateway_env())
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text() + "no_such_field: 1\n")
+    res = check(bad, gateway_env())
+    assert res.returncode == 2
+    assert "no_such_field" in res.stderr and "unknown field" in res.stderr
+
+    bad_value = tmp_path / "bad-upstream.yaml"
+    bad_value.write_text(good.read_text().replace("http://127.0.0.1:9", "ftp://example"))
+    res = check(bad_value, gateway_env())
+    assert res.returncode == 2 and "upstream.url" in res.stderr
+
+    env = gateway_env()
+    del env["UPSTREAM_API_KEY"]
+    res = check(good, env)
+    assert res.returncode == 2
+    assert "UPSTREAM_API_KEY" in res.stderr
+    assert ADMIN_TOKEN not in res.stderr + res.stdout

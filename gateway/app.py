@@ -167,10 +167,12 @@ class GatewayService:
             except GeoDatabaseError as exc:
                 logger().error("config_reload_failed", path=new.path, reason=str(exc))
                 return False
-            self.geo = self.pipeline.geo = geo
+            # Lookups are synchronous, so none is using the old readers once they are swapped.
+            old_geo, self.geo = self.geo, geo
+            self.pipeline.geo = geo
+            old_geo.close()
         else:
             await self.geo.reload_in_thread()
-        configure_logging(s.log.level, s.log.format)
         old_rt = self.pipeline.rt
         self.pipeline.rt = build_runtime(new)
         self.limits.family = s.limits_headers
@@ -186,8 +188,10 @@ class GatewayService:
 
         self._later(max(s.upstream.read_timeout_s, 1.0), close_retired)
         self._publish_gauges()
+        # Logged under the old logging setup, so a stricter new level still shows the reload.
         logger().info("config_reloaded", path=new.path,
                       needs_restart=fixed or None)
+        configure_logging(s.log.level, s.log.format)
         return True
 
     def _later(self, delay: float, fn: Any) -> None:

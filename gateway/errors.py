@@ -27,6 +27,9 @@ class GatewayError(Exception):
         self.message = message
         self.headers = dict(headers or {})
         self.decision = decision
+        # The known key behind a refusal (revoked, expired): logged, never sent to the client.
+        self.key_id: str | None = None
+        self.reseller: str | None = None
 
 
 class StoreError(Exception):

@@ -92,10 +92,14 @@ class KeyRegistry:
             ok = hmac.compare_digest(digest, rec.prev_secret_hash)
         if not ok:
             raise auth_error("invalid_api_key", "unknown API key")
+        refusal = None
         if rec.status == "revoked":
-            raise auth_error("key_revoked", "API key has been revoked")
-        if rec.expires_at is not None and rec.expires_at <= now:
-            raise auth_error("key_expired", "API key has expired")
+            refusal = auth_error("key_revoked", "API key has been revoked")
+        elif rec.expires_at is not None and rec.expires_at <= now:
+            refusal = auth_error("key_expired", "API key has expired")
+        if refusal is not None:
+            refusal.key_id, refusal.reseller = rec.key_id, rec.reseller
+            raise refusal
         self.last_used[key_id] = now
         return rec
 

@@ -173,6 +173,8 @@ class Pipeline:
             ctx.status = resp.status
             return resp
         except GatewayError as err:
+            if err.key_id is not None:
+                ctx.key_id, ctx.reseller = err.key_id, err.reseller
             ctx.decision = err.decision
             if ctx.reason is None:
                 ctx.reason = err.code
@@ -211,8 +213,10 @@ class Pipeline:
                 u = fwd.usage
                 in_act = u.input_tokens if u and u.input_tokens is not None else (
                     adm.input_reserved)
+                # No usage seen: a finished or non-streamed answer was generated in full
+                # upstream (charge the reservation); a cut stream delivered nothing counted.
                 out_act = u.output_tokens if u and u.output_tokens is not None else (
-                    adm.output_reserved if fwd.completed else 0)
+                    adm.output_reserved if fwd.completed or not ctx.stream else 0)
             self.limits.settle(adm, in_act, out_act)
         duration = time.perf_counter() - ctx.started
         ctx.duration_ms = round(duration * 1000.0, 3)

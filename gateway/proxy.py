@@ -145,7 +145,9 @@ class Upstream:
                         else:
                             buf = None
                     await resp.write(chunk)
-            except (TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if isinstance(exc, ConnectionResetError):
+                    raise  # the client went away (aiohttp's reset error is a ClientError too)
                 # Mid-stream upstream failure: the status is sent; cut the client's response.
                 info.upstream_s = time.perf_counter() - t0
                 if request.transport is not None:

@@ -127,6 +127,12 @@ async def test_refused_keys_get_401_and_never_reach_upstream(tmp_path: Path,
         refused = [x for x in gw.logs.requests() if x["status"] == 401]
         assert {x["reason"] for x in refused} == {"invalid_api_key", "key_revoked", "key_expired"}
         assert all(x["decision"] == "deny" and x["upstream_status"] is None for x in refused)
+        # A known key that is refused is named in the log (by id), an unknown one is not.
+        by_reason = {x["reason"]: x for x in refused}
+        assert by_reason["key_revoked"]["key_id"] == revoked_id
+        assert by_reason["key_revoked"]["reseller"] == "direct"
+        assert by_reason["key_expired"]["key_id"] is not None
+        assert all(x["key_id"] is None for x in refused if x["reason"] == "invalid_api_key")
 
 
 async def _expired(gw: RunningGateway, key: str) -> bool:

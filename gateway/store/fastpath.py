@@ -1,0 +1,175 @@
+"""One dedicated, pipelined Redis connection for the per-request scripts (admit, settle).
+
+redis.asyncio's pool costs ≈ 50 µs a call (a pool checkout and a timeout task per command);
+here a call is one buffered write and one future, answered in order by a single reader that
+parses with hiredis. Used for single-node `redis://`, `rediss://` and `unix://` stores;
+Sentinel and Cluster keep the general client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import ssl
+import time
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+from gateway.errors import StoreError
+
+
+def _encode(args: tuple[Any, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class ScriptError(Exception):
+    """Redis answered a script call with an error reply."""
+
+
+class PipelinedConnection:
+    """Sends commands without waiting; one reader task answers them in order.
+
+    A call that gets no answer within `timeout_s` fails the connection (every pending call gets
+    StoreError) and the next call reconnects."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        kw = parse_url(url)
+        self.host = kw.get("host", "127.0.0.1")
+        self.port = int(kw.get("port", 6379))
+        self.path = kw.get("path")
+        self.db = int(kw.get("db", 0) or 0)
+        self.username = kw.get("username")
+        self.password = kw.get("password")
+        self.tls = url.startswith("rediss://")
+        self.timeout = timeout_s
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._connecting: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def _connect(self) -> None:
+        try:
+            if self.path:
+                opened = asyncio.open_unix_connection(self.path)
+            else:
+                opened = asyncio.open_connection(
+                    self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+            reader, writer = await asyncio.wait_for(opened, self.timeout)
+        except (TimeoutError, OSError) as exc:
+            raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
+        self._writer = writer
+        parser = hiredis.Reader()
+        self._reader_task = asyncio.create_task(self._read(reader, parser), name="redis-fastpath")
+        self._arm()
+        hello: list[tuple[Any, ...]] = []
+        if self.password:
+            hello.append(("AUTH", self.username, self.password) if self.username
+                         else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        for cmd in hello:
+            reply = await self.call(*cmd)
+            if isinstance(reply, hiredis.ReplyError):
+                self._fail(StoreError(f"store refused {cmd[0]}: {reply}"))
+                raise StoreError(f"store refused {cmd[0]}")
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.timeout / 4, self._check)
+
+    def _check(self) -> None:
+        if self._pending and time.monotonic() - self._pending[0][1] > self.timeout:
+            self._fail(StoreError("store unavailable: timed out"))
+            return
+        if self._writer is not None:
+            self._arm()
+
+    async def _read(self, reader: asyncio.StreamReader, parser: Any) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("connection closed by the store")
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    fut, _ = self._pending.popleft()
+                    if not fut.done():
+                        fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(StoreError(f"store unavailable: {type(exc).__name__}"))
+
+    def _fail(self, exc: StoreError) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        task, self._reader_task = self._reader_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        while self._pending:
+            fut, _ = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        """Send one command; the future gets the reply (error replies as hiredis.ReplyError)."""
+        if self._writer is None or self._closed:
+            raise StoreError("store unavailable: not connected")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((fut, time.monotonic()))
+        self._writer.write(_encode(args))
+        return fut
+
+    async def ensure(self) -> None:
+        if self._writer is not None:
+            return
+        if self._closed:
+            raise StoreError("store closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        fut = self._connecting
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if self._connecting is fut and fut.done():
+                self._connecting = None
+
+    async def close(self) -> None:
+        self._closed = True
+        self._fail(StoreError("store closed"))
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
+
+
+class FastScript:
+    """EVALSHA over the pipelined connection, falling back to EVAL on NOSCRIPT."""
+
+    def __init__(self, conn: PipelinedConnection, source: str) -> None:
+        self.conn = conn
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        conn = self.conn
+        if conn._writer is None:
+            await conn.ensure()
+        reply = await conn.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await conn.call("EVAL", self.source, len(keys), *keys, *args)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ScriptError(str(reply))
+        return reply

@@ -8,6 +8,7 @@ With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR before any worke
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -55,6 +56,20 @@ def render() -> bytes:
         _mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
+
+
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def child(family: Any, *labels: str) -> Any:
+    """`family.labels(*labels)`, cached: label lookups cost a lock and a hash per call.
+
+    Label sets are bounded (see the module docstring), so the cache is too."""
+    key = (id(family), *labels)
+    hit = _children.get(key)
+    if hit is None:
+        hit = _children[key] = family.labels(*labels)
+    return hit
 
 
 def country_label(country: str | None) -> str:

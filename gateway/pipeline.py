@@ -4,6 +4,7 @@ limits.settle → audit, one stage per concern, each adding to the RequestContex
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import secrets
@@ -33,6 +34,15 @@ from gateway.store.base import KeyRecord
 from gateway.usage import estimate_request
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_PREFIX = "req_" + secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """Unique across instances (random per-process prefix) and cheap (a counter)."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -113,7 +123,7 @@ class Pipeline:
             res = rt.ip.resolve(peer, request.headers.getall(rt.ip.header, []))
             supplied = request.headers.get("x-request-id")
             ctx.request_id = (supplied if peer_trusted and supplied and
-                              _REQUEST_ID.match(supplied) else "req_" + secrets.token_hex(12))
+                              _REQUEST_ID.match(supplied) else _new_request_id())
             ctx.client_ip = res.client_ip
             if ctx.path in _RESERVED_PATHS or ctx.path.startswith("/admin"):
                 raise GatewayError(404, "not_found_error", "not_found",
@@ -180,7 +190,7 @@ class Pipeline:
                 ctx.reason = err.code
             ctx.status = err.status
             if not ctx.request_id:
-                ctx.request_id = "req_" + secrets.token_hex(12)
+                ctx.request_id = _new_request_id()
             return render(err, ctx.request_id)
         except (ConnectionResetError, asyncio.CancelledError):
             # The client went away; the upstream request is closed by the proxy stage.
@@ -202,7 +212,7 @@ class Pipeline:
                 metrics.UPSTREAM_DURATION.observe(fwd.upstream_s)
             if fwd.ttfb_s is not None:
                 metrics.UPSTREAM_TTFB.observe(fwd.ttfb_s)
-            metrics.UPSTREAM_RESPONSES.labels(str(fwd.upstream_status)).inc()
+            metrics.child(metrics.UPSTREAM_RESPONSES, str(fwd.upstream_status)).inc()
             if fwd.usage is not None:
                 ctx.input_tokens = fwd.usage.input_tokens
                 ctx.output_tokens = fwd.usage.output_tokens
@@ -224,14 +234,14 @@ class Pipeline:
         policy = self.policy
         reseller = ctx.reseller if ctx.reseller and policy and (
             ctx.reseller in policy.doc.resellers) else ("none" if not ctx.reseller else "other")
-        metrics.REQUESTS.labels(ctx.decision, ctx.reason or "", reseller,
-                                metrics.country_label(ctx.country)).inc()
+        metrics.child(metrics.REQUESTS, ctx.decision, ctx.reason or "", reseller,
+                      metrics.country_label(ctx.country)).inc()
         for rule in ctx.shadow:
-            metrics.SHADOW.labels(rule).inc()
+            metrics.child(metrics.SHADOW, rule).inc()
         if ctx.input_tokens:
-            metrics.TOKENS.labels("input", reseller).inc(ctx.input_tokens)
+            metrics.child(metrics.TOKENS, "input", reseller).inc(ctx.input_tokens)
         if ctx.output_tokens:
-            metrics.TOKENS.labels("output", reseller).inc(ctx.output_tokens)
+            metrics.child(metrics.TOKENS, "output", reseller).inc(ctx.output_tokens)
         log_request(ctx)
 
     async def _admit(self, policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,

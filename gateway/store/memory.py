@@ -55,13 +55,15 @@ class Limiter:
                 t = WINDOW_MS / limit
                 tat = max(self.tat.get(key, now), now)
                 new_tat = tat + gcra_cost(limit, costs[dim]) * t
-                if new_tat - now > WINDOW_MS:
-                    current = Bucket(limit, max(0, int((WINDOW_MS - (tat - now)) // t)),
-                                     tat - now)
+                # Float sums of t drift: the same slack as admit.lua, so a bucket filled in
+                # one instant still admits exactly `limit` units.
+                room = WINDOW_MS + min(0.5, t / 2)
+                if new_tat - now > room:
+                    current = Bucket(limit, max(0, int((room - (tat - now)) // t)), tat - now)
                     return AdmitResult(False, dim, f"{s.kind}:{s.ident}",
                                        new_tat - now - WINDOW_MS, {dim: current})
                 planned.append((key, new_tat))
-                remaining = int((WINDOW_MS - (new_tat - now)) // t)
+                remaining = int((room - (new_tat - now)) // t)
                 b = buckets.get(dim)
                 if b is None or remaining < b.remaining:
                     buckets[dim] = Bucket(limit, remaining, new_tat - now)

@@ -26,13 +26,17 @@ for i = 1, n do
       local tat = tonumber(redis.call('GET', key) or now)
       if tat < now then tat = now end
       local new_tat = tat + math.min(costs[d], limit) * T
-      if new_tat - now > WINDOW then
+      -- Stored times carry rounding error (3 decimals of epoch ms): compare with a slack of
+      -- at most half a millisecond and half a unit, so a bucket filled within one
+      -- millisecond still admits exactly `limit` units.
+      local room = WINDOW + math.min(0.5, T / 2)
+      if new_tat - now > room then
         return {0, i, d, string.format('%.3f', new_tat - now - WINDOW), limit,
-                math.max(math.floor((WINDOW - (tat - now)) / T), 0),
+                math.max(math.floor((room - (tat - now)) / T), 0),
                 string.format('%.3f', tat - now)}
       end
       plan[#plan + 1] = {key, new_tat}
-      local remaining = math.floor((WINDOW - (new_tat - now)) / T)
+      local remaining = math.floor((room - (new_tat - now)) / T)
       if best[d][2] < 0 or remaining < best[d][2] then
         best[d] = {limit, remaining, new_tat - now}
       end
@@ -54,7 +58,8 @@ for i = 1, n do
   if tonumber(ARGV[4 + (i - 1) * 4 + 4]) > 0 then
     local key = KEYS[(i - 1) * 4 + 4]
     redis.call('ZADD', key, now + ttl, lease)
-    redis.call('PEXPIRE', key, ttl * 2)
+    -- Only ever extend the set's expiry: a short lease must not cut longer ones.
+    if redis.call('PTTL', key) < ttl * 2 then redis.call('PEXPIRE', key, ttl * 2) end
   end
 end
 local out = {1}

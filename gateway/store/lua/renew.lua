@@ -8,6 +8,6 @@ local ttl = tonumber(ARGV[2])
 local renewed = 0
 for _, key in ipairs(KEYS) do
   renewed = renewed + redis.call('ZADD', key, 'XX', 'CH', now + ttl, ARGV[1])
-  redis.call('PEXPIRE', key, ttl * 2)
+  if redis.call('PTTL', key) < ttl * 2 then redis.call('PEXPIRE', key, ttl * 2) end
 end
 return renewed

@@ -60,6 +60,7 @@ class KeyRegistry:
         self.keys: dict[str, KeyRecord] = {}
         self.epoch = -1
         self.last_used: dict[str, float] = {}
+        self._digests: dict[str, str] = {}
 
     async def load_all(self) -> None:
         """Re-read every key record (start-up and missed-event resync)."""
@@ -86,7 +87,14 @@ class KeyRegistry:
         rec = self.keys.get(key_id)
         if rec is None:
             raise auth_error("invalid_api_key", "unknown API key")
-        digest = hash_secret(secret)
+        digest = self._digests.get(secret)
+        if digest is None:
+            # Hashing costs more than the rest of authentication; remember digests of secrets
+            # seen (bounded; an attacker's random secrets only evict each other's entries).
+            digest = hash_secret(secret)
+            if len(self._digests) >= 4096:
+                self._digests.clear()
+            self._digests[secret] = digest
         ok = hmac.compare_digest(digest, rec.secret_hash)
         if not ok and rec.prev_secret_hash and (rec.prev_valid_until or 0) > now:
             ok = hmac.compare_digest(digest, rec.prev_secret_hash)

@@ -4,6 +4,7 @@ renewal, and the provider-shaped rate-limit headers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import secrets
 import time
@@ -21,7 +22,7 @@ from gateway.store.base import (
     Store,
     Subject,
 )
-from gateway.store.memory import Limiter
+from gateway.store.memory import Limiter, MemoryStore
 
 LEASE_TTL_MS = 60_000
 RENEW_EVERY_S = 20.0
@@ -49,21 +50,35 @@ def _pick(*sets: LimitSet | dict[str, int] | None) -> dict[str, int]:
     return out
 
 
+def _limited(s: Subject) -> bool:
+    return bool(s.rpm or s.itpm or s.otpm or s.concurrency)
+
+
+# (policy, key record) → (key and reseller subjects, customer limits); derived once per policy
+# version and key version (both are replaced, never mutated, when they change).
+_subject_cache: dict[str, tuple[CompiledPolicy, KeyRecord, tuple[Subject, ...],
+                                dict[str, int]]] = {}
+
+
 def subjects_for(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None
                  ) -> tuple[Subject, ...]:
     """The limited subjects of a request: key (key → policy key defaults), reseller
     (reseller → policy reseller defaults) and, when attested, customer."""
-    r = key.reseller
-    res = policy.doc.resellers.get(r)
-    subjects = [Subject("key", key.key_id, r, **_pick(key.limits, policy.doc.limits.key))]
-    rl = _pick(res.limits if res else None, policy.doc.limits.reseller)
-    if any(rl.values()):
-        subjects.append(Subject("reseller", r, r, **rl))
-    if customer_id is not None:
+    hit = _subject_cache.get(key.key_id)
+    if hit is None or hit[0] is not policy or hit[1] is not key:
+        r = key.reseller
+        res = policy.doc.resellers.get(r)
+        base = [Subject("key", key.key_id, r, **_pick(key.limits, policy.doc.limits.key)),
+                Subject("reseller", r, r, **_pick(res.limits if res else None,
+                                                   policy.doc.limits.reseller))]
         cl = _pick(res.customer_limits if res else None, policy.doc.limits.customer)
-        if any(cl.values()):
-            subjects.append(Subject("customer", customer_id, r, **cl))
-    return tuple(s for s in subjects if s.rpm or s.itpm or s.otpm or s.concurrency)
+        if len(_subject_cache) > 100_000:
+            _subject_cache.clear()
+        hit = _subject_cache[key.key_id] = (policy, key, tuple(filter(_limited, base)), cl)
+    subjects = hit[2]
+    if customer_id is not None and any(hit[3].values()):
+        subjects = (*subjects, Subject("customer", customer_id, key.reseller, **hit[3]))
+    return subjects
 
 
 def retry_after_s(ms: float) -> int:
@@ -71,9 +86,19 @@ def retry_after_s(ms: float) -> int:
     return max(1, math.ceil(ms / 1000.0))
 
 
+_rfc_cache: dict[int, str] = {}
+
+
 def _rfc3339(ms_from_now: float) -> str:
-    t = datetime.fromtimestamp(time.time() + ms_from_now / 1000.0, tz=UTC)
-    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+    """RFC 3339 (whole seconds, UTC) of now + ms; formatted once per distinct second."""
+    sec = math.ceil(time.time() + ms_from_now / 1000.0)
+    hit = _rfc_cache.get(sec)
+    if hit is None:
+        if len(_rfc_cache) > 4096:
+            _rfc_cache.clear()
+        hit = _rfc_cache[sec] = datetime.fromtimestamp(sec, tz=UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+    return hit
 
 
 def _duration(ms: float) -> str:
@@ -141,6 +166,9 @@ class Limits:
         self.store_errors = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
+        # Lease ids: unique across instances (random prefix), cheap per request (a counter).
+        self._lease_prefix = secrets.token_hex(6) + ":"
+        self._lease_counter = itertools.count(1)
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")
@@ -164,7 +192,7 @@ class Limits:
         """Admit or raise the 429 / 503 GatewayError; returns the admission and its headers."""
         if not subjects:
             return None, {}
-        lease_id = secrets.token_hex(8)
+        lease_id = f"{self._lease_prefix}{next(self._lease_counter):x}"
         req = AdmitRequest(subjects, lease_id, LEASE_TTL_MS, input_est, output_est)
         fallback = False
         try:
@@ -197,6 +225,9 @@ class Limits:
                         input_actual, output_actual)
         if adm.fallback:
             self.fallback.settle(st)
+            return
+        if isinstance(self.store, MemoryStore):
+            self.store.limiter.settle(st)  # in process: nothing to wait for
             return
         task = asyncio.create_task(self._settle(st))
         self._tasks.add(task)

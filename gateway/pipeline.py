@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.audit import log_request
-from gateway.client_ip import ClientIPResolver, parse_addr
+from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, permission_error, render
 from gateway.geo import GeoInfo, GeoResolver
@@ -118,7 +118,7 @@ class Pipeline:
         fwd: Forwarded | None = None
         facts = None
         try:
-            ctx.peer_ip = peer = parse_addr(peer) or peer
+            ctx.peer_ip = peer = rt.ip.normalize(peer)
             peer_trusted = rt.ip.is_trusted(peer)
             res = rt.ip.resolve(peer, request.headers.getall(rt.ip.header, []))
             supplied = request.headers.get("x-request-id")

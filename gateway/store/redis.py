@@ -35,6 +35,7 @@ from gateway.store.base import (
     Subject,
     gcra_cost,
 )
+from gateway.store.fastpath import FastScript, PipelinedConnection, ScriptError
 
 _DIMS = ("rpm", "itpm", "otpm", "concurrency")
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
@@ -60,6 +61,19 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | No
         raise ValueError("redis+sentinel:// URL needs the service name as its path")
     db = int(segs[1]) if len(segs) > 1 else 0
     return hosts, segs[0], db, password
+
+
+class _FastAdapter:
+    """Gives a FastScript the call shape of redis-py's Script; script errors are store errors."""
+
+    def __init__(self, script: FastScript) -> None:
+        self.script = script
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.script(keys, args)
+        except ScriptError as exc:
+            raise StoreError(f"store script error: {exc}") from exc
 
 
 class RedisStore(Store):
@@ -99,8 +113,14 @@ class RedisStore(Store):
         self.k_keys = f"{key_prefix}{{meta}}:keys"
         self.k_used = f"{key_prefix}{{meta}}:last_used"
         self.channel = f"{key_prefix}events"
-        self._admit = self.client.register_script(_lua("admit.lua"))
-        self._settle = self.client.register_script(_lua("settle.lua"))
+        self._admit: Any = self.client.register_script(_lua("admit.lua"))
+        self._settle: Any = self.client.register_script(_lua("settle.lua"))
+        self._fast: PipelinedConnection | None = None
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            # The per-request scripts go over one pipelined connection (DESIGN.md §9).
+            self._fast = PipelinedConnection(url, timeout_s)
+            self._admit = _FastAdapter(FastScript(self._fast, _lua("admit.lua")))
+            self._settle = _FastAdapter(FastScript(self._fast, _lua("settle.lua")))
         self._renew = self.client.register_script(_lua("renew.lua"))
         self._put_policy = self.client.register_script(_lua("put_policy.lua"))
         self._put_key = self.client.register_script(_lua("put_key.lua"))
@@ -126,6 +146,8 @@ class RedisStore(Store):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._fast is not None:
+            await self._fast.close()
         try:
             await self.client.aclose()
         except _FAILURES:

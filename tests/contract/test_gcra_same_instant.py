@@ -11,7 +11,7 @@ import pytest
 
 from gateway.store.base import AdmitRequest, Subject
 from gateway.store.memory import Limiter
-from gateway.store.redis import RedisStore
+from gateway.store.redis import RedisStore, _lua
 from tests.support.redis_server import RedisServer
 
 # Limits whose request interval (60000 / L ms) is no exact binary or 3-decimal fraction.
@@ -43,14 +43,14 @@ async def test_redis_burst_in_one_millisecond_admits_exactly_limit(
     store = RedisStore(redis_server_session.url, f"g{uuid.uuid4().hex[:10]}:")
     await store.start()
     try:
+        admit = store.client.register_script(_lua("admit.lua"))  # the script, via redis-py
         for limit in LIMITS:
             subject = Subject("key", f"k{limit}", "r", rpm=limit)
             pipe = store.client.pipeline(transaction=True)
             for _ in range(limit + 1):
                 req = _req(subject)
-                await store._admit(keys=store._subject_keys(subject),
-                                   args=[req.lease_id, 60_000, 0, 0, limit, 0, 0, 0],
-                                   client=pipe)
+                await admit(keys=store._subject_keys(subject),
+                            args=[req.lease_id, 60_000, 0, 0, limit, 0, 0, 0], client=pipe)
             results: list[Any] = await pipe.execute()
             assert [int(r[0]) for r in results] == [1] * limit + [0], limit
             assert [int(r[2]) for r in results[:-1]] == list(range(limit - 1, -1, -1))

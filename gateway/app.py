@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app
-from gateway.audit import configure_logging, logger
+from gateway.audit import configure_logging, log_audit, logger
 from gateway.errors import StoreError
 from gateway.geo import GeoDatabaseError, GeoResolver
 from gateway.identity import KeyRegistry
@@ -55,6 +55,7 @@ class GatewayService:
         self.proxy_port = 0
         self.admin_port = 0
         self._stop_task: asyncio.Future[None] | None = None
+        self._policy_json = ""
         self._side_tasks: set[asyncio.Future[Any]] = set()
         # Upstream sessions of runtimes replaced by a reload, closed once their requests end.
         self._retired: list[Any] = []
@@ -225,7 +226,7 @@ class GatewayService:
 
     def _install_policy(self, version: int, doc_json: str) -> None:
         current = self.pipeline.policy
-        if current is not None and current.version == version:
+        if current is not None and current.version == version and doc_json == self._policy_json:
             return
         try:
             doc = validate_policy(json.loads(doc_json), f"store policy v{version}")
@@ -233,6 +234,7 @@ class GatewayService:
             logger().error("policy_rejected", version=version, reason=str(exc))
             return
         self.pipeline.policy = compile_policy(doc, version)
+        self._policy_json = doc_json
         metrics.POLICY_VERSION.set(version)
         logger().info("policy_loaded", version=version, rules=len(doc.rules),
                       resellers=len(doc.resellers))
@@ -258,12 +260,43 @@ class GatewayService:
         if not self.synced:
             await self._full_sync(seed=True)
             return
+        if keys_epoch < self.registry.epoch or (
+                policy_version == 0 and self.pipeline.policy is not None):
+            await self._restore_store(keys_epoch, policy_version)
+            return
         if keys_epoch != self.registry.epoch:
             await self.registry.load_all()
         if policy_version and policy_version != self.policy_version:
             stored = await self.store.get_policy()
             if stored is not None:
                 self._install_policy(stored.version, stored.doc)
+
+    async def _restore_store(self, keys_epoch: int, policy_version: int) -> None:
+        """The store came back with less than this instance knows (a Redis restarted without
+        persistence, a failover to a stale replica): write the snapshots back rather than
+        refuse every key. Revoked keys are written back revoked."""
+        logger().error("store_data_lost", keys_epoch=keys_epoch,
+                       known_keys_epoch=self.registry.epoch,
+                       policy_version=policy_version, known_policy_version=self.policy_version)
+        actor = "restore:" + socket.gethostname()
+        policy = self.pipeline.policy
+        if policy_version == 0 and policy is not None:
+            try:
+                await self.store.put_policy(canonical(policy.doc), actor, 0)
+            except ValueError:
+                pass  # another instance restored it first
+        present = {r.key_id for r in await self.store.list_keys()}
+        restored = 0
+        for rec in list(self.registry.keys.values()):
+            if rec.key_id not in present:
+                await self.store.put_key(rec)
+                restored += 1
+        log_audit(actor, "store_restored", "store", keys=restored,
+                  policy_restored=policy_version == 0 and policy is not None)
+        await self.registry.load_all()
+        stored = await self.store.get_policy()
+        if stored is not None:
+            self._install_policy(stored.version, stored.doc)
 
     async def _sync_loop(self) -> None:
         """Safety net for lost events, and the store health signal for /readyz."""

@@ -427,3 +427,32 @@ async def test_one_round_trip_per_admitted_request_none_when_denied(
         assert (await send(s, gw, UNKNOWN_KEY)).status == 401
         assert (await send(s, gw, None)).status == 401
         assert redis_store.round_trips == before
+
+
+async def test_redis_that_comes_back_empty_is_restored_from_snapshots(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """A Redis restarted without persistence comes back empty: the gateway writes its key and
+    policy snapshots back (revoked keys stay revoked) instead of refusing every key."""
+    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": "closed"}
+    async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
+                aiohttp.ClientSession() as s):
+        key = await issue(gw, rpm=100)
+        revoked_id, revoked = await gw.issue_key("direct")
+        assert (await gw.admin("POST", f"/admin/keys/{revoked_id}/revoke"))[0] == 200
+        await poll(lambda: gw.service.registry.keys[revoked_id].status == "revoked")
+        assert (await send(s, gw, key)).status == 200
+
+        redis_server.kill()
+        redis_server.restart()  # no append-only file: every key and the policy are gone
+        await poll(lambda: gw.logs.events("store_data_lost"), timeout=15.0)
+
+        async def admitted() -> bool:
+            return (await send(s, gw, key)).status == 200
+
+        await poll(admitted, timeout=15.0)
+        assert (await send(s, gw, revoked)).status == 401
+        stored = await gw.service.store.get_policy()
+        assert stored is not None and stored.version == 1
+        assert {r.key_id for r in await gw.service.store.list_keys()} >= {revoked_id}
+        restored = [a for a in gw.logs.events("audit") if a["action"] == "store_restored"]
+        assert restored and restored[0]["keys"] == 2

@@ -56,6 +56,7 @@ class GatewayService:
         self.admin_port = 0
         self._stop_task: asyncio.Future[None] | None = None
         self._policy_json = ""
+        self._cache_seen: dict[tuple[int, str], int] = {}
         self._side_tasks: set[asyncio.Future[Any]] = set()
         # Upstream sessions of runtimes replaced by a reload, closed once their requests end.
         self._retired: list[Any] = []
@@ -331,6 +332,15 @@ class GatewayService:
         for kind, epoch in self.geo.build_epochs().items():
             metrics.GEO_EPOCH.labels(kind).set(epoch)
         metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
+
+    def publish_cache_counts(self) -> None:
+        """Move the geo cache's hit/miss tallies (kept as plain ints on the hot path) into
+        gateway_cache_lookups_total; called at scrape time."""
+        for result, now in (("hit", self.geo.cache_hits), ("miss", self.geo.cache_misses)):
+            seen = self._cache_seen.get((id(self.geo), result), 0)
+            if now > seen:
+                metrics.child(metrics.CACHE, "geo", result).inc(now - seen)
+            self._cache_seen[(id(self.geo), result)] = now
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body): not ready without geo or policy, or with the store away and

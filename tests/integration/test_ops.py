@@ -109,6 +109,11 @@ async def test_metrics_after_mixed_traffic(tmp_path: Path, upstream: FakeUpstrea
         assert _delta(before, after, "gateway_tokens_total", direction="output",
                       reseller="direct") > 0
         assert _delta(before, after, "gateway_store_duration_seconds_count") >= 4
+        # 7 lookups of 5 distinct client addresses: 5 geo cache misses, then 2 hits.
+        assert _delta(before, after, "gateway_cache_lookups_total", cache="geo",
+                      result="miss") == 5
+        assert _delta(before, after, "gateway_cache_lookups_total", cache="geo",
+                      result="hit") == 2
 
         # Bounded labels only: no key ids, customer ids or addresses.
         for (_, sample_labels) in after:

@@ -126,13 +126,18 @@ class Demo:
         try:
             if stream:
                 parts = []
+                arrivals = []
+                t0 = time.monotonic()
                 async with client.messages.stream(model="claude-demo-1", max_tokens=max_tokens,
                                                   messages=msgs) as s:
                     async for text in s.text_stream:
+                        arrivals.append(f"+{(time.monotonic() - t0) * 1000:.0f}ms")
                         parts.append(text)
                     final = await s.get_final_message()
-                result = (f"200 streamed {len(parts)} text events: {''.join(parts)!r} "
-                          f"(usage in {final.usage.input_tokens}, out {final.usage.output_tokens})")
+                result = (f"200 streamed {''.join(parts)!r}; the {len(parts)} text events "
+                          f"arrived live at {', '.join(arrivals)} (the stand-in sends one "
+                          f"every 50 ms); usage in {final.usage.input_tokens}, "
+                          f"out {final.usage.output_tokens}")
             else:
                 raw = await client.messages.with_raw_response.create(
                     model="claude-demo-1", max_tokens=max_tokens, messages=msgs)

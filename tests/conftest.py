@@ -15,7 +15,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.support.redis_server import RedisCluster, RedisServer  # noqa: E402
+from tests.support.redis_server import RedisCluster, RedisSentinel, RedisServer  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
 # --- infrastructure fixtures ---
@@ -40,6 +40,14 @@ def redis_cluster() -> Iterator[RedisCluster]:
     """One three-master Redis Cluster for the whole session (state ok)."""
     with RedisCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """One redis-server master watched by one Sentinel (service `gwmaster`) for the whole
+    session; `.url` is its `redis+sentinel://` store URL. Use a unique key prefix, never flush."""
+    with RedisSentinel() as sentinel:
+        yield sentinel
 
 
 @pytest_asyncio.fixture

@@ -13,10 +13,12 @@ import pytest
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 from redis.crc import key_slot
 
 from tests.support.redis_server import (
     RedisCluster,
+    RedisSentinel,
     RedisServer,
     free_cluster_port,
     free_port,
@@ -377,3 +379,28 @@ async def test_redis_cluster_without_redis_cli() -> None:
     """The cluster also forms through CLUSTER ADDSLOTSRANGE and MEET alone."""
     with RedisCluster(use_redis_cli=False) as cluster:
         await _exercise_cluster(cluster)
+
+
+async def test_redis_sentinel() -> None:
+    """The sentinel reports its master, a Sentinel client writes through it, and stop()
+    leaves neither process nor directory behind."""
+    with RedisSentinel() as pair:
+        assert pair.url == f"redis+sentinel://127.0.0.1:{pair.sentinel_port}/gwmaster/0"
+        sentinel = redis.asyncio.sentinel.Sentinel([(pair.host, pair.sentinel_port)])
+        try:
+            assert await sentinel.discover_master("gwmaster") == (
+                pair.master.host, pair.master.port)
+            client = sentinel.master_for("gwmaster")
+            try:
+                await client.set("test_support:sentinel", "ok")
+            finally:
+                await client.aclose()
+        finally:
+            await sentinel.aclose()
+        with redis.Redis(host=pair.master.host, port=pair.master.port) as master:
+            assert master.get("test_support:sentinel") == b"ok"
+        processes = [pair.master._process, pair._sentinel._process]
+        directories = [pair.master.directory, pair._sentinel.directory]
+    assert all(p is not None and p.poll() is not None for p in processes)
+    assert not any(d.exists() for d in directories)
+    assert not pair.running

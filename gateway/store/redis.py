@@ -54,8 +54,13 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | No
         password = unquote(cred.partition(":")[2]) or None
     hosts = []
     for hp in netloc.split(","):
-        host, _, port = hp.rpartition(":")
-        hosts.append((host or hp, int(port) if port.isdigit() else 26379))
+        if hp.startswith("["):  # an IPv6 address: [::1]:26379
+            host, _, port = hp[1:].partition("]")
+            port = port.removeprefix(":")
+        else:
+            host, _, port = hp.rpartition(":")
+            host = host or hp
+        hosts.append((host, int(port) if port.isdigit() else 26379))
     segs = [s for s in parts.path.split("/") if s]
     if not segs:
         raise ValueError("redis+sentinel:// URL needs the service name as its path")
@@ -91,6 +96,7 @@ class RedisStore(Store):
         }
         self.client: Any
         self._sub_factory: Any
+        self._sentinel: Sentinel | None = None
         if self.cluster:
             plain = "redis://" + url[len("redis+cluster://"):]
             self.client = RedisCluster.from_url(plain, **common)
@@ -100,11 +106,11 @@ class RedisStore(Store):
                 password=first.password, socket_connect_timeout=timeout_s)
         elif url.startswith("redis+sentinel://"):
             hosts, service, db, password = _sentinel_parts(url)
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
-                hosts, socket_timeout=timeout_s, password=password, db=db)
-            self.client = sentinel.master_for(service, socket_timeout=timeout_s,
-                                              password=password, db=db)
-            self._sub_factory = lambda: sentinel.master_for(service, password=password, db=db)
+            # The store's timeouts and retry apply to the sentinels and the master alike.
+            sentinel = self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                hosts, sentinel_kwargs=common, password=password, db=db, **common)
+            self.client = sentinel.master_for(service)
+            self._sub_factory = lambda: sentinel.master_for(service)
         else:
             self.client = aioredis.from_url(url, **common)
             self._sub_factory = lambda: aioredis.from_url(url, socket_connect_timeout=timeout_s)
@@ -152,6 +158,11 @@ class RedisStore(Store):
             await self.client.aclose()
         except _FAILURES:
             pass
+        if self._sentinel is not None:  # its own connections to the sentinels
+            try:
+                await self._sentinel.aclose()
+            except _FAILURES:
+                pass
 
     async def ping(self) -> None:
         await self._call(self.client.ping())

@@ -1,5 +1,6 @@
 """The store contract (gateway/store/base.py), one suite over every backend: the embedded
-store, a real redis-server and a real three-master Redis Cluster."""
+store, a real redis-server, a real three-master Redis Cluster and a real redis-server
+reached through a real Redis Sentinel."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gateway.store import Store, open_store
 from gateway.store.base import AdmitRequest, AdmitResult, KeyRecord, Settlement, Subject
 from tests.support.gateway import poll
 
-BACKENDS = ["memory", "redis", "cluster"]
+BACKENDS = ["memory", "redis", "cluster", "sentinel"]
 
 
 @pytest_asyncio.fixture(params=BACKENDS)
@@ -28,6 +29,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         url = "memory://"
     elif request.param == "redis":
         url = request.getfixturevalue("redis_server_session").url
+    elif request.param == "sentinel":
+        url = request.getfixturevalue("redis_sentinel").url
     else:
         url = request.getfixturevalue("redis_cluster").url
     st = open_store(url, prefix)

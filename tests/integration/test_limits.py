@@ -456,3 +456,25 @@ async def test_redis_that_comes_back_empty_is_restored_from_snapshots(
         assert {r.key_id for r in await gw.service.store.list_keys()} >= {revoked_id}
         restored = [a for a in gw.logs.events("audit") if a["action"] == "store_restored"]
         assert restored and restored[0]["keys"] == 2
+
+
+async def test_scripts_reloaded_after_script_flush(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """After SCRIPT FLUSH (a Redis restart or failover loses its script cache) admission and
+    settlement still work: EVALSHA's NOSCRIPT falls back to loading the script."""
+    import redis.asyncio as aioredis
+
+    store = {"url": redis_server.url, "key_prefix": _prefix()}
+    async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
+                aiohttp.ClientSession() as s):
+        key = await issue(gw, rpm=5)
+        assert (await send(s, gw, key)).status == 200
+        client = aioredis.from_url(redis_server.url)
+        try:
+            await client.script_flush()
+            assert (await send(s, gw, key)).status == 200
+            assert (await client.script_exists(gw.service.store._admit.script.sha))[0]
+        finally:
+            await client.aclose()
+        r = await send(s, gw, key)
+        assert_request_headers(r, 5, remaining=2)

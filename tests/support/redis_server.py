@@ -1,9 +1,10 @@
 """Real `redis-server` processes on free ports, owned by the test that starts them.
 
 `RedisServer` runs one standalone server, `RedisCluster` three cluster-enabled
-masters joined into one cluster. Each server lives in its own temporary
-directory, persists nothing and listens on 127.0.0.1 only; nothing here ever
-connects to a Redis it did not start.
+masters joined into one cluster, `RedisSentinel` one server watched by one
+Sentinel. Each server lives in its own temporary directory, persists nothing
+and listens on 127.0.0.1 only; nothing here ever connects to a Redis it did
+not start.
 """
 
 from __future__ import annotations
@@ -144,9 +145,9 @@ class RedisServer:
             self.stop()  # no process left behind, no directory either
             raise
 
-    def _launch(self, binary: str) -> None:
-        log = self.directory / "redis.log"
-        args = [
+    def _command(self, binary: str) -> list[str]:
+        """The command line starting this server on `self.port`."""
+        return [
             binary,
             "--port", str(self.port),
             "--bind", self.host,
@@ -156,6 +157,10 @@ class RedisServer:
             "--dir", str(self.directory),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _launch(self, binary: str) -> None:
+        log = self.directory / "redis.log"
+        args = self._command(binary)
         with log.open("ab") as out:
             self._process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
@@ -364,4 +369,139 @@ class RedisCluster:
         self.stop()
 
 
-__all__ = ["HOST", "RedisCluster", "RedisServer", "free_cluster_port", "free_port"]
+class _SentinelProcess(RedisServer):
+    """One Redis Sentinel (`redis-server <conf> --sentinel`) monitoring `master` as `service`.
+
+    Its config file is (re)written into its own temporary directory on every launch, since
+    Sentinel insists on a writable config file it can rewrite.
+    """
+
+    def __init__(self, master: RedisServer, service: str) -> None:
+        super().__init__()
+        self.master = master
+        self.service = service
+
+    def _command(self, binary: str) -> list[str]:
+        conf = self.directory / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\n"
+            f"bind {self.host}\n"
+            f"dir {self.directory}\n"
+            f"sentinel monitor {self.service} {self.master.host} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 1000\n"
+            f"sentinel failover-timeout {self.service} 5000\n"
+        )
+        return [binary, str(conf), "--sentinel"]
+
+
+class RedisSentinel:
+    """A redis-server master monitored by one Redis Sentinel, both on free ports of 127.0.0.1.
+
+    `start()` returns once the sentinel reports the master's address for `service` and sees
+    it up as a master. `url` is the gateway's `redis+sentinel://` store URL; `master` is the
+    monitored RedisServer and `sentinel_port` the sentinel's port. Usable as a (sync) context
+    manager; `stop()` stops both processes and removes their directories.
+    """
+
+    def __init__(self, service: str = "gwmaster") -> None:
+        """Prepare the master and the sentinel monitoring it as `service`."""
+        self.service = service
+        self.master = RedisServer()
+        self._sentinel = _SentinelProcess(self.master, service)
+
+    @property
+    def host(self) -> str:
+        """The sentinel's host."""
+        return self._sentinel.host
+
+    @property
+    def sentinel_port(self) -> int:
+        """The sentinel's port."""
+        return self._sentinel.port
+
+    @property
+    def url(self) -> str:
+        """`redis+sentinel://127.0.0.1:<sentinel port>/<service>/0`."""
+        return f"redis+sentinel://{self.host}:{self.sentinel_port}/{self.service}/0"
+
+    @property
+    def running(self) -> bool:
+        """True while both processes are alive."""
+        return self.master.running and self._sentinel.running
+
+    def start(self) -> None:
+        """Start the master, then the sentinel, and wait until the sentinel monitors it."""
+        try:
+            self.master.start()
+            self._sentinel.start()
+            self._wait_until_monitoring()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _monitoring(self) -> bool:
+        try:
+            with redis.Redis(
+                host=self.host, port=self.sentinel_port,
+                socket_connect_timeout=0.5, socket_timeout=2.0, decode_responses=True,
+            ) as client:  # fmt: skip
+                addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                if addr is None or list(addr) != [self.master.host, str(self.master.port)]:
+                    return False
+                # Wait until it has reached the master too, so that clients (which check the
+                # flags) do not take it for down.
+                fields = client.execute_command("SENTINEL", "MASTER", self.service)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False
+        state = dict(fields) if isinstance(fields, dict) else dict(zip(
+            fields[::2], fields[1::2], strict=True))
+        return bool(state.get("flags") == "master" and state.get("role-reported") == "master")
+
+    def _wait_until_monitoring(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S * 3
+        while not self._monitoring():
+            if not self.running:
+                raise RuntimeError("the Redis master or its sentinel exited while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"sentinel on port {self.sentinel_port} did not report master "
+                    f"{self.service} at {self.master.host}:{self.master.port} "
+                    f"within {READY_TIMEOUT_S * 3} s"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the sentinel and the master and remove their directories."""
+        self._sentinel.stop()
+        self.master.stop()
+
+    def __enter__(self) -> Self:
+        """Start and return the pair."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the pair."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        """Show the ports and whether both processes run."""
+        return (
+            f"<RedisSentinel sentinel={self.sentinel_port} master={self.master.port} "
+            f"running={self.running}>"
+        )
+
+
+__all__ = [
+    "HOST",
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisServer",
+    "free_cluster_port",
+    "free_port",
+]

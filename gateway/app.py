@@ -57,6 +57,7 @@ class GatewayService:
         self._stop_task: asyncio.Future[None] | None = None
         self._policy_json = ""
         self._cache_seen: dict[tuple[int, str], int] = {}
+        self._sync_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Future[Any]] = set()
         # Upstream sessions of runtimes replaced by a reload, closed once their requests end.
         self._retired: list[Any] = []
@@ -257,6 +258,12 @@ class GatewayService:
             self.limits._mark(False)
 
     async def _check_versions(self) -> None:
+        # The sync loop and a subscriber reconnect may both ask; one check at a time, so a
+        # store restoration is done once.
+        async with self._sync_lock:
+            await self._check_versions_locked()
+
+    async def _check_versions_locked(self) -> None:
         keys_epoch, policy_version = await self.store.versions()
         if not self.synced:
             await self._full_sync(seed=True)

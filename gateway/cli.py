@@ -256,6 +256,10 @@ def _yaml(doc: Any) -> str:
 def cmd_policy(args: argparse.Namespace) -> int:
     from gateway.policy import canonical, load_policy_file
 
+    if args.policy_cmd == "validate":  # a file check: needs no config, secrets or store
+        load_policy_file(args.file)
+        print(f"{args.file}: ok")
+        return 0
     config = _load(args)
     remote = Remote(config) if _embedded(config) else None
 
@@ -291,10 +295,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
             _print({"version": cur[0], "policy": cur[1]})
         else:
             print(f"# live policy version {cur[0]}\n" + _yaml(cur[1]), end="")
-        return 0
-    if args.policy_cmd == "validate":
-        load_policy_file(args.file)
-        print(f"{args.file}: ok")
         return 0
     # apply
     doc = load_policy_file(args.file)

@@ -389,3 +389,26 @@ def test_reseller_country_lists_compile_unknown_to_none() -> None:
     assert policy.reseller_countries == {"acme": frozenset({"US", None}), "open": None}
     assert country_allowed(policy.reseller_countries["acme"], None)
     assert not country_allowed(policy.reseller_countries["acme"], "CN")
+
+
+def test_policy_validate_cli_needs_no_secrets(tmp_path: Path) -> None:
+    """`gateway policy validate FILE` checks a file with no config secrets in the environment:
+    exit 0 on the example, 2 with the rule and field named on a broken copy."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GATEWAY_ADMIN_TOKEN", "UPSTREAM_API_KEY")}
+    ok = subprocess.run([sys.executable, "-m", "gateway", "policy", "validate",
+                         str(REPO / "config" / "policy.yaml")], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "ok" in ok.stdout, ok.stderr
+    broken = tmp_path / "policy.yaml"
+    broken.write_text((REPO / "config" / "policy.yaml").read_text().replace(
+        "country: [CN,", "country: [CHN,"))
+    bad = subprocess.run([sys.executable, "-m", "gateway", "policy", "validate", str(broken)],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "rules[restricted-regions].match.country" in bad.stderr
+    assert "CHN" in bad.stderr

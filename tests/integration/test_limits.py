@@ -449,13 +449,16 @@ async def test_redis_that_comes_back_empty_is_restored_from_snapshots(
         async def admitted() -> bool:
             return (await send(s, gw, key)).status == 200
 
+        def restored() -> list[dict[str, Any]]:
+            return [a for a in gw.logs.events("audit") if a["action"] == "store_restored"]
+
+        await poll(restored, timeout=15.0)
         await poll(admitted, timeout=15.0)
         assert (await send(s, gw, revoked)).status == 401
         stored = await gw.service.store.get_policy()
         assert stored is not None and stored.version == 1
         assert {r.key_id for r in await gw.service.store.list_keys()} >= {revoked_id}
-        restored = [a for a in gw.logs.events("audit") if a["action"] == "store_restored"]
-        assert restored and restored[0]["keys"] == 2
+        assert [(a["keys"], a["policy_restored"]) for a in restored()] == [(2, True)]
 
 
 async def test_scripts_reloaded_after_script_flush(

@@ -75,6 +75,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     svc: GatewayService = request.app[SERVICE]
     metrics.STORE_UP.set(1 if svc.limits.store_ok else 0)
     svc.publish_cache_counts()
+    metrics.flush(svc.pipeline.inflight, svc.limits.store_errors)
     return web.Response(body=metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -72,6 +72,7 @@ class GatewayService:
             asyncio.create_task(self._sync_loop(), name="store-sync"),
             asyncio.create_task(self._geo_loop(), name="geo-reload"),
             asyncio.create_task(self._flush_loop(), name="last-used-flush"),
+            asyncio.create_task(self._metrics_loop(), name="metrics-flush"),
         ]
         self._publish_gauges()
         proxy = web.Application(client_max_size=s.upstream.max_body_bytes + 1)
@@ -334,6 +335,11 @@ class GatewayService:
                 await self.registry.flush_last_used()
             except StoreError:
                 pass
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            metrics.flush(self.pipeline.inflight, self.limits.store_errors)
 
     def _publish_gauges(self) -> None:
         for kind, epoch in self.geo.build_epochs().items():

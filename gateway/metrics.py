@@ -8,6 +8,7 @@ With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR before any worke
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import (
@@ -70,6 +71,76 @@ def child(family: Any, *labels: str) -> Any:
     if hit is None:
         hit = _children[key] = family.labels(*labels)
     return hit
+
+
+class _Hist:
+    """Hot-path histogram: a bisect and two adds per observation, moved into the Prometheus
+    histogram by `flush` (prometheus_client's own observe takes a lock per bucket walk)."""
+
+    __slots__ = ("bounds", "counts", "family", "total")
+
+    def __init__(self, family: Histogram) -> None:
+        self.family = family
+        self.bounds: list[float] = list(family._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total = self.total, 0.0
+        for i, n in enumerate(counts):
+            if n:
+                self.family._buckets[i].inc(n)
+        self.family._sum.inc(total)
+
+
+class _Count:
+    """Hot-path labelled counter: a dict add per increment, flushed into the family."""
+
+    __slots__ = ("family", "pending")
+
+    def __init__(self, family: Counter) -> None:
+        self.family = family
+        self.pending: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.pending[labels] = self.pending.get(labels, 0.0) + amount
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, amount in pending.items():
+            child(self.family, *labels).inc(amount)
+
+
+requests = _Count(REQUESTS)
+shadow = _Count(SHADOW)
+upstream_responses = _Count(UPSTREAM_RESPONSES)
+tokens = _Count(TOKENS)
+request_duration = _Hist(REQUEST_DURATION)
+upstream_duration = _Hist(UPSTREAM_DURATION)
+upstream_ttfb = _Hist(UPSTREAM_TTFB)
+store_duration = _Hist(STORE_DURATION)
+_flushed_store_errors = 0
+
+
+def flush(inflight: int, store_errors: int) -> None:
+    """Move the hot-path tallies into the Prometheus families: at every scrape, and once a
+    second (with --workers, the other workers' samples are at most that old)."""
+    global _flushed_store_errors
+    for c in (requests, shadow, upstream_responses, tokens):
+        c.flush()
+    for h in (request_duration, upstream_duration, upstream_ttfb, store_duration):
+        h.flush()
+    INFLIGHT.set(inflight)
+    if store_errors > _flushed_store_errors:
+        STORE_ERRORS.inc(store_errors - _flushed_store_errors)
+    _flushed_store_errors = store_errors
 
 
 def country_label(country: str | None) -> str:

@@ -113,7 +113,6 @@ class Pipeline:
         ctx = RequestContext(request_id="", peer_ip=peer, method=request.method,
                              path=request.path, started=time.perf_counter())
         self.inflight += 1
-        metrics.INFLIGHT.inc()
         adm: Admission | None = None
         fwd: Forwarded | None = None
         facts = None
@@ -204,15 +203,14 @@ class Pipeline:
     def _finish(self, ctx: RequestContext, adm: Admission | None, fwd: Forwarded | None,
                 facts: Any) -> None:
         self.inflight -= 1
-        metrics.INFLIGHT.dec()
         if fwd is not None:
             ctx.upstream_status = fwd.upstream_status
             if fwd.upstream_s is not None:
                 ctx.upstream_ms = round(fwd.upstream_s * 1000.0, 3)
-                metrics.UPSTREAM_DURATION.observe(fwd.upstream_s)
+                metrics.upstream_duration.observe(fwd.upstream_s)
             if fwd.ttfb_s is not None:
-                metrics.UPSTREAM_TTFB.observe(fwd.ttfb_s)
-            metrics.child(metrics.UPSTREAM_RESPONSES, str(fwd.upstream_status)).inc()
+                metrics.upstream_ttfb.observe(fwd.ttfb_s)
+            metrics.upstream_responses.inc((str(fwd.upstream_status),))
             if fwd.usage is not None:
                 ctx.input_tokens = fwd.usage.input_tokens
                 ctx.output_tokens = fwd.usage.output_tokens
@@ -230,18 +228,18 @@ class Pipeline:
             self.limits.settle(adm, in_act, out_act)
         duration = time.perf_counter() - ctx.started
         ctx.duration_ms = round(duration * 1000.0, 3)
-        metrics.REQUEST_DURATION.observe(duration)
+        metrics.request_duration.observe(duration)
         policy = self.policy
         reseller = ctx.reseller if ctx.reseller and policy and (
             ctx.reseller in policy.doc.resellers) else ("none" if not ctx.reseller else "other")
-        metrics.child(metrics.REQUESTS, ctx.decision, ctx.reason or "", reseller,
-                      metrics.country_label(ctx.country)).inc()
+        metrics.requests.inc((ctx.decision, ctx.reason or "", reseller,
+                              metrics.country_label(ctx.country)))
         for rule in ctx.shadow:
-            metrics.child(metrics.SHADOW, rule).inc()
+            metrics.shadow.inc((rule,))
         if ctx.input_tokens:
-            metrics.child(metrics.TOKENS, "input", reseller).inc(ctx.input_tokens)
+            metrics.tokens.inc(("input", reseller), ctx.input_tokens)
         if ctx.output_tokens:
-            metrics.child(metrics.TOKENS, "output", reseller).inc(ctx.output_tokens)
+            metrics.tokens.inc(("output", reseller), ctx.output_tokens)
         log_request(ctx)
 
     async def _admit(self, policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
@@ -252,7 +250,7 @@ class Pipeline:
             return await self.limits.admit(subjects, input_est, output_est)
         finally:
             if subjects:
-                metrics.STORE_DURATION.observe(time.perf_counter() - t0)
+                metrics.store_duration.observe(time.perf_counter() - t0)
 
     def _check_scopes(self, policy: CompiledPolicy, key: KeyRecord, unknown_reseller: bool,
                       ctx: RequestContext, loc: GeoInfo, cloc: GeoInfo | None) -> None:

@@ -134,10 +134,17 @@ class RedisStore(Store):
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, coro: Any, guard: bool = True) -> Any:
+        """Run one store call; every failure becomes StoreError. `guard` puts an overall
+        deadline on it (a few socket timeouts): redis-py's Cluster and Sentinel clients retry
+        and rediscover on their own, and a request must never wait on that indefinitely. The
+        pipelined connection has its own watchdog and needs none."""
         self.round_trips += 1
         try:
-            return await coro
+            if not guard:
+                return await coro
+            async with asyncio.timeout(self.timeout * 4 + 1.0):
+                return await coro
         except ResponseError:
             raise
         except _FAILURES as exc:
@@ -269,7 +276,7 @@ class RedisStore(Store):
         for s in req.subjects:
             keys.extend(self._subject_keys(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
-        res = await self._call(self._admit(keys=keys, args=args))
+        res = await self._call(self._admit(keys=keys, args=args), guard=self._fast is None)
         if int(res[0]) == 0:
             s = req.subjects[int(res[1]) - 1]
             dim = _DIMS[int(res[2]) - 1]
@@ -292,7 +299,7 @@ class RedisStore(Store):
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
-        await self._call(self._settle(keys=keys, args=args))
+        await self._call(self._settle(keys=keys, args=args), guard=self._fast is None)
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int

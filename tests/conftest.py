@@ -55,3 +55,26 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     """A started fake model API (Anthropic + OpenAI formats) on a free port."""
     async with FakeUpstream() as fake:
         yield fake
+
+
+# --- diagnostics ---
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _dump_tasks_if_stuck() -> AsyncIterator[None]:
+    """If a test is still running after 90 s (the per-test timeout is 120 s), print the stack
+    of every asyncio task: pytest-timeout alone shows only the event loop's select()."""
+    import asyncio
+    import sys
+
+    def dump() -> None:
+        print("\n=== asyncio tasks of a test running for 90 s ===", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            print(f"--- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+            task.print_stack(limit=15, file=sys.stderr)
+
+    handle = asyncio.get_running_loop().call_later(90.0, dump)
+    try:
+        yield
+    finally:
+        handle.cancel()

@@ -162,7 +162,8 @@ class RedisStore(Store):
         if self._fast is not None:
             await self._fast.close()
         try:
-            await self.client.aclose()
+            async with asyncio.timeout(self.timeout * 2 + 1.0):
+                await self.client.aclose()
         except _FAILURES:
             pass
         if self._sentinel is not None:  # its own connections to the sentinels
@@ -260,8 +261,10 @@ class RedisStore(Store):
                 backoff = min(backoff * 2, 2.0)
             finally:
                 try:
-                    await pubsub.aclose()
-                    await conn.aclose()
+                    # Bounded: closing must not hang on a store that stopped answering.
+                    async with asyncio.timeout(self.timeout * 2 + 1.0):
+                        await pubsub.aclose()
+                        await conn.aclose()
                 except _FAILURES:
                     pass
 

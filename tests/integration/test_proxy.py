@@ -735,5 +735,5 @@ async def test_log_line_has_every_field_and_no_secret(
         assert lines[3]["customer_id"] == "c1" and lines[3]["customer_ip"] == "203.0.113.5"
         assert lines[4]["key_id"] is None and lines[4]["reason"] == "invalid_api_key"
         raw = "\n".join(gw.logs.raw)
-        for secret in (key, acme_key, key.rsplit("_", 1)[1], UPSTREAM_KEY, ADMIN_TOKEN):
+        for secret in (key, acme_key, key.split("_", 2)[2], UPSTREAM_KEY, ADMIN_TOKEN):
             assert secret not in raw

@@ -23,6 +23,7 @@ from gateway.pipeline import Pipeline, build_runtime
 from gateway.policy import canonical, compile_policy, load_policy_file, validate_policy
 from gateway.settings import ConfigError, LoadedConfig, load_settings, parse_hostport
 from gateway.store import Store, open_store
+from gateway.tasks import cancel_and_wait, cancelling
 
 LAST_USED_FLUSH_S = 10.0
 
@@ -113,9 +114,7 @@ class GatewayService:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        for task in [*self._tasks, *self._side_tasks]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *self._side_tasks])
         for upstream in self._retired:
             await upstream.close()
         self._retired.clear()
@@ -310,7 +309,7 @@ class GatewayService:
     async def _sync_loop(self) -> None:
         """Safety net for lost events, and the store health signal for /readyz."""
         interval = self.config.settings.store.sync_interval_s
-        while True:
+        while not cancelling():
             await asyncio.sleep(interval)
             try:
                 await self._check_versions()
@@ -323,13 +322,13 @@ class GatewayService:
             metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
 
     async def _geo_loop(self) -> None:
-        while True:
+        while not cancelling():
             await asyncio.sleep(self.config.settings.geo.reload_interval_s)
             if await self.geo.reload_in_thread():
                 self._publish_gauges()
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not cancelling():
             await asyncio.sleep(LAST_USED_FLUSH_S)
             try:
                 await self.registry.flush_last_used()
@@ -337,7 +336,7 @@ class GatewayService:
                 pass
 
     async def _metrics_loop(self) -> None:
-        while True:
+        while not cancelling():
             await asyncio.sleep(1.0)
             metrics.flush(self.pipeline.inflight, self.limits.store_errors)
 

@@ -23,6 +23,7 @@ from gateway.store.base import (
     Subject,
 )
 from gateway.store.memory import Limiter, MemoryStore
+from gateway.tasks import cancel_and_wait, cancelling
 
 LEASE_TTL_MS = 60_000
 RENEW_EVERY_S = 20.0
@@ -176,7 +177,7 @@ class Limits:
     async def close(self) -> None:
         if self._renewer:
             self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+            await cancel_and_wait([self._renewer])
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -242,7 +243,7 @@ class Limits:
             self._mark(False)
 
     async def _renew_loop(self) -> None:
-        while True:
+        while not cancelling():
             await asyncio.sleep(RENEW_EVERY_S)
             leases = [(a.subjects, a.lease_id) for a in self.live.values()
                       if any(s.concurrency for s in a.subjects)]

@@ -36,6 +36,7 @@ from gateway.store.base import (
     gcra_cost,
 )
 from gateway.store.fastpath import FastScript, PipelinedConnection, ScriptError
+from gateway.tasks import cancel_and_wait, cancelling
 
 _DIMS = ("rpm", "itpm", "otpm", "concurrency")
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
@@ -156,9 +157,7 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         if self._fast is not None:
             await self._fast.close()
         try:
@@ -236,14 +235,14 @@ class RedisStore(Store):
 
     async def _listen(self, handler: EventHandler) -> None:
         backoff = 0.1
-        while not self._closed:
+        while not self._closed and not cancelling():
             conn = self._sub_factory()
             pubsub = conn.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 backoff = 0.1
                 await handler({"kind": "resync"})  # anything missed while disconnected
-                while not self._closed:
+                while not self._closed and not cancelling():
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is None or msg.get("type") != "message":
                         continue

@@ -105,7 +105,7 @@ class GatewayService:
         except StoreError as exc:
             # Serve anyway: /readyz says why; the sync loop keeps trying.
             logger().error("store_unavailable", reason=str(exc))
-            self.limits._mark(False)
+            self.limits.mark_store(False)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close."""
@@ -255,7 +255,7 @@ class GatewayService:
             elif kind == "resync":
                 await self._check_versions()
         except StoreError:
-            self.limits._mark(False)
+            self.limits.mark_store(False)
 
     async def _check_versions(self) -> None:
         # The sync loop and a subscriber reconnect may both ask; one check at a time, so a
@@ -313,10 +313,10 @@ class GatewayService:
             await asyncio.sleep(interval)
             try:
                 await self._check_versions()
-                self.limits._mark(True)
+                self.limits.mark_store(True)
             except StoreError:
                 self.limits.store_errors += 1
-                self.limits._mark(False)
+                self.limits.mark_store(False)
             except ConfigError as exc:
                 logger().error("policy_rejected", reason=str(exc))
             metrics.STORE_UP.set(1 if self.limits.store_ok else 0)

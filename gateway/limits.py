@@ -181,7 +181,7 @@ class Limits:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def _mark(self, ok: bool) -> None:
+    def mark_store(self, ok: bool) -> None:
         if ok and not self.store_ok:
             logger().info("store_recovered")
         elif not ok and self.store_ok:
@@ -198,10 +198,10 @@ class Limits:
         fallback = False
         try:
             result: AdmitResult = await self.store.admit(req)
-            self._mark(True)
+            self.mark_store(True)
         except StoreError:
             self.store_errors += 1
-            self._mark(False)
+            self.mark_store(False)
             if self.on_error == "closed":
                 raise GatewayError(503, "overloaded_error", "store_unavailable",
                                    "rate-limit store unavailable; try again shortly",
@@ -240,7 +240,7 @@ class Limits:
         except StoreError:
             # Leases expire on their own; token corrections are lost for this request.
             self.store_errors += 1
-            self._mark(False)
+            self.mark_store(False)
 
     async def _renew_loop(self) -> None:
         while not cancelling():

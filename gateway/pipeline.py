@@ -162,7 +162,7 @@ class Pipeline:
                 ctx.reason = dec.reason
                 raise permission_error(dec.reason or "request_not_allowed",
                                        f"request denied by policy rule {dec.rule or 'default'}")
-            self._check_scopes(policy, key, reseller is None, ctx, loc, cloc)
+            self.check_scopes(policy, key, ctx, loc, cloc)
 
             out_est = facts.max_output_tokens
             adm, rl_headers = await self._admit(policy, key, att.customer_id,
@@ -252,11 +252,11 @@ class Pipeline:
             if subjects:
                 metrics.store_duration.observe(time.perf_counter() - t0)
 
-    def _check_scopes(self, policy: CompiledPolicy, key: KeyRecord, unknown_reseller: bool,
-                      ctx: RequestContext, loc: GeoInfo, cloc: GeoInfo | None) -> None:
+    def check_scopes(self, policy: CompiledPolicy, key: KeyRecord,
+                     ctx: RequestContext, loc: GeoInfo, cloc: GeoInfo | None) -> None:
         """Reseller status and countries, then the key's model, path and country scopes."""
         r = policy.doc.resellers.get(key.reseller)
-        if unknown_reseller or r is None:
+        if r is None:
             raise permission_error("reseller_suspended",
                                    f"reseller {key.reseller!r} is not in the live policy")
         if r.status == "suspended":

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import log_request
+from gateway.audit import log_request, logger
 from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, permission_error, render
@@ -197,6 +197,18 @@ class Pipeline:
             ctx.reason = "client_disconnected"
             ctx.status = 499
             raise
+        except Exception as exc:  # a bug must still answer in the documented error shape
+            ctx.decision, ctx.reason = "error", "internal_error"
+            logger().error("internal_error", request_id=ctx.request_id,
+                           error=type(exc).__name__, detail=str(exc)[:200])
+            if fwd is not None:
+                ctx.status = 502
+                raise  # the answer has started: the connection is cut
+            ctx.status = 500
+            if not ctx.request_id:
+                ctx.request_id = _new_request_id()
+            return render(GatewayError(500, "api_error", "internal_error",
+                                       "internal gateway error"), ctx.request_id)
         finally:
             self._finish(ctx, adm, fwd, facts)
 

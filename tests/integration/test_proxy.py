@@ -737,3 +737,27 @@ async def test_log_line_has_every_field_and_no_secret(
         raw = "\n".join(gw.logs.raw)
         for secret in (key, acme_key, key.split("_", 2)[2], UPSTREAM_KEY, ADMIN_TOKEN):
             assert secret not in raw
+
+
+async def test_internal_error_answers_in_the_error_shape(tmp_path: Path,
+                                                         upstream: FakeUpstream) -> None:
+    """A fault inside the gateway (here: a geo resolver gone missing) answers 500 api_error /
+    internal_error in the documented body, logs `internal_error` and the request line, and
+    forwards nothing."""
+    async with running_gateway(tmp_path, upstream.url) as gw:
+        _, key = await gw.issue_key("direct")
+        gw.service.pipeline.geo = None  # type: ignore[assignment]
+        async with aiohttp.ClientSession() as s, s.post(
+                gw.url + "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": []},
+                headers={"x-api-key": key, "X-Forwarded-For": "192.0.2.1"}) as r:
+            body = await r.json()
+            assert r.status == 500
+            assert body["type"] == "error"
+            assert (body["error"]["type"], body["error"]["code"]) == ("api_error",
+                                                                      "internal_error")
+            assert body["request_id"] == r.headers["x-request-id"]
+        assert not upstream.requests
+        assert gw.logs.events("internal_error")
+        line = gw.logs.requests()[-1]
+        assert (line["status"], line["decision"], line["reason"]) == (500, "error",
+                                                                     "internal_error")

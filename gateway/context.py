@@ -24,7 +24,6 @@ class RequestContext:
     customer_id: str | None = None
     customer_ip: str | None = None
     customer_country: str | None = None
-    customer_anonymizer: list[str] = field(default_factory=list)
     model: str | None = None
     decision: str = "allow"
     rule: str | None = None

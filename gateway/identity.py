@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 from gateway.client_ip import parse_addr
@@ -148,8 +147,3 @@ def require_customer(att: Attestation) -> None:
         raise permission_error("customer_attestation_required",
                                "this reseller must attest the customer "
                                "(X-Customer-Id and X-Customer-IP)")
-
-
-def key_is_usable(rec: KeyRecord, now: float | None = None) -> bool:
-    t = time.time() if now is None else now
-    return rec.status == "active" and (rec.expires_at is None or rec.expires_at > t)

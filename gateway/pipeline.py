@@ -115,7 +115,6 @@ class Pipeline:
         self.inflight += 1
         adm: Admission | None = None
         fwd: Forwarded | None = None
-        facts = None
         try:
             ctx.peer_ip = peer = rt.ip.normalize(peer)
             peer_trusted = rt.ip.is_trusted(peer)
@@ -153,7 +152,6 @@ class Pipeline:
             if att.customer_ip is not None:
                 cloc = self.geo.lookup(att.customer_ip)
                 ctx.customer_country = cloc.country
-                ctx.customer_anonymizer = list(cloc.anonymizer)
 
             dec = evaluate_rules(policy, Inputs(loc, cloc, key.reseller, facts.model, ctx.path))
             ctx.shadow = dec.shadow
@@ -168,16 +166,15 @@ class Pipeline:
             adm, rl_headers = await self._admit(policy, key, att.customer_id,
                                                 facts.input_estimate, out_est)
             headers = rt.upstream.request_headers(
-                request.headers, self._xff(request, peer, peer_trusted, rt), ctx.request_id)
+                request.headers, self._xff(request, peer, peer_trusted), ctx.request_id)
             rl_headers["x-request-id"] = ctx.request_id
             started = Forwarded()
             try:
-                resp, fwd = await rt.upstream.forward(request, body, headers, rl_headers,
-                                                      info=started)
+                resp = await rt.upstream.forward(request, body, headers, rl_headers, started)
             finally:
                 if started.upstream_status is not None:
                     # An answer began: log and settle on what it delivered, even when the
-                    # client hung up mid-stream (cancellation skips the assignment above).
+                    # client hung up mid-stream.
                     fwd = started
             ctx.status = resp.status
             return resp
@@ -210,10 +207,10 @@ class Pipeline:
             return render(GatewayError(500, "api_error", "internal_error",
                                        "internal gateway error"), ctx.request_id)
         finally:
-            self._finish(ctx, adm, fwd, facts)
+            self._finish(ctx, adm, fwd)
 
-    def _finish(self, ctx: RequestContext, adm: Admission | None, fwd: Forwarded | None,
-                facts: Any) -> None:
+    def _finish(self, ctx: RequestContext, adm: Admission | None,
+                fwd: Forwarded | None) -> None:
         self.inflight -= 1
         if fwd is not None:
             ctx.upstream_status = fwd.upstream_status
@@ -327,7 +324,7 @@ class Pipeline:
         return doc if isinstance(doc, dict) else None
 
     @staticmethod
-    def _xff(request: web.Request, peer: str, peer_trusted: bool, rt: Runtime) -> str:
+    def _xff(request: web.Request, peer: str, peer_trusted: bool) -> str:
         """X-Forwarded-For for the upstream: a trusted proxy's chain plus the peer; from an
         untrusted peer, the peer alone (a forged chain is not passed on)."""
         if peer_trusted:

@@ -4,7 +4,6 @@ the answer back chunk by chunk as it arrives."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -83,18 +82,15 @@ class Upstream:
         body: bytes,
         headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
-        on_first_byte: Callable[[], None] | None = None,
-        info: Forwarded | None = None,
-    ) -> tuple[web.StreamResponse, Forwarded]:
+        info: Forwarded,
+    ) -> web.StreamResponse:
         """Send the request upstream and stream the answer to the client as it arrives.
 
         Raises the 502/504 GatewayError when no answer started; once the answer has started, a
-        failure cuts the client's response (the status is already sent). `info`, when given, is
-        filled in as the answer goes, so a caller still sees what was delivered when the
-        forward is cancelled (client gone) mid-stream."""
-        info = Forwarded() if info is None else info
-        url = self.url + request.rel_url.raw_path_qs if request.rel_url.raw_query_string else (
-            self.url + request.rel_url.raw_path)
+        failure cuts the client's response (the status is already sent). `info` is filled in
+        as the answer goes, so the caller still sees what was delivered when the forward is
+        cancelled (client gone) mid-stream."""
+        url = self.url + request.rel_url.raw_path_qs
         t0 = time.perf_counter()
         try:
             up = await self.session.request(request.method, url, data=body or None,
@@ -134,8 +130,6 @@ class Upstream:
                     if first:
                         info.ttfb_s = time.perf_counter() - t0
                         first = False
-                        if on_first_byte:
-                            on_first_byte()
                     if parser is not None:
                         parser.feed(chunk)
                     elif buf is not None:
@@ -152,7 +146,7 @@ class Upstream:
                 info.upstream_s = time.perf_counter() - t0
                 if request.transport is not None:
                     request.transport.close()
-                return resp, info
+                return resp
             if info.ttfb_s is None:
                 info.ttfb_s = time.perf_counter() - t0
             if buf is not None:
@@ -160,7 +154,7 @@ class Upstream:
             await resp.write_eof()
             info.completed = True
             info.upstream_s = time.perf_counter() - t0
-            return resp, info
+            return resp
         finally:
             # A finished answer returns the connection to the pool; an aborted one (client gone,
             # cancellation) closes it, which cancels the upstream request.

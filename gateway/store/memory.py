@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
@@ -184,10 +183,3 @@ class MemoryStore(Store):
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
     ) -> None:
         self.limiter.renew(leases, ttl_ms)
-
-
-def retry_after_s(ms: float) -> int:
-    """`retry-after` in whole seconds, rounded up, at least 1."""
-    return max(1, math.ceil(ms / 1000.0))
-
-

@@ -80,7 +80,29 @@ def _server_pid(port: int) -> int | None:
         return None
 
 
-class RedisServer:
+class _Managed:
+    """`with` support for the process helpers below: start on entry, stop on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_Managed):
     """One `redis-server` process on a free port of 127.0.0.1.
 
     `start()` returns once the server answers PING. `kill()` simulates a
@@ -215,20 +237,6 @@ class RedisServer:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def __enter__(self) -> Self:
-        """Start and return the server."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        self.stop()
-
     def __repr__(self) -> str:
         """Show the port and whether the process runs."""
         return f"<RedisServer port={self.port} running={self.running}>"
@@ -255,7 +263,7 @@ class _ClusterNode(RedisServer):
         return free_cluster_port()
 
 
-class RedisCluster:
+class RedisCluster(_Managed):
     """A Redis Cluster of three masters (no replicas) on free ports of 127.0.0.1.
 
     `start()` returns once every node reports `cluster_state:ok`. The cluster
@@ -354,20 +362,6 @@ class RedisCluster:
         for server in self.servers:
             server.stop()
 
-    def __enter__(self) -> Self:
-        """Start and return the cluster."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the cluster."""
-        self.stop()
-
 
 class _SentinelProcess(RedisServer):
     """One Redis Sentinel (`redis-server <conf> --sentinel`) monitoring `master` as `service`.
@@ -394,7 +388,7 @@ class _SentinelProcess(RedisServer):
         return [binary, str(conf), "--sentinel"]
 
 
-class RedisSentinel:
+class RedisSentinel(_Managed):
     """A redis-server master monitored by one Redis Sentinel, both on free ports of 127.0.0.1.
 
     `start()` returns once the sentinel reports the master's address for `service` and sees
@@ -474,20 +468,6 @@ class RedisSentinel:
         """Stop the sentinel and the master and remove their directories."""
         self._sentinel.stop()
         self.master.stop()
-
-    def __enter__(self) -> Self:
-        """Start and return the pair."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the pair."""
-        self.stop()
 
     def __repr__(self) -> str:
         """Show the ports and whether both processes run."""

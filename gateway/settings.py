@@ -119,6 +119,16 @@ class LogSettings(_Model):
     format: Literal["json", "console"] = "json"
 
 
+class ServerSettings(_Model):
+    """Bounds on what a client may hold of the proxy listener (DESIGN.md §3, STYLE.md 16)."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    idle_timeout_s: float = Field(default=75.0, gt=0)
+    max_connections: int = Field(default=10000, gt=0)
+    max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+
+
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9090"
@@ -130,6 +140,8 @@ class Settings(_Model):
     customer: CustomerSettings = Field(default_factory=CustomerSettings)
     policy_file: str | None = "policy.yaml"
     limits_headers: Literal["anthropic", "openai"] = "anthropic"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
 

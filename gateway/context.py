@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Client strings longer than this are cut in log lines and error messages (DESIGN.md §6).
+CLIENT_STRING_MAX = 256
+
+
+def clip(value: str | None, limit: int = CLIENT_STRING_MAX) -> str | None:
+    """A client-supplied string bounded for a log line or a message (None stays None)."""
+    if value is None or len(value) <= limit:
+        return value
+    return value[:limit] + f"…(+{len(value) - limit} chars)"
+
 
 @dataclass(slots=True)
 class RequestContext:

@@ -82,7 +82,7 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
     if dec.action == "deny":
         return done("deny", 403, dec.reason, "policy", f"rule {dec.rule or 'default'}")
     try:
-        pipeline.check_scopes(policy, rec, ctx, loc, cloc)
+        pipeline.check_scopes(policy, rec, ctx, loc, cloc, model)
     except GatewayError as err:
         return done(err.decision, err.status, err.code, "scopes", err.message)
     subjects = subjects_for(policy, rec, att.customer_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 import secrets
 import time
@@ -17,8 +16,8 @@ from aiohttp import web
 from gateway import metrics
 from gateway.audit import log_request, logger
 from gateway.client_ip import ClientIPResolver
-from gateway.context import RequestContext
-from gateway.errors import GatewayError, permission_error, render
+from gateway.context import RequestContext, clip
+from gateway.errors import GatewayError, invalid_request, permission_error, render
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import (
     KeyRegistry,
@@ -27,11 +26,20 @@ from gateway.identity import (
     require_customer,
 )
 from gateway.limits import Admission, Limits, subjects_for
-from gateway.policy import CompiledPolicy, Inputs, country_allowed, evaluate_rules, glob_list
+from gateway.paths import normalize_target
+from gateway.policy import (
+    CompiledPolicy,
+    Inputs,
+    country_allowed,
+    evaluate_rules,
+    glob_list,
+    path_glob_list,
+)
 from gateway.proxy import Forwarded, Upstream
+from gateway.request_body import Body, BodyBudget, parse_json, read_body
 from gateway.settings import LoadedConfig
 from gateway.store.base import KeyRecord
-from gateway.usage import estimate_request
+from gateway.usage import RequestFacts, charged_tokens, estimate_request, with_include_usage
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = "req_" + secrets.token_hex(6)
@@ -44,7 +52,13 @@ def _new_request_id() -> str:
 
 
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """The body already judged to be a JSON object, decoded again for re-encoding."""
+    doc = parse_json("POST", data)
+    assert doc is not None
+    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +71,7 @@ class Runtime:
     customer_id_header: str
     customer_ip_header: str
     max_body: int
+    body_timeout_s: float
 
 
 def build_runtime(config: LoadedConfig) -> Runtime:
@@ -72,6 +87,7 @@ def build_runtime(config: LoadedConfig) -> Runtime:
         customer_id_header=s.customer.id_header,
         customer_ip_header=s.customer.ip_header,
         max_body=s.upstream.max_body_bytes,
+        body_timeout_s=s.server.body_timeout_s,
     )
 
 
@@ -87,7 +103,7 @@ class _ScopeCache:
             return hit[1], hit[2], hit[3]
         countries = None if not rec.countries else frozenset(
             None if c == "unknown" else c for c in rec.countries)
-        entry = (rec, glob_list(rec.models), glob_list(rec.paths), countries)
+        entry = (rec, glob_list(rec.models), path_glob_list(rec.paths), countries)
         if len(self._c) > 100_000:
             self._c.clear()
         self._c[rec.key_id] = entry
@@ -106,15 +122,19 @@ class Pipeline:
         self.policy: CompiledPolicy | None = None
         self.scopes = _ScopeCache()
         self.inflight = 0
+        self.bodies = BodyBudget(runtime.config.settings.server.max_inflight_body_bytes)
+        #: set when shutdown cuts the requests still running (logged with reason `shutdown`)
+        self.shutting_down = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.rt
         peer = request.remote or ""
         ctx = RequestContext(request_id="", peer_ip=peer, method=request.method,
-                             path=request.path, started=time.perf_counter())
+                             path=clip(request.path) or "", started=time.perf_counter())
         self.inflight += 1
         adm: Admission | None = None
         fwd: Forwarded | None = None
+        body: Body | None = None
         try:
             ctx.peer_ip = peer = rt.ip.normalize(peer)
             peer_trusted = rt.ip.is_trusted(peer)
@@ -123,17 +143,18 @@ class Pipeline:
             ctx.request_id = (supplied if peer_trusted and supplied and
                               _REQUEST_ID.match(supplied) else _new_request_id())
             ctx.client_ip = res.client_ip
-            if ctx.path in _RESERVED_PATHS or ctx.path.startswith("/admin"):
+            try:
+                path, query = normalize_target(request.raw_path)
+            except ValueError as exc:
+                raise invalid_request("invalid_path", str(exc)) from None
+            ctx.path = clip(path) or ""
+            if path in _RESERVED_PATHS or path == "/admin" or path.startswith("/admin/"):
                 raise GatewayError(404, "not_found_error", "not_found",
                                    "not served on the proxy listener", decision="deny")
             loc = self.geo.lookup(res.client_ip)
             ctx.country, ctx.asn, ctx.anonymizer = loc.country, loc.asn, list(loc.anonymizer)
 
-            body = await self._read_body(request, rt.max_body)
-            doc = self._parse_json(request, body)
-            facts = estimate_request(doc, len(body))
-            ctx.model, ctx.stream = facts.model, facts.stream
-
+            # Authenticate from the headers before anything is spent on the body (§6).
             key = self.registry.authenticate(
                 extract_key(request.headers.get("x-api-key"),
                             request.headers.get("authorization")), time.time())
@@ -147,35 +168,42 @@ class Pipeline:
                                     request.headers.get(rt.customer_ip_header))
             if reseller is not None and reseller.require_customer:
                 require_customer(att)
-            ctx.customer_id, ctx.customer_ip = att.customer_id, att.customer_ip
+            ctx.customer_id, ctx.customer_ip = clip(att.customer_id), att.customer_ip
+
+            body = await read_body(request, rt.max_body, self.bodies, rt.body_timeout_s)
+            facts = self._facts(request, path, body, policy, key)
+            ctx.model, ctx.stream = clip(facts.model), facts.stream
+
             cloc: GeoInfo | None = None
             if att.customer_ip is not None:
                 cloc = self.geo.lookup(att.customer_ip)
                 ctx.customer_country = cloc.country
 
-            dec = evaluate_rules(policy, Inputs(loc, cloc, key.reseller, facts.model, ctx.path))
+            dec = evaluate_rules(policy, Inputs(loc, cloc, key.reseller, facts.model, path))
             ctx.shadow = dec.shadow
             ctx.rule = dec.rule
             if dec.action == "deny":
                 ctx.reason = dec.reason
                 raise permission_error(dec.reason or "request_not_allowed",
                                        f"request denied by policy rule {dec.rule or 'default'}")
-            self.check_scopes(policy, key, ctx, loc, cloc)
+            self.check_scopes(policy, key, ctx, loc, cloc, facts.model)
 
-            out_est = facts.max_output_tokens
             adm, rl_headers = await self._admit(policy, key, att.customer_id,
-                                                facts.input_estimate, out_est)
+                                                facts.input_estimate, facts.max_output_tokens)
+            data = body.data
+            if facts.add_include_usage:
+                data = with_include_usage(_json_object(data))
             headers = rt.upstream.request_headers(
-                request.headers, self._xff(request, peer, peer_trusted), ctx.request_id)
+                request.headers, self._xff(request, peer, peer_trusted), ctx.request_id,
+                body_rewritten=body.inflated or facts.add_include_usage)
             rl_headers["x-request-id"] = ctx.request_id
-            started = Forwarded()
-            try:
-                resp = await rt.upstream.forward(request, body, headers, rl_headers, started)
-            finally:
-                if started.upstream_status is not None:
-                    # An answer began: log and settle on what it delivered, even when the
-                    # client hung up mid-stream.
-                    fwd = started
+            fwd = Forwarded()
+            target = f"{path}?{query}" if query else path
+            # From here on the forward stage holds the only reference to the body.
+            self.bodies.release(body.held)
+            body = None
+            resp = await rt.upstream.forward(request, target, data, headers, rl_headers, fwd,
+                                             strip_usage=facts.add_include_usage)
             ctx.status = resp.status
             return resp
         except GatewayError as err:
@@ -187,18 +215,25 @@ class Pipeline:
             ctx.status = err.status
             if not ctx.request_id:
                 ctx.request_id = _new_request_id()
-            return render(err, ctx.request_id)
+            resp = render(err, ctx.request_id)
+            if body is None and request.body_exists and not request.content.is_eof():
+                # Refused before its body was read: close rather than keep the connection.
+                resp.force_close()
+            return resp
         except (ConnectionResetError, asyncio.CancelledError):
-            # The client went away; the upstream request is closed by the proxy stage.
+            # The client went away, or the gateway cut the request at shutdown; the upstream
+            # request is closed by the proxy stage.
             ctx.decision = "error"
-            ctx.reason = "client_disconnected"
-            ctx.status = 499
+            if self.shutting_down:
+                ctx.reason, ctx.status = "shutdown", 503
+            else:
+                ctx.reason, ctx.status = "client_disconnected", 499
             raise
         except Exception as exc:  # a bug must still answer in the documented error shape
             ctx.decision, ctx.reason = "error", "internal_error"
             logger().error("internal_error", request_id=ctx.request_id,
                            error=type(exc).__name__, detail=str(exc)[:200])
-            if fwd is not None:
+            if fwd is not None and fwd.upstream_status is not None:
                 ctx.status = 502
                 raise  # the answer has started: the connection is cut
             ctx.status = 500
@@ -207,33 +242,56 @@ class Pipeline:
             return render(GatewayError(500, "api_error", "internal_error",
                                        "internal gateway error"), ctx.request_id)
         finally:
+            if body is not None:
+                self.bodies.release(body.held)
             self._finish(ctx, adm, fwd)
+
+    @staticmethod
+    def _facts(request: web.Request, path: str, body: Body, policy: CompiledPolicy,
+               key: KeyRecord) -> RequestFacts:
+        """Judge what the body says: model, stream, output maximum. Where a rule or the key
+        scopes models, a body whose model cannot be read is refused."""
+        must_judge = policy.model_rules or bool(key.models)
+        try:
+            doc = parse_json(request.method, body.data)
+        except ValueError as exc:
+            ctype = request.headers.get("content-type", "")
+            if must_judge or "json" in ctype or body.data.lstrip()[:1] in (b"{", b"["):
+                raise invalid_request("invalid_json", str(exc)) from None
+            doc = None  # not JSON (an upload, say) and nothing needs its model
+        if must_judge and doc is not None and "model" in doc and not isinstance(
+                doc["model"], str):
+            raise invalid_request("invalid_json", "model must be a string")
+        if must_judge and doc is None and body.data:
+            raise invalid_request("invalid_json", "this key or policy scopes models: the "
+                                  "request body must be a JSON object naming the model")
+        try:
+            return estimate_request(doc, len(body.data), path,
+                                    policy.doc.limits.default_max_output_tokens)
+        except ValueError as exc:
+            raise invalid_request("invalid_max_tokens", str(exc)) from None
 
     def _finish(self, ctx: RequestContext, adm: Admission | None,
                 fwd: Forwarded | None) -> None:
         self.inflight -= 1
         if fwd is not None:
             ctx.upstream_status = fwd.upstream_status
-            if fwd.upstream_s is not None:
+            if fwd.upstream_s is not None and fwd.sent:
                 ctx.upstream_ms = round(fwd.upstream_s * 1000.0, 3)
                 metrics.upstream_duration.observe(fwd.upstream_s)
             if fwd.ttfb_s is not None:
                 metrics.upstream_ttfb.observe(fwd.ttfb_s)
-            metrics.upstream_responses.inc((str(fwd.upstream_status),))
+            if fwd.upstream_status is not None:
+                metrics.upstream_responses.inc((str(fwd.upstream_status),))
             if fwd.usage is not None:
                 ctx.input_tokens = fwd.usage.input_tokens
                 ctx.output_tokens = fwd.usage.output_tokens
         if adm is not None:
-            if fwd is None:
-                in_act, out_act = 0, 0  # never reached the upstream: refund everything
-            else:
-                u = fwd.usage
-                in_act = u.input_tokens if u and u.input_tokens is not None else (
-                    adm.input_reserved)
-                # No usage seen: a finished or non-streamed answer was generated in full
-                # upstream (charge the reservation); a cut stream delivered nothing counted.
-                out_act = u.output_tokens if u and u.output_tokens is not None else (
-                    adm.output_reserved if fwd.completed or not ctx.stream else 0)
+            refund = fwd is None or not fwd.sent or fwd.failed or (
+                fwd.upstream_status is not None and fwd.upstream_status >= 400)
+            in_act, out_act = charged_tokens(
+                adm.input_reserved, adm.output_reserved, fwd.usage if fwd else None,
+                refund=refund, metered=fwd is not None and fwd.metered)
             self.limits.settle(adm, in_act, out_act)
         duration = time.perf_counter() - ctx.started
         ctx.duration_ms = round(duration * 1000.0, 3)
@@ -261,8 +319,8 @@ class Pipeline:
             if subjects:
                 metrics.store_duration.observe(time.perf_counter() - t0)
 
-    def check_scopes(self, policy: CompiledPolicy, key: KeyRecord,
-                     ctx: RequestContext, loc: GeoInfo, cloc: GeoInfo | None) -> None:
+    def check_scopes(self, policy: CompiledPolicy, key: KeyRecord, ctx: RequestContext,
+                     loc: GeoInfo, cloc: GeoInfo | None, model: str | None) -> None:
         """Reseller status and countries, then the key's model, path and country scopes."""
         r = policy.doc.resellers.get(key.reseller)
         if r is None:
@@ -277,51 +335,16 @@ class Pipeline:
                                    f"{whose} country {judged or 'unknown'} is outside the "
                                    "reseller's allowed countries")
         models, paths, countries = self.scopes.get(key)
-        if models is not None and ctx.model is not None and not models.match(ctx.model):
-            raise permission_error("model_not_allowed", f"model {ctx.model!r} is not in this "
+        if models is not None and model is not None and not models.match(model):
+            raise permission_error("model_not_allowed", f"model {clip(model)!r} is not in this "
                                    "key's scope")
         if paths is not None and not paths.match(ctx.path):
-            raise permission_error("path_not_allowed", f"path {ctx.path!r} is not in this "
-                                   "key's scope")
+            raise permission_error("path_not_allowed", f"path {clip(ctx.path)!r} is not in "
+                                   "this key's scope")
         if not country_allowed(countries, judged):
             raise permission_error("country_not_allowed",
                                    f"{whose} country {judged or 'unknown'} is outside this "
                                    "key's allowed countries")
-
-    @staticmethod
-    async def _read_body(request: web.Request, limit: int) -> bytes:
-        length = request.content_length
-        if length is not None and length > limit:
-            raise GatewayError(413, "request_too_large", "request_too_large",
-                               f"request body exceeds {limit} bytes")
-        if not request.body_exists:
-            return b""
-        if length is not None:
-            body = await request.content.readexactly(length) if length else b""
-            return body
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
-            if total > limit:
-                raise GatewayError(413, "request_too_large", "request_too_large",
-                                   f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @staticmethod
-    def _parse_json(request: web.Request, body: bytes) -> dict[str, Any] | None:
-        if not body or request.method not in _BODY_METHODS:
-            return None
-        ctype = request.headers.get("content-type", "")
-        if "json" not in ctype and body.lstrip()[:1] not in (b"{", b"["):
-            return None
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise GatewayError(400, "invalid_request_error", "invalid_json",
-                               "request body is not valid JSON") from None
-        return doc if isinstance(doc, dict) else None
 
     @staticmethod
     def _xff(request: web.Request, peer: str, peer_trusted: bool) -> str:

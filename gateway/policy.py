@@ -93,6 +93,8 @@ class DefaultLimits(_M):
     key: LimitSet = Field(default_factory=LimitSet)
     reseller: LimitSet = Field(default_factory=LimitSet)
     customer: LimitSet = Field(default_factory=LimitSet)
+    #: output reserved for a request that sends no `max_tokens` (DESIGN.md §8)
+    default_max_output_tokens: int = Field(default=4096, gt=0)
 
 
 class PolicyDoc(_M):
@@ -226,6 +228,8 @@ class CompiledPolicy:
     rules: tuple[CompiledRule, ...]
     reseller_countries: dict[str, frozenset[str | None] | None]
     shadow_ids: frozenset[str] = field(default_factory=frozenset)
+    #: some rule matches on the model: a request whose model cannot be read is refused
+    model_rules: bool = False
 
 
 def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
@@ -247,6 +251,7 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
         version=version, doc=doc, rules=tuple(rules),
         reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
         shadow_ids=frozenset(r.id for r in doc.rules if r.mode == "shadow"),
+        model_rules=any(r.match.model for r in doc.rules),
     )
 
 
@@ -308,3 +313,8 @@ def country_allowed(allowed: frozenset[str | None] | None, country: str | None) 
 def glob_list(patterns: list[str]) -> re.Pattern[str] | None:
     """Compiled key scopes (cached per pattern list by the caller)."""
     return _glob(patterns)
+
+
+def path_glob_list(patterns: list[str]) -> re.Pattern[str] | None:
+    """Placeholder: path globs are fnmatch globs until the segment-aware ones land."""
+    return glob_list(patterns)

@@ -11,7 +11,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import GatewayError
-from gateway.usage import MAX_BUFFERED_JSON, SSEUsageParser, Usage, usage_from_json
+from gateway.usage import (
+    MAX_BUFFERED_JSON,
+    SSEUsageParser,
+    Usage,
+    UsageChunkFilter,
+    usage_from_json,
+)
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -28,6 +34,12 @@ _DROP_RESPONSE = frozenset({"content-length", "content-encoding", "date", "serve
 class Forwarded:
     """What the forward stage learned: status, timings and reported usage."""
 
+    #: the request was handed to the upstream connection
+    sent: bool = False
+    #: the upstream failed before answering (502 / 504)
+    failed: bool = False
+    #: the answer ended normally and its usage, if it reports any, was read whole
+    metered: bool = False
     upstream_status: int | None = None
     ttfb_s: float | None = None
     upstream_s: float | None = None
@@ -63,8 +75,12 @@ class Upstream:
         await self.session.close()
 
     def request_headers(self, incoming: CIMultiDictProxy[str], xff: str,
-                        request_id: str) -> CIMultiDict[str]:
+                        request_id: str, body_rewritten: bool = False) -> CIMultiDict[str]:
+        """Headers for the upstream; `body_rewritten`: the gateway inflated or re-encoded the
+        body, so the client's Content-Encoding no longer describes it."""
         drop = self.drop | _connection_tokens(incoming)
+        if body_rewritten:
+            drop = drop | {"content-encoding"}
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             if name.lower() not in drop:
@@ -79,26 +95,32 @@ class Upstream:
     async def forward(
         self,
         request: web.Request,
+        target: str,
         body: bytes,
         headers: CIMultiDict[str],
         extra_response_headers: dict[str, str],
         info: Forwarded,
+        strip_usage: bool = False,
     ) -> web.StreamResponse:
         """Send the request upstream and stream the answer to the client as it arrives.
 
         Raises the 502/504 GatewayError when no answer started; once the answer has started, a
         failure cuts the client's response (the status is already sent). `info` is filled in
         as the answer goes, so the caller still sees what was delivered when the forward is
-        cancelled (client gone) mid-stream."""
-        url = self.url + request.rel_url.raw_path_qs
+        cancelled (client gone) mid-stream. `target` is the normalised path and query the
+        gateway judged; `strip_usage` drops the usage chunk the gateway asked for."""
+        url = self.url + target
         t0 = time.perf_counter()
+        info.sent = True
         try:
             up = await self.session.request(request.method, url, data=body or None,
                                             headers=headers, allow_redirects=False)
         except TimeoutError:
+            info.failed = True
             raise GatewayError(504, "api_error", "upstream_timeout",
                                "upstream did not answer in time") from None
         except aiohttp.ClientError as exc:
+            info.failed = True
             raise GatewayError(502, "api_error", "upstream_unavailable",
                                f"upstream unreachable ({type(exc).__name__})") from None
         try:
@@ -121,6 +143,7 @@ class Upstream:
             parser = SSEUsageParser() if sse else None
             if parser is not None:
                 info.usage = parser.usage  # updated in place: an aborted stream keeps its count
+            strip = UsageChunkFilter() if sse and strip_usage else None
             buf: list[bytes] | None = [] if is_json and up.status < 400 else None
             buffered = 0
             await resp.prepare(request)
@@ -132,6 +155,10 @@ class Upstream:
                         first = False
                     if parser is not None:
                         parser.feed(chunk)
+                        if strip is not None:
+                            chunk = strip.feed(chunk)
+                            if not chunk:
+                                continue
                     elif buf is not None:
                         buffered += len(chunk)
                         if buffered <= MAX_BUFFERED_JSON:
@@ -149,8 +176,17 @@ class Upstream:
                 return resp
             if info.ttfb_s is None:
                 info.ttfb_s = time.perf_counter() - t0
+            if strip is not None:
+                tail = strip.flush()
+                if tail:
+                    await resp.write(tail)
             if buf is not None:
                 info.usage = usage_from_json(b"".join(buf))
+                info.metered = True
+            elif parser is not None:
+                info.metered = parser.usage.output_final
+            elif not ctype.startswith("application/json"):
+                info.metered = True  # neither JSON nor a stream: no usage to read
             await resp.write_eof()
             info.completed = True
             info.upstream_s = time.perf_counter() - t0

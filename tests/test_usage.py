@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from gateway.usage import RequestFacts, SSEUsageParser, Usage, estimate_request, usage_from_json
+from gateway.usage import (
+    RequestFacts,
+    SSEUsageParser,
+    Usage,
+    UsageChunkFilter,
+    charged_tokens,
+    estimate_request,
+    usage_from_json,
+    with_include_usage,
+)
 
 # --- estimate_request ----------------------------------------------------------------------------
 
@@ -21,18 +30,27 @@ from gateway.usage import RequestFacts, SSEUsageParser, Usage, estimate_request,
         ({"max_tokens": 100, "max_completion_tokens": 300}, 300),
         ({"max_tokens": 500, "max_completion_tokens": 300}, 500),
         ({"max_output_tokens": 64}, 64),
-        ({"max_tokens": True}, 0),
-        ({"max_tokens": True, "max_completion_tokens": 7}, 7),
-        ({"max_tokens": "100"}, 0),
-        ({"max_tokens": 12.5}, 0),
-        ({"max_tokens": None}, 0),
-        ({"max_tokens": -5}, 0),
-        ({}, 0),
+        ({"max_tokens": 4096.0}, 4096),
+        ({"max_tokens": None}, 2048),
+        ({}, 2048),
     ],
 )
 def test_estimate_output_is_the_larger_max_tokens(body: dict[str, Any], expected_max: int) -> None:
-    """Output reservation is the larger of max_tokens / max_completion_tokens; bools are ignored."""
-    assert estimate_request(body, 100).max_output_tokens == expected_max
+    """Output reservation is the larger maximum sent (an integral float counts), else the
+    policy's default."""
+    assert estimate_request(body, 100, default_max_output=2048).max_output_tokens == expected_max
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"max_tokens": True}, {"max_tokens": "4096"}, {"max_tokens": 12.5}, {"max_tokens": -5},
+     {"max_tokens": 0}, {"max_tokens": float("inf")}, {"max_tokens": [1]},
+     {"max_tokens": 10, "max_completion_tokens": "7"}],
+)
+def test_estimate_refuses_a_bad_output_maximum(body: dict[str, Any]) -> None:
+    """A maximum that is not a positive integer is refused, never reserved as zero."""
+    with pytest.raises(ValueError, match="positive integer"):
+        estimate_request(body, 100, default_max_output=2048)
 
 
 @pytest.mark.parametrize(
@@ -293,3 +311,74 @@ def test_sse_overlong_line_is_dropped() -> None:
     p.feed(b"y" * 10 + b"\n\n")
     p.feed(_sse(OPENAI_EVENTS))
     assert p.usage == OPENAI_USAGE
+
+
+# --- final usage and what a finished request is charged ------------------------------------------
+
+
+def test_message_start_output_is_not_final_message_delta_is() -> None:
+    """Anthropic's message_start carries a running output count; only message_delta's is final."""
+    p = SSEUsageParser()
+    p.feed(b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+           b'{"input_tokens":30,"output_tokens":1}}}\n\n')
+    assert (p.usage.input_tokens, p.usage.output_tokens, p.usage.output_final) == (30, 1, False)
+    p.feed(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":99}}\n\n')
+    assert (p.usage.output_tokens, p.usage.output_final) == (99, True)
+
+
+def test_openai_usage_chunk_and_responses_completed_are_final() -> None:
+    """OpenAI's usage chunk and the Responses API's response.completed carry final usage."""
+    p = SSEUsageParser()
+    p.feed(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\n')
+    assert (p.usage.output_tokens, p.usage.output_final) == (7, True)
+    r = SSEUsageParser()
+    r.feed(b'data: {"type":"response.completed","response":{"usage":{"input_tokens":4,'
+           b'"output_tokens":8}}}\n\n')
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.output_final) == (4, 8, True)
+
+
+@pytest.mark.parametrize(
+    ("usage", "refund", "metered", "expected"),
+    [
+        (None, True, False, (0, 0)),                       # upstream failed / error status
+        (Usage(30, 12, output_final=True), False, True, (30, 12)),   # normal end
+        (None, False, True, (0, 0)),                       # a whole answer without usage
+        (Usage(30, 1), False, False, (30, 500)),           # cut after message_start
+        (None, False, False, (100, 500)),                  # hang-up before any answer
+        (Usage(None, 900), False, False, (100, 900)),      # delivered more than reserved
+        (Usage(30, 40, output_final=True), False, False, (30, 40)),  # final seen, then cut
+    ],
+)
+def test_charged_tokens(usage: Usage | None, refund: bool, metered: bool,
+                        expected: tuple[int, int]) -> None:
+    """Refund on upstream failure; reported usage on a normal end; otherwise the whole output
+    reservation, never less than what was delivered (DESIGN.md §8)."""
+    assert charged_tokens(100, 500, usage, refund=refund, metered=metered) == expected
+
+
+def test_include_usage_asked_only_for_openai_streams_that_did_not() -> None:
+    """The gateway asks for the usage chunk on OpenAI chat streams whose client did not."""
+    chat = "/v1/chat/completions"
+    assert estimate_request({"stream": True}, 10, chat).add_include_usage
+    assert estimate_request({"stream": True, "stream_options": {"include_usage": False}},
+                            10, chat).add_include_usage
+    assert not estimate_request({"stream": True, "stream_options": {"include_usage": True}},
+                                10, chat).add_include_usage
+    assert not estimate_request({"stream": False}, 10, chat).add_include_usage
+    assert not estimate_request({"stream": True}, 10, "/v1/messages").add_include_usage
+    body: dict[str, Any] = {"model": "gpt-4o", "stream": True, "stream_options": {"x": 1}}
+    assert json.loads(with_include_usage(body))["stream_options"] == {"x": 1,
+                                                                       "include_usage": True}
+
+
+def test_usage_chunk_filter_drops_what_the_gateway_asked_for() -> None:
+    """The usage-only chunk and the `"usage":null` fields vanish; other bytes pass unchanged,
+    whatever the chunk boundaries."""
+    events = (b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+              b'data: {"id":"a","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+              b'\n\ndata: [DONE]\n\n')
+    expected = b'data: {"id":"a","choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    for cut in range(1, len(events)):
+        f = UsageChunkFilter()
+        out = f.feed(events[:cut]) + f.feed(events[cut:]) + f.flush()
+        assert out == expected, cut

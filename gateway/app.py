@@ -87,7 +87,10 @@ class GatewayService:
 
     async def _serve(self, app: web.Application, hostport: str) -> int:
         host, port = parse_hostport(hostport)
+        # auto_decompress=False: the pipeline inflates request bodies itself, within the body
+        # limit (aiohttp's own inflation would let Content-Length bound only the gzip size).
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               auto_decompress=False,
                                shutdown_timeout=self.config.settings.shutdown_grace_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None,

@@ -54,7 +54,7 @@ class Demo:
         self.sets = ["--set", f"upstream.url={upstream_url}",
                      "--set", f"listen=127.0.0.1:{self.port}",
                      "--set", f"admin_listen=127.0.0.1:{self.admin_port}",
-                     "--set", "shutdown_grace_s=5"]
+                     "--set", "shutdown_grace_s=5", "--set", "shutdown_drain_s=1"]
         cmd = [sys.executable, "-m", "gateway", "run", "--config", CONFIG, *self.sets]
         print("$ gateway run --config", CONFIG, " ".join(self.sets[1::2]).replace(
             "upstream", "--set upstream").replace(" listen", " --set listen").replace(
@@ -214,6 +214,8 @@ class Demo:
         await self.ask("again: 80 used + 60 reserved > 100", otpm, "192.0.2.14",
                        max_tokens=60)
 
+        await self.walkarounds(upstream)
+
         _h("6. Explain a decision, look up an address")
         _, out = await self.cli("explain", "--ip", "192.0.2.12", "--reseller", "acme",
                                 "--customer-ip", "198.51.100.33", "--customer-id", "cust-43",
@@ -233,6 +235,60 @@ class Demo:
                                          for k in (direct, acme, tight, otpm))]
         print(f"\n  the stand-in saw {len(seen)} requests; "
               f"{len(leaked)} carried a reseller key (the gateway swaps in its own credential)")
+
+    async def raw(self, label: str, method: str, target: str, headers: dict[str, str],
+                  body: bytes = b"", hang_up_after: bytes | None = None) -> None:
+        """One request on a raw socket, exactly as written (no client library tidies it)."""
+        lines = [f"{method} {target} HTTP/1.1", "Host: gateway", "Connection: close",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        if body or method == "POST":
+            lines.append(f"Content-Length: {len(body)}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+        if hang_up_after is not None:
+            head = await reader.readuntil(hang_up_after)
+            result = f"{head.split(b' ', 2)[1].decode()}, hung up after {hang_up_after.decode()}"
+        else:
+            data = await reader.read()
+            status = data.split(b" ", 2)[1].decode()
+            try:
+                err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+                result = f"{status} {err['type']} / {err['code']}"
+            except (ValueError, KeyError, IndexError, TypeError):
+                result = status
+        writer.close()
+        self.outcomes.append((label, result))
+        print(f"  {label:<58}\n      ⇒ {result}")
+
+    async def walkarounds(self, upstream: FakeUpstream) -> None:
+        _h("5b. Trying to walk around it (raw sockets, as an attacker would)")
+        scoped = await self.issue("--reseller", "direct", "--name", "messages-only", "--paths",
+                                  "/v1/messages", "--models", "claude-*", "--otpm", "1000")
+        h = {"x-api-key": scoped, "X-Forwarded-For": "192.0.2.15",
+             "content-type": "application/json"}
+        msg = {"model": "claude-demo-1", "max_tokens": 400,
+               "messages": [{"role": "user", "content": "hi"}]}
+        await self.raw("GET /v1/messages/../models (leave the path scope)", "GET",
+                       "/v1/messages/../models", h)
+        await self.raw("GET /v1/messages/%2e%2e/models (encoded dot segment)", "GET",
+                       "/v1/messages/%2e%2e/models", h)
+        await self.raw("no key, broken JSON (key is checked first)", "POST", "/v1/messages",
+                       {"X-Forwarded-For": "192.0.2.15"}, b'{"model": ')
+        await self.raw("gpt-4o behind a UTF-8 BOM, text/plain", "POST", "/v1/messages",
+                       {**h, "content-type": "text/plain"},
+                       b"\xef\xbb\xbf" + json.dumps({**msg, "model": "gpt-4o"}).encode())
+        await self.raw('"model" named twice', "POST", "/v1/messages", h,
+                       b'{"model": "gpt-4o", "model": "claude-demo-1", "max_tokens": 5}')
+        await self.raw('max_tokens "4096" (a string)', "POST", "/v1/messages", h,
+                       json.dumps({**msg, "max_tokens": "4096"}).encode())
+        stream = json.dumps({**msg, "stream": True}).encode()
+        for i in range(2):
+            await self.raw(f"stream with max_tokens 400, hang up early ({i + 1})", "POST",
+                           "/v1/messages", h, stream, hang_up_after=b"message_start")
+        await asyncio.sleep(1.0)  # let both cut streams settle
+        await self.raw("third stream: 2 x 400 charged of otpm 1000", "POST", "/v1/messages",
+                       h, stream)
 
     def print_logs(self) -> None:
         _h("8. What the gateway logged: one JSON line per request (and audit events)")

@@ -337,8 +337,12 @@ class RedisStore(Store):
             except ResponseError as exc:
                 raise StoreError(f"store error: {str(exc)[:200]}") from exc
             for _entry_id, fields in page:
-                event = json.loads(fields[b"e"])
-                if since is None or event["time"] >= since:
+                try:
+                    event = json.loads(fields[b"e"])
+                    when = float(event["time"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # not an entry this gateway wrote
+                if since is None or when >= since:
                     out.append(event)
                     if len(out) >= limit:
                         break

@@ -19,7 +19,7 @@ import yaml
 
 from gateway.audit import configure_logging, log_audit, log_request, logger, set_log_stream
 from gateway.context import RequestContext
-from tests.support.cli import run_cli, send
+from tests.support.cli import GatewayProcess, run_cli, send
 from tests.support.gateway import (
     ADMIN_TOKEN,
     DEFAULT_POLICY,
@@ -27,11 +27,13 @@ from tests.support.gateway import (
     RunningGateway,
     poll,
     running_gateway,
+    write_config,
 )
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
 WARNING = {"level": "warning", "format": "json"}
+START_S = 30.0  # a subprocess gateway (imports, geo, store) on a loaded machine
 
 
 def _store(server: RedisServer, prefix: str = "au:") -> dict[str, Any]:
@@ -144,6 +146,60 @@ async def test_cli_on_redis_changes_are_in_the_audit_stream(
         text = "\n".join([*gw.logs.raw, issued.stderr, listed.stdout, table.stdout])
         for secret in (key["key"], api_key, ADMIN_TOKEN, UPSTREAM_KEY):
             assert secret not in text
+
+
+async def test_real_process_at_warning_with_cli_changes_on_redis(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """A real `gateway run` at log.level warning on redis-server prints its request lines and no
+    info diagnostics; a key the CLI issued and revoked on Redis is listed by `gateway audit list
+    --json` and GET /admin/audit."""
+    port, admin_port = free_port(), free_port()
+    cfg = write_config(tmp_path, upstream.url, listen=f"127.0.0.1:{port}",
+                       admin_listen=f"127.0.0.1:{admin_port}", store=_store(redis_server),
+                       log=WARNING)
+    url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def get(path: str) -> tuple[int, Any]:
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession() as s, s.get(admin + path, headers=headers) as r:
+                return r.status, await r.json(content_type=None)
+        except aiohttp.ClientConnectionError:
+            return 0, None
+
+    with GatewayProcess(cfg) as gw:
+        await poll(lambda: _is_ready(get), timeout=START_S)
+        issued = await _cli("keys", "issue", "--reseller", "direct", "--json", config=cfg)
+        key = json.loads(issued.stdout)
+
+        async def served() -> bool:
+            status, _, _ = await send(url, key["key"])
+            return status == 200
+
+        await poll(served)
+        await _cli("keys", "revoke", key["key_id"], config=cfg)
+        listed = json.loads((await _cli("audit", "list", "--json", config=cfg)).stdout)
+        mine = [e for e in listed["events"] if e["target"] == key["key_id"]]
+        assert [(e["action"], e["actor"].split(":")[0], e["reseller"]) for e in mine] == [
+            ("key_issued", "cli", "direct"), ("key_revoked", "cli", "direct")]
+        status, body = await get("/admin/audit")
+        assert status == 200 and body == listed
+
+        await poll(lambda: gw.events("request"))
+        assert {r["key_id"] for r in gw.events("request")} == {key["key_id"]}
+        # Its own change (the policy seed) printed an audit line; no info diagnostic printed.
+        assert [a["action"] for a in gw.events("audit")] == ["policy_applied"]
+        info = {x["event"] for x in gw.lines if x.get("level") in ("debug", "info")}
+        assert info == {"request", "audit"}
+        assert "gateway_started" not in "\n".join(gw.raw)
+        assert key["key"] not in "\n".join(gw.raw)
+
+
+async def _is_ready(get: Any) -> bool:
+    status, _ = await get("/readyz")
+    return bool(status == 200)
 
 
 async def test_embedded_store_audit_list_through_the_admin_api(

@@ -10,6 +10,7 @@ import yaml
 from aiohttp import web
 
 from gateway import metrics
+from gateway.audit import parse_limit, parse_since, record_policy_applied
 from gateway.errors import StoreError
 from gateway.explain import explain
 from gateway.keys import KeyOpError, issue_key, list_keys, revoke_key, rotate_key, show_key
@@ -124,8 +125,6 @@ async def policy_show(request: web.Request) -> web.Response:
 
 async def policy_put(request: web.Request) -> web.Response:
     """Body: the policy as YAML or JSON. ?dry_run=1 validates only; ?expected_version=N."""
-    from gateway.audit import log_audit
-
     svc: GatewayService = request.app[SERVICE]
     text = await request.text()
     try:
@@ -140,13 +139,28 @@ async def policy_put(request: web.Request) -> web.Response:
     if request.query.get("dry_run") in ("1", "true"):
         return web.json_response({"valid": True, "policy": json.loads(canonical(doc))})
     expected = request.query.get("expected_version")
+    before = await svc.store.get_policy()  # for the audit of reseller status changes
     try:
         version = await svc.store.put_policy(canonical(doc), _actor(request),
                                              int(expected) if expected else None)
     except ValueError as exc:
         return _err(409, str(exc))
-    log_audit(_actor(request), "policy_applied", "policy", version=version)
+    await record_policy_applied(svc.store, _actor(request), version,
+                                before.doc if before else None, canonical(doc))
     return web.json_response({"version": version})
+
+
+async def audit_view(request: web.Request) -> web.Response:
+    """?since= (24h, ISO 8601 or Unix seconds) &limit= (default 1000): the store's audit
+    stream, oldest first, as {"events": [...]}."""
+    try:
+        since_q = request.query.get("since")
+        since = parse_since(since_q) if since_q else None
+        limit = parse_limit(request.query.get("limit"))
+    except ValueError as exc:
+        return _err(400, str(exc))
+    events = await request.app[SERVICE].store.list_audit(since, limit)
+    return web.json_response({"events": events})
 
 
 async def explain_view(request: web.Request) -> web.Response:
@@ -181,5 +195,6 @@ def build_admin_app(service: GatewayService) -> web.Application:
     r.add_get("/admin/policy", policy_show)
     r.add_put("/admin/policy", policy_put)
     r.add_get("/admin/explain", explain_view)
+    r.add_get("/admin/audit", audit_view)
     r.add_post("/admin/reload", reload_view)
     return app

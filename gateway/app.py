@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app
-from gateway.audit import configure_logging, log_audit, logger
+from gateway.audit import configure_logging, logger, record_audit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.geo import GeoDatabaseError, GeoResolver
 from gateway.identity import KeyRegistry
@@ -219,8 +219,10 @@ class GatewayService:
         stored = await self.store.get_policy()
         if stored is None and seed and self.config.settings.policy_file:
             doc = load_policy_file(self.config.settings.policy_file)
+            actor = "seed:" + socket.gethostname()
             try:
-                await self.store.put_policy(canonical(doc), "seed:" + socket.gethostname(), 0)
+                version = await self.store.put_policy(canonical(doc), actor, 0)
+                await record_policy_applied(self.store, actor, version, None, canonical(doc))
             except ValueError:
                 pass  # another instance seeded first
             stored = await self.store.get_policy()
@@ -302,8 +304,8 @@ class GatewayService:
             if rec.key_id not in present:
                 await self.store.put_key(rec)
                 restored += 1
-        log_audit(actor, "store_restored", "store", keys=restored,
-                  policy_restored=policy_version == 0 and policy is not None)
+        await record_audit(self.store, actor, "store_restored", "store", keys=restored,
+                           policy_restored=policy_version == 0 and policy is not None)
         await self.registry.load_all()
         stored = await self.store.get_policy()
         if stored is not None:

@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check-config, keys, policy, explain, geo, demo."""
+"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, demo."""
 
 from __future__ import annotations
 
@@ -315,19 +315,56 @@ def cmd_policy(args: argparse.Namespace) -> int:
                                       text=canonical(doc)))
         version = out["version"]
     else:
-        from gateway.audit import log_audit
+        from gateway.audit import record_policy_applied
+
+        _cli_logging()
 
         async def put(store: Any) -> int:
+            before = await store.get_policy()
             try:
                 v: int = await store.put_policy(canonical(doc), _actor(), expected)
             except ValueError as exc:
                 raise SystemExit(f"error: {exc}; re-run to diff against it") from None
+            await record_policy_applied(store, _actor(), v, before.doc if before else None,
+                                        canonical(doc))
             return v
 
         version = _with_store(config, put)
-        _cli_logging()
-        log_audit(_actor(), "policy_applied", "policy", version=version)
     print(f"applied policy version {version}")
+    return 0
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from gateway.audit import parse_limit, parse_since
+
+    config = _load(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+        limit = parse_limit(str(args.limit))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if _embedded(config):  # the embedded store's stream lives in the running gateway
+        q = urlencode({"limit": limit, **({"since": repr(since)} if since is not None else {})})
+        events = asyncio.run(Remote(config).call("GET", f"/admin/audit?{q}"))["events"]
+    else:
+        from gateway.audit import configure_logging, set_log_stream
+
+        set_log_stream(sys.stderr)  # stdout is the listing alone
+        configure_logging("error", "json")
+        events = _with_store(config, lambda store: store.list_audit(since, limit))
+    if args.json:
+        _print({"events": events})
+        return 0
+    print(f"{'TIME':<22}{'ACTOR':<26}{'ACTION':<25}{'TARGET':<18}DETAILS")
+    for e in events:
+        when = datetime.fromtimestamp(e["time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        extra = " ".join(f"{k}={v}" for k, v in e.items()
+                         if k not in ("time", "actor", "action", "target"))
+        print(f"{when:<22}{e['actor']:<26}{e['action']:<25}{e['target']:<18}{extra}".rstrip())
     return 0
 
 
@@ -513,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     psh = with_config(ps.add_parser("show"))
     psh.add_argument("--json", action="store_true")
     pol.set_defaults(fn=cmd_policy)
+
+    au = sub.add_parser("audit", help="the audit trail of administrative changes")
+    aus = au.add_subparsers(dest="audit_cmd", required=True)
+    al = with_config(aus.add_parser("list", help="administrative changes, oldest first"))
+    al.add_argument("--since", help="24h, 30m, 7d, an ISO 8601 time or Unix seconds "
+                                    "(default: all the store keeps)")
+    al.add_argument("--limit", type=int, default=1000,
+                    help="the newest N events (default 1000, at most 10000)")
+    al.add_argument("--json", action="store_true", help='one JSON document {"events": [...]}')
+    au.set_defaults(fn=cmd_audit)
 
     e = with_config(sub.add_parser("explain", help="trace the decision for a request"))
     e.add_argument("--ip", required=True)

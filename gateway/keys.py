@@ -1,11 +1,12 @@
-"""Key operations (issue, list, show, revoke, rotate), shared by the admin API and the CLI."""
+"""Key operations (issue, list, show, revoke, rotate), shared by the admin API and the CLI;
+each change is audited (a line on stdout and an event in the store's audit stream)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from gateway.audit import log_audit
+from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
 from gateway.store.base import KeyRecord, Store
 
@@ -73,7 +74,7 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
         created_at=now, updated_at=now,
     )
     await store.put_key(rec)
-    log_audit(actor, "key_issued", key_id, reseller=reseller)
+    await record_audit(store, actor, "key_issued", key_id, reseller=reseller)
     return rec, full
 
 
@@ -111,7 +112,7 @@ async def revoke_key(store: Store, key_id: str, actor: str) -> dict[str, Any]:
     rec.prev_secret_hash = None
     rec.prev_valid_until = None
     await store.put_key(rec)
-    log_audit(actor, "key_revoked", key_id, reseller=rec.reseller)
+    await record_audit(store, actor, "key_revoked", key_id, reseller=rec.reseller)
     return rec.public()
 
 
@@ -130,5 +131,6 @@ async def rotate_key(store: Store, key_id: str, actor: str, overlap_s: float = 3
     rec.secret_hash = hash_secret(secret)
     rec.updated_at = now
     await store.put_key(rec)
-    log_audit(actor, "key_rotated", key_id, reseller=rec.reseller, overlap_s=overlap_s)
+    await record_audit(store, actor, "key_rotated", key_id, reseller=rec.reseller,
+                       overlap_s=overlap_s)
     return rec, full

@@ -10,6 +10,7 @@ from typing import Any
 
 WINDOW_MS = 60_000.0
 DIMENSIONS = ("rpm", "itpm", "otpm", "concurrency")
+AUDIT_MAXLEN = 100_000  # events the audit stream keeps (about: Redis trims approximately)
 
 
 @dataclass(slots=True)
@@ -173,6 +174,23 @@ class Store(abc.ABC):
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
     ) -> None:
         """Extend the expiry of live leases (long streams)."""
+
+    # audit stream (DESIGN.md §7) ----------------------------------------------------------
+    #: About how many events the audit stream keeps; older ones are trimmed (tests lower it).
+    audit_maxlen: int = AUDIT_MAXLEN
+
+    @abc.abstractmethod
+    async def append_audit(self, event: dict[str, Any]) -> None:
+        """Append one administrative change to the bounded audit stream (`<prefix>audit`).
+
+        `event` holds `time` (Unix seconds), `actor`, `action`, `target` and JSON extras,
+        never a secret. The stream keeps about the newest `audit_maxlen` events (Redis trims
+        approximately, never below it). Raise StoreError when the store cannot take it."""
+
+    @abc.abstractmethod
+    async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` events whose `time` is at or after `since` (all when None),
+        oldest first, each exactly as appended."""
 
 
 def gcra_cost(limit: int, cost: int) -> int:

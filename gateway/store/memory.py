@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from typing import Any
 
 from gateway.store.base import (
@@ -183,3 +184,23 @@ class MemoryStore(Store):
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
     ) -> None:
         self.limiter.renew(leases, ttl_ms)
+
+    # audit stream -------------------------------------------------------------------------
+    _audit: deque[dict[str, Any]] | None = None  # created on the first append
+
+    async def append_audit(self, event: dict[str, Any]) -> None:
+        if self._audit is None:
+            self._audit = deque()
+        self._audit.append(json.loads(json.dumps(event)))  # a copy, as Redis stores it
+        while len(self._audit) > self.audit_maxlen:
+            self._audit.popleft()
+
+    async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for event in reversed(self._audit or ()):
+            if len(out) >= limit:
+                break
+            if since is None or event["time"] >= since:
+                out.append(json.loads(json.dumps(event)))
+        out.reverse()
+        return out

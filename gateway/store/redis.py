@@ -310,3 +310,44 @@ class RedisStore(Store):
             keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
             if keys:
                 await self._call(self._renew(keys=keys, args=[lease_id, ttl_ms]))
+
+    # audit stream -------------------------------------------------------------------------
+    # One Stream key, `<prefix>audit` (one slot in Cluster), each entry one field `e`: the
+    # event's JSON. Entry ids are the Redis server's clock; an event's `time` is its writer's,
+    # so `since` reads back this much further and filters on `time`.
+    _AUDIT_SKEW_S = 300.0
+    _AUDIT_PAGE = 500
+
+    async def append_audit(self, event: dict[str, Any]) -> None:
+        try:
+            await self._call(self.client.xadd(
+                f"{self.prefix}audit", {"e": json.dumps(event, separators=(",", ":"))},
+                maxlen=self.audit_maxlen, approximate=True))
+        except ResponseError as exc:
+            raise StoreError(f"store error: {str(exc)[:200]}") from exc
+
+    async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
+        low = "-" if since is None else str(max(0, int((since - self._AUDIT_SKEW_S) * 1000)))
+        high = "+"
+        out: list[dict[str, Any]] = []
+        while len(out) < limit:
+            try:
+                page = await self._call(self.client.xrevrange(
+                    f"{self.prefix}audit", max=high, min=low, count=self._AUDIT_PAGE))
+            except ResponseError as exc:
+                raise StoreError(f"store error: {str(exc)[:200]}") from exc
+            for _entry_id, fields in page:
+                try:
+                    event = json.loads(fields[b"e"])
+                    when = float(event["time"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # not an entry this gateway wrote
+                if since is None or when >= since:
+                    out.append(event)
+                    if len(out) >= limit:
+                        break
+            if len(page) < self._AUDIT_PAGE:
+                break
+            high = "(" + page[-1][0].decode()
+        out.reverse()
+        return out

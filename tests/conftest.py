@@ -16,6 +16,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.support.redis_server import RedisCluster, RedisSentinel, RedisServer  # noqa: E402
+from tests.support.transcript import TRANSCRIPT  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
 # --- infrastructure fixtures ---
@@ -78,3 +79,19 @@ async def _dump_tasks_if_stuck() -> AsyncIterator[None]:
         yield
     finally:
         handle.cancel()
+
+
+# --- secrets never shown ---
+
+
+@pytest.fixture(autouse=True)
+def _search_output_for_secrets(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, search what its gateways and CLIs printed for the secrets they held."""
+    yield
+    TRANSCRIPT.end_test(request.node.nodeid)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The secret search (tests/test_zz_no_secrets.py) runs after every other test."""
+    last = [i for i in items if i.nodeid.startswith("tests/test_zz_no_secrets.py")]
+    items[:] = [i for i in items if i not in last] + last

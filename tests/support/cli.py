@@ -16,6 +16,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from tests.support.gateway import ADMIN_TOKEN, REPO, UPSTREAM_KEY
+from tests.support.transcript import TRANSCRIPT
 
 #: MaxMind's own test databases, shared next to the repository (see their README).
 TEST_GEO = REPO.parent / "shared" / "geoip-test-data"
@@ -32,11 +33,20 @@ def cli_env() -> dict[str, str]:
 def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
     """Run `python -m gateway <args> --config <config>` to completion (blocking: call it
     through `asyncio.to_thread` while an in-process gateway must keep serving)."""
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "gateway", *args, "--config", str(config)],
         env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
         check=False,
     )
+    if args[:2] in (("keys", "issue"), ("keys", "rotate")):
+        # These print the new key, once, by design: it becomes a secret to look for elsewhere.
+        for word in done.stdout.replace('"', " ").split():
+            if word.startswith("gk_"):
+                TRANSCRIPT.secret(word.strip(",}"))
+    else:
+        TRANSCRIPT.output("cli", done.stdout)
+    TRANSCRIPT.output("cli", done.stderr)
+    return done
 
 
 class GatewayProcess:
@@ -57,6 +67,7 @@ class GatewayProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            TRANSCRIPT.output("log", line)
             self.raw.append(line.rstrip("\n"))
             try:
                 doc = json.loads(line)

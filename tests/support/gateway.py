@@ -14,14 +14,15 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from gateway.app import GatewayService
 from gateway.audit import set_log_stream
 from gateway.settings import load_settings
+from tests.support.transcript import ADMIN_TOKEN, TRANSCRIPT, UPSTREAM_KEY
 
 REPO = Path(__file__).resolve().parents[2]
-ADMIN_TOKEN = "test-admin-token-0123456789"
-UPSTREAM_KEY = "test-upstream-key-9876543210"
+__all__ = ["ADMIN_TOKEN", "UPSTREAM_KEY"]
 
 
 class LogCapture(io.StringIO):
@@ -37,6 +38,7 @@ class LogCapture(io.StringIO):
         while "\n" in self._buf:
             line, self._buf = self._buf.split("\n", 1)
             if line.strip():
+                TRANSCRIPT.output("log", line)
                 self.raw.append(line)
                 self.lines.append(json.loads(line))
         return len(s)
@@ -83,6 +85,7 @@ class RunningGateway:
     async def issue_key(self, reseller: str = "direct", **spec: Any) -> tuple[str, str]:
         status, body = await self.admin("POST", "/admin/keys", json={"reseller": reseller, **spec})
         assert status == 201, body
+        TRANSCRIPT.secret(body["key"])
         return body["key_id"], body["key"]
 
     async def apply_policy(self, policy: dict[str, Any]) -> int:
@@ -134,9 +137,36 @@ async def running_gateway(tmp: Path, upstream_url: str, policy: dict[str, Any] |
     logs = LogCapture()
     set_log_stream(logs)
     service = GatewayService(config, environ=env)
+    _record_error_bodies(service)
     await service.start()
     try:
         yield RunningGateway(service, logs, tmp)
     finally:
+        await _record_metrics(service)
         await service.stop()
         set_log_stream(None)
+
+
+def _record_error_bodies(service: GatewayService) -> None:
+    """Every error body the proxy listener renders goes into the transcript (the wrapper is in
+    place before `start` registers the handler)."""
+    handle = service.pipeline.handle
+
+    async def recording(request: web.Request) -> web.StreamResponse:
+        resp = await handle(request)
+        if resp.status >= 400 and isinstance(resp, web.Response) and isinstance(
+                resp.body, bytes):
+            TRANSCRIPT.output("error_body", resp.body.decode("utf-8", "replace"))
+        return resp
+
+    service.pipeline.handle = recording  # type: ignore[method-assign]
+
+
+async def _record_metrics(service: GatewayService) -> None:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{service.admin_port}/metrics",
+                timeout=aiohttp.ClientTimeout(total=10)) as r:
+            TRANSCRIPT.output("metrics", await r.text())
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the test stopped the listener itself

@@ -16,7 +16,7 @@ from gateway.usage import (
     SSEUsageParser,
     Usage,
     UsageChunkFilter,
-    usage_from_json,
+    read_json_usage,
 )
 
 HOP_BY_HOP = frozenset({
@@ -181,8 +181,9 @@ class Upstream:
                 if tail:
                     await resp.write(tail)
             if buf is not None:
-                info.usage = usage_from_json(b"".join(buf))
-                info.metered = True
+                read = read_json_usage(b"".join(buf))
+                info.usage = read
+                info.metered = read is not None
             elif parser is not None:
                 info.metered = parser.usage.output_final
             elif not ctype.startswith("application/json"):

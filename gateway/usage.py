@@ -142,13 +142,20 @@ def usage_from_object(u: Any, into: Usage, final: bool = True) -> None:
 
 def usage_from_json(body: bytes) -> Usage:
     """Usage of a non-streamed JSON answer (empty Usage when absent or unparseable)."""
-    usage = Usage()
+    return read_json_usage(body) or Usage()
+
+
+def read_json_usage(body: bytes) -> Usage | None:
+    """Usage of a non-streamed JSON answer; None when the answer is not a JSON object (then
+    nothing says what the upstream generated)."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
-        return usage
-    if isinstance(doc, dict):
-        usage_from_object(doc.get("usage"), usage)
+        return None
+    if not isinstance(doc, dict):
+        return None
+    usage = Usage()
+    usage_from_object(doc.get("usage"), usage)
     return usage
 
 

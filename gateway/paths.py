@@ -200,7 +200,7 @@ def translate_path_glob(pattern: str) -> str:
     # A '**' followed by more '**' takes the earliest place its segments match (atomically,
     # like the stars of a segment); the last run is anchored at the end.
     for mid in pieces[1:-1]:
-        out += f"(?>(?:/.*?)??{run(mid)})"
+        out += f"(?>(?:/.*?)??{run(mid)}(?=/|\\Z))"
     return out + "(?:/.*)?" + run(pieces[-1])
 
 

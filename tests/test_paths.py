@@ -213,3 +213,10 @@ def test_many_stars_against_a_long_path_stay_linear() -> None:
     assert globs is not None
     path = "/" + "/".join(["a" * 200] * 40)
     assert globs.match(path) is False
+
+
+def test_double_star_pieces_end_at_a_segment_boundary() -> None:
+    """A run of segments between two '**' never matches part of a segment."""
+    globs = compile_path_globs(["/**/a/**"])
+    assert globs is not None
+    assert globs.match("/aa/a") and globs.match("/a") and not globs.match("/aa/ab")

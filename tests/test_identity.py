@@ -303,3 +303,22 @@ async def test_rotate_revoked_key_is_refused() -> None:
     with pytest.raises(KeyOpError) as info:
         await rotate_key(store, rec.key_id, "test", 0)
     assert info.value.status == 409
+
+
+@pytest.mark.parametrize("paths", [["/v1/[abc"], "/v1/messages**", ["v1/messages"], ["/v1//x"]])
+async def test_issue_refuses_invalid_path_globs(paths: list[str] | str) -> None:
+    """A key whose path scope is not a valid segment-aware glob is refused at issue (400)."""
+    store, _ = await _registry()
+    with pytest.raises(KeyOpError) as info:
+        await issue_key(store, {"reseller": "r", "paths": paths}, "test")
+    assert info.value.status == 400
+    assert str(info.value).startswith("paths: ")
+    assert await store.list_keys() == []
+
+
+async def test_issue_accepts_segment_aware_path_globs() -> None:
+    """Valid path globs are stored as given."""
+    store, _ = await _registry()
+    rec, _ = await issue_key(store, {"reseller": "r", "paths": "/v1/messages,/v1/messages/**"},
+                             "test")
+    assert rec.paths == ["/v1/messages", "/v1/messages/**"]

@@ -62,11 +62,12 @@ def parse_addr(token: str) -> str | None:
 
 
 # RFC 7239 §4 / RFC 7230 §3.2.6: a pair is token "=" (token / quoted-string); pairs are
-# separated by ';' (HTTP whitespace around it tolerated); an empty pair is allowed.
+# separated by ';' (HTTP whitespace around it tolerated); an empty pair is allowed. Possessive
+# quantifiers: nothing is given back, so a long run of whitespace costs linear time.
 _PAIR = re.compile(
-    r'[ \t]*(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)='
-    r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?'
-    r"[ \t]*(;|\Z)")
+    r'[ \t]*+(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)='
+    r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*+"))?'
+    r"[ \t]*+(;|\Z)")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _OBFPORT = re.compile(r"_[A-Za-z0-9._-]+")
 

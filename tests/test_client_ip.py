@@ -267,6 +267,17 @@ def test_resolve_overlong_forwarded_keeps_rightmost_elements() -> None:
         "192.0.2.5", "header", 1)
 
 
+def test_forwarded_long_runs_parse_in_linear_time() -> None:
+    """Long whitespace or quoted runs in an element cost linear time (quadratic would trip the
+    test timeout long before these 40 distinct, uncached headers are judged)."""
+    r = ClientIPResolver(["0.0.0.0/0"], "Forwarded", recursive=True)
+    for i in range(20):
+        spaces = " " * (MAX_HEADER_LEN - 40) + f"x{i}, for=10.0.0.1"
+        quoted = 'for="' + "\t" * (MAX_HEADER_LEN - 40) + f'"x{i}, for=10.0.0.1'
+        for header in (spaces, quoted):
+            assert r.resolve(PEER, [header]) == Resolution("10.0.0.1", "header", 0)
+
+
 def test_long_headers_are_not_cached() -> None:
     """A long forwarding header is resolved but not kept, so hostile headers cannot fill memory."""
     r = ClientIPResolver(TRUSTED, "X-Forwarded-For", recursive=True)

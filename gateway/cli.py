@@ -522,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--reseller", required=True)
     ki.add_argument("--name")
     ki.add_argument("--models", help="comma-separated globs, e.g. 'claude-*'")
-    ki.add_argument("--paths", help="comma-separated globs, e.g. '/v1/messages*'")
+    ki.add_argument("--paths", help="comma-separated path globs, e.g. '/v1/messages/**' "
+                    "('*' stays within one segment, '**' spans segments)")
     ki.add_argument("--countries", help="comma-separated ISO codes")
     for f in ("rpm", "itpm", "otpm", "concurrency"):
         ki.add_argument(f"--{f}", type=int)

@@ -7,6 +7,8 @@ and never yields an address that is neither the peer nor in the header.
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_HOPS = 64
 MAX_HEADER_LEN = 16 * 1024
 _CACHE_MAX = 16384
+_CACHE_KEY_MAX = 512
 
 
 def _port(s: str) -> bool:
@@ -29,7 +32,7 @@ def parse_addr(token: str) -> str | None:
     Accepts `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`; refuses zone ids, names,
     `unknown`, obfuscated RFC 7239 identifiers and anything else.
     """
-    t = token.strip()
+    t = token.strip(" \t")
     if not t or len(t) > 64 or "%" in t:
         return None
     if t.startswith("["):
@@ -58,18 +61,107 @@ def parse_addr(token: str) -> str | None:
     return str(addr)
 
 
-def _forwarded_for(value: str) -> list[str]:
-    """The `for=` values of an RFC 7239 Forwarded header, left to right (garbage kept as-is)."""
-    out: list[str] = []
-    for element in value.split(","):
-        found = ""
-        for pair in element.split(";"):
-            name, eq, val = pair.partition("=")
-            if eq and name.strip().lower() == "for":
-                found = val.strip().strip('"')
-        # An element without for= is not an address: it stops the walk like garbage does.
-        out.append(found if found or not element.strip() else "-")
-    return out
+# RFC 7239 §4 / RFC 7230 §3.2.6: a pair is token "=" (token / quoted-string); pairs are
+# separated by ';' (HTTP whitespace around it tolerated); an empty pair is allowed. Possessive
+# quantifiers: nothing is given back, so a long run of whitespace costs linear time.
+_PAIR = re.compile(
+    r'[ \t]*+(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)='
+    r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*+"))?'
+    r"[ \t]*+(;|\Z)")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_OBFPORT = re.compile(r"_[A-Za-z0-9._-]+")
+
+
+def _element_for(element: str) -> str | None:
+    """The `for=` value of one well-formed Forwarded element; None when the element is
+    malformed, names a parameter twice, or has no `for=`."""
+    seen: set[str] = set()
+    found: str | None = None
+    pos = 0
+    while True:
+        m = _PAIR.match(element, pos)
+        if m is None:
+            return None
+        name, value, sep = m.group(1), m.group(2), m.group(3)
+        if name is not None:
+            lname = name.lower()
+            if lname in seen:
+                return None
+            seen.add(lname)
+            if lname == "for":
+                found = _QUOTED_PAIR.sub(r"\1", value[1:-1]) if value.startswith('"') else value
+        if not sep:
+            return found
+        pos = m.end()
+
+
+def _node_addr(node: str) -> str | None:
+    """The address of an RFC 7239 §6 node (`192.0.2.1`, `192.0.2.1:80`, `[2001:db8::1]:80`,
+    either with an obfuscated port); None for `unknown`, obfuscated names and anything else."""
+    if len(node) > 64 or "%" in node:
+        return None
+    if node.startswith("["):
+        host, bracket, rest = node[1:].partition("]")
+        if not bracket:
+            return None
+    else:
+        host, colon, port = node.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and (_port(rest[1:]) or _OBFPORT.fullmatch(rest[1:]))):
+        return None
+    try:
+        addr: IPAddress = (ipaddress.IPv6Address(host) if node.startswith("[")
+                           else ipaddress.IPv4Address(host))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _backslashes_before(s: str, i: int) -> int:
+    n = 0
+    while i - n - 1 >= 0 and s[i - n - 1] == "\\":
+        n += 1
+    return n
+
+
+def _forwarded_from_right(value: str, cut: bool) -> Iterator[str | None]:
+    """The `for=` addresses of a Forwarded header from the right; None for an element that is
+    not a well-formed element with an address in `for=` (the walk stops there).
+
+    Elements are split from the right, tracking quoted-strings backwards, so whatever a client
+    put on the left (an unterminated quote, say) cannot swallow the elements that proxies
+    appended to its right; each element is then parsed left to right. `cut` says the header was
+    shortened on the left, so an element reaching its start is incomplete."""
+    end = len(value)
+    while end > 0:
+        j = end - 1
+        quoted = False
+        while j >= 0:
+            c = value[j]
+            if c == '"':
+                odd = _backslashes_before(value, j) % 2 == 1
+                if not quoted:
+                    if odd:  # a closing quote that a backslash escapes: not one
+                        yield None
+                        return
+                    quoted = True
+                elif not odd:
+                    quoted = False
+            elif c == "," and not quoted:
+                break
+            j -= 1
+        if quoted or (j < 0 and cut):
+            yield None
+            return
+        element = value[j + 1 : end]
+        if element.strip(" \t"):
+            found = _element_for(element)
+            yield None if found is None else _node_addr(found)
+        end = j
+        if j < 0:
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +220,10 @@ class ClientIPResolver:
         if not header_values:
             return Resolution(self.normalize(peer), "peer", -1)
         key = (peer, header_values[0] if len(header_values) == 1 else ",".join(header_values))
+        if len(key[1]) > _CACHE_KEY_MAX:
+            # Real chains are short; a long header is judged afresh rather than kept, so
+            # hostile headers cannot fill the cache with kilobytes each.
+            return self._resolve(peer, header_values)
         hit = self._resolve_cache.get(key)
         if hit is None:
             hit = self._resolve(peer, header_values)
@@ -141,25 +237,29 @@ class ClientIPResolver:
         if not header_values or not self.is_trusted(peer_norm):
             return Resolution(peer_norm, "peer", -1)
         joined = ",".join(header_values)
-        if len(joined) > MAX_HEADER_LEN:
+        cut = len(joined) > MAX_HEADER_LEN
+        if cut:
             joined = joined[-MAX_HEADER_LEN:]
-            # The cut may have split the leftmost element; drop it.
-            joined = joined.partition(",")[2]
-        elems = _forwarded_for(joined) if self.rfc7239 else joined.split(",")
+        hops = _forwarded_from_right(joined, cut) if self.rfc7239 else _xff_from_right(joined, cut)
         current = peer_norm
         source: Literal["peer", "header"] = "peer"
         hop = -1
-        n = 0
-        for raw in reversed(elems):
-            if not raw.strip():
-                continue  # empty elements are skipped, as nginx skips ", ,"
-            if n >= MAX_HOPS:
-                break
-            addr = parse_addr(raw)
-            if addr is None:
+        for n, addr in enumerate(hops):
+            if n >= MAX_HOPS or addr is None:
                 break
             current, source, hop = addr, "header", n
-            n += 1
             if not self.recursive or not self.is_trusted(addr):
                 break
         return Resolution(current, source, hop)
+
+
+def _xff_from_right(value: str, cut: bool) -> Iterator[str | None]:
+    """The X-Forwarded-For addresses from the right, empty elements skipped (as nginx skips
+    ", ,"); None for an element that is not an address. `cut` says the header was shortened on
+    the left: its leftmost element may be a fragment and is never read."""
+    elements = value.split(",")
+    if cut:
+        elements = elements[1:]
+    for raw in reversed(elements):
+        if raw.strip(" \t"):
+            yield parse_addr(raw)

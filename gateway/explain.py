@@ -11,6 +11,7 @@ from gateway.errors import GatewayError
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, parse_attestation
 from gateway.limits import subjects_for
+from gateway.paths import normalize_target
 from gateway.pipeline import Pipeline
 from gateway.policy import CompiledPolicy, Inputs, evaluate_rules
 from gateway.store.base import KeyRecord
@@ -33,6 +34,13 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
                                        "customer_ip": customer_ip, "model": model, "path": path}}
     policy: CompiledPolicy | None = pipeline.policy
     out["policy_version"] = policy.version if policy else None
+    try:
+        path, _ = normalize_target(path)  # judged as the live path is
+    except ValueError as exc:
+        out["decision"] = {"decision": "deny", "status": 400, "code": "invalid_path",
+                           "stage": "path", "message": str(exc)}
+        return out
+    out["request"]["path"] = path
     loc, out["client"] = _loc(pipeline.geo, ip)
     ctx = RequestContext("explain", ip, "POST", path, time.perf_counter(), client_ip=ip,
                          model=model)

@@ -124,16 +124,18 @@ class Attestation:
 
 
 def parse_attestation(customer_id: str | None, customer_ip: str | None) -> Attestation:
-    """Validate the reseller's customer headers; raise the 400 GatewayError when malformed."""
+    """Validate the reseller's customer headers; raise the 400 GatewayError when malformed.
+
+    Only HTTP whitespace (space, tab) around a value is ignored."""
     cid = None
     if customer_id is not None:
-        cid = customer_id.strip()
-        if not CUSTOMER_ID_RE.match(cid):
+        cid = customer_id.strip(" \t")
+        if not CUSTOMER_ID_RE.fullmatch(cid):
             raise invalid_request("invalid_customer_attestation",
                                   "customer id must be 1-128 characters of [A-Za-z0-9._:@-]")
     cip = None
     if customer_ip is not None:
-        raw = customer_ip.strip()
+        raw = customer_ip.strip(" \t")
         # A bare address only: no port, brackets or zone id.
         cip = None if "[" in raw or raw.count(":") == 1 else parse_addr(raw)
         if cip is None:

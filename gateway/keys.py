@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
+from gateway.paths import compile_path_globs
 from gateway.store.base import KeyRecord, Store
 
 LIMIT_FIELDS = ("rpm", "itpm", "otpm", "concurrency")
@@ -64,11 +65,16 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
         raise KeyOpError(400, "name must be a string")
+    paths = _strs(spec.get("paths"), "paths")
+    try:
+        compile_path_globs(paths)  # segment-aware globs (DESIGN.md §4)
+    except ValueError as exc:
+        raise KeyOpError(400, f"paths: {exc}") from None
     key_id, secret, full = new_key()
     now = time.time()
     rec = KeyRecord(
         key_id=key_id, reseller=reseller, secret_hash=hash_secret(secret), name=name,
-        models=_strs(spec.get("models"), "models"), paths=_strs(spec.get("paths"), "paths"),
+        models=_strs(spec.get("models"), "models"), paths=paths,
         countries=countries, limits=limits,
         expires_at=float(expires) if expires is not None else None,
         created_at=now, updated_at=now,

@@ -91,6 +91,17 @@ def build_runtime(config: LoadedConfig) -> Runtime:
     )
 
 
+class _NoPath:
+    """The path scope of a key whose stored globs are invalid: matches nothing."""
+
+    @staticmethod
+    def match(path: str) -> bool:
+        return False
+
+
+_NO_PATH = _NoPath()
+
+
 class _ScopeCache:
     """Compiled key scopes, recompiled only when the key record changes."""
 
@@ -103,7 +114,13 @@ class _ScopeCache:
             return hit[1], hit[2], hit[3]
         countries = None if not rec.countries else frozenset(
             None if c == "unknown" else c for c in rec.countries)
-        entry = (rec, glob_list(rec.models), path_glob_list(rec.paths), countries)
+        try:
+            paths: Any = path_glob_list(rec.paths)
+        except ValueError:
+            # A key stored before path globs were validated, with one that no longer
+            # compiles: it reaches no path (fail closed) until it is reissued.
+            paths = _NO_PATH
+        entry = (rec, glob_list(rec.models), paths, countries)
         if len(self._c) > 100_000:
             self._c.clear()
         self._c[rec.key_id] = entry

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.geo import ANONYMIZER_NAMES, GeoInfo
+from gateway.paths import PathGlobs, compile_path_globs
 from gateway.settings import ConfigError
 
 _CC = re.compile(r"^[A-Z]{2}$")
@@ -27,7 +28,7 @@ def _countries(v: list[str]) -> list[str]:
     out = []
     for c in v:
         cc = c if c == "unknown" else c.upper()
-        if cc != "unknown" and not _CC.match(cc):
+        if cc != "unknown" and not (c.isascii() and _CC.fullmatch(cc)):
             raise ValueError(f"{c!r} is not an ISO 3166 alpha-2 country code or 'unknown'")
         out.append(cc)
     return out
@@ -66,6 +67,12 @@ class Match(_M):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("path")
+    @classmethod
+    def _path_globs(cls, v: list[str] | None) -> list[str] | None:
+        compile_path_globs(v)  # segment-aware globs (DESIGN.md §4): a bad one is a config error
+        return v
 
 
 class Rule(_M):
@@ -188,7 +195,7 @@ class CompiledRule:
     anonymizer: frozenset[str] | None
     reseller: frozenset[str] | None
     model: re.Pattern[str] | None
-    path: re.Pattern[str] | None
+    path: PathGlobs | None
     has_location: bool
 
     def why_not(self, loc: GeoInfo | None, reseller: str | None, model: str | None,
@@ -243,7 +250,7 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
                 None if a == "unknown" else int(a) for a in m.asn),
             anonymizer=None if m.anonymizer is None else frozenset(m.anonymizer),
             reseller=None if m.reseller is None else frozenset(m.reseller),
-            model=_glob(m.model), path=_glob(m.path),
+            model=_glob(m.model), path=compile_path_globs(m.path),
             has_location=any(x is not None for x in (m.country, m.not_country, m.asn,
                                                      m.anonymizer)),
         ))
@@ -311,10 +318,12 @@ def country_allowed(allowed: frozenset[str | None] | None, country: str | None) 
 
 
 def glob_list(patterns: list[str]) -> re.Pattern[str] | None:
-    """Compiled key scopes (cached per pattern list by the caller)."""
+    """Compiled model globs (fnmatch: `*` matches any characters); None for no scope."""
     return _glob(patterns)
 
 
-def path_glob_list(patterns: list[str]) -> re.Pattern[str] | None:
-    """Placeholder: path globs are fnmatch globs until the segment-aware ones land."""
-    return glob_list(patterns)
+def path_glob_list(patterns: list[str] | None) -> PathGlobs | None:
+    """Compiled segment-aware path globs (`*` within a segment, `**` whole segments, see
+    gateway.paths); None for no scope; ValueError for an invalid glob. Match the normalised
+    path (gateway.paths.normalize_target) against it."""
+    return compile_path_globs(patterns)

@@ -202,6 +202,112 @@ def test_resolve_forwarded_header(values: list[str], expected: Resolution) -> No
     assert FWD.resolve(PEER, values) == expected
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # a quoted value is one value: a comma or 'for=' inside it is not a new element
+        (['for="175.16.199.1,for=214.78.120.1"'], Resolution(PEER, "peer", -1)),
+        (['for="175.16.199.1,for=214.78.120.1", for=10.0.0.7'],
+         Resolution("10.0.0.7", "header", 0)),
+        (['for="192.0.2.1;for=10.0.0.1"'], Resolution(PEER, "peer", -1)),
+        # a parameter twice in one element makes it malformed (RFC 7239 §4): the walk stops
+        (["for=192.0.2.1;for=10.0.0.1"], Resolution(PEER, "peer", -1)),
+        (["for=10.0.0.1;FOR=192.0.2.1"], Resolution(PEER, "peer", -1)),
+        (["for=192.0.2.1;proto=http;proto=https"], Resolution(PEER, "peer", -1)),
+        (["for=192.0.2.9, for=192.0.2.1;for=10.0.0.1, for=10.0.0.2"],
+         Resolution("10.0.0.2", "header", 0)),
+        # quoted-string escapes are undone; IPv6 needs quotes and brackets; ports are optional
+        (['for="\\[2001:db8::1\\]:80"'],
+         Resolution("2001:db8::1", "header", 0)),
+        (['for="[2001:db8::1]"'], Resolution("2001:db8::1", "header", 0)),
+        (['for="[::ffff:192.0.2.1]:80"'], Resolution("192.0.2.1", "header", 0)),
+        (['for="192.0.2.1:_obfport"'], Resolution("192.0.2.1", "header", 0)),
+        (["for=[2001:db8::1]"], Resolution(PEER, "peer", -1)),
+        (["for=2001:db8::1"], Resolution(PEER, "peer", -1)),
+        (["for=192.0.2.1:80"], Resolution(PEER, "peer", -1)),
+        (['for="2001:db8::1"'], Resolution(PEER, "peer", -1)),
+        (['for="[2001:db8::1]:99999"'], Resolution(PEER, "peer", -1)),
+        (['for="192.0.2.1:"'], Resolution(PEER, "peer", -1)),
+        (['for="unknown"'], Resolution(PEER, "peer", -1)),
+        # malformed syntax stops the walk
+        (["for=192.0.2.1, garbage"], Resolution(PEER, "peer", -1)),
+        (["for = 192.0.2.1"], Resolution(PEER, "peer", -1)),
+        (['for=192.0.2.1"'], Resolution(PEER, "peer", -1)),
+        (['for="192.0.2.1'], Resolution(PEER, "peer", -1)),
+        (['for="192.0.2.1"x'], Resolution(PEER, "peer", -1)),
+        (["for=192.0.2.1 proto=http"], Resolution(PEER, "peer", -1)),
+        (["for=\u00e9"], Resolution(PEER, "peer", -1)),
+        # empty pairs and elements are allowed by the list syntax
+        ([";;for=192.0.2.1;"], Resolution("192.0.2.1", "header", 0)),
+        (["for=192.0.2.1, , ,for=10.0.0.2,"], Resolution("192.0.2.1", "header", 1)),
+        (["for=192.0.2.1\t;\tproto=https"], Resolution("192.0.2.1", "header", 0)),
+    ],
+)
+def test_resolve_forwarded_rfc7239_syntax(values: list[str], expected: Resolution) -> None:
+    """Forwarded is parsed per RFC 7239: quoted-strings, escapes, one of each parameter."""
+    assert FWD.resolve(PEER, values) == expected
+
+
+@pytest.mark.parametrize(
+    "sent",
+    ['for="', 'for="x\\', 'for=a"b', 'for="[::1]:80\\"', 'a"b"c"', '"', "for=1.2.3.4;for=5"],
+)
+def test_forwarded_garbage_on_the_left_cannot_hide_appended_hops(sent: str) -> None:
+    """What a client sends cannot swallow the elements trusted proxies append to its right."""
+    got = FWD.resolve(PEER, [sent + ", for=198.51.100.7;proto=https, for=10.0.0.5"])
+    assert got == Resolution("198.51.100.7", "header", 1)
+    assert FWD.resolve(PEER, [sent, 'for="[2001:db8::7]:1"']) == Resolution(
+        "2001:db8::7", "header", 0)
+
+
+def test_resolve_overlong_forwarded_keeps_rightmost_elements() -> None:
+    """A Forwarded header past MAX_HEADER_LEN is judged on its rightmost whole elements."""
+    header = 'for="' + "x" * (MAX_HEADER_LEN * 2) + ", for=10.0.0.1"  # an unterminated quote
+    assert FWD.resolve(PEER, [header + ', for="192.0.2.5:1", for=10.0.0.2']) == Resolution(
+        "192.0.2.5", "header", 1)
+
+
+def test_forwarded_long_runs_parse_in_linear_time() -> None:
+    """Long whitespace or quoted runs in an element cost linear time (quadratic would trip the
+    test timeout long before these 40 distinct, uncached headers are judged)."""
+    r = ClientIPResolver(["0.0.0.0/0"], "Forwarded", recursive=True)
+    for i in range(20):
+        spaces = " " * (MAX_HEADER_LEN - 40) + f"x{i}, for=10.0.0.1"
+        quoted = 'for="' + "\t" * (MAX_HEADER_LEN - 40) + f'"x{i}, for=10.0.0.1'
+        for header in (spaces, quoted):
+            assert r.resolve(PEER, [header]) == Resolution("10.0.0.1", "header", 0)
+
+
+def test_long_headers_are_not_cached() -> None:
+    """A long forwarding header is resolved but not kept, so hostile headers cannot fill memory."""
+    r = ClientIPResolver(TRUSTED, "X-Forwarded-For", recursive=True)
+    for i in range(50):
+        got = r.resolve("203.0.113.1", [f"192.0.2.{i}, " + "9" * 2000])
+        assert got == Resolution("203.0.113.1", "peer", -1)
+    assert len(r._resolve_cache) == 0
+    r.resolve("203.0.113.1", ["192.0.2.1"])
+    assert len(r._resolve_cache) == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["\x1c192.0.2.1"], Resolution(PEER, "peer", -1)),
+        (["192.0.2.1\u00a0"], Resolution(PEER, "peer", -1)),
+        (["\t192.0.2.1 "], Resolution("192.0.2.1", "header", 0)),
+        (["192.0.2.1 192.0.2.2"], Resolution(PEER, "peer", -1)),
+        (['"192.0.2.1"'], Resolution(PEER, "peer", -1)),
+        (["[192.0.2.1]"], Resolution(PEER, "peer", -1)),
+        (["192.0.2.1:"], Resolution(PEER, "peer", -1)),
+        (["[2001:db8::1]:"], Resolution(PEER, "peer", -1)),
+        (["\u0661.2.3.4"], Resolution(PEER, "peer", -1)),
+    ],
+)
+def test_xff_elements_are_bare_addresses(values: list[str], expected: Resolution) -> None:
+    """An X-Forwarded-For element is an address with optional port and HTTP whitespace only."""
+    assert XFF.resolve(PEER, values) == expected
+
+
 def test_resolve_forwarded_from_untrusted_peer_is_peer() -> None:
     """A Forwarded header from an untrusted peer is ignored."""
     assert FWD.resolve("203.0.113.5", ["for=192.0.2.60"]) == Resolution("203.0.113.5", "peer", -1)

@@ -122,6 +122,7 @@ def test_extract_key(x_api_key: str | None, authorization: str | None,
         (None, "2001:DB8:0::1", Attestation(None, "2001:db8::1")),
         (None, "::ffff:192.0.2.1", Attestation(None, "192.0.2.1")),
         (None, "::1", Attestation(None, "::1")),
+        ("\tcust-42\t", "\t192.0.2.1", Attestation("cust-42", "192.0.2.1")),
     ],
 )
 def test_parse_attestation_valid(cid: str | None, cip: str | None,
@@ -151,6 +152,14 @@ def test_parse_attestation_valid(cid: str | None, cip: str | None,
         (None, "192.0.2.1, 198.51.100.1"),
         (None, "example.com"),
         ("cust-42", "999.1.1.1"),
+        ("\x1ccust-42", None),  # str.strip() would take these for whitespace
+        ("cust-42\x85", None),
+        ("cust-42\u3000", None),
+        ("cust-42\n", None),
+        (None, "\x1c192.0.2.1"),
+        (None, "192.0.2.1\u00a0"),
+        (None, "192.0.2.1\n"),
+        (None, "\u0661\u0669\u0662.0.2.1"),
     ],
 )
 def test_parse_attestation_malformed(cid: str | None, cip: str | None) -> None:
@@ -294,3 +303,22 @@ async def test_rotate_revoked_key_is_refused() -> None:
     with pytest.raises(KeyOpError) as info:
         await rotate_key(store, rec.key_id, "test", 0)
     assert info.value.status == 409
+
+
+@pytest.mark.parametrize("paths", [["/v1/[abc"], "/v1/messages**", ["v1/messages"], ["/v1//x"]])
+async def test_issue_refuses_invalid_path_globs(paths: list[str] | str) -> None:
+    """A key whose path scope is not a valid segment-aware glob is refused at issue (400)."""
+    store, _ = await _registry()
+    with pytest.raises(KeyOpError) as info:
+        await issue_key(store, {"reseller": "r", "paths": paths}, "test")
+    assert info.value.status == 400
+    assert str(info.value).startswith("paths: ")
+    assert await store.list_keys() == []
+
+
+async def test_issue_accepts_segment_aware_path_globs() -> None:
+    """Valid path globs are stored as given."""
+    store, _ = await _registry()
+    rec, _ = await issue_key(store, {"reseller": "r", "paths": "/v1/messages,/v1/messages/**"},
+                             "test")
+    assert rec.paths == ["/v1/messages", "/v1/messages/**"]

@@ -15,7 +15,9 @@ from gateway.policy import (
     compile_policy,
     country_allowed,
     evaluate_rules,
+    glob_list,
     load_policy_file,
+    path_glob_list,
     validate_policy,
 )
 from gateway.settings import ConfigError
@@ -119,6 +121,21 @@ def _bad(mutate: Any) -> dict[str, Any]:
         pytest.param(_bad(lambda d: d.update(version=2)), "version", "1", id="bad-version"),
         pytest.param(_bad(lambda d: d.update(extras=True)), "extras", "unknown field",
                      id="unknown-top-level"),
+        pytest.param(_bad(lambda d: d["rules"][0]["match"].update(path=["/v1/[abc"])),
+                     "rules[restricted-regions].match.path", "unbalanced '['",
+                     id="unbalanced-path-glob"),
+        pytest.param(_bad(lambda d: d["rules"][0]["match"].update(path="/v1/messages**")),
+                     "rules[restricted-regions].match.path", "whole path segment",
+                     id="double-star-inside-segment"),
+        pytest.param(_bad(lambda d: d["rules"][0]["match"].update(path=["v1/*"])),
+                     "rules[restricted-regions].match.path", "starts with '/'",
+                     id="relative-path-glob"),
+        pytest.param(_bad(lambda d: d["rules"][0]["match"].update(country=["CN\n"])),
+                     "rules[restricted-regions].match.country", "is not an ISO 3166",
+                     id="country-with-newline"),
+        pytest.param(_bad(lambda d: d["rules"][0]["match"].update(country=["\u00df"])),
+                     "rules[restricted-regions].match.country", "is not an ISO 3166",
+                     id="country-upper-cases-to-two-letters"),
     ],
 )
 def test_validate_policy_errors(raw: dict[str, Any], field: str, reason: str) -> None:
@@ -151,6 +168,23 @@ def test_validate_policy_normalises_country_case() -> None:
     """Country codes are upper-cased; `unknown` stays as written."""
     doc = validate_policy({"rules": [_deny("r", country=["cn", "unknown"])]}, SRC)
     assert doc.rules[0].match.country == ["CN", "unknown"]
+
+
+def test_path_glob_list_is_segment_aware_and_validated() -> None:
+    """Key path scopes: '*' stays in a segment, '**' spans segments, a bad glob raises."""
+    globs = path_glob_list(["/v1/messages*"])
+    assert globs is not None
+    assert globs.match("/v1/messages") and not globs.match("/v1/messages/../models")
+    assert not globs.match("/v1/messages/batches")
+    assert path_glob_list([]) is None
+    with pytest.raises(ValueError, match="unbalanced"):
+        path_glob_list(["/v1/[x"])
+
+
+def test_model_globs_keep_fnmatch_semantics() -> None:
+    """Model globs are not paths: '*' matches any characters, '/' included."""
+    globs = glob_list(["org/*"])
+    assert globs is not None and globs.match("org/team/model")
 
 
 def test_load_repo_policy_file() -> None:
@@ -268,7 +302,11 @@ def test_location_match_fields(match: dict[str, Any], loc: GeoInfo, matched: boo
         ({"model": ["claude-*"]}, _inp(model=None), False),
         ({"model": ["claude-opus-*"]}, _inp(model="claude-opus-4-1-20250805"), True),
         ({"model": ["claude"]}, _inp(model="claude-sonnet"), False),
-        ({"path": ["/v1/messages*"]}, _inp(path="/v1/messages/count_tokens"), True),
+        ({"path": ["/v1/messages*"]}, _inp(path="/v1/messages/count_tokens"), False),
+        ({"path": ["/v1/messages*"]}, _inp(path="/v1/messages"), True),
+        ({"path": ["/v1/messages/**"]}, _inp(path="/v1/messages/count_tokens"), True),
+        ({"path": ["/v1/messages/**"]}, _inp(path="/v1/messages"), True),
+        ({"path": ["/v1/*"]}, _inp(path="/v1/messages/batches"), False),
         ({"path": ["/v1/chat/*"]}, _inp(path="/v1/messages"), False),
         ({"path": "/v1/models"}, _inp(path="/v1/models"), True),
         ({"reseller": ["acme", "globex"]}, _inp(reseller="acme"), True),

@@ -6,6 +6,7 @@ Input tokens count `input_tokens` plus cache writes; cache reads are excluded (D
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,9 @@ class SSEUsageParser:
             usage_from_object(doc.get("usage"), self.usage)
 
 
+_EVENT_END = re.compile(rb"(\r?\n\r?\n)")
+
+
 class UsageChunkFilter:
     """Removes from an OpenAI stream what the gateway added by asking for usage: the final
     usage-only chunk (`"choices": []`) and the `"usage": null` of every other chunk.
@@ -217,12 +221,14 @@ class UsageChunkFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buf + chunk if self._buf else chunk
-        end = data.rfind(b"\n\n")
+        end = -1
+        for m in _EVENT_END.finditer(data, max(0, len(data) - len(chunk) - 4)):
+            end = m.end()
         if end < 0:
             self._buf = data
             return b""
-        self._buf = data[end + 2:]
-        return self._clean(data[:end + 2])
+        self._buf = data[end:]
+        return self._clean(data[:end])
 
     def flush(self) -> bytes:
         rest, self._buf = self._buf, b""
@@ -232,14 +238,17 @@ class UsageChunkFilter:
     def _clean(events: bytes) -> bytes:
         if b'"usage"' not in events:
             return events
+        parts = _EVENT_END.split(events)  # event, separator, event, separator, ..., rest
         out: list[bytes] = []
-        for event in events.split(b"\n\n"):
+        for i in range(0, len(parts), 2):
+            event = parts[i]
+            sep = parts[i + 1] if i + 1 < len(parts) else b""
             if b'"usage"' in event:
                 event = event.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
                 if b'"usage"' in event and _is_usage_chunk(event):
                     continue
-            out.append(event)
-        return b"\n\n".join(out)
+            out.append(event + sep)
+        return b"".join(out)
 
 
 def _is_usage_chunk(event: bytes) -> bool:

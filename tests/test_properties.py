@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import itertools
 import json
 import posixpath
 import re
@@ -293,3 +294,82 @@ def test_policy_documents_validate_or_raise_config_error(raw: Any) -> None:
     for path in ("/v1/messages", "/v1/models/x"):
         got = evaluate_rules(compiled, Inputs(_geo, None, "acme", "claude-x", path))
         assert got.action in ("allow", "deny")
+
+
+# --- request bodies, max_tokens and SSE usage ----------------------------------------------------
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                          st.text(max_size=10))
+_json_values = st.recursive(_json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+
+
+@SETTINGS
+@given(data=st.one_of(st.binary(max_size=200),
+                      _json_values.map(lambda v: json.dumps(v).encode())))
+def test_parse_json_returns_an_object_or_none_or_raises_value_error(data: bytes) -> None:
+    """A request body parses to a dict, to None (nothing to judge), or raises ValueError."""
+    from gateway.request_body import parse_json
+    try:
+        doc = parse_json("POST", data)
+    except ValueError:
+        return
+    assert doc is None or isinstance(doc, dict)
+
+
+@SETTINGS
+@given(body=st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens",
+                                             "max_output_tokens", "model", "stream"]),
+                            _json_values, max_size=4))
+def test_output_maximum_is_a_positive_int_or_a_value_error(body: dict[str, Any]) -> None:
+    """estimate_request reserves a positive integer (or the default) or raises ValueError,
+    and accepts exactly the positive integers (integral floats included)."""
+    from gateway.usage import estimate_request
+    sent = [v for k, v in body.items() if k.startswith("max_") and v is not None]
+    valid = all(not isinstance(v, bool) and isinstance(v, int | float) and v > 0
+                and float(v).is_integer() for v in sent)
+    try:
+        facts = estimate_request(body, 100, "/v1/messages", 4096)
+    except ValueError:
+        assert not valid
+        return
+    assert valid
+    assert facts.max_output_tokens == (max(int(v) for v in sent) if sent else 4096)
+
+
+_sse_events = st.lists(st.sampled_from([
+    b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":7,'
+    b'"output_tokens":1}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"x"}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":42}}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}\n\n',
+    b'data: {"choices":[{"delta":{}}],"usage":null}\n\n',
+    b"data: [DONE]\n\n", b"data: {broken\n\n", b": comment\n\n",
+    b'data: {"choices":[{"delta":{}}],"usage":null}\r\n\r\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\r\n\r\n',
+]), max_size=8)
+
+
+@SETTINGS
+@given(events=_sse_events, garbage=st.binary(max_size=30), cuts=st.lists(
+    st.integers(0, 2000), max_size=5))
+def test_sse_usage_does_not_depend_on_chunk_boundaries(events: list[bytes], garbage: bytes,
+                                                       cuts: list[int]) -> None:
+    """The SSE usage parser and the usage-chunk filter never raise, and give the same result
+    however the stream is cut into chunks."""
+    from gateway.usage import SSEUsageParser, UsageChunkFilter
+    stream = b"".join(events) + garbage
+    whole, whole_f = SSEUsageParser(), UsageChunkFilter()
+    whole.feed(stream)
+    expected = whole_f.feed(stream) + whole_f.flush()
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    parts, filtered = SSEUsageParser(), UsageChunkFilter()
+    out = b""
+    for a, b in itertools.pairwise(bounds):
+        parts.feed(stream[a:b])
+        out += filtered.feed(stream[a:b])
+    out += filtered.flush()
+    assert (parts.usage, parts.usage.output_final) == (whole.usage, whole.usage.output_final)
+    assert out == expected
+    assert b'"usage":null' not in out

@@ -382,3 +382,13 @@ def test_usage_chunk_filter_drops_what_the_gateway_asked_for() -> None:
         f = UsageChunkFilter()
         out = f.feed(events[:cut]) + f.feed(events[cut:]) + f.flush()
         assert out == expected, cut
+
+
+def test_usage_chunk_filter_passes_crlf_events_as_they_complete() -> None:
+    """Events ended by CRLF CRLF are passed on as each completes, the usage chunk dropped."""
+    f = UsageChunkFilter()
+    first = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\r\n\r\n'
+    assert f.feed(first) == b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\r\n\r\n'
+    assert f.feed(usage + b"data: [DONE]\r\n\r\n") == b"data: [DONE]\r\n\r\n"
+    assert f.flush() == b""

@@ -19,6 +19,7 @@ import hiredis
 from redis.asyncio.connection import parse_url
 
 from gateway.errors import StoreError
+from gateway.store.base import StoreCallNotSent
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -65,7 +66,7 @@ class PipelinedConnection:
                     self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
             reader, writer = await asyncio.wait_for(opened, self.timeout)
         except (TimeoutError, OSError) as exc:
-            raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
+            raise StoreCallNotSent(f"store unavailable: {type(exc).__name__}") from exc
         self._writer = writer
         parser = hiredis.Reader()
         self._reader_task = asyncio.create_task(self._read(reader, parser), name="redis-fastpath")
@@ -127,7 +128,7 @@ class PipelinedConnection:
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Send one command; the future gets the reply (error replies as hiredis.ReplyError)."""
         if self._writer is None or self._closed:
-            raise StoreError("store unavailable: not connected")
+            raise StoreCallNotSent("store unavailable: not connected")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((fut, time.monotonic()))
         self._writer.write(_encode(args))

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.audit import logger
 from gateway.errors import StoreError
 from gateway.store.base import (
+    WINDOW_MS,
     AdmitRequest,
     AdmitResult,
     Bucket,
@@ -122,12 +123,14 @@ class RedisStore(Store):
         self.channel = f"{key_prefix}events"
         self._admit: Any = self.client.register_script(_lua("admit.lua"))
         self._settle: Any = self.client.register_script(_lua("settle.lua"))
+        self._cancel: Any = self.client.register_script(_lua("cancel.lua"))
         self._fast: PipelinedConnection | None = None
         if url.startswith(("redis://", "rediss://", "unix://")):
             # The per-request scripts go over one pipelined connection (DESIGN.md §9).
             self._fast = PipelinedConnection(url, timeout_s)
             self._admit = _FastAdapter(FastScript(self._fast, _lua("admit.lua")))
             self._settle = _FastAdapter(FastScript(self._fast, _lua("settle.lua")))
+            self._cancel = _FastAdapter(FastScript(self._fast, _lua("cancel.lua")))
         self._renew = self.client.register_script(_lua("renew.lua"))
         self._put_policy = self.client.register_script(_lua("put_policy.lua"))
         self._put_key = self.client.register_script(_lua("put_key.lua"))
@@ -272,13 +275,24 @@ class RedisStore(Store):
         base = f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
         return [f"{base}:{d}" for d in _DIMS]
 
-    async def admit(self, req: AdmitRequest) -> AdmitResult:
+    def _marker(self, subjects: tuple[Subject, ...], lease_id: str) -> str:
+        """The admission marker (admit.lua): beside the subjects, on their shard."""
+        return f"{self.prefix}{{r:{subjects[0].reseller}}}:adm:{lease_id}"
+
+    def _admit_call(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
         for s in req.subjects:
             keys.extend(self._subject_keys(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
+        keys.append(self._marker(req.subjects, req.lease_id))
+        return keys, args
+
+    async def admit(self, req: AdmitRequest) -> AdmitResult:
+        keys, args = self._admit_call(req)
         res = await self._call(self._admit(keys=keys, args=args), guard=self._fast is None)
+        if int(res[0]) == 2:
+            raise StoreError("admission cancelled before it ran")
         if int(res[0]) == 0:
             s = req.subjects[int(res[1]) - 1]
             dim = _DIMS[int(res[2]) - 1]
@@ -292,15 +306,20 @@ class RedisStore(Store):
                 buckets[dim] = Bucket(limit, int(res[2 + i * 3]), float(res[3 + i * 3]))
         return AdmitResult(True, buckets=buckets)
 
+    async def cancel(self, req: AdmitRequest) -> None:
+        keys, args = self._admit_call(req)
+        await self._call(self._cancel(keys=keys, args=args), guard=self._fast is None)
+
     async def settle(self, st: Settlement) -> None:
         keys: list[str] = []
-        args: list[Any] = [st.lease_id]
+        args: list[Any] = [st.lease_id, int(WINDOW_MS)]
         for s in st.subjects:
             k = self._subject_keys(s)
             keys.extend((k[1], k[2], k[3]))
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
+        keys.append(self._marker(st.subjects, st.lease_id))
         await self._call(self._settle(keys=keys, args=args), guard=self._fast is None)
 
     async def renew_leases(

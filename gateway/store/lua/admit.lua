@@ -14,6 +14,8 @@
 -- Buckets are GCRA with a burst of the whole per-minute limit; time comes from the server.
 -- The marker ('a', for the lease ttl) is what cancel.lua and settle.lua look at: a gateway
 -- that gave up on this call (timeout) cancels it, whichever of the two runs first.
+-- Nothing is written before the marker: a Redis out of memory refuses the script there,
+-- whole (once a script has written, Redis lets it write on).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local WINDOW = 60000
@@ -50,8 +52,7 @@ for i = 1, n do
   local climit = tonumber(ARGV[4 + (i - 1) * 4 + 4])
   if climit > 0 then
     local key = KEYS[(i - 1) * 4 + 4]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) >= climit then
+    if redis.call('ZCOUNT', key, '(' .. now, '+inf') >= climit then
       return {0, i, 4, '1000', climit, 0, '1000'}
     end
   end
@@ -65,6 +66,7 @@ end
 for i = 1, n do
   if tonumber(ARGV[4 + (i - 1) * 4 + 4]) > 0 then
     local key = KEYS[(i - 1) * 4 + 4]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     redis.call('ZADD', key, now + ttl, lease)
     -- Only ever extend the set's expiry: a short lease must not cut longer ones.
     if redis.call('PTTL', key) < ttl * 2 then redis.call('PEXPIRE', key, ttl * 2) end

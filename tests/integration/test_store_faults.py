@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from gateway.errors import StoreError
 from gateway.store.base import AdmitRequest, KeyRecord, Settlement, Subject
 from gateway.store.redis import RedisStore, _lua
-from tests.support.gateway import RunningGateway, poll, running_gateway
+from tests.support.cli import GatewayProcess, code_of, run_cli, send
+from tests.support.gateway import RunningGateway, poll, running_gateway, write_config
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
@@ -344,3 +345,39 @@ async def test_readonly_replica_keeps_background_loops_alive(
 
             await poll(admitted, timeout=15.0)
             assert not any(x["status"] == 500 for x in gw.logs.requests())
+
+
+# --- on_error: open with --workers ----------------------------------------------------------------
+
+
+async def test_fallback_divides_by_instances_times_workers(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """`gateway run --workers 2` with Redis stopped and on_error open: each worker's local
+    limiter admits rpm / (fallback_instances x workers), so the two together admit no more
+    than the key's rpm (rpm 8, 2 instances, 2 workers: 2 per worker, 4 in all)."""
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path, upstream.url, listen=f"127.0.0.1:{port}",
+                          admin_listen=f"127.0.0.1:{admin_port}",
+                          store={"url": redis_server.url, "key_prefix": _prefix(),
+                                 "on_error": "open", "fallback_instances": 2,
+                                 "sync_interval_s": 0.2})
+    issued = await asyncio.to_thread(run_cli, "keys", "issue", "--reseller", "direct",
+                                     "--rpm", "8", "--json", config=config)
+    assert issued.returncode == 0, issued.stderr
+    key = json.loads(issued.stdout)["key"]
+    url = f"http://127.0.0.1:{port}"
+    with GatewayProcess(config, "--workers", "2") as gw:
+        await poll(lambda: len(gw.events("gateway_started")) == 2, timeout=60.0)
+
+        async def admitted() -> bool:
+            return (await send(url, key))[0] == 200
+
+        await poll(admitted, timeout=30.0)  # both workers have loaded the key by now
+        redis_server.kill()
+        replies = [await send(url, key) for _ in range(16)]  # fresh connections: both workers
+        ok = [headers for status, _, headers in replies if status == 200]
+        assert 1 <= len(ok) <= 4, [status for status, _, _ in replies]
+        for headers in ok:
+            assert headers["anthropic-ratelimit-requests-limit"] == "2"
+        limited = [body for status, body, _ in replies if status == 429]
+        assert limited and all(code_of(b) == "requests_per_minute" for b in limited)

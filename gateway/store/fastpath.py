@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
 from gateway.store.base import StoreCallNotSent
@@ -49,6 +50,11 @@ class PipelinedConnection:
         self.username = kw.get("username")
         self.password = kw.get("password")
         self.tls = url.startswith("rediss://")
+        # The URL's TLS options (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs,
+        # ssl_check_hostname, ...) as redis-py parses them for the pooled client, with
+        # redis-py's defaults; the context is built by redis-py too, on first connect.
+        self._ssl_options: dict[str, Any] = {k: v for k, v in kw.items() if k.startswith("ssl_")}
+        self._ssl: ssl.SSLContext | None = None
         self.timeout = timeout_s
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -57,15 +63,24 @@ class PipelinedConnection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The SSLContext the pooled client builds for the same URL (same options, same
+        defaults: certificate and host name verified unless the URL says otherwise)."""
+        if self._ssl is None:
+            self._ssl = SSLConnection(**self._ssl_options).ssl_context.get()
+        return self._ssl
+
     async def _connect(self) -> None:
         try:
             if self.path:
                 opened = asyncio.open_unix_connection(self.path)
             else:
                 opened = asyncio.open_connection(
-                    self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+                    self.host, self.port, ssl=self.ssl_context() if self.tls else None)
             reader, writer = await asyncio.wait_for(opened, self.timeout)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, ValueError, TypeError, RedisError) as exc:
+            # OSError covers ssl.SSLError and a CA or certificate file that cannot be read;
+            # ValueError, TypeError and RedisError, TLS options redis-py itself refuses.
             raise StoreCallNotSent(f"store unavailable: {type(exc).__name__}") from exc
         self._writer = writer
         parser = hiredis.Reader()

@@ -194,6 +194,13 @@ class Limits:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._retrier:
             await cancel_and_wait([self._retrier])
+        if self.pending:
+            # One last try: a cancel or release left behind would hold its lease a minute.
+            try:
+                async with asyncio.timeout(RETRY_MAX_S * 2):
+                    await self._retry_pass()
+            except (TimeoutError, StoreError):
+                pass
 
     def mark_store(self, ok: bool) -> None:
         if ok and not self.store_ok:
@@ -278,27 +285,30 @@ class Limits:
                 self._retry_wake.clear()
                 await self._retry_wake.wait()
             await asyncio.sleep(delay)
-            now = time.monotonic()
-            due = [(k, c) for k, (until, c) in self.pending.items() if until >= now]
-            for k in [k for k, (until, _) in self.pending.items() if until < now]:
-                del self.pending[k]
-            delay = RETRY_MIN_S
-            # In batches: calls in flight together share the pipelined connection's writes.
-            for i in range(0, len(due), RETRY_BATCH):
-                batch = due[i:i + RETRY_BATCH]
-                results = await asyncio.gather(*(self._retry_call(c) for _, c in batch),
-                                               return_exceptions=True)
-                failed = False
-                for (lease_id, call), res in zip(batch, results, strict=True):
-                    if isinstance(res, BaseException):
-                        failed = True
-                    elif self.pending.get(lease_id, (0.0, None))[1] is call:
-                        # Both calls are idempotent: one that ran but lost its reply is fine.
-                        del self.pending[lease_id]
-                if failed:
-                    self.store_errors += 1
-                    delay = min(delay * 2, RETRY_MAX_S)
-                    break  # the store is still away: try again later, oldest first
+            delay = RETRY_MIN_S if await self._retry_pass() else min(delay * 2, RETRY_MAX_S)
+
+    async def _retry_pass(self) -> bool:
+        """Send every pending call once, oldest first; False when the store failed again."""
+        now = time.monotonic()
+        for k in [k for k, (until, _) in self.pending.items() if until < now]:
+            del self.pending[k]
+        due = [(k, c) for k, (_, c) in self.pending.items()]
+        # In batches: calls in flight together share the pipelined connection's writes.
+        for i in range(0, len(due), RETRY_BATCH):
+            batch = due[i:i + RETRY_BATCH]
+            results = await asyncio.gather(*(self._retry_call(c) for _, c in batch),
+                                           return_exceptions=True)
+            failed = False
+            for (lease_id, call), res in zip(batch, results, strict=True):
+                if isinstance(res, BaseException):
+                    failed = True
+                elif self.pending.get(lease_id, (0.0, None))[1] is call:
+                    # Both calls are idempotent: one that ran but lost its reply is fine.
+                    del self.pending[lease_id]
+            if failed:
+                self.store_errors += 1
+                return False  # the store is still away: try again later
+        return True
 
     async def _retry_call(self, call: AdmitRequest | Settlement) -> None:
         if isinstance(call, Settlement):

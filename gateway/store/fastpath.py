@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import socket
 import ssl
+import struct
 import time
 from typing import Any
 
@@ -125,13 +127,25 @@ class PipelinedConnection:
         except Exception as exc:
             self._fail(StoreError(f"store unavailable: {type(exc).__name__}"))
 
-    def _fail(self, exc: StoreError) -> None:
+    def _fail(self, exc: StoreError, reset: bool = True) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.close()
+            # Reset, not close: commands still in our send buffer are dropped rather than
+            # delivered (a network partition could deliver them minutes later). Those that
+            # reached Redis may still run; the caller cancels them (limits.py).
+            sock = writer.get_extra_info("socket")
+            try:
+                if reset and sock is not None and self.path is None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            if reset:
+                writer.transport.abort()
+            else:
+                writer.close()
         task, self._reader_task = self._reader_task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -165,7 +179,7 @@ class PipelinedConnection:
 
     async def close(self) -> None:
         self._closed = True
-        self._fail(StoreError("store closed"))
+        self._fail(StoreError("store closed"), reset=False)
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)

@@ -172,6 +172,7 @@ def _heal(server: RedisServer) -> None:
     with redis.Redis(host=server.host, port=server.port) as c:
         c.execute_command("REPLICAOF", "NO", "ONE")
         c.config_set("maxmemory", "0")
+        c.config_set("min-replicas-to-write", "0")
 
 
 @pytest.mark.parametrize("transport", ["pipelined", "pooled"])
@@ -266,29 +267,34 @@ async def test_garbage_answering_peer_is_a_store_failure(
         await server.wait_closed()
 
 
-def _oom(server: RedisServer) -> None:
-    """Every write (and every script that writes) now gets an OOM error reply."""
+def _deny_writes(server: RedisServer, fault: str) -> None:
+    """Every write (and every script that writes) now gets an error reply: OOM (no memory
+    left, nothing to evict) or NOREPLICAS (fewer replicas than min-replicas-to-write)."""
     import redis
 
     with redis.Redis(host=server.host, port=server.port) as c:
-        c.config_set("maxmemory-policy", "noeviction")
-        c.config_set("maxmemory", "1")
+        if fault == "oom":
+            c.config_set("maxmemory-policy", "noeviction")
+            c.config_set("maxmemory", "1")
+        else:
+            c.config_set("min-replicas-to-write", "1")
 
 
+@pytest.mark.parametrize("fault", ["oom", "noreplicas"])
 @pytest.mark.parametrize("on_error", ["closed", "open"])
-async def test_oom_replies_follow_on_error_and_recover(
+async def test_write_error_replies_follow_on_error_and_recover(
         tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer,
-        on_error: str) -> None:
-    """Redis answering OOM: admission answers 503 store_unavailable (closed) or admits through
-    the local fallback (open), never 500; the admin API answers 503; once memory is back,
-    admission goes through Redis again without a restart."""
+        on_error: str, fault: str) -> None:
+    """Redis answering writes with OOM or NOREPLICAS: admission answers 503 store_unavailable
+    (closed) or admits through the local fallback (open), never 500; the admin API answers
+    503; once Redis takes writes again, admission goes through it without a restart."""
     store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": on_error,
              "timeout_s": 0.5}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
         _, key = await _issue(gw, rpm=50)
         assert (await _send(s, gw, key))[0] == 200
-        _oom(redis_server)
+        _deny_writes(redis_server, fault)
         status, body = await _send(s, gw, key)
         if on_error == "closed":
             assert status == 503, body

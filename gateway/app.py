@@ -24,6 +24,7 @@ from gateway.policy import canonical, compile_policy, load_policy_file, validate
 from gateway.settings import ConfigError, LoadedConfig, load_settings, parse_hostport
 from gateway.store import Store, open_store
 from gateway.tasks import cancel_and_wait, cancelling
+from gateway.workers import worker_count
 
 LAST_USED_FLUSH_S = 10.0
 
@@ -46,8 +47,8 @@ class GatewayService:
             raise ConfigError(config.path, "geo", str(exc)) from None
         self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
         self.registry = KeyRegistry(self.store)
-        self.limits = Limits(self.store, s.store.on_error, s.store.fallback_instances,
-                             s.limits_headers)
+        self.limits = Limits(self.store, s.store.on_error,
+                             s.store.fallback_instances * worker_count(environ), s.limits_headers)
         self.pipeline = Pipeline(build_runtime(config), self.geo, self.registry, self.limits)
         self.synced = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -20,6 +20,7 @@ from gateway.store.base import (
     KeyRecord,
     Settlement,
     Store,
+    StoreCallNotSent,
     Subject,
 )
 from gateway.store.memory import Limiter, MemoryStore
@@ -27,6 +28,11 @@ from gateway.tasks import cancel_and_wait, cancelling
 
 LEASE_TTL_MS = 60_000
 RENEW_EVERY_S = 20.0
+# Retries of cancels and settlements the store did not take: first soon, then backing off.
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 1.0
+RETRY_BATCH = 64
+RETRY_CAP = 100_000
 
 CODES = {
     "rpm": "requests_per_minute",
@@ -167,12 +173,18 @@ class Limits:
         self.store_errors = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
+        # Admission id → (give up at (monotonic), the store call to retry): cancels of
+        # admissions given up on and settlements that failed (DESIGN.md §8).
+        self.pending: dict[str, tuple[float, AdmitRequest | Settlement]] = {}
+        self._retrier: asyncio.Task[None] | None = None
+        self._retry_wake = asyncio.Event()
         # Lease ids: unique across instances (random prefix), cheap per request (a counter).
         self._lease_prefix = secrets.token_hex(6) + ":"
         self._lease_counter = itertools.count(1)
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")
+        self._retrier = asyncio.create_task(self._retry_loop(), name="store-retrier")
 
     async def close(self) -> None:
         if self._renewer:
@@ -180,6 +192,15 @@ class Limits:
             await cancel_and_wait([self._renewer])
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._retrier:
+            await cancel_and_wait([self._retrier])
+        if self.pending:
+            # One last try: a cancel or release left behind would hold its lease a minute.
+            try:
+                async with asyncio.timeout(RETRY_MAX_S * 2):
+                    await self._retry_pass()
+            except (TimeoutError, StoreError):
+                pass
 
     def mark_store(self, ok: bool) -> None:
         if ok and not self.store_ok:
@@ -199,9 +220,13 @@ class Limits:
         try:
             result: AdmitResult = await self.store.admit(req)
             self.mark_store(True)
-        except StoreError:
+        except StoreError as exc:
             self.store_errors += 1
             self.mark_store(False)
+            if not isinstance(self.store, MemoryStore) and not isinstance(exc, StoreCallNotSent):
+                # The script may still run (it sat in a socket buffer of a stalled Redis) or
+                # may have run with its reply lost: roll it back, whichever it turns out.
+                self._retry(lease_id, req)
             if self.on_error == "closed":
                 raise GatewayError(503, "overloaded_error", "store_unavailable",
                                    "rate-limit store unavailable; try again shortly",
@@ -238,9 +263,58 @@ class Limits:
         try:
             await self.store.settle(st)
         except StoreError:
-            # Leases expire on their own; token corrections are lost for this request.
             self.store_errors += 1
             self.mark_store(False)
+            self._retry(st.lease_id, st)
+
+    def _retry(self, lease_id: str, call: AdmitRequest | Settlement) -> None:
+        """Retry `call` in the background until the store takes it. A settlement is dropped
+        once its lease would have expired anyway; a cancel is kept until it lands (the
+        admission it undoes may run whenever a stalled Redis resumes), at most RETRY_CAP."""
+        until = time.monotonic() + LEASE_TTL_MS / 1000.0 if isinstance(call, Settlement) \
+            else math.inf
+        self.pending[lease_id] = (until, call)
+        if len(self.pending) > RETRY_CAP:
+            del self.pending[next(iter(self.pending))]
+        self._retry_wake.set()
+
+    async def _retry_loop(self) -> None:
+        delay = RETRY_MIN_S
+        while not cancelling():
+            if not self.pending:
+                self._retry_wake.clear()
+                await self._retry_wake.wait()
+            await asyncio.sleep(delay)
+            delay = RETRY_MIN_S if await self._retry_pass() else min(delay * 2, RETRY_MAX_S)
+
+    async def _retry_pass(self) -> bool:
+        """Send every pending call once, oldest first; False when the store failed again."""
+        now = time.monotonic()
+        for k in [k for k, (until, _) in self.pending.items() if until < now]:
+            del self.pending[k]
+        due = [(k, c) for k, (_, c) in self.pending.items()]
+        # In batches: calls in flight together share the pipelined connection's writes.
+        for i in range(0, len(due), RETRY_BATCH):
+            batch = due[i:i + RETRY_BATCH]
+            results = await asyncio.gather(*(self._retry_call(c) for _, c in batch),
+                                           return_exceptions=True)
+            failed = False
+            for (lease_id, call), res in zip(batch, results, strict=True):
+                if isinstance(res, BaseException):
+                    failed = True
+                elif self.pending.get(lease_id, (0.0, None))[1] is call:
+                    # Both calls are idempotent: one that ran but lost its reply is fine.
+                    del self.pending[lease_id]
+            if failed:
+                self.store_errors += 1
+                return False  # the store is still away: try again later
+        return True
+
+    async def _retry_call(self, call: AdmitRequest | Settlement) -> None:
+        if isinstance(call, Settlement):
+            await self.store.settle(call)
+        else:
+            await self.store.cancel(call)
 
     async def _renew_loop(self) -> None:
         while not cancelling():

@@ -10,11 +10,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 
 from gateway.audit import configure_logging, logger
 from gateway.settings import ConfigError, load_settings
 
 WORKER_ENV = "GATEWAY_WORKER_ID"
+WORKERS_ENV = "GATEWAY_WORKERS"
+
+
+def worker_count(environ: Mapping[str, str] | None = None) -> int:
+    """How many worker processes share this instance's listeners (1 unless started by
+    `supervise`): each runs its own fallback limiter, so `on_error: open` divides by it."""
+    value = (os.environ if environ is None else environ).get(WORKERS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def supervise(config_path: str, overrides: list[str], n: int) -> int:
@@ -26,7 +35,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                           "memory:// store lives in one process")
     configure_logging(s.log.level, s.log.format)
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir, **{WORKERS_ENV: str(n)})
     cmd = [sys.executable, "-m", "gateway", "run", "--config", config_path]
     for o in overrides:
         cmd += ["--set", o]

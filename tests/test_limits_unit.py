@@ -338,3 +338,53 @@ def test_divisor_divides_tokens_and_concurrency() -> None:
     assert lim.admit(_req(s, lease="c"), now_ms=0.0).ok
     assert lim.admit(_req(s, lease="d"), now_ms=0.0).ok
     assert lim.admit(_req(s, lease="e"), now_ms=0.0).failed_dimension == "concurrency"
+
+
+# --- Limiter: clean-up of expired entries ---------------------------------------------------------
+
+
+def test_full_buckets_and_expired_leases_are_dropped_many_subjects() -> None:
+    """Past the window, 50k subjects' full buckets and expired leases leave the tables: memory
+    holds only what is still live."""
+    lim = Limiter()
+    for i in range(50_000):
+        assert lim.admit(_req(_subject("customer", f"c{i}", rpm=10, concurrency=2),
+                              lease=f"l{i}", ttl_ms=30_000), now_ms=0.0).ok
+    assert len(lim.tat) == 50_000
+    live = _subject("key", "live", rpm=10, concurrency=2)
+    assert lim.admit(_req(live, lease="x", ttl_ms=120_000), now_ms=61_000.0).ok
+    # Only the subject admitted last is left, in both tables.
+    assert list(lim.tat) == [lim._key(live, "rpm")]
+    assert list(lim.leases) == [lim._key(live, "concurrency")]
+
+
+def test_cleanup_keeps_live_entries_and_their_limits() -> None:
+    """Clean-up never drops a bucket or lease that still counts: a drained bucket and a held
+    lease from t=0 still refuse at t=30 s while 100k other subjects expire around them."""
+    lim = Limiter()
+    drained = _subject("key", "drained", rpm=1)
+    holder = _subject("key", "holder", concurrency=1)
+    assert lim.admit(_req(drained), now_ms=0.0).ok
+    assert lim.admit(_req(holder, lease="held", ttl_ms=600_000), now_ms=0.0).ok
+    for i in range(100_000):
+        lim.admit(_req(_subject("customer", f"c{i}", rpm=60, concurrency=1), lease=f"l{i}",
+                       ttl_ms=1000), now_ms=0.0)
+    assert lim.admit(_req(drained), now_ms=30_000.0).failed_dimension == "rpm"
+    assert lim.admit(_req(holder, lease="again"), now_ms=30_000.0).failed_dimension == (
+        "concurrency")
+    # The others (1 request of 60 rpm: full after 1 s; leases of 1 s) are gone.
+    assert list(lim.tat) == [lim._key(drained, "rpm")]
+    assert list(lim.leases) == [lim._key(holder, "concurrency")]
+    lim.settle(Settlement((holder,), "held", 0, 0, 0, 0), now_ms=30_000.0)
+    assert lim.admit(_req(holder, lease="again"), now_ms=30_000.0).ok
+    assert lim.admit(_req(drained), now_ms=60_000.0).ok
+
+
+def test_settled_refund_to_full_bucket_is_dropped() -> None:
+    """A refund that fills a bucket again lets the entry go at the next clean-up."""
+    lim = Limiter()
+    s = _subject(itpm=1000)
+    assert lim.admit(_req(s, inp=500), now_ms=0.0).ok
+    lim.settle(Settlement((s,), "l", 500, 0, 0, 0), now_ms=0.0)
+    lim.admit(_req(_subject("key", "other", rpm=6000)), now_ms=1.0)
+    assert lim._key(s, "itpm") not in lim.tat

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gateway.errors import StoreError
+
 WINDOW_MS = 60_000.0
 DIMENSIONS = ("rpm", "itpm", "otpm", "concurrency")
 AUDIT_MAXLEN = 100_000  # events the audit stream keeps (about: Redis trims approximately)
@@ -108,6 +110,11 @@ class Settlement:
     output_actual: int
 
 
+class StoreCallNotSent(StoreError):
+    """A store call that failed before any of it left this process (no connection): unlike
+    other failures, it cannot have been applied."""
+
+
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -163,11 +170,22 @@ class Store(abc.ABC):
     # limits
     @abc.abstractmethod
     async def admit(self, req: AdmitRequest) -> AdmitResult:
-        """Check and consume all limits of a request atomically; a refusal consumes nothing."""
+        """Check and consume all limits of a request atomically; a refusal consumes nothing.
+
+        `req.lease_id` is the admission id: unique per request. An admission that `cancel`
+        reached first consumes nothing (it raises StoreError, as the caller gave up on it)."""
+
+    @abc.abstractmethod
+    async def cancel(self, req: AdmitRequest) -> None:
+        """Roll back the admission `req` that the caller gave up on (timeout, broken
+        connection): if it was applied, give back its rpm, tokens and lease; if not yet, make
+        it a no-op when it arrives (for the lease ttl). Idempotent; safe to retry."""
 
     @abc.abstractmethod
     async def settle(self, s: Settlement) -> None:
-        """Correct token buckets to actual usage and release the lease."""
+        """Correct token buckets to actual usage and release the lease. Idempotent: a
+        settlement retried after a failure (its first attempt may have been applied) applies
+        once."""
 
     @abc.abstractmethod
     async def renew_leases(

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import socket
 import ssl
+import struct
 import time
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
+from gateway.store.base import StoreCallNotSent
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -48,6 +52,11 @@ class PipelinedConnection:
         self.username = kw.get("username")
         self.password = kw.get("password")
         self.tls = url.startswith("rediss://")
+        # The URL's TLS options (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs,
+        # ssl_check_hostname, ...) as redis-py parses them for the pooled client, with
+        # redis-py's defaults; the context is built by redis-py too, on first connect.
+        self._ssl_options: dict[str, Any] = {k: v for k, v in kw.items() if k.startswith("ssl_")}
+        self._ssl: ssl.SSLContext | None = None
         self.timeout = timeout_s
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -56,16 +65,25 @@ class PipelinedConnection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The SSLContext the pooled client builds for the same URL (same options, same
+        defaults: certificate and host name verified unless the URL says otherwise)."""
+        if self._ssl is None:
+            self._ssl = SSLConnection(**self._ssl_options).ssl_context.get()
+        return self._ssl
+
     async def _connect(self) -> None:
         try:
             if self.path:
                 opened = asyncio.open_unix_connection(self.path)
             else:
                 opened = asyncio.open_connection(
-                    self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+                    self.host, self.port, ssl=self.ssl_context() if self.tls else None)
             reader, writer = await asyncio.wait_for(opened, self.timeout)
-        except (TimeoutError, OSError) as exc:
-            raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
+        except (TimeoutError, OSError, ValueError, TypeError, RedisError) as exc:
+            # OSError covers ssl.SSLError and a CA or certificate file that cannot be read;
+            # ValueError, TypeError and RedisError, TLS options redis-py itself refuses.
+            raise StoreCallNotSent(f"store unavailable: {type(exc).__name__}") from exc
         self._writer = writer
         parser = hiredis.Reader()
         self._reader_task = asyncio.create_task(self._read(reader, parser), name="redis-fastpath")
@@ -109,13 +127,25 @@ class PipelinedConnection:
         except Exception as exc:
             self._fail(StoreError(f"store unavailable: {type(exc).__name__}"))
 
-    def _fail(self, exc: StoreError) -> None:
+    def _fail(self, exc: StoreError, reset: bool = True) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.close()
+            # Reset, not close: commands still in our send buffer are dropped rather than
+            # delivered (a network partition could deliver them minutes later). Those that
+            # reached Redis may still run; the caller cancels them (limits.py).
+            sock = writer.get_extra_info("socket")
+            try:
+                if reset and sock is not None and self.path is None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            if reset:
+                writer.transport.abort()
+            else:
+                writer.close()
         task, self._reader_task = self._reader_task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -127,7 +157,7 @@ class PipelinedConnection:
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Send one command; the future gets the reply (error replies as hiredis.ReplyError)."""
         if self._writer is None or self._closed:
-            raise StoreError("store unavailable: not connected")
+            raise StoreCallNotSent("store unavailable: not connected")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((fut, time.monotonic()))
         self._writer.write(_encode(args))
@@ -149,7 +179,7 @@ class PipelinedConnection:
 
     async def close(self) -> None:
         self._closed = True
-        self._fail(StoreError("store closed"))
+        self._fail(StoreError("store closed"), reset=False)
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.audit import logger
 from gateway.errors import StoreError
 from gateway.store.base import (
+    WINDOW_MS,
     AdmitRequest,
     AdmitResult,
     Bucket,
@@ -40,6 +42,17 @@ from gateway.tasks import cancel_and_wait, cancelling
 
 _DIMS = ("rpm", "itpm", "otpm", "concurrency")
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
+
+
+def _raw(reply: Any) -> Any:
+    return reply
+
+
+def _two_ints(reply: Any) -> tuple[int, int]:
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise TypeError("expected two values")
+    return int(reply[0] or 0), int(reply[1] or 0)
 
 
 def _lua(name: str) -> str:
@@ -79,7 +92,8 @@ class _FastAdapter:
         try:
             return await self.script(keys, args)
         except ScriptError as exc:
-            raise StoreError(f"store script error: {exc}") from exc
+            # The reply's first word names the condition (OOM, READONLY, NOSCRIPT, ERR, ...).
+            raise StoreError(f"store error: {str(exc).split(' ', 1)[0][:40]}") from exc
 
 
 class RedisStore(Store):
@@ -122,12 +136,14 @@ class RedisStore(Store):
         self.channel = f"{key_prefix}events"
         self._admit: Any = self.client.register_script(_lua("admit.lua"))
         self._settle: Any = self.client.register_script(_lua("settle.lua"))
+        self._cancel: Any = self.client.register_script(_lua("cancel.lua"))
         self._fast: PipelinedConnection | None = None
         if url.startswith(("redis://", "rediss://", "unix://")):
             # The per-request scripts go over one pipelined connection (DESIGN.md §9).
             self._fast = PipelinedConnection(url, timeout_s)
             self._admit = _FastAdapter(FastScript(self._fast, _lua("admit.lua")))
             self._settle = _FastAdapter(FastScript(self._fast, _lua("settle.lua")))
+            self._cancel = _FastAdapter(FastScript(self._fast, _lua("cancel.lua")))
         self._renew = self.client.register_script(_lua("renew.lua"))
         self._put_policy = self.client.register_script(_lua("put_policy.lua"))
         self._put_key = self.client.register_script(_lua("put_key.lua"))
@@ -135,20 +151,28 @@ class RedisStore(Store):
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
 
-    async def _call(self, coro: Any, guard: bool = True) -> Any:
-        """Run one store call; every failure becomes StoreError. `guard` puts an overall
-        deadline on it (a few socket timeouts): redis-py's Cluster and Sentinel clients retry
-        and rediscover on their own, and a request must never wait on that indefinitely. The
-        pipelined connection has its own watchdog and needs none."""
+    async def _call(self, coro: Any, guard: bool = True,
+                    decode: Callable[[Any], T] = _raw) -> T:
+        """Run one store call and decode its reply; every failure becomes StoreError: no
+        connection, a timeout, an error reply (READONLY, OOM, MASTERDOWN, CLUSTERDOWN,
+        TRYAGAIN, NOREPLICAS, ...), anything else the client library raises, and a reply of
+        the wrong shape. `guard` puts an overall deadline on the call (a few socket
+        timeouts): redis-py's Cluster and Sentinel clients retry and rediscover on their own,
+        and a request must never wait on that indefinitely. The pipelined connection has its
+        own watchdog and needs none."""
         self.round_trips += 1
         try:
             if not guard:
-                return await coro
+                return decode(await coro)
             async with asyncio.timeout(self.timeout * 4 + 1.0):
-                return await coro
-        except ResponseError:
+                return decode(await coro)
+        except StoreError:
             raise
-        except _FAILURES as exc:
+        except ResponseError as exc:
+            # The reply's first word names the condition; the rest may echo arguments.
+            kind = str(exc).split(" ", 1)[0][:40] or type(exc).__name__
+            raise StoreError(f"store error: {kind}") from exc
+        except Exception as exc:
             raise StoreError(f"store unavailable: {type(exc).__name__}") from exc
 
     async def start(self) -> None:
@@ -176,16 +200,17 @@ class RedisStore(Store):
 
     # keys ---------------------------------------------------------------------------------
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        raw = await self._call(self.client.hget(self.k_keys, key_id))
-        return KeyRecord.from_json(raw) if raw else None
+        return await self._call(self.client.hget(self.k_keys, key_id),
+                                decode=lambda raw: KeyRecord.from_json(raw) if raw else None)
 
     async def list_keys(self) -> list[KeyRecord]:
-        raw = await self._call(self.client.hgetall(self.k_keys))
-        return [KeyRecord.from_json(v) for v in raw.values()]
+        return await self._call(self.client.hgetall(self.k_keys), decode=lambda raw: [
+            KeyRecord.from_json(v) for v in raw.values()])
 
     async def put_key(self, rec: KeyRecord) -> int:
-        epoch = int(await self._call(
-            self._put_key(keys=[self.k_meta, self.k_keys], args=[rec.key_id, rec.to_json()])))
+        epoch = await self._call(
+            self._put_key(keys=[self.k_meta, self.k_keys], args=[rec.key_id, rec.to_json()]),
+            decode=int)
         await self._call(self.client.publish(
             self.channel, json.dumps({"kind": "key", "key_id": rec.key_id, "epoch": epoch})))
         return epoch
@@ -198,34 +223,36 @@ class RedisStore(Store):
     async def last_used(self, key_ids: list[str]) -> dict[str, float]:
         if not key_ids:
             return {}
-        vals = await self._call(self.client.hmget(self.k_used, key_ids))
-        return {k: float(v) for k, v in zip(key_ids, vals, strict=True) if v is not None}
+        return await self._call(self.client.hmget(self.k_used, key_ids), decode=lambda vals: {
+            k: float(v) for k, v in zip(key_ids, vals, strict=True) if v is not None})
 
     # policy -------------------------------------------------------------------------------
     async def get_policy(self) -> StoredPolicy | None:
-        raw = await self._call(self.client.hgetall(self.k_policy))
-        if not raw:
-            return None
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        return StoredPolicy(int(d["version"]), d["doc"], float(d["applied_at"]), d["actor"])
+        def decode(raw: Any) -> StoredPolicy | None:
+            if not raw:
+                return None
+            d = {k.decode(): v.decode() for k, v in raw.items()}
+            return StoredPolicy(int(d["version"]), d["doc"], float(d["applied_at"]),
+                                d["actor"])
+
+        return await self._call(self.client.hgetall(self.k_policy), decode=decode)
 
     async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
         args = [doc, actor, repr(time.time()), "" if expected_version is None
                 else str(expected_version)]
-        try:
-            version = int(await self._call(
-                self._put_policy(keys=[self.k_meta, self.k_policy], args=args)))
-        except ResponseError as exc:
-            if "version_conflict" in str(exc):
-                raise ValueError(f"policy changed meanwhile ({exc})") from None
-            raise StoreError(f"store error: {exc}") from exc
+        ok, version = await self._call(
+            self._put_policy(keys=[self.k_meta, self.k_policy], args=args),
+            decode=lambda r: (int(r[0]), int(r[1])))
+        if not ok:
+            raise ValueError(f"policy changed meanwhile (version_conflict {version})")
         await self._call(self.client.publish(
             self.channel, json.dumps({"kind": "policy", "version": version})))
         return version
 
     async def versions(self) -> tuple[int, int]:
-        ke, pv = await self._call(self.client.hmget(self.k_meta, ["keys_epoch", "policy_version"]))
-        return int(ke or 0), int(pv or 0)
+        return await self._call(
+            self.client.hmget(self.k_meta, ["keys_epoch", "policy_version"]),
+            decode=_two_ints)
 
     # events -------------------------------------------------------------------------------
     async def subscribe(self, handler: EventHandler) -> None:
@@ -254,7 +281,9 @@ class RedisStore(Store):
                         await handler(event)
             except asyncio.CancelledError:
                 raise
-            except (*_FAILURES, StoreError) as exc:
+            except Exception as exc:
+                # Error replies, a broken connection, or the handler failing on one event:
+                # the listener resubscribes (and resyncs) rather than end for good.
                 logger().debug("store_subscriber_disconnected", reason=type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -272,13 +301,28 @@ class RedisStore(Store):
         base = f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
         return [f"{base}:{d}" for d in _DIMS]
 
-    async def admit(self, req: AdmitRequest) -> AdmitResult:
+    def _marker(self, subjects: tuple[Subject, ...], lease_id: str) -> str:
+        """The admission marker (admit.lua): beside the subjects, on their shard."""
+        return f"{self.prefix}{{r:{subjects[0].reseller}}}:adm:{lease_id}"
+
+    def _admit_call(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
         for s in req.subjects:
             keys.extend(self._subject_keys(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
-        res = await self._call(self._admit(keys=keys, args=args), guard=self._fast is None)
+        keys.append(self._marker(req.subjects, req.lease_id))
+        return keys, args
+
+    async def admit(self, req: AdmitRequest) -> AdmitResult:
+        keys, args = self._admit_call(req)
+        return await self._call(self._admit(keys=keys, args=args), guard=self._fast is None,
+                                decode=lambda res: self._admit_result(req, res))
+
+    @staticmethod
+    def _admit_result(req: AdmitRequest, res: Any) -> AdmitResult:
+        if int(res[0]) == 2:
+            raise StoreError("admission cancelled before it ran")
         if int(res[0]) == 0:
             s = req.subjects[int(res[1]) - 1]
             dim = _DIMS[int(res[2]) - 1]
@@ -292,15 +336,20 @@ class RedisStore(Store):
                 buckets[dim] = Bucket(limit, int(res[2 + i * 3]), float(res[3 + i * 3]))
         return AdmitResult(True, buckets=buckets)
 
+    async def cancel(self, req: AdmitRequest) -> None:
+        keys, args = self._admit_call(req)
+        await self._call(self._cancel(keys=keys, args=args), guard=self._fast is None)
+
     async def settle(self, st: Settlement) -> None:
         keys: list[str] = []
-        args: list[Any] = [st.lease_id]
+        args: list[Any] = [st.lease_id, int(WINDOW_MS)]
         for s in st.subjects:
             k = self._subject_keys(s)
             keys.extend((k[1], k[2], k[3]))
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
+        keys.append(self._marker(st.subjects, st.lease_id))
         await self._call(self._settle(keys=keys, args=args), guard=self._fast is None)
 
     async def renew_leases(

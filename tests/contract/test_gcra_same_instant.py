@@ -48,9 +48,8 @@ async def test_redis_burst_in_one_millisecond_admits_exactly_limit(
             subject = Subject("key", f"k{limit}", "r", rpm=limit)
             pipe = store.client.pipeline(transaction=True)
             for _ in range(limit + 1):
-                req = _req(subject)
-                await admit(keys=store._subject_keys(subject),
-                            args=[req.lease_id, 60_000, 0, 0, limit, 0, 0, 0], client=pipe)
+                keys, args = store._admit_call(_req(subject))
+                await admit(keys=keys, args=args, client=pipe)
             results: list[Any] = await pipe.execute()
             assert [int(r[0]) for r in results] == [1] * limit + [0], limit
             assert [int(r[2]) for r in results[:-1]] == list(range(limit - 1, -1, -1))

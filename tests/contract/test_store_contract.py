@@ -413,3 +413,64 @@ async def test_renewing_an_unknown_lease_creates_nothing(store: Store) -> None:
     await store.settle(_settle(req))
     await store.renew_leases([(req.subjects, req.lease_id)], 30_000)
     assert (await store.admit(_req(subject))).ok
+
+
+# --- admissions given up on: cancel, and retried settlements ----------------------------------
+
+
+async def test_cancel_rolls_back_an_applied_admission(store: Store) -> None:
+    """Cancelling an applied admission gives back its request, its tokens and its lease."""
+    s = Subject("key", "k", _reseller(), rpm=1, itpm=100, concurrency=1)
+    req = _req(s, inp=60)
+    assert (await store.admit(req)).ok
+    assert not (await store.admit(_req(s))).ok
+    await store.cancel(req)
+    assert (await store.admit(_req(s, inp=100))).ok
+    refused = await store.admit(_req(s))
+    assert refused.failed_dimension in ("rpm", "concurrency")
+
+
+async def test_cancel_before_admission_makes_it_a_noop(store: Store) -> None:
+    """An admission that arrives after its cancel consumes nothing and is reported as a
+    store failure (its caller gave up on it long ago)."""
+    from gateway.errors import StoreError
+
+    s = Subject("key", "k", _reseller(), rpm=1, concurrency=1)
+    req = _req(s)
+    await store.cancel(req)
+    with pytest.raises(StoreError):
+        await store.admit(req)
+    assert (await store.admit(_req(s))).ok
+
+
+async def test_cancel_is_idempotent(store: Store) -> None:
+    """A cancel retried after success rolls back once: only one request's room comes back."""
+    s = Subject("key", "k", _reseller(), rpm=2)
+    first = _req(s)
+    assert (await store.admit(first)).ok
+    assert (await store.admit(_req(s))).ok
+    await store.cancel(first)
+    await store.cancel(first)
+    assert (await store.admit(_req(s))).ok
+    assert not (await store.admit(_req(s))).ok
+
+
+async def test_cancel_after_settlement_changes_nothing(store: Store) -> None:
+    """A settled admission is not rolled back by a stray cancel."""
+    s = Subject("key", "k", _reseller(), rpm=1)
+    req = _req(s)
+    assert (await store.admit(req)).ok
+    await store.settle(_settle(req))
+    await store.cancel(req)
+    assert not (await store.admit(_req(s))).ok
+
+
+async def test_retried_settlement_applies_once(store: Store) -> None:
+    """A settlement sent twice (its first reply lost) debits the extra tokens once."""
+    s = Subject("key", "k", _reseller(), itpm=1000, concurrency=1)
+    req = _req(s, inp=100)
+    assert (await store.admit(req)).ok
+    await store.settle(_settle(req, inp=400))
+    await store.settle(_settle(req, inp=400))
+    # 400 used: 550 more fit (twice applied, 700 used, they would not).
+    assert (await store.admit(_req(s, inp=550))).ok

@@ -1,20 +1,27 @@
 -- Admission: check and consume every limit of one request, all-or-nothing (DESIGN.md §8).
--- KEYS: 4 per subject, in order: rpm bucket, itpm bucket, otpm bucket, concurrency zset
---       (all of one request share the reseller's hash tag, so this runs on one shard).
--- ARGV: [1] lease id, [2] lease ttl ms, [3] input-token cost, [4] output-token cost,
---       then 4 limits per subject: rpm, itpm, otpm, concurrency (0 = unlimited).
+-- KEYS: 4 per subject, in order: rpm bucket, itpm bucket, otpm bucket, concurrency zset,
+--       then the admission marker (all of one request share the reseller's hash tag, so
+--       this runs on one shard).
+-- ARGV: [1] lease id (the admission id), [2] lease ttl ms, [3] input-token cost,
+--       [4] output-token cost, then 4 limits per subject: rpm, itpm, otpm, concurrency
+--       (0 = unlimited).
 -- Returns: {1, <9 bucket values>} when admitted, {0, subject index (1-based), dimension index
 --          (1 rpm, 2 itpm, 3 otpm, 4 concurrency), retry-after ms as a string, limit, remaining,
---          reset ms as a string} when refused (the refusing bucket as it stands).
+--          reset ms as a string} when refused (the refusing bucket as it stands), {2} when
+--          this admission was cancelled before it ran (cancel.lua; nothing is consumed).
 --          Bucket values: for rpm, itpm, otpm: limit, remaining, reset ms (string) of the
 --          tightest subject (limit 0 when no subject limits that dimension).
 -- Buckets are GCRA with a burst of the whole per-minute limit; time comes from the server.
+-- The marker ('a', for the lease ttl) is what cancel.lua and settle.lua look at: a gateway
+-- that gave up on this call (timeout) cancels it, whichever of the two runs first.
+-- Nothing is written before the marker: a Redis out of memory refuses the script there,
+-- whole (once a script has written, Redis lets it write on).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local WINDOW = 60000
 local lease, ttl = ARGV[1], tonumber(ARGV[2])
 local costs = {1, tonumber(ARGV[3]), tonumber(ARGV[4])}
-local n = #KEYS / 4
+local n = (#KEYS - 1) / 4
 local plan = {}
 local best = {{0, -1, 0}, {0, -1, 0}, {0, -1, 0}}
 for i = 1, n do
@@ -45,11 +52,13 @@ for i = 1, n do
   local climit = tonumber(ARGV[4 + (i - 1) * 4 + 4])
   if climit > 0 then
     local key = KEYS[(i - 1) * 4 + 4]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) >= climit then
+    if redis.call('ZCOUNT', key, '(' .. now, '+inf') >= climit then
       return {0, i, 4, '1000', climit, 0, '1000'}
     end
   end
+end
+if not redis.call('SET', KEYS[#KEYS], 'a', 'NX', 'PX', ttl) then
+  return {2}
 end
 for _, p in ipairs(plan) do
   redis.call('SET', p[1], string.format('%.3f', p[2]), 'PX', math.ceil(p[2] - now) + 1000)
@@ -57,6 +66,7 @@ end
 for i = 1, n do
   if tonumber(ARGV[4 + (i - 1) * 4 + 4]) > 0 then
     local key = KEYS[(i - 1) * 4 + 4]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     redis.call('ZADD', key, now + ttl, lease)
     -- Only ever extend the set's expiry: a short lease must not cut longer ones.
     if redis.call('PTTL', key) < ttl * 2 then redis.call('PEXPIRE', key, ttl * 2) end

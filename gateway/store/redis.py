@@ -368,23 +368,18 @@ class RedisStore(Store):
     _AUDIT_PAGE = 500
 
     async def append_audit(self, event: dict[str, Any]) -> None:
-        try:
-            await self._call(self.client.xadd(
-                f"{self.prefix}audit", {"e": json.dumps(event, separators=(",", ":"))},
-                maxlen=self.audit_maxlen, approximate=True))
-        except ResponseError as exc:
-            raise StoreError(f"store error: {str(exc)[:200]}") from exc
+        await self._call(self.client.xadd(
+            f"{self.prefix}audit", {"e": json.dumps(event, separators=(",", ":"))},
+            maxlen=self.audit_maxlen, approximate=True))
 
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
         low = "-" if since is None else str(max(0, int((since - self._AUDIT_SKEW_S) * 1000)))
         high = "+"
         out: list[dict[str, Any]] = []
         while len(out) < limit:
-            try:
-                page = await self._call(self.client.xrevrange(
-                    f"{self.prefix}audit", max=high, min=low, count=self._AUDIT_PAGE))
-            except ResponseError as exc:
-                raise StoreError(f"store error: {str(exc)[:200]}") from exc
+            page: list[tuple[bytes, dict[bytes, bytes]]] = await self._call(
+                self.client.xrevrange(f"{self.prefix}audit", max=high, min=low,
+                                      count=self._AUDIT_PAGE))
             for _entry_id, fields in page:
                 try:
                     event = json.loads(fields[b"e"])

@@ -21,7 +21,13 @@ from gateway.identity import KeyRegistry
 from gateway.limits import Limits
 from gateway.pipeline import Pipeline, build_runtime
 from gateway.policy import canonical, compile_policy, load_policy_file, validate_policy
-from gateway.settings import ConfigError, LoadedConfig, load_settings, parse_hostport
+from gateway.settings import (
+    ConfigError,
+    LoadedConfig,
+    load_settings,
+    parse_hostport,
+    redact_url,
+)
 from gateway.store import Store, open_store
 from gateway.tasks import cancel_and_wait, cancelling
 
@@ -83,7 +89,8 @@ class GatewayService:
         self.admin_port = await self._serve(admin, s.admin_listen)
         logger().info("gateway_started", listen=s.listen, admin_listen=s.admin_listen,
                       proxy_port=self.proxy_port, admin_port=self.admin_port,
-                      store=s.store.url.split("@")[-1], policy_version=self.policy_version)
+                      upstream=redact_url(s.upstream.url), store=redact_url(s.store.url),
+                      policy_version=self.policy_version)
 
     async def _serve(self, app: web.Application, hostport: str) -> int:
         host, port = parse_hostport(hostport)

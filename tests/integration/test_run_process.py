@@ -86,10 +86,10 @@ class GatewayProcess:
 
 
 @asynccontextmanager
-async def gateway_process(tmp: Path, upstream_url: str, **sections: Any
-                          ) -> AsyncIterator[GatewayProcess]:
+async def gateway_process(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
+                          **sections: Any) -> AsyncIterator[GatewayProcess]:
     port, admin_port = free_port(), free_port()
-    config = write_config(tmp, upstream_url, listen=f"127.0.0.1:{port}",
+    config = write_config(tmp, upstream_url, policy, listen=f"127.0.0.1:{port}",
                           admin_listen=f"127.0.0.1:{admin_port}", **sections)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=tmp,

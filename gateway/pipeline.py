@@ -106,6 +106,8 @@ class Pipeline:
         self.policy: CompiledPolicy | None = None
         self.scopes = _ScopeCache()
         self.inflight = 0
+        # Set by the service when the shutdown deadline cuts the requests still running.
+        self.shutting_down = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.rt
@@ -191,8 +193,8 @@ class Pipeline:
         except (ConnectionResetError, asyncio.CancelledError):
             # The client went away; the upstream request is closed by the proxy stage.
             ctx.decision = "error"
-            ctx.reason = "client_disconnected"
-            ctx.status = 499
+            ctx.reason = "shutdown" if self.shutting_down else "client_disconnected"
+            ctx.status = 503 if self.shutting_down else 499
             raise
         except Exception as exc:  # a bug must still answer in the documented error shape
             ctx.decision, ctx.reason = "error", "internal_error"

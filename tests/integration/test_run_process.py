@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -87,13 +88,17 @@ class GatewayProcess:
 
 @asynccontextmanager
 async def gateway_process(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
-                          **sections: Any) -> AsyncIterator[GatewayProcess]:
+                          rlimit_nofile: int | None = None, **sections: Any
+                          ) -> AsyncIterator[GatewayProcess]:
+    """A `gateway run` process on free ports; `rlimit_nofile` caps its file descriptors."""
     port, admin_port = free_port(), free_port()
     config = write_config(tmp, upstream_url, policy, listen=f"127.0.0.1:{port}",
                           admin_listen=f"127.0.0.1:{admin_port}", **sections)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=tmp,
-        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=None if rlimit_nofile is None else lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (rlimit_nofile, rlimit_nofile)))
     gw = GatewayProcess(proc, config, port, admin_port)
     try:
         await poll(gw.ready, timeout=30, interval=0.05)

@@ -169,11 +169,12 @@ class GatewayService:
                       drain_s=s.shutdown_drain_s, grace_s=s.shutdown_grace_s)
         if s.shutdown_drain_s > 0:
             await asyncio.sleep(s.shutdown_drain_s)
-        proxy_listener, proxy_runner = self._listeners[0], self._runners[0]
-        proxy_listener.stop_accepting()
-        if proxy_runner.server is not None:
-            # Idle keep-alive connections close now, busy ones after their response.
-            proxy_runner.server.pre_shutdown()
+        if self._listeners:  # the first is the proxy listener
+            self._listeners[0].stop_accepting()
+            server = self._runners[0].server
+            if server is not None:
+                # Idle keep-alive connections close now, busy ones after their response.
+                server.pre_shutdown()
         remaining = deadline - loop.time()
         if self._requests and remaining > 0:
             with contextlib.suppress(TimeoutError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.settings import redact_url
 
@@ -59,3 +61,23 @@ def test_hosts_and_harmless_parts_stay_readable(url: str, expected: str) -> None
 def test_awkward_spellings_are_redacted(url: str) -> None:
     """Delimiters inside a password, or a query without a path, still leak nothing."""
     assert SECRET not in redact_url(url)
+
+
+_PASSWORD = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126),
+                    min_size=6, max_size=40).map(lambda s: "Q~" + s)
+
+
+@given(_PASSWORD, st.sampled_from(["redis", "rediss", "redis+sentinel", "redis+cluster",
+                                   "https"]))
+def test_any_userinfo_password_is_removed(password: str, scheme: str) -> None:
+    """Whatever characters a user-info password holds, it never survives whole."""
+    for url in (f"{scheme}://app:{password}@h1:6379/0",
+                f"{scheme}://:{password}@h1:26379,h2:26379/gwmaster",
+                f"{scheme}://app:{password}@h1:7000,app:{password}@h2:7001"):
+        assert password not in redact_url(url)
+
+
+@given(_PASSWORD.filter(lambda s: "&" not in s and "#" not in s))
+def test_any_query_password_is_removed(password: str) -> None:
+    """A password given as a query parameter never survives whole."""
+    assert password not in redact_url(f"redis://h1:6379/0?db=1&password={password}")

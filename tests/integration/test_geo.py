@@ -238,3 +238,25 @@ def _overwrite(path: Path, content: Path | bytes, truncate: bool) -> None:
 
 async def run_cli_async(gw: GatewayProcess, *args: str) -> tuple[int, str, str]:
     return await cli(*args, "--config", str(gw.config), cwd=gw.config.parent)
+
+
+async def test_sighup_notices_database_overwritten_in_place(tmp_path: Path,
+                                                            upstream: FakeUpstream) -> None:
+    """With no periodic check due, a reload (SIGHUP) takes a database rewritten in place and
+    refuses a truncated one, keeping the copy in service."""
+    live = await asyncio.to_thread(_copy, DEMO_COUNTRY, tmp_path / "geo" / "Country.mmdb")
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={"country_db": str(live), "reload_interval_s": 3600}) as gw:
+        demo_epoch = gw.service.geo.build_epochs()["country"]
+        await asyncio.to_thread(_overwrite, live, TEST_COUNTRY, True)
+        assert await gw.service.reload()
+        new_epoch = gw.service.geo.build_epochs()["country"]
+        assert new_epoch != demo_epoch
+        assert gw.service.geo.lookup("89.160.20.113").country == "SE"
+
+        await asyncio.to_thread(_overwrite, live, b"MMDB", True)
+        assert await gw.service.reload()
+        [rejected] = gw.logs.events("geo_database_rejected")
+        assert rejected["path"] == str(live)
+        assert gw.service.geo.build_epochs()["country"] == new_epoch
+        assert gw.service.geo.lookup("89.160.20.120").country == "SE"  # uncached

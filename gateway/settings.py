@@ -88,7 +88,8 @@ def redact_url(url: str) -> str:
         items = []
         for item in query.split("&"):
             name, eq, _ = item.partition("=")
-            secret = _SECRET_PARAM.search(unquote(name)) or "@" in name
+            # An "@" means user-info a raw "?" in a password pushed into the query.
+            secret = _SECRET_PARAM.search(unquote(name)) or "@" in item
             items.append(f"{name}=***" if eq and secret else "***" if secret else item)
         path = f"{path}?{'&'.join(items)}"
     return f"{scheme}://{netloc}{path}{h}{frag}"

@@ -77,7 +77,7 @@ async def test_sigterm_drains_readiness_then_cuts_at_the_deadline(
     """SIGTERM: /readyz answers 503 draining at once while new connections are still served
     for shutdown_drain_s; then the listener refuses, a stream still running at drain + grace
     is cut and logged with reason `shutdown`, and the process exits within drain + grace + 1 s."""
-    drain, grace = 3.0, 2.0
+    drain, grace = 5.0, 2.0
     hold = asyncio.Event()  # never set: the stream would run for ever
     upstream.hold_stream = hold
     async with gateway_process(tmp_path, upstream.url, OPEN_POLICY, shutdown_drain_s=drain,

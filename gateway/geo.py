@@ -131,6 +131,7 @@ class GeoResolver:
             _log_loaded(kind, self.dbs[kind])
         self._cache: OrderedDict[str, GeoInfo] = OrderedDict()
         self._cache_size = cache_size
+        self._failing: set[str] = set()  # kinds whose copy in service failed a lookup (logged)
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -192,9 +193,11 @@ class GeoResolver:
             return db.reader.get(ip)
         except ValueError:
             return None  # not an IP address
-        except Exception as exc:  # a damaged record: unknown, and say so
-            logger().error("geo_lookup_failed", database=kind, path=db.path,
-                           error=type(exc).__name__)
+        except Exception as exc:  # a damaged record: unknown, said once per database copy
+            if kind not in self._failing:
+                self._failing.add(kind)
+                logger().error("geo_lookup_failed", database=kind, path=db.path,
+                               error=type(exc).__name__)
             return None
 
     def check_reload(self) -> list[str]:
@@ -219,6 +222,7 @@ class GeoResolver:
                                reason=str(exc), build_epoch=old.build_epoch)
                 continue
             self.dbs[kind] = new
+            self._failing.discard(kind)
             swapped.append(kind)
             _log_loaded(kind, new)
         if swapped:

@@ -1,9 +1,10 @@
 """Assembles the gateway: the proxy and admin listeners, the store, the snapshots kept in sync
-with it, geo reloads, SIGHUP config reloads and graceful SIGTERM shutdown."""
+with it, geo reloads, SIGHUP config reloads and the SIGTERM drain (DESIGN.md §3)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -19,9 +20,17 @@ from gateway.errors import StoreError
 from gateway.geo import GeoDatabaseError, GeoResolver
 from gateway.identity import KeyRegistry
 from gateway.limits import Limits
+from gateway.listeners import Listener
 from gateway.pipeline import Pipeline, build_runtime
 from gateway.policy import canonical, compile_policy, load_policy_file, validate_policy
-from gateway.settings import ConfigError, LoadedConfig, load_settings, parse_hostport
+from gateway.proxy import Upstream
+from gateway.settings import (
+    ConfigError,
+    LoadedConfig,
+    load_settings,
+    parse_hostport,
+    redact_url,
+)
 from gateway.store import Store, open_store
 from gateway.tasks import cancel_and_wait, cancelling
 from gateway.workers import worker_count
@@ -61,8 +70,16 @@ class GatewayService:
         self._cache_seen: dict[tuple[int, str], int] = {}
         self._sync_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Future[Any]] = set()
-        # Upstream sessions of runtimes replaced by a reload, closed once their requests end.
-        self._retired: list[Any] = []
+        # Requests in flight per upstream session; a session retired by a reload is closed when
+        # its last request has ended (or at stop).
+        self._upstream_inflight: dict[Upstream, int] = {}
+        self._retired: set[Upstream] = set()
+        # Proxy requests in flight (the tasks running them), for the shutdown deadline.
+        self._requests: set[asyncio.Task[Any]] = set()
+        self._requests_done = asyncio.Event()
+        self._requests_done.set()
+        self._listeners: list[Listener] = []
+        self.draining = False
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,29 +95,61 @@ class GatewayService:
         ]
         self._publish_gauges()
         proxy = web.Application(client_max_size=s.upstream.max_body_bytes + 1)
-        proxy.router.add_route("*", "/{tail:.*}", self.pipeline.handle)
+        proxy.router.add_route("*", "/{tail:.*}", self._handle)
         admin = build_admin_app(self)
-        self.proxy_port = await self._serve(proxy, s.listen)
-        self.admin_port = await self._serve(admin, s.admin_listen)
+        self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections)
+        # The admin listener has its own socket and no cap: probes answer while the proxy
+        # port is saturated.
+        self.admin_port = await self._serve(admin, s.admin_listen, None)
         logger().info("gateway_started", listen=s.listen, admin_listen=s.admin_listen,
                       proxy_port=self.proxy_port, admin_port=self.admin_port,
-                      store=s.store.url.split("@")[-1], policy_version=self.policy_version)
+                      upstream=redact_url(s.upstream.url), store=redact_url(s.store.url),
+                      policy_version=self.policy_version)
 
-    async def _serve(self, app: web.Application, hostport: str) -> int:
+    async def _serve(self, app: web.Application, hostport: str,
+                     max_connections: int | None) -> int:
         host, port = parse_hostport(hostport)
-        # auto_decompress=False: the pipeline inflates request bodies itself, within the body
-        # limit (aiohttp's own inflation would let Content-Length bound only the gzip size).
+        srv = self.config.settings.server
+        # keepalive_timeout is aiohttp's idle timeout; shutdown_timeout only bounds closing
+        # connections left idle, as `stop` has already ended the requests. auto_decompress=False:
+        # the pipeline inflates request bodies itself, within the body limit (aiohttp's own
+        # inflation would let Content-Length bound only the compressed size).
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               auto_decompress=False,
-                               shutdown_timeout=self.config.settings.shutdown_grace_s)
+                               auto_decompress=False, keepalive_timeout=srv.idle_timeout_s,
+                               shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None,
-                           backlog=1024)
-        await site.start()
+        assert runner.server is not None
+        listener = Listener(runner.server, host, port, backlog=1024,
+                            reuse_port=self.reuse_port, max_connections=max_connections,
+                            header_timeout_s=srv.header_timeout_s)
+        bound = await listener.start()
         self._runners.append(runner)
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        self._listeners.append(listener)
+        return bound
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """The proxy route: counts the request against the upstream session it will use and
+        keeps its task for the shutdown deadline."""
+        # Pipeline.handle reads `rt` before its first await, so this is the session it uses.
+        upstream = self.pipeline.rt.upstream
+        counts = self._upstream_inflight
+        counts[upstream] = counts.get(upstream, 0) + 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
+        self._requests_done.clear()
+        try:
+            return await self.pipeline.handle(request)
+        finally:
+            self._requests.discard(task)
+            if not self._requests:
+                self._requests_done.set()
+            left = counts[upstream] = counts[upstream] - 1
+            if left == 0:
+                del counts[upstream]
+                if upstream in self._retired:
+                    self._retired.discard(upstream)
+                    self._spawn(upstream.close())
 
     async def _store_start(self) -> None:
         try:
@@ -112,26 +161,64 @@ class GatewayService:
             self.limits.mark_store(False)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        """SIGTERM: /readyz answers 503 at once; new connections are still accepted for
+        `shutdown_drain_s` (load balancers deregister); then the proxy listener stops accepting
+        and in-flight requests have until drain + grace in all; what is left is cut and logged
+        with reason `shutdown`; then everything closes."""
+        s = self.config.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.shutdown_drain_s + s.shutdown_grace_s
+        self.draining = True
         logger().info("shutdown_started", inflight=self.pipeline.inflight,
-                      grace_s=self.config.settings.shutdown_grace_s)
+                      drain_s=s.shutdown_drain_s, grace_s=s.shutdown_grace_s)
+        if s.shutdown_drain_s > 0:
+            await asyncio.sleep(s.shutdown_drain_s)
+        if self._listeners:  # the first is the proxy listener
+            self._listeners[0].stop_accepting()
+            server = self._runners[0].server
+            if server is not None:
+                # Idle keep-alive connections close now, busy ones after their response.
+                server.pre_shutdown()
+        remaining = deadline - loop.time()
+        if self._requests and remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._requests_done.wait()
+        if self._requests:
+            self.pipeline.shutting_down = True
+            logger().info("shutdown_cutting", inflight=len(self._requests))
+            cut = list(self._requests)
+            for task in cut:
+                task.cancel()
+            await asyncio.wait(cut, timeout=0.5)
+        for listener in self._listeners:
+            listener.stop_accepting()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        await cancel_and_wait([*self._tasks, *self._side_tasks])
-        for upstream in self._retired:
+        self._listeners.clear()
+        await cancel_and_wait([*self._tasks, *self._side_tasks], wait_s=0.5)
+        try:
+            # Within drain + grace + 1 s in all, whatever the store does.
+            async with asyncio.timeout(max(0.2, deadline + 0.8 - loop.time())):
+                await self._close_parts()
+        except TimeoutError:
+            logger().error("shutdown_incomplete", reason="closing the store timed out")
+        self.geo.close()
+        logger().info("shutdown_complete")
+        self._stopping.set()
+
+    async def _close_parts(self) -> None:
+        for upstream in [*self._retired, *self._upstream_inflight]:
             await upstream.close()
         self._retired.clear()
+        await self.pipeline.rt.upstream.close()
         try:
             await self.registry.flush_last_used()
         except StoreError:
             pass
         await self.limits.close()
-        await self.pipeline.rt.upstream.close()
         await self.store.close()
-        self.geo.close()
-        logger().info("shutdown_complete")
-        self._stopping.set()
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,9 +227,7 @@ class GatewayService:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
     def _on_hup(self) -> None:
-        task = asyncio.ensure_future(self.reload())
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+        self._spawn(self.reload())
 
     def _on_term(self) -> None:
         if self._stop_task is None:
@@ -184,16 +269,13 @@ class GatewayService:
         self.pipeline.rt = build_runtime(new)
         self.limits.family = s.limits_headers
         self.config = new
-        # Requests in flight keep the old upstream session until they finish; `stop` closes
-        # it if the service stops first.
+        # Requests in flight keep the old upstream session until the last of them ends (see
+        # `_handle`); `stop` closes it if the service stops first.
         retired = old_rt.upstream
-        self._retired.append(retired)
-
-        async def close_retired() -> None:
-            self._retired.remove(retired)
-            await retired.close()
-
-        self._later(max(s.upstream.read_timeout_s, 1.0), close_retired)
+        if retired in self._upstream_inflight:
+            self._retired.add(retired)
+        else:
+            self._spawn(retired.close())
         self._publish_gauges()
         # Logged under the old logging setup, so a stricter new level still shows the reload.
         logger().info("config_reloaded", path=new.path,
@@ -201,12 +283,8 @@ class GatewayService:
         configure_logging(s.log.level, s.log.format)
         return True
 
-    def _later(self, delay: float, fn: Any) -> None:
-        async def run() -> None:
-            await asyncio.sleep(delay)
-            await fn()
-
-        task = asyncio.ensure_future(run())
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -377,5 +455,7 @@ class GatewayService:
                 status = "degraded"
         if not ready:
             status = "not_ready"
+        if self.draining:
+            ready, status = False, "draining"
         return ready, {"status": status, "degraded": [] if status != "degraded" else ["store"],
                        "checks": checks, "time": time.time()}

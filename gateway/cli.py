@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gateway.settings import ConfigError, LoadedConfig, load_settings
+from gateway.settings import ConfigError, LoadedConfig, load_settings, redact_url
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml")
 
@@ -77,7 +77,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if s.policy_file:
         load_policy_file(s.policy_file)
     print(f"{config.path}: ok (listen {s.listen}, admin {s.admin_listen}, "
-          f"upstream {s.upstream.url}, store {s.store.url.split('@')[-1]})")
+          f"upstream {redact_url(s.upstream.url)}, store {redact_url(s.store.url)})")
     return 0
 
 

@@ -3,12 +3,16 @@
 Only the country database is required. An address a database does not know yields None /
 no flags (`unknown` to policy), never an error. A replaced file is opened off the event loop
 and swapped in; a corrupt or wrong-type replacement is refused and the old reader kept.
+Readers serve from a private copy of the file, so a file overwritten in place (rather than
+renamed over) can neither crash the process nor corrupt the copy in use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -66,21 +70,43 @@ def open_database(kind: str, path: str) -> _Opened:
     """Open and check one database; raise GeoDatabaseError with the reason."""
     try:
         stamp = _stamp(path)
-        reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
+        with open(path, "rb") as f:
+            data = f.read()
+        reader = _private_reader(data)
     except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
         raise GeoDatabaseError(f"cannot open {path}: {exc}") from exc
-    meta = reader.metadata()
-    if not any(word in meta.database_type for word in _KINDS[kind]):
-        reader.close()
-        raise GeoDatabaseError(
-            f"{path} is a {meta.database_type!r} database, not a {kind} database"
-        )
     try:
+        meta = reader.metadata()
+        if not any(word in meta.database_type for word in _KINDS[kind]):
+            raise GeoDatabaseError(
+                f"{path} is a {meta.database_type!r} database, not a {kind} database")
         reader.get("1.1.1.1" if meta.ip_version == 4 else "::1.1.1.1")  # walks the tree once
-    except (ValueError, maxminddb.InvalidDatabaseError) as exc:
+    except GeoDatabaseError:
+        reader.close()
+        raise
+    except Exception as exc:  # any decoding fault of a damaged file
         reader.close()
         raise GeoDatabaseError(f"{path} is corrupt: {exc}") from exc
     return _Opened(path, reader, meta.database_type, int(meta.build_epoch), stamp)
+
+
+def _private_reader(data: bytes) -> Any:
+    """A reader over `data` that nothing outside this process can change: with the C extension,
+    a mapped temporary file unlinked at once (fast lookups; the mapping keeps it alive), else
+    the pure-Python reader over the bytes in memory. Either way the cost is the file's size."""
+    if getattr(maxminddb, "extension", None) is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="gateway-geo-", suffix=".mmdb")
+        except OSError:
+            pass  # no writable temporary directory: serve from memory
+        else:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return maxminddb.open_database(tmp, maxminddb.MODE_MMAP_EXT)
+            finally:
+                os.unlink(tmp)
+    return maxminddb.open_database(io.BytesIO(data), maxminddb.MODE_FD)
 
 
 def _iso(rec: Any, field: str) -> str | None:
@@ -105,6 +131,7 @@ class GeoResolver:
             _log_loaded(kind, self.dbs[kind])
         self._cache: OrderedDict[str, GeoInfo] = OrderedDict()
         self._cache_size = cache_size
+        self._failing: set[str] = set()  # kinds whose copy in service failed a lookup (logged)
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -133,35 +160,45 @@ class GeoResolver:
         for kind, db in self.dbs.items():
             try:
                 rec, prefix = db.reader.get_with_prefix_len(ip)
-            except ValueError:
+            except Exception:  # malformed address or damaged record
                 rec, prefix = None, None
             out[kind] = {"path": db.path, "database_type": db.database_type,
                          "build_epoch": db.build_epoch, "prefix_len": prefix, "record": rec}
         return out
 
     def _lookup(self, ip: str) -> GeoInfo:
-        try:
-            rec = self.dbs["country"].reader.get(ip)
-        except ValueError:
-            return UNKNOWN
+        rec = self._get("country", ip)
         country = _iso(rec, "country")
         registered = _iso(rec, "registered_country")
         asn = org = None
-        db = self.dbs.get("asn")
-        if db is not None:
-            arec = db.reader.get(ip)
-            if isinstance(arec, dict):
-                n = arec.get("autonomous_system_number")
-                asn = n if isinstance(n, int) else None
-                o = arec.get("autonomous_system_organization")
-                org = o if isinstance(o, str) else None
+        arec = self._get("asn", ip)
+        if isinstance(arec, dict):
+            n = arec.get("autonomous_system_number")
+            asn = n if isinstance(n, int) else None
+            o = arec.get("autonomous_system_organization")
+            org = o if isinstance(o, str) else None
         flags: tuple[str, ...] = ()
-        db = self.dbs.get("anonymous_ip")
-        if db is not None:
-            frec = db.reader.get(ip)
-            if isinstance(frec, dict):
-                flags = tuple(name for field, name in ANONYMIZER_FLAGS if frec.get(field) is True)
+        frec = self._get("anonymous_ip", ip)
+        if isinstance(frec, dict):
+            flags = tuple(name for field, name in ANONYMIZER_FLAGS if frec.get(field) is True)
         return GeoInfo(country or registered, registered, asn, org, flags)
+
+    def _get(self, kind: str, ip: str) -> Any:
+        """The record of `ip` in one database; None when the database is absent, does not know
+        the address, or fails to decode it (`unknown`, never an error)."""
+        db = self.dbs.get(kind)
+        if db is None:
+            return None
+        try:
+            return db.reader.get(ip)
+        except ValueError:
+            return None  # not an IP address
+        except Exception as exc:  # a damaged record: unknown, said once per database copy
+            if kind not in self._failing:
+                self._failing.add(kind)
+                logger().error("geo_lookup_failed", database=kind, path=db.path,
+                               error=type(exc).__name__)
+            return None
 
     def check_reload(self) -> list[str]:
         """Reopen every database whose file changed on disk; return the kinds swapped in.
@@ -185,6 +222,7 @@ class GeoResolver:
                                reason=str(exc), build_epoch=old.build_epoch)
                 continue
             self.dbs[kind] = new
+            self._failing.discard(kind)
             swapped.append(kind)
             _log_loaded(kind, new)
         if swapped:

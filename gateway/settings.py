@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,6 +49,52 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host, port
 
 
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|auth|key|credential", re.IGNORECASE)
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9._-]*)(:[0-9]*)?")
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to log or print: the password of every user-info (several hosts included, as in
+    sentinel URLs) and the value of every credential-like query parameter become `***`.
+    Anything that cannot be told apart from a credential is redacted too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if "@" in url else url
+    # Split where the client libraries split (urlsplit); whatever a password with a raw
+    # delimiter pushes into the path or fragment is redacted there.
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    parts = netloc.split(",")
+    last_at = max((i for i, p in enumerate(parts) if "@" in p), default=-1)
+    shown = []
+    for i, part in enumerate(parts):
+        if "@" in part:
+            creds, _, host = part.rpartition("@")
+            user, colon, _ = creds.partition(":")
+            shown.append(f"{user}:***@{host}" if colon and _HOST.fullmatch(user) else
+                         f"***@{host}")
+        elif i < last_at or not _HOST.fullmatch(part):
+            shown.append("***")  # a piece of a password (one that held a comma or a slash)
+        else:
+            shown.append(part)
+    netloc = ",".join(shown)
+    tail, h, frag = tail.partition("#")
+    path, q, query = tail.partition("?")
+    if "@" in frag:
+        frag = "***"
+    if "@" in path:
+        path = "/***"
+    if q:
+        items = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            # An "@" means user-info a raw "?" in a password pushed into the query.
+            secret = _SECRET_PARAM.search(unquote(name)) or "@" in item
+            items.append(f"{name}=***" if eq and secret else "***" if secret else item)
+        path = f"{path}?{'&'.join(items)}"
+    return f"{scheme}://{netloc}{path}{h}{frag}"
+
+
 class UpstreamSettings(_Model):
     url: str = "https://api.anthropic.com"
     api_key_env: str = "UPSTREAM_API_KEY"
@@ -62,7 +109,7 @@ class UpstreamSettings(_Model):
     def _url(cls, v: str) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
+            raise ValueError(f"must be an http(s) URL with a host, got {redact_url(v)!r}")
         return v.rstrip("/")
 
 

@@ -85,7 +85,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                     continue
                 spawn(i)
             if stopping and deadline is None:
-                deadline = time.time() + s.shutdown_grace_s + 5
+                deadline = time.time() + s.shutdown_drain_s + s.shutdown_grace_s + 5
             if deadline is not None and time.time() > deadline:
                 forward(signal.SIGKILL)
     finally:
@@ -95,7 +95,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                 p.terminate()
         for p in procs.values():
             try:
-                p.wait(timeout=s.shutdown_grace_s + 5)
+                p.wait(timeout=s.shutdown_drain_s + s.shutdown_grace_s + 5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

@@ -8,9 +8,11 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
+from tests.integration.test_run_process import GatewayProcess, cli, gateway_process
 from tests.support.cli import TEST_GEO, run_cli, send
 from tests.support.gateway import REPO, poll, running_gateway, write_config
 from tests.support.upstream import FakeUpstream
@@ -159,3 +161,102 @@ def test_geo_lookup_cli(tmp_path: Path) -> None:
     assert (doc["country"], doc["registered_country"]) == ("SG", "SG")  # registered fallback
     out = run_cli("geo", "lookup", "203.0.113.35", config=demo)
     assert out.returncode == 0 and "hosting" in out.stdout and "64521" in out.stdout
+
+
+async def test_database_overwritten_in_place_keeps_serving(tmp_path: Path,
+                                                           upstream: FakeUpstream) -> None:
+    """Database files overwritten in place (garbage, then truncated, then a valid copy) never
+    crash a real gateway process nor turn a lookup into a 500: the last good copy keeps
+    answering with the right country until the valid file is taken again."""
+    geo = {kind: str(await asyncio.to_thread(_copy, src, tmp_path / "geo" / src.name))
+           for kind, src in (("country_db", TEST_COUNTRY),
+                             ("asn_db", TEST_GEO / "GeoLite2-ASN-Test.mmdb"),
+                             ("anonymous_ip_db", TEST_GEO / "GeoIP2-Anonymous-IP-Test.mmdb"))}
+    async with gateway_process(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={**geo, "reload_interval_s": 0.2}) as gw:
+        code, out, err = await run_cli_async(gw, "keys", "issue", "--reseller", "direct",
+                                             "--json")
+        assert code == 0, err
+        key = json.loads(out)["key"]
+        fresh = iter(f"214.78.{120 + n // 250}.{1 + n % 250}" for n in range(1000))
+
+        async def check_located(count: int = 5) -> None:
+            """Uncached addresses (each used once) answer 200 and are located in the US."""
+            for _ in range(count):
+                ip = next(fresh)
+                status, body, _ = await send(gw.url, key, ip=ip)
+                assert status == 200, body
+                line = await poll(lambda ip=ip: [x for x in gw.events("request")
+                                                  if x["client_ip"] == ip])
+                assert line[0]["country"] == "US" and line[0]["asn"] == 721
+            assert gw.proc.returncode is None
+
+        def rejected() -> int:
+            return len(gw.events("geo_database_rejected"))
+
+        await check_located()
+        sizes = {kind: os.path.getsize(path) for kind, path in geo.items()}
+
+        # Garbage over the first bytes of each file, same inode, same size.
+        for path in geo.values():
+            await asyncio.to_thread(_overwrite, Path(path), b"\xde\xad\xbe\xef" * 4096, False)
+        await poll(lambda: rejected() >= 3, timeout=15)
+        await check_located()
+
+        # Truncated in place to a few bytes.
+        before = rejected()
+        for path in geo.values():
+            await asyncio.to_thread(_overwrite, Path(path), b"MMDB", True)
+        await poll(lambda: rejected() >= before + 3, timeout=15)
+        await check_located()
+        lines = gw.events("geo_database_rejected")
+        assert {x["path"] for x in lines} == set(geo.values())
+
+        # A valid database written back in place (the same inode) is taken again.
+        loads = len(gw.events("geo_database_loaded"))
+        await asyncio.to_thread(_overwrite, Path(geo["country_db"]), DEMO_COUNTRY, True)
+        await poll(lambda: len(gw.events("geo_database_loaded")) > loads, timeout=15)
+        status, _, _ = await send(gw.url, key, ip="192.0.2.1")  # demo data: US
+        assert status == 200
+        line = await poll(lambda: [x for x in gw.events("request")
+                                   if x["client_ip"] == "192.0.2.1"])
+        assert line[0]["country"] == "US"
+        assert not [x for x in gw.events("request") if x["status"] == 500]
+        assert sizes  # every database was copied before it was damaged
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.finish() == 0
+
+
+def _overwrite(path: Path, content: Path | bytes, truncate: bool) -> None:
+    """Write into the existing file (same inode), as `cp` or a careless script does."""
+    data = content if isinstance(content, bytes) else content.read_bytes()
+    with path.open("r+b") as f:
+        f.write(data)
+        if truncate:
+            f.truncate(len(data))
+
+
+async def run_cli_async(gw: GatewayProcess, *args: str) -> tuple[int, str, str]:
+    return await cli(*args, "--config", str(gw.config), cwd=gw.config.parent)
+
+
+async def test_sighup_notices_database_overwritten_in_place(tmp_path: Path,
+                                                            upstream: FakeUpstream) -> None:
+    """With no periodic check due, a reload (SIGHUP) takes a database rewritten in place and
+    refuses a truncated one, keeping the copy in service."""
+    live = await asyncio.to_thread(_copy, DEMO_COUNTRY, tmp_path / "geo" / "Country.mmdb")
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={"country_db": str(live), "reload_interval_s": 3600}) as gw:
+        demo_epoch = gw.service.geo.build_epochs()["country"]
+        await asyncio.to_thread(_overwrite, live, TEST_COUNTRY, True)
+        assert await gw.service.reload()
+        new_epoch = gw.service.geo.build_epochs()["country"]
+        assert new_epoch != demo_epoch
+        assert gw.service.geo.lookup("89.160.20.113").country == "SE"
+
+        await asyncio.to_thread(_overwrite, live, b"MMDB", True)
+        assert await gw.service.reload()
+        [rejected] = gw.logs.events("geo_database_rejected")
+        assert rejected["path"] == str(live)
+        assert gw.service.geo.build_epochs()["country"] == new_epoch
+        assert gw.service.geo.lookup("89.160.20.120").country == "SE"  # uncached

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import aiohttp
 import anthropic
 
 from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, poll, write_config
+from tests.support.redis_server import RedisServer
 from tests.support.upstream import FakeUpstream
 
 MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
@@ -85,14 +87,18 @@ class GatewayProcess:
 
 
 @asynccontextmanager
-async def gateway_process(tmp: Path, upstream_url: str, **sections: Any
+async def gateway_process(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
+                          rlimit_nofile: int | None = None, **sections: Any
                           ) -> AsyncIterator[GatewayProcess]:
+    """A `gateway run` process on free ports; `rlimit_nofile` caps its file descriptors."""
     port, admin_port = free_port(), free_port()
-    config = write_config(tmp, upstream_url, listen=f"127.0.0.1:{port}",
+    config = write_config(tmp, upstream_url, policy, listen=f"127.0.0.1:{port}",
                           admin_listen=f"127.0.0.1:{admin_port}", **sections)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=tmp,
-        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=None if rlimit_nofile is None else lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (rlimit_nofile, rlimit_nofile)))
     gw = GatewayProcess(proc, config, port, admin_port)
     try:
         await poll(gw.ready, timeout=30, interval=0.05)
@@ -230,3 +236,41 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "UPSTREAM_API_KEY" in res.stderr
     assert ADMIN_TOKEN not in res.stderr + res.stdout
+
+
+STORE_SECRET = "store-pw-5ecret"
+USERINFO_SECRET = "upstream-userinfo-5ecret"
+
+
+def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
+    """check-config prints hosts but no password from a store or upstream URL."""
+    for store in (f"redis://127.0.0.1:1/0?password={STORE_SECRET}",
+                  f"redis://app:{STORE_SECRET}@127.0.0.1:1/0",
+                  f"redis+sentinel://:{STORE_SECRET}@127.0.0.1:1,127.0.0.1:2/gwmaster"):
+        cfg = write_config(tmp_path, f"https://user:{USERINFO_SECRET}@127.0.0.1:9",
+                           store={"url": store})
+        res = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                              str(cfg)], cwd=tmp_path, env=gateway_env(), capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        assert "127.0.0.1" in res.stdout and "***" in res.stdout
+        assert STORE_SECRET not in res.stdout + res.stderr
+        assert USERINFO_SECRET not in res.stdout + res.stderr
+
+
+async def test_gateway_started_redacts_credentials_in_urls(tmp_path: Path,
+                                                           upstream: FakeUpstream) -> None:
+    """The gateway_started line names store and upstream without their credentials."""
+    up = upstream.url.replace("http://", f"http://user:{USERINFO_SECRET}@")
+    # An ACL user with a password (the default user stays open for the harness's PING).
+    acl = ["--user", "app", "on", f">{STORE_SECRET}", "~*", "&*", "+@all"]
+    with RedisServer(extra_args=acl) as redis:
+        url = f"{redis.url}?username=app&password={STORE_SECRET}"
+        async with gateway_process(tmp_path, up, store={"url": url}) as gw:
+            [started] = await poll(lambda: gw.events("gateway_started"))
+            assert "127.0.0.1" in started["store"] and "***" in started["store"]
+            assert "***" in started["upstream"]
+            gw.proc.send_signal(signal.SIGTERM)
+            assert await gw.finish() == 0
+    raw = "".join(gw.raw) + gw.stderr.decode()
+    assert STORE_SECRET not in raw and USERINFO_SECRET not in raw

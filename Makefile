@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench geo clean run
+.PHONY: demo test lint typecheck pytest bench soak geo clean run
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 geo: $(STAMP)
 	$(BIN)/gateway geo build

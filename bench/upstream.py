@@ -3,7 +3,9 @@
 Without `x-bench-events` it answers a small fixed Anthropic Messages JSON body. With
 `x-bench-events: N` it streams an Anthropic-shaped SSE answer: `message_start` at once, then N
 `content_block_delta` events, each after `x-bench-delay-ms` milliseconds and padded with
-`x-bench-pad` bytes of text, then `message_delta` (usage) and `message_stop`.
+`x-bench-pad` bytes of text, then `message_delta` (usage) and `message_stop`. A body larger
+than 1 MiB is drained without being held and answered with `x-bench-received: <bytes>` and
+`x-bench-draining: <most large bodies arriving at once while it arrived>`.
 
     python -m bench.upstream --port 8787
 """
@@ -57,7 +59,28 @@ def _tail(events: int) -> bytes:
 _DELTAS: dict[int, bytes] = {}
 
 
+#: Bodies above this are drained in chunks and counted (bench.soak's 30 MB bodies), not held.
+_DRAIN_ABOVE = 1 << 20
+#: Large bodies being received right now (the most seen during each is sent back).
+_DRAINING = 0
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
+    length = request.content_length
+    if length is not None and length > _DRAIN_ABOVE:
+        global _DRAINING
+        received = 0
+        _DRAINING += 1
+        most = _DRAINING
+        try:
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+                most = max(most, _DRAINING)
+        finally:
+            _DRAINING -= 1
+        return web.Response(body=MESSAGE, content_type="application/json",
+                            headers={"x-bench-received": str(received),
+                                     "x-bench-draining": str(most)})
     await request.read()
     events = request.headers.get("x-bench-events")
     if events is None:
@@ -82,7 +105,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 def build_app() -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/messages", messages)
     return app
 

@@ -42,7 +42,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_one(config: LoadedConfig, overrides: list[str], reuse_port: bool) -> int:
+    from gateway.allocator import return_large_blocks
     from gateway.app import GatewayService
+
+    return_large_blocks()
 
     try:
         import uvloop

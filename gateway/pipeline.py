@@ -189,6 +189,7 @@ class Pipeline:
 
             body = await read_body(request, rt.max_body, self.bodies, rt.body_timeout_s)
             facts = self._facts(request, path, body, policy, key)
+            body.judged(self.bodies)  # the parsed copies are gone: hold the bytes only
             ctx.model, ctx.stream = clip(facts.model), facts.stream
 
             cloc: GeoInfo | None = None
@@ -207,20 +208,21 @@ class Pipeline:
 
             adm, rl_headers = await self._admit(policy, key, att.customer_id,
                                                 facts.input_estimate, facts.max_output_tokens)
-            data = body.data
             if facts.add_include_usage:
-                data = with_include_usage(_json_object(data))
+                body.data = with_include_usage(_json_object(body.data))
             headers = rt.upstream.request_headers(
                 request.headers, self._xff(request, peer, peer_trusted), ctx.request_id,
                 body_rewritten=body.inflated or facts.add_include_usage)
             rl_headers["x-request-id"] = ctx.request_id
             fwd = Forwarded()
             target = f"{path}?{query}" if query else path
-            # From here on the forward stage holds the only reference to the body.
-            self.bodies.release(body.held)
-            body = None
-            resp = await rt.upstream.forward(request, target, data, headers, rl_headers, fwd,
-                                             strip_usage=facts.add_include_usage)
+            # The forward stage holds the only reference to the body, and drops it (and its
+            # share of the budget) once the body is sent.
+            sent_body = body
+            resp = await rt.upstream.forward(
+                request, target, body.take(), headers, rl_headers, fwd,
+                strip_usage=facts.add_include_usage,
+                on_sent=lambda: sent_body.release(self.bodies))
             ctx.status = resp.status
             return resp
         except GatewayError as err:
@@ -260,7 +262,7 @@ class Pipeline:
                                        "internal gateway error"), ctx.request_id)
         finally:
             if body is not None:
-                self.bodies.release(body.held)
+                body.release(self.bodies)
             self._finish(ctx, adm, fwd)
 
     @staticmethod

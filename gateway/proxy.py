@@ -4,6 +4,7 @@ the answer back chunk by chunk as it arrives."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -101,6 +102,7 @@ class Upstream:
         extra_response_headers: dict[str, str],
         info: Forwarded,
         strip_usage: bool = False,
+        on_sent: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
         """Send the request upstream and stream the answer to the client as it arrives.
 
@@ -108,7 +110,8 @@ class Upstream:
         failure cuts the client's response (the status is already sent). `info` is filled in
         as the answer goes, so the caller still sees what was delivered when the forward is
         cancelled (client gone) mid-stream. `target` is the normalised path and query the
-        gateway judged; `strip_usage` drops the usage chunk the gateway asked for."""
+        gateway judged; `strip_usage` drops the usage chunk the gateway asked for; `on_sent` is
+        called once the body is no longer needed (sent, or the send failed)."""
         url = self.url + target
         t0 = time.perf_counter()
         info.sent = True
@@ -123,6 +126,10 @@ class Upstream:
             info.failed = True
             raise GatewayError(502, "api_error", "upstream_unavailable",
                                f"upstream unreachable ({type(exc).__name__})") from None
+        finally:
+            del body  # sent (or never will be): held no longer, for as long as the answer runs
+            if on_sent is not None:
+                on_sent()
         try:
             info.upstream_status = up.status
             resp = web.StreamResponse(status=up.status, reason=up.reason)

@@ -21,6 +21,10 @@ from gateway.errors import GatewayError, invalid_request
 JUDGED_FIELDS = (b'"model"', b'"stream"', b'"max_tokens"', b'"max_completion_tokens"',
                  b'"max_output_tokens"', b'"stream_options"')
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: While a body is read and judged the process holds up to three copies of it (the chunks and
+#: their join, then the bytes, the decoded text and the parsed document): it is counted three
+#: times against the budget until judged, then once until sent upstream.
+READ_FACTOR = 3
 _INFLATE_CHUNK = 1 << 20
 
 
@@ -38,7 +42,9 @@ def overloaded() -> GatewayError:
 class BodyBudget:
     """Bytes of request bodies held at once by this process (`server.max_inflight_body_bytes`).
 
-    Callers reserve before they read and release when the body is no longer referenced."""
+    Callers reserve before they read and release when the body is no longer referenced. A body
+    is admitted past the bound only when nothing else is held (one body within
+    `upstream.max_body_bytes` is always served, as a request larger than a token bucket is)."""
 
     __slots__ = ("held", "limit")
 
@@ -46,8 +52,9 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
 
-    def reserve(self, n: int) -> bool:
-        if n and self.held + n > self.limit:
+    def reserve(self, n: int, own: int = 0) -> bool:
+        """Reserve `n` more bytes for a body that already holds `own` of the budget."""
+        if n and self.held > own and self.held + n > self.limit:
             return False
         self.held += n
         return True
@@ -63,6 +70,21 @@ class Body:
     data: bytes
     held: int
     inflated: bool = False
+
+    def judged(self, budget: BodyBudget) -> None:
+        """The body was parsed and its parsed copies dropped: keep only its own size."""
+        keep = min(self.held, len(self.data))
+        budget.release(self.held - keep)
+        self.held = keep
+
+    def take(self) -> bytes:
+        """The bytes, handed over: this object no longer references them."""
+        data, self.data = self.data, b""
+        return data
+
+    def release(self, budget: BodyBudget) -> None:
+        budget.release(self.held)
+        self.held = 0
 
 
 async def read_body(request: web.Request, limit: int, budget: BodyBudget,
@@ -83,18 +105,20 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget,
     try:
         async with asyncio.timeout(timeout_s):
             if length is not None:
-                if not budget.reserve(length):
+                if not budget.reserve(length * READ_FACTOR):
                     raise overloaded()
-                held = length
+                held = length * READ_FACTOR
                 data = await request.content.readexactly(length) if length else b""
             else:
                 chunks: list[bytes] = []
+                size = 0
                 async for chunk in request.content.iter_any():
-                    if held + len(chunk) > limit:
+                    size += len(chunk)
+                    if size > limit:
                         raise too_large(limit)
-                    if not budget.reserve(len(chunk)):
+                    if not budget.reserve(len(chunk) * READ_FACTOR, own=held):
                         raise overloaded()
-                    held += len(chunk)
+                    held += len(chunk) * READ_FACTOR
                     chunks.append(chunk)
                 data = b"".join(chunks)
     except TimeoutError:
@@ -113,11 +137,11 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget,
         except BaseException:
             budget.release(held)
             raise
-        if not budget.reserve(len(inflated)):
+        if not budget.reserve(len(inflated) * READ_FACTOR, own=held):
             budget.release(held)
             raise overloaded()
         budget.release(held)
-        return Body(inflated, len(inflated), inflated=True)
+        return Body(inflated, len(inflated) * READ_FACTOR, inflated=True)
     return Body(data, held)
 
 

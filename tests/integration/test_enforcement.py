@@ -234,10 +234,11 @@ async def test_made_up_key_with_a_stalled_body_is_answered_at_once(
 
 
 async def test_bodies_in_flight_are_bounded(tmp_path: Path, upstream: FakeUpstream) -> None:
-    """Past `server.max_inflight_body_bytes` held at once, a body gets 503 gateway_overloaded;
-    when the held one is done the next is served."""
+    """Past `server.max_inflight_body_bytes` held at once (a body counts three times while it is
+    read and judged), a body gets 503 gateway_overloaded; when the held one is sent the next is
+    served."""
     async with running_gateway(tmp_path, upstream.url,
-                               server={"max_inflight_body_bytes": 150_000}) as gw:
+                               server={"max_inflight_body_bytes": 400_000}) as gw:
         _, key = await gw.issue_key()
         big = json.dumps({**MESSAGE, "pad": "x" * 100_000}).encode()
         head = ("POST /v1/messages HTTP/1.1\r\nHost: g\r\nx-api-key: " + key +

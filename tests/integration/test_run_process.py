@@ -21,6 +21,7 @@ import anthropic
 
 from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, poll, write_config
 from tests.support.redis_server import RedisServer
+from tests.support.transcript import TRANSCRIPT
 from tests.support.upstream import FakeUpstream
 
 MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
@@ -240,6 +241,8 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 
 STORE_SECRET = "store-pw-5ecret"
 USERINFO_SECRET = "upstream-userinfo-5ecret"
+# Looked for in every output of the suite, not only in these tests' own.
+TRANSCRIPT.constant |= {STORE_SECRET, USERINFO_SECRET}
 
 
 def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 
@@ -100,3 +102,39 @@ class Child:
 
 def py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def run_bounded(name: str, work: Callable[[], Awaitable[dict[str, Any]]], budget_s: float,
+                render: Callable[[dict[str, Any]], str], output: Path) -> int:
+    """Run `work` on uvloop within `budget_s` (SIGTERM and Ctrl-C cancel it, so everything it
+    started is stopped), print `render` of its result and write the result as JSON; the exit
+    code: 0, 1 past the budget, 130 when interrupted."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+
+    async def bounded() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with asyncio.timeout(budget_s):
+            return await work()
+
+    started = time.monotonic()
+    try:
+        result = asyncio.run(bounded())
+    except TimeoutError:
+        print(f"{name} aborted: over its time budget of {budget_s:.0f} s", file=sys.stderr)
+        return 1
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print(f"{name} interrupted", file=sys.stderr)
+        return 130
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    print(render(result))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\n(wall time {result['wall_s']} s; JSON: {output})")
+    return 0

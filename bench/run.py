@@ -27,7 +27,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import aiohttp
 import yaml
 
 from bench.load import LoadResult, percentile, run_load
-from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes
+from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes, run_bounded
 
 CONFIG = "config/gateway.yaml"
 RESULTS = REPO / "bench" / "results" / "latest.json"
@@ -704,38 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
     args = ap.parse_args(argv)
     p = params(args)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-
-    async def bounded() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM like Ctrl-C: cancel, so that everything started is stopped.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        async with asyncio.timeout(p.time_budget_s):
-            return await bench(p)
-
-    started = time.monotonic()
-    try:
-        result = asyncio.run(bounded())
-    except TimeoutError:
-        print(f"benchmark aborted: over its time budget of {p.time_budget_s:.0f} s",
-              file=sys.stderr)
-        return 1
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        print("benchmark interrupted", file=sys.stderr)
-        return 130
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    text = render(result)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\n(wall time {result['wall_s']} s; JSON: {args.output})")
-    return 0
+    return run_bounded("benchmark", lambda: bench(p), p.time_budget_s, render, args.output)
 
 
 if __name__ == "__main__":

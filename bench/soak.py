@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from bench.load import percentile, run_load
-from bench.procs import REPO, Child, free_port, py
+from bench.procs import REPO, Child, free_port, py, run_bounded
 from bench.run import BODY, STREAM_BODY, Gateway, _open_log, headers, log, write_policy
 
 RESULTS = REPO / "bench" / "results" / "soak.json"
@@ -518,36 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     p = quick() if args.quick else Params()
     gateway_env = dict(a.split("=", 1) for a in args.gateway_env)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-
-    async def bounded() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        async with asyncio.timeout(p.time_budget_s):
-            return await soak(p, gateway_env)
-
-    started = time.monotonic()
-    try:
-        result = asyncio.run(bounded())
-    except TimeoutError:
-        print(f"load run aborted: over its time budget of {p.time_budget_s:.0f} s",
-              file=sys.stderr)
-        return 1
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        print("load run interrupted", file=sys.stderr)
-        return 130
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    print(render(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\n(wall time {result['wall_s']} s; JSON: {args.output})")
-    return 0
+    return run_bounded("load run", lambda: soak(p, gateway_env), p.time_budget_s, render,
+                       args.output)
 
 
 if __name__ == "__main__":

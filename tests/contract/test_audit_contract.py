@@ -4,36 +4,9 @@ the embedded store, a real redis-server, a real Redis Cluster and Redis through 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-import pytest_asyncio
-
-from gateway.store import Store, open_store
-
-BACKENDS = ["memory", "redis", "cluster", "sentinel"]
-
-
-@pytest_asyncio.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """A started store of one backend under a key prefix of this test alone (never flushed)."""
-    prefix = f"a{uuid.uuid4().hex[:12]}:"
-    if request.param == "memory":
-        url = "memory://"
-    elif request.param == "redis":
-        url = request.getfixturevalue("redis_server_session").url
-    elif request.param == "sentinel":
-        url = request.getfixturevalue("redis_sentinel").url
-    else:
-        url = request.getfixturevalue("redis_cluster").url
-    st = open_store(url, prefix)
-    await st.start()
-    try:
-        yield st
-    finally:
-        await st.close()
+from gateway.store import Store
 
 
 def _event(action: str, t: float, **extra: Any) -> dict[str, Any]:

@@ -7,38 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
-from gateway.store import Store, open_store
+from gateway.store import Store
 from gateway.store.base import AdmitRequest, AdmitResult, KeyRecord, Settlement, Subject
 from tests.support.gateway import poll
-
-BACKENDS = ["memory", "redis", "cluster", "sentinel"]
-
-
-@pytest_asyncio.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """A started store of one backend; the Redis ones share a session server under a prefix
-    of this test alone (never flushed)."""
-    prefix = f"c{uuid.uuid4().hex[:12]}:"
-    if request.param == "memory":
-        url = "memory://"
-    elif request.param == "redis":
-        url = request.getfixturevalue("redis_server_session").url
-    elif request.param == "sentinel":
-        url = request.getfixturevalue("redis_sentinel").url
-    else:
-        url = request.getfixturevalue("redis_cluster").url
-    st = open_store(url, prefix)
-    await st.start()
-    try:
-        yield st
-    finally:
-        await st.close()
 
 
 def _lease() -> str:

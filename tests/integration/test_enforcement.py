@@ -36,6 +36,22 @@ async def post(gw: RunningGateway, key: str, body: bytes, path: str = "/v1/messa
         return r.status, await r.json(content_type=None)
 
 
+async def open_stream(gw: RunningGateway, key: str, body: bytes, until: bytes,
+                      path: str = "/v1/messages") -> tuple[bytes, asyncio.StreamWriter]:
+    """Send a request on a raw connection and read its answer up to `until`; the caller hangs
+    up (or keeps the connection) with the writer it gets back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
+    writer.write(raw_request("POST", path, hdrs(key), body))
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(until), 20)
+    return head, writer
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
 # --- paths ----------------------------------------------------------------------------------------
 
 async def test_dot_segments_cannot_leave_a_path_scope(tmp_path: Path,
@@ -91,13 +107,9 @@ async def test_stream_cut_before_final_usage_is_charged_its_reservation(
         body = json.dumps({**MESSAGE, "max_tokens": 400, "stream": True}).encode()
         for i in range(2):
             upstream.first_event_sent.clear()
-            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-            writer.write(raw_request("POST", "/v1/messages", hdrs(key), body))
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"message_start"), 20)
+            head, writer = await open_stream(gw, key, body, b"message_start")
             assert b" 200 " in head.split(b"\r\n", 1)[0]
-            writer.close()  # hang up before message_delta
-            await writer.wait_closed()
+            await hang_up(writer)  # before message_delta
             await request_lines(gw, i + 1)
         upstream.hold_stream.set()
         status, err = await post(gw, key, body)
@@ -154,16 +166,12 @@ async def test_max_tokens_must_be_a_positive_integer(tmp_path: Path,
         assert status == 400 and err["error"]["code"] == "invalid_max_tokens"
         upstream.hold_stream = asyncio.Event()
         body = json.dumps({**MESSAGE, "max_tokens": 4096.0, "stream": True}).encode()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-        writer.write(raw_request("POST", "/v1/messages", hdrs(key), body))
-        await writer.drain()
-        await asyncio.wait_for(reader.readuntil(b"message_start"), 20)
+        _, writer = await open_stream(gw, key, body, b"message_start")
         # 4096 of 5000 reserved while the stream runs: 1000 more do not fit.
         status, err = await post(gw, key, json.dumps({**MESSAGE, "max_tokens": 1000}).encode())
         assert status == 429 and err["error"]["code"] == "output_tokens_per_minute"
         upstream.hold_stream.set()
-        writer.close()
-        await writer.wait_closed()
+        await hang_up(writer)
 
 
 async def test_no_max_tokens_reserves_the_policy_default(tmp_path: Path,
@@ -176,15 +184,11 @@ async def test_no_max_tokens_reserves_the_policy_default(tmp_path: Path,
     async with running_gateway(tmp_path, upstream.url, policy) as gw:
         _, key = await gw.issue_key(otpm=1000)
         body = json.dumps({"model": "gpt-test-1", "messages": [], "stream": True}).encode()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-        writer.write(raw_request("POST", "/v1/chat/completions", hdrs(key), body))
-        await writer.drain()
-        await asyncio.wait_for(reader.readuntil(b"data:"), 20)
+        _, writer = await open_stream(gw, key, body, b"data:", "/v1/chat/completions")
         status, err = await post(gw, key, json.dumps({**MESSAGE, "max_tokens": 300}).encode())
         assert status == 429 and err["error"]["code"] == "output_tokens_per_minute"
         upstream.hold_stream.set()
-        writer.close()
-        await writer.wait_closed()
+        await hang_up(writer)
 
 
 async def test_upstream_errors_refund_the_token_reservations(

@@ -236,6 +236,10 @@ class Demo:
         print(f"\n  the stand-in saw {len(seen)} requests; "
               f"{len(leaked)} carried a reseller key (the gateway swaps in its own credential)")
 
+        _h("8. The audit trail: every administrative change, kept in the store")
+        _, out = await self.cli("audit", "list")
+        print("  " + out.rstrip().replace("\n", "\n  "))
+
     async def raw(self, label: str, method: str, target: str, headers: dict[str, str],
                   body: bytes = b"", hang_up_after: bytes | None = None) -> None:
         """One request on a raw socket, exactly as written (no client library tidies it)."""
@@ -291,7 +295,7 @@ class Demo:
                        h, stream)
 
     def print_logs(self) -> None:
-        _h("8. What the gateway logged: one JSON line per request (and audit events)")
+        _h("9. What the gateway logged: one JSON line per request (and audit events)")
         reqs = [x for x in self.logs if x.get("event") == "request"]
         print(f"{'status':<7}{'decision':<13}{'client_ip':<16}{'cc':<4}{'anon':<13}"
               f"{'reseller':<9}{'cust_cc':<8}{'reason / rule':<40}shadow")

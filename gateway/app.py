@@ -22,7 +22,7 @@ from gateway.identity import KeyRegistry
 from gateway.limits import Limits
 from gateway.listeners import Listener
 from gateway.pipeline import Pipeline, build_runtime
-from gateway.policy import canonical, compile_policy, load_policy_file, validate_policy
+from gateway.policy import PolicyDoc, canonical, compile_policy, load_policy_file, validate_policy
 from gateway.proxy import Upstream
 from gateway.settings import (
     ConfigError,
@@ -31,7 +31,9 @@ from gateway.settings import (
     parse_hostport,
     redact_url,
 )
-from gateway.store import Store, open_store
+from gateway.store import Store, memory_state_file, open_store
+from gateway.store.base import StoredPolicy
+from gateway.store.memory import MemoryStore, StateFileError
 from gateway.tasks import cancel_and_wait, cancelling
 from gateway.workers import worker_count
 
@@ -54,7 +56,11 @@ class GatewayService:
                                    s.geo.cache_size)
         except GeoDatabaseError as exc:
             raise ConfigError(config.path, "geo", str(exc)) from None
-        self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
+        try:
+            self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
+        except StateFileError as exc:
+            self.geo.close()
+            raise ConfigError(config.path, "store.url", str(exc)) from None
         self.registry = KeyRegistry(self.store)
         self.limits = Limits(self.store, s.store.on_error,
                              s.store.fallback_instances * worker_count(environ), s.limits_headers)
@@ -67,6 +73,10 @@ class GatewayService:
         self.admin_port = 0
         self._stop_task: asyncio.Future[None] | None = None
         self._policy_json = ""
+        # Canonical JSON of the live policy and of `policy_file` as last read (None: no file,
+        # or an invalid one): what `policy_file_differs` compares.
+        self._live_json: str | None = None
+        self._file_json: str | None = None
         self._cache_seen: dict[tuple[int, str], int] = {}
         self._sync_lock = asyncio.Lock()
         self._side_tasks: set[asyncio.Future[Any]] = set()
@@ -84,6 +94,7 @@ class GatewayService:
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.config.settings
+        self._log_store_kind()
         await self._store_start()
         await self.store.subscribe(self._on_event)
         self.limits.start()
@@ -150,6 +161,22 @@ class GatewayService:
                 if upstream in self._retired:
                     self._retired.discard(upstream)
                     self._spawn(upstream.close())
+
+    def _log_store_kind(self) -> None:
+        url = self.config.settings.store.url
+        if not url.startswith("memory://"):
+            return
+        state_file = memory_state_file(url)
+        if state_file is None:
+            logger().warning("store_ephemeral", store=url, reason=(
+                "the embedded store keeps keys, the policy and the audit trail in this process "
+                "only: a restart loses them; persist them with "
+                "store.url: memory:///var/lib/gateway/state.json, or use Redis"))
+            return
+        store = self.store
+        assert isinstance(store, MemoryStore)
+        logger().info("store_state_loaded", state_file=state_file, keys=len(store.keys),
+                      policy_version=store.policy.version if store.policy else None)
 
     async def _store_start(self) -> None:
         try:
@@ -246,8 +273,20 @@ class GatewayService:
         except ConfigError as exc:
             logger().error("config_reload_failed", path=self.config.path, reason=str(exc))
             return False
-        old = self.config
         s = new.settings
+        # The policy file is read before anything changes: with `policy_source: file` an
+        # invalid one refuses the whole reload and the live policy stays.
+        file_doc: PolicyDoc | None = None
+        file_error: str | None = None
+        if s.policy_file:
+            try:
+                file_doc = await asyncio.to_thread(load_policy_file, s.policy_file)
+            except ConfigError as exc:
+                if s.policy_source == "file":
+                    logger().error("config_reload_failed", path=new.path, reason=str(exc))
+                    return False
+                file_error = str(exc)
+        old = self.config
         fixed = [f for f in ("listen", "admin_listen") if getattr(s, f) != getattr(
             old.settings, f)]
         if s.store != old.settings.store:
@@ -281,6 +320,7 @@ class GatewayService:
         logger().info("config_reloaded", path=new.path,
                       needs_restart=fixed or None)
         configure_logging(s.log.level, s.log.format)
+        await self._sync_policy_file(file_doc, file_error)
         return True
 
     def _spawn(self, coro: Any) -> None:
@@ -296,19 +336,89 @@ class GatewayService:
 
     async def _full_sync(self, seed: bool = False) -> None:
         stored = await self.store.get_policy()
-        if stored is None and seed and self.config.settings.policy_file:
-            doc = load_policy_file(self.config.settings.policy_file)
-            actor = "seed:" + socket.gethostname()
-            try:
-                version = await self.store.put_policy(canonical(doc), actor, 0)
-                await record_policy_applied(self.store, actor, version, None, canonical(doc))
-            except ValueError:
-                pass  # another instance seeded first
-            stored = await self.store.get_policy()
+        s = self.config.settings
+        file_doc: PolicyDoc | None = None
+        file_error: str | None = None
+        if seed and s.policy_file:
+            if stored is None or s.policy_source == "file":
+                file_doc = load_policy_file(s.policy_file)  # needed: an error stops the start
+            else:
+                try:
+                    file_doc = load_policy_file(s.policy_file)
+                except ConfigError as exc:
+                    file_error = str(exc)
+            self._file_json = canonical(file_doc) if file_doc is not None else None
+            if stored is None or (s.policy_source == "file"
+                                  and self._stored_json(stored) != self._file_json):
+                assert file_doc is not None
+                await self._apply_policy_file(file_doc, stored is None)
+                stored = await self.store.get_policy()
         if stored is not None:
             self._install_policy(stored.version, stored.doc)
         await self.registry.load_all()
         self.synced = True
+        if seed:
+            self._report_policy_file(file_error)
+
+    @staticmethod
+    def _stored_json(stored: StoredPolicy) -> str:
+        """A stored policy in today's canonical form (the stored text if it no longer
+        validates), to compare with a file's."""
+        try:
+            return canonical(validate_policy(json.loads(stored.doc), "store"))
+        except (ConfigError, ValueError):
+            return stored.doc
+
+    async def _apply_policy_file(self, doc: PolicyDoc, seeding: bool) -> None:
+        """Write `policy_file`'s policy to the store as a new version, audited (`seed:<host>`
+        into an empty store with `policy_source: store`, else `file:<host>`); when another
+        instance wrote a version meanwhile, compare against that one and try again."""
+        text = canonical(doc)
+        source = self.config.settings.policy_source
+        actor = ("seed:" if seeding and source == "store" else "file:") + socket.gethostname()
+        for _ in range(3):
+            before = await self.store.get_policy()
+            if before is not None and (source == "store"
+                                       or self._stored_json(before) == text):
+                return  # seeded by another instance, or the file's policy is live already
+            try:
+                version = await self.store.put_policy(text, actor,
+                                                      before.version if before else 0)
+            except ValueError:
+                continue  # another instance wrote a version first
+            await record_policy_applied(self.store, actor, version,
+                                        before.doc if before else None, text)
+            self._install_policy(version, text)
+            return
+
+    async def _sync_policy_file(self, doc: PolicyDoc | None, error: str | None) -> None:
+        """SIGHUP: with `policy_source: file` apply a changed file; either way report whether
+        the file and the live policy differ."""
+        s = self.config.settings
+        self._file_json = canonical(doc) if doc is not None else None
+        if doc is not None and s.policy_source == "file":
+            try:
+                stored = await self.store.get_policy()
+                if stored is None or self._stored_json(stored) != self._file_json:
+                    await self._apply_policy_file(doc, False)
+            except StoreError as exc:
+                error = f"not applied: store unavailable ({exc})"
+                logger().error("config_reload_failed", path=s.policy_file, reason=error)
+        self._report_policy_file(error)
+
+    def _report_policy_file(self, error: str | None) -> None:
+        """At start and on SIGHUP: warn `policy_file_differs` when `policy_file` (canonical
+        JSON) is not the live policy; gateway_policy_file_differs follows it."""
+        s = self.config.settings
+        differs = s.policy_file is not None and (error is not None or (
+            self._file_json is not None and self._live_json != self._file_json))
+        metrics.POLICY_FILE_DIFFERS.set(1 if differs else 0)
+        if differs:
+            logger().warning(
+                "policy_file_differs", file=s.policy_file, live_version=self.policy_version,
+                policy_source=s.policy_source,
+                reason=error or ("the store's policy is live and differs from the file; "
+                                 "`gateway policy apply` the file to make it live"))
 
     def _install_policy(self, version: int, doc_json: str) -> None:
         current = self.pipeline.policy
@@ -321,7 +431,10 @@ class GatewayService:
             return
         self.pipeline.policy = compile_policy(doc, version)
         self._policy_json = doc_json
+        self._live_json = canonical(doc)
         metrics.POLICY_VERSION.set(version)
+        if self._file_json is not None:
+            metrics.POLICY_FILE_DIFFERS.set(1 if self._live_json != self._file_json else 0)
         logger().info("policy_loaded", version=version, rules=len(doc.rules),
                       resellers=len(doc.resellers))
 

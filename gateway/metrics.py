@@ -46,6 +46,9 @@ GEO_EPOCH = Gauge("gateway_geo_database_build_epoch", "Build epoch of each open 
                   ["database"], multiprocess_mode="max")
 CACHE = Counter("gateway_cache_lookups_total", "In-process cache lookups",
                 ["cache", "result"])
+POLICY_FILE_DIFFERS = Gauge("gateway_policy_file_differs",
+                            "1 while policy_file differs from the live policy (as last read: "
+                            "at start and on SIGHUP), else 0", multiprocess_mode="max")
 STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
                  multiprocess_mode="min")
 

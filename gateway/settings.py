@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(Exception):
@@ -129,6 +129,10 @@ class StoreSettings(_Model):
         if scheme not in allowed:
             shown = f"{scheme}://…" if scheme else "a URL without a scheme"
             raise ValueError(f"scheme must be one of {', '.join(allowed)}, got {shown}")
+        # The embedded store: `memory://` (ephemeral) or `memory:///abs/state.json` (persisted).
+        if scheme == "memory" and (urlsplit(v).netloc or not v.startswith("memory://")):
+            raise ValueError("memory:// takes no host; a state file is an absolute path: "
+                             "memory:///var/lib/gateway/state.json")
         return v
 
 
@@ -186,11 +190,21 @@ class Settings(_Model):
     geo: GeoSettings = Field(default_factory=GeoSettings)
     customer: CustomerSettings = Field(default_factory=CustomerSettings)
     policy_file: str | None = "policy.yaml"
+    # store: the store's policy is live, the file seeds an empty store (and is compared);
+    # file: the file is the source of truth, applied at start and on SIGHUP.
+    policy_source: Literal["store", "file"] = "store"
     limits_headers: Literal["anthropic", "openai"] = "anthropic"
     server: ServerSettings = Field(default_factory=ServerSettings)
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @field_validator("policy_source")
+    @classmethod
+    def _policy_source(cls, v: str, info: ValidationInfo) -> str:
+        if v == "file" and not info.data.get("policy_file"):
+            raise ValueError("policy_source: file needs a policy_file")
+        return v
 
     @field_validator("listen", "admin_listen")
     @classmethod

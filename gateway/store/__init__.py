@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 from gateway.store.base import Store
 
 
+def memory_state_file(url: str) -> str | None:
+    """The state file of an embedded-store URL: `memory:///var/lib/gateway/state.json` names
+    one (persisted), plain `memory://` none (ephemeral)."""
+    path = unquote(urlsplit(url).path)
+    return path or None
+
+
 def open_store(url: str, key_prefix: str = "gw:", timeout_s: float = 1.0) -> Store:
-    """The backend for `store.url`: `memory://` (embedded) or a Redis URL."""
+    """The backend for `store.url`: `memory://` (embedded; with a path, persisted to that state
+    file, which is loaded here: an unreadable one raises StateFileError) or a Redis URL."""
     if url.startswith("memory://"):
         from gateway.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(memory_state_file(url))
     from gateway.store.redis import RedisStore
 
     return RedisStore(url, key_prefix, timeout_s)
 
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "memory_state_file", "open_store"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import heapq
 import json
+import os
 import time
 from collections import deque
+from dataclasses import asdict
 from typing import Any
 
 from gateway.errors import StoreError
@@ -216,17 +220,160 @@ class Limiter:
             heapq.heapify(self._lease_due)
 
 
-class MemoryStore(Store):
-    """Everything in this process; change events go straight to the subscribers."""
+class StateFileError(ValueError):
+    """A state file that cannot be read or written at startup; the message names the file."""
 
-    def __init__(self) -> None:
+
+STATE_FORMAT = "gateway-state"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves either the old or the new file whole:
+    a temporary file beside it, fsync, rename over it, fsync of the folder."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path)
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_line(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemoryStore(Store):
+    """Everything in this process; change events go straight to the subscribers.
+
+    With `state_file`, keys (and their last use), the keys epoch and the policy are written to
+    that file atomically on every change, before the change is published, and loaded at
+    construction; the audit stream is appended to `<state_file>.audit` (JSON lines). A change
+    that cannot be written raises StoreError and is not kept. Limits state (buckets, leases)
+    stays in memory. A state file that cannot be read is a StateFileError, never a reset."""
+
+    def __init__(self, state_file: str | None = None) -> None:
         self.keys: dict[str, KeyRecord] = {}
         self.used: dict[str, float] = {}
         self.policy: StoredPolicy | None = None
         self.keys_epoch = 0
         self.handlers: list[EventHandler] = []
         self.limiter = Limiter()
+        self.state_file = state_file
+        self._write_lock = asyncio.Lock()
+        self._audit_lines = 0  # lines in the audit file (compacted when far past the bound)
+        if state_file is not None:
+            self._load(state_file)
 
+    # --- the state file ---------------------------------------------------------------------
+    def _load(self, path: str) -> None:
+        def bad(reason: str) -> StateFileError:
+            return StateFileError(f"state file {path}: {reason}; fix it or move it away "
+                                  "(the gateway never resets it)")
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise bad(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        if text is None:
+            try:  # a first start: write the empty state now, so an unwritable path fails here
+                _write_atomic(path, self._dump())
+            except OSError as exc:
+                raise StateFileError(f"state file {path}: cannot write: "
+                                     f"{exc.strerror or exc}") from None
+        else:
+            try:
+                doc = json.loads(text)
+            except ValueError as exc:
+                raise bad(f"not valid JSON ({exc})") from None
+            if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+                raise bad(f"not a gateway state file (no \"format\": \"{STATE_FORMAT}\")")
+            try:
+                keys = {k: KeyRecord(**v) for k, v in doc["keys"].items()}
+                used = {str(k): float(v) for k, v in doc["used"].items()}
+                epoch = int(doc["keys_epoch"])
+                p = doc["policy"]
+                policy = None if p is None else StoredPolicy(
+                    int(p["version"]), str(p["doc"]), float(p["applied_at"]), str(p["actor"]))
+                if policy is not None:
+                    json.loads(policy.doc)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise bad(f"malformed ({type(exc).__name__}: {exc})") from None
+            self.keys, self.used, self.keys_epoch, self.policy = keys, used, epoch, policy
+        self._load_audit(path + ".audit")
+
+    def _load_audit(self, path: str) -> None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"audit file {path}: cannot read: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        tail = lines.pop()  # "" after a final newline; else an append cut short by a crash
+        events: deque[dict[str, Any]] = deque(maxlen=self.audit_maxlen)
+        for n, line in enumerate(lines, 1):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise StateFileError(f"audit file {path}: line {n} is not valid JSON; fix it "
+                                     "or move it away") from None
+            events.append(event)
+        self._audit = deque(events)
+        self._audit_lines = len(lines)
+        if tail or len(lines) > len(events):
+            self._compact_audit_sync(path)
+
+    def _compact_audit_sync(self, path: str) -> None:
+        text = "".join(json.dumps(e) + "\n" for e in self._audit or ())
+        _write_atomic(path, text)
+        self._audit_lines = len(self._audit or ())
+
+    def _dump(self) -> str:
+        p = self.policy
+        return json.dumps({
+            "format": STATE_FORMAT,
+            "written_at": time.time(),
+            "keys_epoch": self.keys_epoch,
+            "keys": {k: asdict(r) for k, r in self.keys.items()},
+            "used": self.used,
+            "policy": None if p is None else {"version": p.version, "doc": p.doc,
+                                              "applied_at": p.applied_at, "actor": p.actor},
+        }, sort_keys=True)
+
+    async def _save(self) -> None:
+        """Write the state file (called with `_write_lock` held); StoreError when it fails."""
+        if self.state_file is None:
+            return
+        try:
+            await asyncio.to_thread(_write_atomic, self.state_file, self._dump())
+        except OSError as exc:
+            raise StoreError(f"cannot write the state file: {exc.strerror or exc}") from None
+
+    # --- the contract -----------------------------------------------------------------------
     async def start(self) -> None:
         return None
 
@@ -248,13 +395,27 @@ class MemoryStore(Store):
         return [KeyRecord.from_json(r.to_json()) for r in self.keys.values()]
 
     async def put_key(self, rec: KeyRecord) -> int:
-        self.keys[rec.key_id] = KeyRecord.from_json(rec.to_json())
-        self.keys_epoch += 1
-        await self._publish({"kind": "key", "key_id": rec.key_id, "epoch": self.keys_epoch})
-        return self.keys_epoch
+        async with self._write_lock:
+            old = self.keys.get(rec.key_id)
+            self.keys[rec.key_id] = KeyRecord.from_json(rec.to_json())
+            self.keys_epoch += 1
+            try:
+                await self._save()
+            except StoreError:
+                self.keys_epoch -= 1
+                if old is None:
+                    del self.keys[rec.key_id]
+                else:
+                    self.keys[rec.key_id] = old
+                raise
+            epoch = self.keys_epoch
+        await self._publish({"kind": "key", "key_id": rec.key_id, "epoch": epoch})
+        return epoch
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
-        self.used.update(last_used)
+        async with self._write_lock:
+            self.used.update(last_used)
+            await self._save()
 
     async def last_used(self, key_ids: list[str]) -> dict[str, float]:
         return {k: self.used[k] for k in key_ids if k in self.used}
@@ -263,11 +424,18 @@ class MemoryStore(Store):
         return self.policy
 
     async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
-        live = self.policy.version if self.policy else 0
-        if expected_version is not None and expected_version != live:
-            raise ValueError(f"policy version is {live}, expected {expected_version}")
-        json.loads(doc)
-        self.policy = StoredPolicy(live + 1, doc, time.time(), actor)
+        async with self._write_lock:
+            old = self.policy
+            live = old.version if old else 0
+            if expected_version is not None and expected_version != live:
+                raise ValueError(f"policy version is {live}, expected {expected_version}")
+            json.loads(doc)
+            self.policy = StoredPolicy(live + 1, doc, time.time(), actor)
+            try:
+                await self._save()
+            except StoreError:
+                self.policy = old
+                raise
         await self._publish({"kind": "policy", "version": live + 1})
         return live + 1
 
@@ -297,9 +465,24 @@ class MemoryStore(Store):
     async def append_audit(self, event: dict[str, Any]) -> None:
         if self._audit is None:
             self._audit = deque()
-        self._audit.append(json.loads(json.dumps(event)))  # a copy, as Redis stores it
-        while len(self._audit) > self.audit_maxlen:
-            self._audit.popleft()
+        copied = json.loads(json.dumps(event))  # a copy, as Redis stores it
+        async with self._write_lock:
+            if self.state_file is not None:
+                path = self.state_file + ".audit"
+                try:
+                    await asyncio.to_thread(_append_line, path, json.dumps(copied) + "\n")
+                except OSError as exc:
+                    raise StoreError(f"cannot write the audit file: {exc.strerror or exc}"
+                                     ) from None
+                self._audit_lines += 1
+            self._audit.append(copied)
+            while len(self._audit) > self.audit_maxlen:
+                self._audit.popleft()
+            if self.state_file is not None and self._audit_lines > 2 * self.audit_maxlen:
+                try:
+                    await asyncio.to_thread(self._compact_audit_sync, path)
+                except OSError:
+                    pass  # the longer file stays valid; the next append tries again
 
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

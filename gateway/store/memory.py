@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import heapq
 import json
 import os
@@ -281,8 +282,35 @@ class MemoryStore(Store):
         self.state_file = state_file
         self._write_lock = asyncio.Lock()
         self._audit_lines = 0  # lines in the audit file (compacted when far past the bound)
+        self._lock_fd: int | None = None
         if state_file is not None:
-            self._load(state_file)
+            self._lock(state_file + ".lock")
+            try:
+                self._load(state_file)
+            except BaseException:
+                self._unlock()
+                raise
+
+    def _lock(self, path: str) -> None:
+        """One process owns a state file (it is rewritten whole on every change): a second
+        gateway on the same file is refused, not allowed to overwrite the first's changes."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateFileError(f"state file {path[:-5]}: cannot create its lock file: "
+                                 f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateFileError(f"state file {path[:-5]} is in use by another gateway "
+                                 "process (one process owns it)") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
 
     # --- the state file ---------------------------------------------------------------------
     def _load(self, path: str) -> None:
@@ -379,6 +407,7 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         self.handlers.clear()
+        self._unlock()
 
     async def ping(self) -> None:
         return None

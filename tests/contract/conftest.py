@@ -1,5 +1,5 @@
 """The `store` fixture of the contract suite: one started store per backend (the embedded
-store, a real redis-server, a real three-master Redis Cluster, Redis through a real Sentinel)."""
+store, the embedded store on a state file, a real redis-server, a real three-master Redis Cluster, Redis through a real Sentinel)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from gateway.store import Store, open_store
 
-BACKENDS = ["memory", "redis", "cluster", "sentinel"]
+BACKENDS = ["memory", "memory-file", "redis", "cluster", "sentinel"]
 
 
 @pytest_asyncio.fixture(params=BACKENDS)
@@ -21,6 +21,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     prefix = f"c{uuid.uuid4().hex[:12]}:"
     if request.param == "memory":
         url = "memory://"
+    elif request.param == "memory-file":
+        url = f"memory://{request.getfixturevalue('tmp_path')}/state.json"
     elif request.param == "redis":
         url = request.getfixturevalue("redis_server_session").url
     elif request.param == "sentinel":

@@ -15,7 +15,7 @@ import pytest
 from gateway.errors import StoreError
 from gateway.settings import ConfigError, load_settings
 from gateway.store.base import KeyRecord
-from gateway.store.memory import MemoryStore
+from gateway.store.memory import MemoryStore, StateFileError
 from tests.integration.test_run_process import cli, gateway_env
 from tests.support.cli import code_of, send
 from tests.support.gateway import DEFAULT_POLICY, running_gateway, write_config
@@ -142,3 +142,16 @@ async def test_a_change_that_cannot_be_written_is_refused(tmp_path: Path) -> Non
         await store.put_key(KeyRecord("k2", "acme", "h" * 64))
     assert await store.get_key("k2") is None
     assert await store.versions() == (0, 0)
+    await store.close()
+
+
+async def test_a_second_process_on_the_same_state_file_is_refused(tmp_path: Path) -> None:
+    """A state file is owned by one store at a time: a second one on it is a StateFileError
+    saying it is in use; once the first closes, it opens."""
+    path = str(tmp_path / "state.json")
+    first = MemoryStore(path)
+    with pytest.raises(StateFileError, match="in use"):
+        MemoryStore(path)
+    await first.close()
+    second = MemoryStore(path)
+    await second.close()

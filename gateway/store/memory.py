@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import fcntl
 import heapq
 import json
-import os
 import time
 from collections import deque
-from dataclasses import asdict
 from typing import Any
 
 from gateway.errors import StoreError
@@ -28,6 +24,9 @@ from gateway.store.base import (
     Subject,
     gcra_cost,
 )
+from gateway.store.state_file import StateFile, StateFileError, dump_state
+
+__all__ = ["Limiter", "MemoryStore", "StateFileError"]
 
 _TOKEN_DIMS = ("rpm", "itpm", "otpm")
 
@@ -221,48 +220,6 @@ class Limiter:
             heapq.heapify(self._lease_due)
 
 
-class StateFileError(ValueError):
-    """A state file that cannot be read or written at startup; the message names the file."""
-
-
-STATE_FORMAT = "gateway-state"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Replace `path` with `text` so that a crash leaves either the old or the new file whole:
-    a temporary file beside it, fsync, rename over it, fsync of the folder."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(path)
-
-
-def _fsync_folder(path: str) -> None:
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _append_line(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class MemoryStore(Store):
     """Everything in this process; change events go straight to the subscribers.
 
@@ -280,126 +237,21 @@ class MemoryStore(Store):
         self.handlers: list[EventHandler] = []
         self.limiter = Limiter()
         self.state_file = state_file
-        self._write_lock = asyncio.Lock()
-        self._audit_lines = 0  # lines in the audit file (compacted when far past the bound)
-        self._lock_fd: int | None = None
+        self._file: StateFile | None = None
+        self._write_lock = asyncio.Lock()  # one change written at a time, in order
         if state_file is not None:
-            self._lock(state_file + ".lock")
-            try:
-                self._load(state_file)
-            except BaseException:
-                self._unlock()
-                raise
-
-    def _lock(self, path: str) -> None:
-        """One process owns a state file (it is rewritten whole on every change): a second
-        gateway on the same file is refused, not allowed to overwrite the first's changes."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StateFileError(f"state file {path[:-5]}: cannot create its lock file: "
-                                 f"{exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StateFileError(f"state file {path[:-5]} is in use by another gateway "
-                                 "process (one process owns it)") from None
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the lock
-            self._lock_fd = None
-
-    # --- the state file ---------------------------------------------------------------------
-    def _load(self, path: str) -> None:
-        def bad(reason: str) -> StateFileError:
-            return StateFileError(f"state file {path}: {reason}; fix it or move it away "
-                                  "(the gateway never resets it)")
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            text = None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise bad(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-        if text is None:
-            try:  # a first start: write the empty state now, so an unwritable path fails here
-                _write_atomic(path, self._dump())
-            except OSError as exc:
-                raise StateFileError(f"state file {path}: cannot write: "
-                                     f"{exc.strerror or exc}") from None
-        else:
-            try:
-                doc = json.loads(text)
-            except ValueError as exc:
-                raise bad(f"not valid JSON ({exc})") from None
-            if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-                raise bad(f"not a gateway state file (no \"format\": \"{STATE_FORMAT}\")")
-            try:
-                keys = {k: KeyRecord(**v) for k, v in doc["keys"].items()}
-                used = {str(k): float(v) for k, v in doc["used"].items()}
-                epoch = int(doc["keys_epoch"])
-                p = doc["policy"]
-                policy = None if p is None else StoredPolicy(
-                    int(p["version"]), str(p["doc"]), float(p["applied_at"]), str(p["actor"]))
-                if policy is not None:
-                    json.loads(policy.doc)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise bad(f"malformed ({type(exc).__name__}: {exc})") from None
-            self.keys, self.used, self.keys_epoch, self.policy = keys, used, epoch, policy
-        self._load_audit(path + ".audit")
-
-    def _load_audit(self, path: str) -> None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except FileNotFoundError:
-            return
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateFileError(f"audit file {path}: cannot read: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-        tail = lines.pop()  # "" after a final newline; else an append cut short by a crash
-        events: deque[dict[str, Any]] = deque(maxlen=self.audit_maxlen)
-        for n, line in enumerate(lines, 1):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                raise StateFileError(f"audit file {path}: line {n} is not valid JSON; fix it "
-                                     "or move it away") from None
-            events.append(event)
-        self._audit = deque(events)
-        self._audit_lines = len(lines)
-        if tail or len(lines) > len(events):
-            self._compact_audit_sync(path)
-
-    def _compact_audit_sync(self, path: str) -> None:
-        text = "".join(json.dumps(e) + "\n" for e in self._audit or ())
-        _write_atomic(path, text)
-        self._audit_lines = len(self._audit or ())
-
-    def _dump(self) -> str:
-        p = self.policy
-        return json.dumps({
-            "format": STATE_FORMAT,
-            "written_at": time.time(),
-            "keys_epoch": self.keys_epoch,
-            "keys": {k: asdict(r) for k, r in self.keys.items()},
-            "used": self.used,
-            "policy": None if p is None else {"version": p.version, "doc": p.doc,
-                                              "applied_at": p.applied_at, "actor": p.actor},
-        }, sort_keys=True)
+            self._file = StateFile(state_file)
+            state = self._file.open(self.audit_maxlen)
+            self.keys, self.used = state.keys, state.used
+            self.keys_epoch, self.policy = state.keys_epoch, state.policy
+            if state.audit:
+                self._audit = deque(state.audit)
 
     async def _save(self) -> None:
-        """Write the state file (called with `_write_lock` held); StoreError when it fails."""
-        if self.state_file is None:
-            return
-        try:
-            await asyncio.to_thread(_write_atomic, self.state_file, self._dump())
-        except OSError as exc:
-            raise StoreError(f"cannot write the state file: {exc.strerror or exc}") from None
+        """Write the state file (with `_write_lock` held); StoreError when it fails."""
+        if self._file is not None:
+            await self._file.save(dump_state(self.keys, self.used, self.keys_epoch,
+                                             self.policy))
 
     # --- the contract -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -407,7 +259,8 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         self.handlers.clear()
-        self._unlock()
+        if self._file is not None:
+            self._file.close()
 
     async def ping(self) -> None:
         return None
@@ -496,22 +349,13 @@ class MemoryStore(Store):
             self._audit = deque()
         copied = json.loads(json.dumps(event))  # a copy, as Redis stores it
         async with self._write_lock:
-            if self.state_file is not None:
-                path = self.state_file + ".audit"
-                try:
-                    await asyncio.to_thread(_append_line, path, json.dumps(copied) + "\n")
-                except OSError as exc:
-                    raise StoreError(f"cannot write the audit file: {exc.strerror or exc}"
-                                     ) from None
-                self._audit_lines += 1
+            if self._file is not None:
+                await self._file.append_audit(copied)
             self._audit.append(copied)
             while len(self._audit) > self.audit_maxlen:
                 self._audit.popleft()
-            if self.state_file is not None and self._audit_lines > 2 * self.audit_maxlen:
-                try:
-                    await asyncio.to_thread(self._compact_audit_sync, path)
-                except OSError:
-                    pass  # the longer file stays valid; the next append tries again
+            if self._file is not None and self._file.audit_lines > 2 * self.audit_maxlen:
+                await self._file.compact_audit(list(self._audit))
 
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -1,5 +1,6 @@
 """The `store` fixture of the contract suite: one started store per backend (the embedded
-store, the embedded store on a state file, a real redis-server, a real three-master Redis Cluster, Redis through a real Sentinel)."""
+store, the embedded store on a state file, a real redis-server, a real three-master Redis
+Cluster, Redis through a real Sentinel)."""
 
 from __future__ import annotations
 

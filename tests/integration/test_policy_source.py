@@ -105,7 +105,8 @@ async def test_file_source_applies_the_file_at_start_and_on_sighup(
                                policy_source="file") as gw:
         assert gw.service.policy_version == 2
         assert _rule_ids(gw)[0] == "no-fr"
-        _, key = await gw.issue_key("direct")
+        key_id, key = await gw.issue_key("direct")
+        await poll(lambda: key_id in gw.service.registry.keys)  # the change event, via Redis
         status, body, _ = await send(gw.url, key, ip="192.0.2.65")  # FR in the demo data
         assert (status, code_of(body)) == (403, "no_fr")
         applied = [e for e in gw.logs.events("audit") if e["action"] == "policy_applied"]

@@ -1,0 +1,223 @@
+"""The embedded store's state file: keys, the keys epoch and the policy as one JSON document
+replaced atomically on every change, the audit stream as JSON lines beside it
+(`<file>.audit`), and a lock (`<file>.lock`) that makes one process its owner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gateway.errors import StoreError
+from gateway.store.base import KeyRecord, StoredPolicy
+
+STATE_FORMAT = "gateway-state"
+
+
+class StateFileError(ValueError):
+    """A state file that cannot be used at startup; the message names the file and why."""
+
+
+@dataclass(slots=True)
+class State:
+    """What a state file holds (limits state is never written: it stays in memory)."""
+
+    keys: dict[str, KeyRecord] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
+    keys_epoch: int = 0
+    policy: StoredPolicy | None = None
+    audit: list[dict[str, Any]] = field(default_factory=list)
+
+
+def dump_state(keys: dict[str, KeyRecord], used: dict[str, float], keys_epoch: int,
+               policy: StoredPolicy | None) -> str:
+    return json.dumps({
+        "format": STATE_FORMAT,
+        "written_at": time.time(),
+        "keys_epoch": keys_epoch,
+        "keys": {k: asdict(r) for k, r in keys.items()},
+        "used": used,
+        "policy": None if policy is None else asdict(policy),
+    }, sort_keys=True)
+
+
+def parse_state(text: str) -> State:
+    """The state in `text`; ValueError saying what is wrong."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise ValueError(f'not a gateway state file (no "format": "{STATE_FORMAT}")')
+    try:
+        p = doc["policy"]
+        policy = None if p is None else StoredPolicy(
+            int(p["version"]), str(p["doc"]), float(p["applied_at"]), str(p["actor"]))
+        if policy is not None:
+            json.loads(policy.doc)
+        return State({k: KeyRecord(**v) for k, v in doc["keys"].items()},
+                     {str(k): float(v) for k, v in doc["used"].items()},
+                     int(doc["keys_epoch"]), policy)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"malformed ({type(exc).__name__}: {exc})") from None
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves either the old or the new file whole:
+    a temporary file beside it (mode 0600), fsync, rename over it, fsync of the folder."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _append_line(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _events_text(events: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(e) + "\n" for e in events)
+
+
+class StateFile:
+    """One state file, owned (locked) by this process from `open` until `close`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.audit_path = path + ".audit"
+        self.audit_lines = 0  # lines in the audit file: compacted when far past the bound
+        self._lock_fd: int | None = None
+
+    def open(self, audit_maxlen: int) -> State:
+        """Lock the file and read it (a missing file is written empty now, so a path that
+        cannot be written fails at startup). StateFileError names the file and the reason."""
+        self._lock()
+        try:
+            return self._read(audit_maxlen)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        # The file is rewritten whole on every change: a second gateway on it would overwrite
+        # the first's changes, so it is refused.
+        lock = self.path + ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateFileError(f"state file {self.path}: cannot create {lock}: "
+                                 f"{exc.strerror or exc} (its folder must exist and be "
+                                 "writable)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateFileError(f"state file {self.path} is in use by another gateway "
+                                 "process (one process owns it)") from None
+        self._lock_fd = fd
+
+    def _read(self, audit_maxlen: int) -> State:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            state = State()
+            try:
+                write_atomic(self.path, dump_state({}, {}, 0, None))
+            except OSError as exc:
+                raise StateFileError(f"state file {self.path}: cannot write: "
+                                     f"{exc.strerror or exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._bad(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        else:
+            try:
+                state = parse_state(text)
+            except ValueError as exc:
+                raise self._bad(str(exc)) from None
+        state.audit = self._read_audit(audit_maxlen)
+        return state
+
+    def _bad(self, reason: str) -> StateFileError:
+        return StateFileError(f"state file {self.path}: {reason}; fix it or move it away "
+                              "(the gateway never resets it)")
+
+    def _read_audit(self, maxlen: int) -> list[dict[str, Any]]:
+        path = self.audit_path
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"audit file {path}: cannot read: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        tail = lines.pop()  # "" after a final newline; else an append cut short by a crash
+        events = []
+        for n, line in enumerate(lines, 1):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                raise StateFileError(f"audit file {path}: line {n} is not valid JSON; fix it "
+                                     "or move it away (the gateway never resets it)") from None
+        events = events[-maxlen:]
+        self.audit_lines = len(lines)
+        if tail or len(lines) > len(events):
+            try:  # drop the cut-short line (the next append would join it) and the excess
+                write_atomic(path, _events_text(events))
+            except OSError as exc:
+                raise StateFileError(f"audit file {path}: cannot write: "
+                                     f"{exc.strerror or exc}") from None
+            self.audit_lines = len(events)
+        return events
+
+    async def save(self, text: str) -> None:
+        """Replace the state with `text` (a `dump_state`); StoreError when it cannot."""
+        try:
+            await asyncio.to_thread(write_atomic, self.path, text)
+        except OSError as exc:
+            raise StoreError(f"cannot write the state file: {exc.strerror or exc}") from None
+
+    async def append_audit(self, event: dict[str, Any]) -> None:
+        """Append one event (fsynced); StoreError when it cannot."""
+        try:
+            await asyncio.to_thread(_append_line, self.audit_path, json.dumps(event) + "\n")
+        except OSError as exc:
+            raise StoreError(f"cannot write the audit file: {exc.strerror or exc}") from None
+        self.audit_lines += 1
+
+    async def compact_audit(self, events: list[dict[str, Any]]) -> None:
+        """Rewrite the audit file with `events` alone (the ones the stream still keeps)."""
+        try:
+            await asyncio.to_thread(write_atomic, self.audit_path, _events_text(events))
+        except OSError:
+            return  # the longer file is still valid; a later append tries again
+        self.audit_lines = len(events)

@@ -417,8 +417,10 @@ class GatewayService:
             logger().warning(
                 "policy_file_differs", file=s.policy_file, live_version=self.policy_version,
                 policy_source=s.policy_source,
-                reason=error or ("the store's policy is live and differs from the file; "
-                                 "`gateway policy apply` the file to make it live"))
+                reason=error or (
+                    "the store's policy is live and differs from the file; `gateway policy "
+                    "apply` the file to make it live" if s.policy_source == "store" else
+                    "the file could not be applied (other instances kept writing versions)"))
 
     def _install_policy(self, version: int, doc_json: str) -> None:
         current = self.pipeline.policy

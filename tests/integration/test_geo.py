@@ -1,6 +1,7 @@
 """Geo end to end with MaxMind's own test databases: the located client in the request log
 line, forged forwarding headers from untrusted peers, hot replacement of a database file (and
-refusal of a corrupt one), and `gateway geo lookup`."""
+refusal of a corrupt one), `gateway geo lookup`, policies needing a database the config lacks,
+old databases in /readyz and the metrics, and a database file deleted while serving."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import errno
 import json
-import os
 import signal
 import socket
 import time
@@ -137,9 +136,10 @@ class GatewayService:
             bound = await listener.start()
         except OSError as exc:
             field = "listen" if hostport == self.config.settings.listen else "admin_listen"
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            if exc.errno == errno.EADDRINUSE:
-                reason = "address already in use"
+            # One line, never a traceback: "address already in use", "permission denied",
+            # "name or service not known" (an unresolvable host).
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (
+                exc.strerror or str(exc)).lower()
             raise StartupError(f"{field} {hostport}: {reason}") from None
         self._listeners.append(listener)
         return bound

@@ -6,7 +6,6 @@ import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from aiohttp import web
 
 from gateway import metrics
@@ -14,8 +13,8 @@ from gateway.audit import parse_limit, parse_since, record_policy_applied
 from gateway.errors import StoreError
 from gateway.explain import explain
 from gateway.keys import KeyOpError, issue_key, list_keys, revoke_key, rotate_key, show_key
-from gateway.policy import canonical, validate_policy
-from gateway.settings import ConfigError
+from gateway.policy import canonical, require_databases, validate_policy
+from gateway.settings import ConfigError, load_yaml
 
 if TYPE_CHECKING:
     from gateway.app import GatewayService
@@ -128,10 +127,10 @@ async def policy_put(request: web.Request) -> web.Response:
     svc: GatewayService = request.app[SERVICE]
     text = await request.text()
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text, "request body")  # duplicate keys refused, as in policy files
         doc = validate_policy(raw, "request body")
-    except yaml.YAMLError as exc:
-        return _err(400, f"request body: not valid YAML/JSON: {exc}")
+        # A rule on a database this gateway lacks would never fire: refuse it, keep the live one.
+        require_databases(doc, svc.config.settings.geo, "request body")
     except ConfigError as exc:
         return web.json_response({"type": "error", "error": {
             "type": "invalid_policy", "message": str(exc), "field": exc.field,

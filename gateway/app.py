@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import signal
 import socket
@@ -17,16 +18,24 @@ from gateway import metrics
 from gateway.admin import build_admin_app
 from gateway.audit import configure_logging, logger, record_audit, record_policy_applied
 from gateway.errors import StoreError
-from gateway.geo import GeoDatabaseError, GeoResolver
+from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
 from gateway.limits import Limits
 from gateway.listeners import Listener
 from gateway.pipeline import Pipeline, build_runtime
-from gateway.policy import PolicyDoc, canonical, compile_policy, load_policy_file, validate_policy
+from gateway.policy import (
+    PolicyDoc,
+    canonical,
+    compile_policy,
+    load_policy_file,
+    require_databases,
+    validate_policy,
+)
 from gateway.proxy import Upstream
 from gateway.settings import (
     ConfigError,
     LoadedConfig,
+    StartupError,
     load_settings,
     parse_hostport,
     redact_url,
@@ -51,11 +60,8 @@ class GatewayService:
         self.reuse_port = reuse_port
         s = config.settings
         configure_logging(s.log.level, s.log.format)
-        try:
-            self.geo = GeoResolver(s.geo.country_db, s.geo.asn_db, s.geo.anonymous_ip_db,
-                                   s.geo.cache_size)
-        except GeoDatabaseError as exc:
-            raise ConfigError(config.path, "geo", str(exc)) from None
+        _log_warnings(config)
+        self.geo: GeoResolver = open_geo(s.geo, config.path)
         try:
             self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
         except StateFileError as exc:
@@ -108,10 +114,14 @@ class GatewayService:
         proxy = web.Application(client_max_size=s.upstream.max_body_bytes + 1)
         proxy.router.add_route("*", "/{tail:.*}", self._handle)
         admin = build_admin_app(self)
-        self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections)
-        # The admin listener has its own socket and no cap: probes answer while the proxy
-        # port is saturated.
-        self.admin_port = await self._serve(admin, s.admin_listen, None)
+        try:
+            self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections)
+            # The admin listener has its own socket and no cap: probes answer while the proxy
+            # port is saturated.
+            self.admin_port = await self._serve(admin, s.admin_listen, None)
+        except StartupError:
+            await self._abort_start()
+            raise
         logger().info("gateway_started", listen=s.listen, admin_listen=s.admin_listen,
                       proxy_port=self.proxy_port, admin_port=self.admin_port,
                       upstream=redact_url(s.upstream.url), store=redact_url(s.store.url),
@@ -133,8 +143,16 @@ class GatewayService:
         listener = Listener(runner.server, host, port, backlog=1024,
                             reuse_port=self.reuse_port, max_connections=max_connections,
                             header_timeout_s=srv.header_timeout_s)
-        bound = await listener.start()
         self._runners.append(runner)
+        try:
+            bound = await listener.start()
+        except OSError as exc:
+            field = "listen" if hostport == self.config.settings.listen else "admin_listen"
+            # One line, never a traceback: "address already in use", "permission denied",
+            # "name or service not known" (an unresolvable host).
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (
+                exc.strerror or str(exc)).lower()
+            raise StartupError(f"{field} {hostport}: {reason}") from None
         self._listeners.append(listener)
         return bound
 
@@ -235,6 +253,18 @@ class GatewayService:
         logger().info("shutdown_complete")
         self._stopping.set()
 
+    async def _abort_start(self) -> None:
+        """Undo a start that failed at its listeners: nothing was served yet."""
+        for listener in self._listeners:
+            listener.stop_accepting()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        self._listeners.clear()
+        await cancel_and_wait([*self._tasks, *self._side_tasks], wait_s=0.5)
+        await self._close_parts()
+        self.geo.close()
+
     async def _close_parts(self) -> None:
         for upstream in [*self._retired, *self._upstream_inflight]:
             await upstream.close()
@@ -291,11 +321,17 @@ class GatewayService:
             old.settings, f)]
         if s.store != old.settings.store:
             fixed.append("store")
+        policy = self.pipeline.policy
+        try:
+            if policy is not None:  # the live policy must keep every database it needs
+                require_databases(policy.doc, s.geo, f"live policy v{policy.version}")
+        except ConfigError as exc:
+            logger().error("config_reload_failed", path=new.path, reason=str(exc))
+            return False
         if s.geo.model_dump() != old.settings.geo.model_dump():
             try:
-                geo = await asyncio.to_thread(GeoResolver, s.geo.country_db, s.geo.asn_db,
-                                              s.geo.anonymous_ip_db, s.geo.cache_size)
-            except GeoDatabaseError as exc:
+                geo = await asyncio.to_thread(open_geo, s.geo, new.path)
+            except ConfigError as exc:
                 logger().error("config_reload_failed", path=new.path, reason=str(exc))
                 return False
             # Lookups are synchronous, so none is using the old readers once they are swapped.
@@ -320,6 +356,7 @@ class GatewayService:
         logger().info("config_reloaded", path=new.path,
                       needs_restart=fixed or None)
         configure_logging(s.log.level, s.log.format)
+        _log_warnings(new)
         await self._sync_policy_file(file_doc, file_error)
         return True
 
@@ -373,6 +410,9 @@ class GatewayService:
         """Write `policy_file`'s policy to the store as a new version, audited (`seed:<host>`
         into an empty store with `policy_source: store`, else `file:<host>`); when another
         instance wrote a version meanwhile, compare against that one and try again."""
+        # A file that needs a database this config lacks is refused before it reaches the store
+        # (ConfigError), so no instance is handed a policy it must reject.
+        require_databases(doc, self.config.settings.geo, self.config.settings.policy_file or "")
         text = canonical(doc)
         source = self.config.settings.policy_source
         actor = ("seed:" if seeding and source == "store" else "file:") + socket.gethostname()
@@ -404,6 +444,9 @@ class GatewayService:
             except StoreError as exc:
                 error = f"not applied: store unavailable ({exc})"
                 logger().error("config_reload_failed", path=s.policy_file, reason=error)
+            except ConfigError as exc:
+                error = f"not applied: {exc}"
+                logger().error("config_reload_failed", path=s.policy_file, reason=error)
         self._report_policy_file(error)
 
     def _report_policy_file(self, error: str | None) -> None:
@@ -428,6 +471,9 @@ class GatewayService:
             return
         try:
             doc = validate_policy(json.loads(doc_json), f"store policy v{version}")
+            # A rule on a database this gateway lacks would never fire: refuse the policy and
+            # keep the one in force.
+            require_databases(doc, self.config.settings.geo, f"store policy v{version}")
         except (ConfigError, ValueError) as exc:
             logger().error("policy_rejected", version=version, reason=str(exc))
             return
@@ -523,8 +569,8 @@ class GatewayService:
     async def _geo_loop(self) -> None:
         while not cancelling():
             await asyncio.sleep(self.config.settings.geo.reload_interval_s)
-            if await self.geo.reload_in_thread():
-                self._publish_gauges()
+            await self.geo.reload_in_thread()
+            self._publish_gauges()  # ages grow even when no file changes
 
     async def _flush_loop(self) -> None:
         while not cancelling():
@@ -540,8 +586,10 @@ class GatewayService:
             metrics.flush(self.pipeline.inflight, self.limits.store_errors)
 
     def _publish_gauges(self) -> None:
-        for kind, epoch in self.geo.build_epochs().items():
-            metrics.GEO_EPOCH.labels(kind).set(epoch)
+        for kind, st in self.geo.status(self.config.settings.geo.max_age_days).items():
+            metrics.GEO_EPOCH.labels(kind).set(st["build_epoch"])
+            metrics.GEO_AGE.labels(kind).set(st["age_days"])
+            metrics.GEO_STALE.labels(kind).set(1 if st["stale"] else 0)
         metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
 
     def publish_cache_counts(self) -> None:
@@ -555,22 +603,32 @@ class GatewayService:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body): not ready without geo or policy, or with the store away and
-        `on_error: closed`; degraded (still ready) with the store away and `on_error: open`."""
+        `on_error: closed`; degraded (still ready) with the store away and `on_error: open`,
+        or with a geo database older than `geo.max_age_days` or whose file has gone."""
+        geo = self.geo.status(self.config.settings.geo.max_age_days)
         checks: dict[str, Any] = {
-            "geo": {k: {"build_epoch": v} for k, v in self.geo.build_epochs().items()},
+            "geo": geo,
             "policy": {"version": self.policy_version},
             "store": "ok" if self.limits.store_ok else "unreachable",
         }
         ready = self.policy_version is not None
-        status = "ready"
+        degraded = []
         if not self.limits.store_ok:
             if self.config.settings.store.on_error == "closed":
                 ready = False
             else:
-                status = "degraded"
+                degraded.append("store")
+        if any(db["stale"] or db["missing"] for db in geo.values()):
+            degraded.append("geo")
+        status = "degraded" if degraded else "ready"
         if not ready:
             status = "not_ready"
         if self.draining:
             ready, status = False, "draining"
-        return ready, {"status": status, "degraded": [] if status != "degraded" else ["store"],
+        return ready, {"status": status, "degraded": degraded if status == "degraded" else [],
                        "checks": checks, "time": time.time()}
+
+
+def _log_warnings(config: LoadedConfig) -> None:
+    for line in config.warnings:
+        logger().warning("config_warning", path=config.path, warning=line)

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from gateway.settings import ConfigError, LoadedConfig, load_settings, redact_url
+from gateway.settings import ConfigError, LoadedConfig, StartupError, load_settings, redact_url
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml")
 
@@ -32,8 +32,34 @@ def _print(obj: Any) -> None:
 
 # --- run / check-config -----------------------------------------------------------------------
 
+def _preflight(config: LoadedConfig) -> None:
+    """What `run` checks before it serves, and all that `check-config` checks: the geo
+    databases open (and are no demo data unless allowed), the policy file is valid and names
+    no database the config lacks. Raises one ConfigError with every problem found."""
+    from gateway.geo import open_geo
+    from gateway.policy import load_policy_file, require_databases
+
+    s = config.settings
+    errors = []
+    try:
+        open_geo(s.geo, config.path, 0).close()
+    except ConfigError as exc:
+        errors.append(exc)
+    if s.policy_file:
+        try:
+            require_databases(load_policy_file(s.policy_file), s.geo, s.policy_file)
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise ConfigError.of(errors)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.audit import configure_logging
+
     config = _load(args)
+    configure_logging("error", "json")  # the databases' load lines come from the service
+    _preflight(config)
     if args.workers > 1:
         from gateway.workers import supervise
 
@@ -66,19 +92,13 @@ def _run_one(config: LoadedConfig, overrides: list[str], reuse_port: bool) -> in
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.audit import configure_logging
-    from gateway.geo import GeoDatabaseError, GeoResolver
 
     configure_logging("error", "json")
     config = _load(args)
     s = config.settings
-    from gateway.policy import load_policy_file
-
-    try:
-        GeoResolver(s.geo.country_db, s.geo.asn_db, s.geo.anonymous_ip_db, 0).close()
-    except GeoDatabaseError as exc:
-        raise ConfigError(config.path, "geo", str(exc)) from None
-    if s.policy_file:
-        load_policy_file(s.policy_file)
+    for line in config.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    _preflight(config)
     print(f"{config.path}: ok (listen {s.listen}, admin {s.admin_listen}, "
           f"upstream {redact_url(s.upstream.url)}, store {redact_url(s.store.url)})")
     return 0
@@ -300,7 +320,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print(f"# live policy version {cur[0]}\n" + _yaml(cur[1]), end="")
         return 0
     # apply
+    from gateway.policy import require_databases
+
     doc = load_policy_file(args.file)
+    require_databases(doc, config.settings.geo, args.file)
     new = json.loads(canonical(doc))
     cur = live()
     old_text = _yaml(cur[1]) if cur else ""
@@ -398,7 +421,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]) -> Any:
     from gateway.audit import configure_logging
     from gateway.explain import explain
-    from gateway.geo import GeoResolver
+    from gateway.geo import open_geo
     from gateway.identity import KeyRegistry
     from gateway.limits import Limits
     from gateway.pipeline import Pipeline, build_runtime
@@ -408,7 +431,7 @@ def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]
     s = config.settings
 
     async def go(store: Any) -> Any:
-        geo = GeoResolver(s.geo.country_db, s.geo.asn_db, s.geo.anonymous_ip_db, 0)
+        geo = open_geo(s.geo, config.path, 0)
         registry = KeyRegistry(store)
         await registry.load_all()
         rt = build_runtime(config)
@@ -465,12 +488,12 @@ def cmd_geo(args: argparse.Namespace) -> int:
             print(f"wrote {p}")
         return 0
     from gateway.audit import configure_logging
-    from gateway.geo import GeoResolver
+    from gateway.geo import open_geo
 
     configure_logging("error", "json")
     config = _load(args)
     s = config.settings
-    geo = GeoResolver(s.geo.country_db, s.geo.asn_db, s.geo.anonymous_ip_db, 0)
+    geo = open_geo(s.geo, config.path, 0)
     try:
         info = geo.lookup(args.ip)
         raw = geo.explain(args.ip)
@@ -595,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.fn(args)
     except ConfigError as exc:
+        for problem in exc.problems:  # every problem of the file, one line each
+            print(f"error: {problem.line()}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return code

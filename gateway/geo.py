@@ -1,6 +1,8 @@
 """Geo lookups: country, ASN and anonymizer flags from MaxMind databases, cached and hot-reloaded.
 
-Only the country database is required. An address a database does not know yields None /
+Only the country database is required. The bundled `Demo-*` databases (gateway geo build) are
+refused unless the caller allows them (`geo.allow_demo_databases`), so demo data never
+classifies real traffic. An address a database does not know yields None /
 no flags (`unknown` to policy), never an error. A replaced file is opened off the event loop
 and swapped in; a corrupt or wrong-type replacement is refused and the old reader kept.
 Readers serve from a private copy of the file, so a file overwritten in place (rather than
@@ -13,13 +15,16 @@ import asyncio
 import io
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import maxminddb
 
 from gateway.audit import logger
+from gateway.settings import ConfigError, GeoSettings
 
 # MaxMind field → anonymizer flag name used by policy and logs.
 ANONYMIZER_FLAGS = (
@@ -49,7 +54,13 @@ UNKNOWN = GeoInfo(None, None, None, None, ())
 
 
 class GeoDatabaseError(Exception):
-    """A database file that cannot be used (missing, corrupt or of the wrong type)."""
+    """A database file that cannot be used (missing, corrupt, of the wrong type, or demo data
+    where demo data is not allowed); `by_kind` holds the reason per database when several
+    were opened at once."""
+
+    def __init__(self, reason: str, by_kind: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.by_kind = by_kind or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +77,18 @@ def _stamp(path: str) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def open_database(kind: str, path: str) -> _Opened:
+def build_date(epoch: int) -> str:
+    """A database build epoch as ISO 8601 (UTC)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def age_days(epoch: int, now: float | None = None) -> float:
+    """Days since a database was built, to a tenth of a day."""
+    return round(((time.time() if now is None else now) - epoch) / 86400, 1)
+
+
+def open_database(kind: str, path: str, allow_demo: bool = False) -> _Opened:
     """Open and check one database; raise GeoDatabaseError with the reason."""
     try:
         stamp = _stamp(path)
@@ -80,6 +102,10 @@ def open_database(kind: str, path: str) -> _Opened:
         if not any(word in meta.database_type for word in _KINDS[kind]):
             raise GeoDatabaseError(
                 f"{path} is a {meta.database_type!r} database, not a {kind} database")
+        if str(meta.database_type).startswith("Demo-") and not allow_demo:
+            raise GeoDatabaseError(
+                f"{path} is the bundled demo database {meta.database_type!r}, made-up data: "
+                "set geo.allow_demo_databases: true to use it (demo only)")
         reader.get("1.1.1.1" if meta.ip_version == 4 else "::1.1.1.1")  # walks the tree once
     except GeoDatabaseError:
         reader.close()
@@ -119,16 +145,28 @@ class GeoResolver:
     """Looks addresses up in up to three databases, with a bounded LRU cache in front."""
 
     def __init__(self, country_db: str, asn_db: str | None = None,
-                 anonymous_ip_db: str | None = None, cache_size: int = 65536) -> None:
+                 anonymous_ip_db: str | None = None, cache_size: int = 65536,
+                 allow_demo: bool = False) -> None:
         self.paths: dict[str, str] = {"country": country_db}
         if asn_db:
             self.paths["asn"] = asn_db
         if anonymous_ip_db:
             self.paths["anonymous_ip"] = anonymous_ip_db
+        self.allow_demo = allow_demo
         self.dbs: dict[str, _Opened] = {}
+        #: kinds whose file has disappeared (logged once; the copy in service keeps answering)
+        self.missing: set[str] = set()
+        errors: dict[str, str] = {}
         for kind, path in self.paths.items():
-            self.dbs[kind] = open_database(kind, path)
-            _log_loaded(kind, self.dbs[kind])
+            try:
+                self.dbs[kind] = open_database(kind, path, allow_demo)
+            except GeoDatabaseError as exc:
+                errors[kind] = str(exc)
+        if errors:
+            self.close()
+            raise GeoDatabaseError("; ".join(errors.values()), errors)
+        for kind, db in self.dbs.items():
+            _log_loaded(kind, db)
         self._cache: OrderedDict[str, GeoInfo] = OrderedDict()
         self._cache_size = cache_size
         self._failing: set[str] = set()  # kinds whose copy in service failed a lookup (logged)
@@ -137,6 +175,17 @@ class GeoResolver:
 
     def build_epochs(self) -> dict[str, int]:
         return {kind: db.build_epoch for kind, db in self.dbs.items()}
+
+    def status(self, max_age_days: float, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per database: type, build date, age in days, `stale` (older than `max_age_days`) and
+        `missing` (its file is gone; the copy in service still answers)."""
+        out = {}
+        for kind, db in self.dbs.items():
+            age = age_days(db.build_epoch, now)
+            out[kind] = {"database_type": db.database_type, "build_epoch": db.build_epoch,
+                         "build_date": build_date(db.build_epoch), "age_days": age,
+                         "stale": age > max_age_days, "missing": kind in self.missing}
+        return out
 
     def lookup(self, ip: str) -> GeoInfo:
         """Everything known of `ip`; never raises for a well-formed or malformed address."""
@@ -208,12 +257,24 @@ class GeoResolver:
         for kind, path in self.paths.items():
             old = self.dbs[kind]
             try:
-                if _stamp(path) == old.stamp:
-                    continue
-            except OSError:
-                continue  # mid-replace (geoipupdate renames into place); try next time
+                stamp = _stamp(path)
+            except OSError as exc:
+                # geoipupdate renames into place, so the path never lacks a file; a file gone
+                # is a mistake to show (once), while the copy in service keeps answering.
+                if kind not in self.missing:
+                    self.missing.add(kind)
+                    logger().error("geo_database_missing", database=kind, path=path,
+                                   reason=exc.strerror or str(exc),
+                                   build_epoch=old.build_epoch)
+                continue
+            if kind in self.missing:
+                self.missing.discard(kind)
+                old = self.dbs[kind] = _Opened(old.path, old.reader, old.database_type,
+                                               old.build_epoch, (-1, -1, -1))
+            if stamp == old.stamp:
+                continue
             try:
-                new = open_database(kind, path)
+                new = open_database(kind, path, self.allow_demo)
             except GeoDatabaseError as exc:
                 # Refuse the file, keep the old reader; remember the stamp to log once.
                 self.dbs[kind] = _Opened(old.path, old.reader, old.database_type,
@@ -237,6 +298,21 @@ class GeoResolver:
             db.reader.close()
 
 
+_FIELDS = {"country": "geo.country_db", "asn": "geo.asn_db", "anonymous_ip": "geo.anonymous_ip_db"}
+
+
+def open_geo(geo: GeoSettings, config_path: str, cache_size: int | None = None) -> GeoResolver:
+    """The resolver a config asks for; ConfigError naming every database that cannot be used
+    (`geo.country_db: ...`), one problem each."""
+    try:
+        return GeoResolver(geo.country_db, geo.asn_db, geo.anonymous_ip_db,
+                           geo.cache_size if cache_size is None else cache_size,
+                           geo.allow_demo_databases)
+    except GeoDatabaseError as exc:
+        raise ConfigError.of([ConfigError(config_path, _FIELDS[kind], reason)
+                              for kind, reason in exc.by_kind.items()]) from None
+
+
 def _stamp_or(path: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
     try:
         return _stamp(path)
@@ -246,4 +322,5 @@ def _stamp_or(path: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def _log_loaded(kind: str, db: _Opened) -> None:
     logger().info("geo_database_loaded", database=kind, path=db.path,
-                  database_type=db.database_type, build_epoch=db.build_epoch)
+                  database_type=db.database_type, build_epoch=db.build_epoch,
+                  build_date=build_date(db.build_epoch), age_days=age_days(db.build_epoch))

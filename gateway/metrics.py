@@ -44,6 +44,11 @@ INFLIGHT = Gauge("gateway_inflight_requests", "Requests being served", multiproc
 POLICY_VERSION = Gauge("gateway_policy_version", "Live policy version", multiprocess_mode="max")
 GEO_EPOCH = Gauge("gateway_geo_database_build_epoch", "Build epoch of each open geo database",
                   ["database"], multiprocess_mode="max")
+GEO_AGE = Gauge("gateway_geo_database_age_days", "Days since each open geo database was built",
+                ["database"], multiprocess_mode="livemax")
+GEO_STALE = Gauge("gateway_geo_database_stale",
+                  "1 while a geo database is older than geo.max_age_days", ["database"],
+                  multiprocess_mode="livemax")
 CACHE = Counter("gateway_cache_lookups_total", "In-process cache lookups",
                 ["cache", "result"])
 POLICY_FILE_DIFFERS = Gauge("gateway_policy_file_differs",

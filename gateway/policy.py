@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.geo import ANONYMIZER_NAMES, GeoInfo
 from gateway.paths import PathGlobs, compile_path_globs
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, GeoSettings, load_yaml
 
 _CC = re.compile(r"^[A-Z]{2}$")
 
@@ -159,14 +158,28 @@ def validate_policy(raw: Any, source: str) -> PolicyDoc:
     return doc
 
 
+def require_databases(doc: PolicyDoc, geo: GeoSettings, source: str) -> None:
+    """Refuse a policy whose rules need a geo database the config does not name: without it
+    an `anonymizer` rule never fires and an `asn` rule sees every address as unknown. Raises
+    ConfigError naming every such rule."""
+    errors = []
+    for rule in doc.rules:
+        for fld, setting, have in (("anonymizer", "geo.anonymous_ip_db", geo.anonymous_ip_db),
+                                   ("asn", "geo.asn_db", geo.asn_db)):
+            if getattr(rule.match, fld) is not None and not have:
+                errors.append(ConfigError(source, f"rules[{rule.id}].match.{fld}",
+                                          f"needs {setting}, which the gateway config does "
+                                          "not set"))
+    if errors:
+        raise ConfigError.of(errors)
+
+
 def load_policy_file(path: str) -> PolicyDoc:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
-    return validate_policy(raw, path)
+    return validate_policy(load_yaml(text, path), path)
 
 
 def canonical(doc: PolicyDoc) -> str:

@@ -18,14 +18,107 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 
 class ConfigError(Exception):
-    """A config or policy file that cannot be used; the message names file, field and reason."""
+    """A config or policy file that cannot be used; the message names file, field and reason.
 
-    def __init__(self, file: str, field: str, reason: str) -> None:
+    One error may carry others found in the same pass (`also`): `problems` lists them all, and
+    the message has one line per problem, so an operator fixes a file in one round."""
+
+    def __init__(self, file: str, field: str, reason: str,
+                 also: tuple[ConfigError, ...] = ()) -> None:
         self.file = file
         self.field = field
         self.reason = reason
-        where = f"{file}: {field}" if field else file
-        super().__init__(f"{where}: {reason}")
+        self.also = also
+        super().__init__("\n".join(p.line() for p in self.problems))
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return (self, *self.also)
+
+    def line(self) -> str:
+        """This problem alone, on one line: "file: field: reason"."""
+        where = f"{self.file}: {self.field}" if self.field else self.file
+        return f"{where}: {self.reason}"
+
+    @classmethod
+    def of(cls, errors: list[ConfigError]) -> ConfigError:
+        """One error carrying every problem of `errors` (at least one), in order."""
+        problems = [p for e in errors for p in e.problems]
+        first = problems[0]
+        return cls(first.file, first.field, first.reason, tuple(
+            cls(p.file, p.field, p.reason) for p in problems[1:]))
+
+
+class StartupError(Exception):
+    """The gateway cannot start for a reason outside the file (a port in use); the message is
+    one line, e.g. "listen 0.0.0.0:8080: address already in use"."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming the same key twice (plain YAML keeps the last,
+    silently). Every duplicate of the document is reported, by key path and line."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        dups: list[tuple[str, int, int]] = []
+        _find_duplicates(node, "", dups, set())
+        if dups:
+            raise _DuplicateKeys(dups)
+        return self.construct_document(node)
+
+
+class _DuplicateKeys(Exception):
+    def __init__(self, dups: list[tuple[str, int, int]]) -> None:
+        self.dups = dups
+
+
+def _find_duplicates(node: yaml.Node, path: str, out: list[tuple[str, int, int]],
+                     seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: walked once (also guards recursive anchors)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = str(key.value)
+            where = f"{path}.{name}" if path else name
+            line = key.start_mark.line + 1
+            ident = (key.tag, name)
+            if ident in first:
+                out.append((where, line, first[ident]))
+            else:
+                first[ident] = line
+            _find_duplicates(value, where, out, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _find_duplicates(item, f"{path}[{i}]", out, seen)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse a YAML document with safe types; raise ConfigError naming `source` for invalid
+    YAML (on one line, with its position) or for keys given twice (every one, by path)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe types
+    except _DuplicateKeys as exc:
+        raise ConfigError.of([
+            ConfigError(source, where, f"duplicate key at line {line} (first at line {first})")
+            for where, line, first in exc.dups]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"not valid YAML: {_yaml_reason(exc)}") from None
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        what = " ".join(x for x in (exc.context, exc.problem) if x) or "syntax error"
+        mark = exc.problem_mark or exc.context_mark
+        if mark is not None:
+            return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+        return what
+    return " ".join(str(exc).split())
 
 
 class _Model(BaseModel):
@@ -153,9 +246,15 @@ class ClientIPSettings(_Model):
 
 
 class GeoSettings(_Model):
-    country_db: str = "../geo/demo/Demo-Country.mmdb"
-    asn_db: str | None = "../geo/demo/Demo-ASN.mmdb"
-    anonymous_ip_db: str | None = "../geo/demo/Demo-Anonymous-IP.mmdb"
+    """The MaxMind databases (DESIGN.md §3). Only `country_db` is required; a database not
+    named is not used (no bundled fallback), and the bundled `Demo-*` databases are refused
+    unless `allow_demo_databases` says this is the demo."""
+
+    country_db: str
+    asn_db: str | None = None
+    anonymous_ip_db: str | None = None
+    allow_demo_databases: bool = False
+    max_age_days: float = Field(default=35.0, gt=0)
     cache_size: int = Field(default=65536, ge=0)
     reload_interval_s: float = Field(default=30.0, gt=0)
 
@@ -187,7 +286,7 @@ class Settings(_Model):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     client_ip: ClientIPSettings = Field(default_factory=ClientIPSettings)
-    geo: GeoSettings = Field(default_factory=GeoSettings)
+    geo: GeoSettings
     customer: CustomerSettings = Field(default_factory=CustomerSettings)
     policy_file: str | None = "policy.yaml"
     # store: the store's policy is live, the file seeds an empty store (and is compared);
@@ -212,6 +311,29 @@ class Settings(_Model):
         parse_hostport(v)
         return v
 
+    def listen_clash(self) -> str | None:
+        """Why `admin_listen` cannot be bound beside `listen` (the same port on overlapping
+        addresses), or None. Port 0 asks the OS for a free port, so it never clashes."""
+        host, port = parse_hostport(self.listen)
+        ahost, aport = parse_hostport(self.admin_listen)
+        if port == 0 or port != aport:
+            return None
+        wildcard = ("0.0.0.0", "::", "*")
+        if host == ahost or host in wildcard or ahost in wildcard:
+            return (f"{self.admin_listen} overlaps listen {self.listen}: the admin listener "
+                    "needs a port of its own")
+        return None
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """(field, reason) of settings that are valid but probably a mistake."""
+        out = []
+        for cidr in self.client_ip.trusted_proxies:
+            if ipaddress.ip_network(cidr, strict=False).prefixlen == 0:
+                out.append(("client_ip.trusted_proxies",
+                            f"{cidr} trusts every peer: any client can choose the address it "
+                            "is located and limited by (X-Forwarded-For)"))
+        return out
+
 
 class Secrets(BaseModel):
     """Secrets read from the environment variables the config names; never logged."""
@@ -233,6 +355,8 @@ class LoadedConfig(BaseModel):
     path: str
     settings: Settings
     secrets: Secrets
+    #: "file: field: reason" lines for valid but suspicious settings (shown, never fatal)
+    warnings: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"LoadedConfig(path={self.path!r})"
@@ -265,17 +389,14 @@ def load_settings(
     """Load, validate and resolve a config file; `overrides` are "dotted.field=yaml-value" pairs.
 
     Raises ConfigError naming the file, the field and the reason on any problem, including a
-    missing environment variable for a secret.
+    missing environment variable for a secret; every problem found is in it (`problems`).
     """
     env = os.environ if environ is None else environ
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, "", f"not valid YAML: {exc}") from exc
+    raw = load_yaml(text, path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -292,18 +413,17 @@ def load_settings(
             _set_path(raw, key, value)
         except ValueError as exc:
             raise ConfigError(path, key, str(exc)) from exc
+    if raw.get("geo") is None:
+        raw["geo"] = {}  # so that a missing database is named: geo.country_db
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        raise ConfigError(path, field, msg) from None
+        raise ConfigError.of([_field_error(path, dict(err)) for err in exc.errors()]) from None
     settings = _resolve_paths(path, settings)
+    errors = []
+    clash = settings.listen_clash()
+    if clash:
+        errors.append(ConfigError(path, "admin_listen", clash))
     secrets = {}
     for field, var in (
         ("upstream.api_key_env", settings.upstream.api_key_env),
@@ -311,8 +431,10 @@ def load_settings(
     ):
         value = env.get(var, "")
         if not value:
-            raise ConfigError(path, field, f"environment variable {var} is not set")
+            errors.append(ConfigError(path, field, f"environment variable {var} is not set"))
         secrets[field] = value
+    if errors:
+        raise ConfigError.of(errors)
     return LoadedConfig(
         path=str(Path(path)),
         settings=settings,
@@ -320,7 +442,22 @@ def load_settings(
             upstream_api_key=secrets["upstream.api_key_env"],
             admin_token=secrets["admin_token_env"],
         ),
+        warnings=tuple(f"{path}: {field}: {reason}" for field, reason in settings.warnings()),
     )
+
+
+def _field_error(path: str, err: dict[str, Any]) -> ConfigError:
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+        if field == "geo.country_db":
+            msg += " (the path of a GeoIP2 or GeoLite2 Country or City database)"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return ConfigError(path, field, msg)
 
 
 def _resolve_paths(path: str, s: Settings) -> Settings:

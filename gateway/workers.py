@@ -64,6 +64,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
     for i in range(n):
         spawn(i)
     deadline: float | None = None
+    failed = False
     try:
         while procs:
             time.sleep(0.2)
@@ -76,6 +77,10 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                 if stopping:
                     continue
                 logger().error("worker_exited", worker=i, pid=p.pid, code=code)
+                if code == 2:  # a config or startup error (port in use): restarts fail alike
+                    failed = stopping = True
+                    forward(signal.SIGTERM)
+                    continue
                 recent = [t for t in restarts.get(i, []) if t > time.time() - 60]
                 restarts[i] = [*recent, time.time()]
                 if len(recent) >= 10:
@@ -100,7 +105,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
                 p.kill()
                 p.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    return 2 if failed else 0
 
 
 def _mark_dead(pid: int, metrics_dir: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import main as cli_main
 from gateway.settings import ConfigError, LoadedConfig, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,33 +81,74 @@ def test_relative_paths_in_a_nested_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert s.policy_file == str(tmp_path / "etc" / "policy" / "p.yaml")
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    """An empty config file is all defaults."""
-    s = _load(_write(tmp_path / "empty.yaml", "")).settings
+def test_minimal_config_names_only_the_country_database(tmp_path: Path) -> None:
+    """A config naming only geo.country_db is all defaults: no ASN or anonymizer database, demo
+    databases refused, stale after 35 days."""
+    s = _load(_write(tmp_path / "min.yaml", "geo: {country_db: Country.mmdb}\n")).settings
     assert s.listen == "0.0.0.0:8080"
     assert s.store.url == "memory://"
     assert s.client_ip.header == "X-Forwarded-For"
+    assert s.geo.country_db == str(tmp_path / "Country.mmdb")
+    assert (s.geo.asn_db, s.geo.anonymous_ip_db) == (None, None)
+    assert s.geo.allow_demo_databases is False
+    assert s.geo.max_age_days == 35
+
+
+def test_empty_file_names_the_missing_country_database(tmp_path: Path) -> None:
+    """An empty config is an error naming geo.country_db, never a bundled database."""
+    with pytest.raises(ConfigError) as info:
+        _load(_write(tmp_path / "empty.yaml", ""))
+    assert [(p.field, p.reason) for p in info.value.problems] == [
+        ("geo.country_db", "required field is missing (the path of a GeoIP2 or GeoLite2 "
+                           "Country or City database)")]
 
 
 # --- bad config fixtures -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "field", "reason"),
-    [
-        ("unknown_field.yaml", "upstream.api_key", "unknown field"),
-        ("wrong_type.yaml", "upstream.connect_timeout_s", "valid number"),
-        ("bad_url.yaml", "upstream.url", "must be an http(s) URL with a host"),
-        ("bad_listen.yaml", "listen", "expected host:port"),
-        ("bad_cidr.yaml", "client_ip.trusted_proxies", "not an IP network: '10.0.0.0/33'"),
-        ("bad_store_scheme.yaml", "store.url", "scheme must be one of"),
-        ("bad_on_error.yaml", "store.on_error", "'closed' or 'open'"),
-        ("not_yaml.yaml", "", "not valid YAML"),
-        ("not_mapping.yaml", "", "top level must be a mapping"),
-    ],
-)
+BAD_CONFIGS = [
+    ("unknown_field.yaml", "upstream.api_key", "unknown field"),
+    ("wrong_type.yaml", "upstream.connect_timeout_s", "valid number"),
+    ("bad_url.yaml", "upstream.url", "must be an http(s) URL with a host"),
+    ("bad_listen.yaml", "listen", "expected host:port"),
+    ("bad_cidr.yaml", "client_ip.trusted_proxies", "not an IP network: '10.0.0.0/33'"),
+    ("bad_store_scheme.yaml", "store.url", "scheme must be one of"),
+    ("bad_on_error.yaml", "store.on_error", "'closed' or 'open'"),
+    ("not_yaml.yaml", "", "not valid YAML: while parsing a flow sequence expected ',' or ']', "
+                          "but got ':' (line 5, column 9)"),
+    ("not_mapping.yaml", "", "top level must be a mapping"),
+    ("no_country_db.yaml", "geo.country_db", "required field is missing"),
+    ("duplicate_key.yaml", "upstream.url", "duplicate key at line 5 (first at line 3)"),
+    ("listen_equals_admin.yaml", "admin_listen",
+     "127.0.0.1:8080 overlaps listen 127.0.0.1:8080: the admin listener needs a port of its "
+     "own"),
+    ("listen_overlaps_admin.yaml", "admin_listen", "overlaps listen 0.0.0.0:9090"),
+]
+#: Fixtures whose file loads, and whose problem is found by check-config and run (databases,
+#: the policy file), with the error lines they print; or a warning only.
+PREFLIGHT = {
+    "demo_database.yaml": [
+        "Demo-Country.mmdb is the bundled demo database 'Demo-Country', made-up data: set "
+        "geo.allow_demo_databases: true to use it (demo only)"],
+    "missing_database.yaml": [
+        "missing_database.yaml: geo.country_db: cannot open ",
+        "missing_database.yaml: geo.asn_db: cannot open "],
+    "rule_needs_database.yaml": [
+        "needs_databases.yaml: rules[anonymizers].match.anonymizer: needs "
+        "geo.anonymous_ip_db, which the gateway config does not set",
+        "needs_databases.yaml: rules[bad-network].match.asn: needs geo.asn_db, which the "
+        "gateway config does not set"],
+    "policy_duplicate_key.yaml": [
+        "policies/duplicate_key.yaml: rules[0].action: duplicate key at line 8 (first at "
+        "line 5)"],
+    "trust_everyone.yaml": [],
+}
+
+
+@pytest.mark.parametrize(("name", "field", "reason"), BAD_CONFIGS)
 def test_bad_config_fixture(name: str, field: str, reason: str) -> None:
-    """Each bad config raises ConfigError whose message names the file, the field and the reason."""
+    """Each bad config raises ConfigError whose message names the file, the field and the
+    reason, on one line (each fixture holds one mistake)."""
     path = BAD / name
     with pytest.raises(ConfigError) as info:
         _load(path)
@@ -117,16 +159,89 @@ def test_bad_config_fixture(name: str, field: str, reason: str) -> None:
     assert reason in err.reason
     assert msg.startswith(f"{path}: {field + ': ' if field else ''}")
     assert name in msg and field in msg and reason in msg
+    assert len(err.problems) == 1 and "\n" not in msg
 
 
 def test_every_bad_config_fixture_is_tested() -> None:
-    """Each fixture under tests/fixtures/bad_config has its case in test_bad_config_fixture."""
+    """Each fixture under tests/fixtures/bad_config has its case here or in the check-config
+    cases."""
     names = {p.name for p in BAD.glob("*.yaml")}
-    assert names == {
-        "unknown_field.yaml", "wrong_type.yaml", "bad_url.yaml", "bad_listen.yaml",
-        "bad_cidr.yaml", "bad_store_scheme.yaml", "bad_on_error.yaml", "not_yaml.yaml",
-        "not_mapping.yaml",
-    }
+    assert names == {name for name, _, _ in BAD_CONFIGS} | set(PREFLIGHT) | {"three_errors.yaml"}
+
+
+def test_every_error_of_a_file_is_reported_at_once() -> None:
+    """A file with three mistakes reports all three, in file order, one line each."""
+    path = BAD / "three_errors.yaml"
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    assert [(p.field, p.reason) for p in info.value.problems] == [
+        ("listen", "port out of range in '0.0.0.0:99999'"),
+        ("upstream.url", "must be an http(s) URL with a host, got 'ftp://api.anthropic.com'"),
+        ("store.on_error", "Input should be 'closed' or 'open'"),
+    ]
+    assert str(info.value).splitlines() == [p.line() for p in info.value.problems]
+    assert all(line.startswith(f"{path}: ") for line in str(info.value).splitlines())
+
+
+def test_every_duplicate_key_is_named_with_its_path_and_line(tmp_path: Path) -> None:
+    """Duplicate keys are refused wherever they are (nested, in lists), all at once; a YAML
+    merge key may still be overridden."""
+    cfg = _write(tmp_path / "dups.yaml", (
+        "geo: {country_db: C.mmdb}\n"           # 1
+        "listen: 127.0.0.1:1\n"                 # 2
+        "client_ip:\n"                          # 3
+        "  trusted_proxies: [10.0.0.0/8]\n"     # 4
+        "  trusted_proxies: [0.0.0.0/0]\n"      # 5
+        "base: &base {connect_timeout_s: 1}\n"  # 6 (unknown field, never reached)
+        "listen: 127.0.0.1:2\n"                 # 7
+    ))
+    with pytest.raises(ConfigError) as info:
+        _load(cfg)
+    assert [(p.field, p.reason) for p in info.value.problems] == [
+        ("client_ip.trusted_proxies", "duplicate key at line 5 (first at line 4)"),
+        ("listen", "duplicate key at line 7 (first at line 2)"),
+    ]
+    merged = _write(tmp_path / "merge.yaml", (
+        "geo: {country_db: C.mmdb}\n"
+        "upstream:\n  <<: {connect_timeout_s: 1, read_timeout_s: 2}\n  connect_timeout_s: 3\n"))
+    up = _load(merged).settings.upstream
+    assert (up.connect_timeout_s, up.read_timeout_s) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin", "clash"),
+    [
+        ("0.0.0.0:8080", "127.0.0.1:9090", False),
+        ("127.0.0.1:8080", "127.0.0.2:8080", False),
+        ("127.0.0.1:0", "127.0.0.1:0", False),
+        ("[::]:8080", "127.0.0.1:8080", True),
+        ("127.0.0.1:8080", "0.0.0.0:8080", True),
+        ("[::1]:9090", "[::1]:9090", True),
+    ],
+)
+def test_listen_and_admin_listen_must_not_overlap(tmp_path: Path, listen: str, admin: str,
+                                                  clash: bool) -> None:
+    """The same port on the same or a wildcard address is refused; port 0 (any free port) and
+    distinct addresses are not."""
+    cfg = _write(tmp_path / "g.yaml", "geo: {country_db: C.mmdb}\n")
+    overrides = [f"listen='{listen}'", f"admin_listen='{admin}'"]
+    if not clash:
+        assert _load(cfg, overrides).settings.admin_listen == admin
+        return
+    with pytest.raises(ConfigError) as info:
+        _load(cfg, overrides)
+    assert info.value.field == "admin_listen"
+    assert f"overlaps listen {listen}" in info.value.reason
+
+
+def test_trust_everyone_is_a_warning(tmp_path: Path) -> None:
+    """trusted_proxies 0.0.0.0/0 or ::/0 loads, with one warning line per network."""
+    cfg = _load(BAD / "trust_everyone.yaml")
+    assert cfg.warnings == tuple(
+        f"{BAD / 'trust_everyone.yaml'}: client_ip.trusted_proxies: {net} trusts every peer: "
+        "any client can choose the address it is located and limited by (X-Forwarded-For)"
+        for net in ("0.0.0.0/0", "::/0"))
+    assert _load(CONFIG).warnings == ()
 
 
 def test_missing_file() -> None:
@@ -173,10 +288,21 @@ def test_missing_secret_env_var_is_named(environ: dict[str, str], field: str, va
     assert "gateway.yaml" in str(info.value)
 
 
+def test_both_missing_secrets_are_named_at_once() -> None:
+    """With neither secret set, both variables are named, one line each."""
+    with pytest.raises(ConfigError) as info:
+        _load(CONFIG, environ={})
+    assert [(p.field, p.reason) for p in info.value.problems] == [
+        ("upstream.api_key_env", "environment variable UPSTREAM_API_KEY is not set"),
+        ("admin_token_env", "environment variable GATEWAY_ADMIN_TOKEN is not set"),
+    ]
+
+
 def test_secret_env_var_names_come_from_the_file(tmp_path: Path) -> None:
     """The config names which environment variables hold the secrets."""
     cfg = _write(tmp_path / "g.yaml",
-                 "admin_token_env: MY_ADMIN\nupstream: {api_key_env: MY_KEY}\n")
+                 "admin_token_env: MY_ADMIN\nupstream: {api_key_env: MY_KEY}\n"
+                 "geo: {country_db: C.mmdb}\n")
     loaded = _load(cfg, environ={"MY_ADMIN": "adm", "MY_KEY": "key"})
     assert (loaded.secrets.admin_token, loaded.secrets.upstream_api_key) == ("adm", "key")
     with pytest.raises(ConfigError, match="environment variable MY_KEY is not set"):
@@ -269,6 +395,28 @@ def test_check_config_bad_fixture_exits_2(tmp_path: Path) -> None:
     assert "client_ip.trusted_proxies" in proc.stderr
     assert "not an IP network" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("name", sorted(PREFLIGHT))
+def test_check_config_fixture(name: str, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway check-config` prints every problem of a fixture's databases and policy file,
+    one `error:` line each, and exits 2; a warning alone prints one `warning:` line and ok."""
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    code = cli_main(["check-config", "--config", str(BAD / name)])
+    out, err = capsys.readouterr()
+    expected = PREFLIGHT[name]
+    lines = err.splitlines()
+    if not expected:
+        assert code == 0 and "ok" in out
+        assert len(lines) == 2 and all(x.startswith("warning: ") for x in lines)
+        assert "0.0.0.0/0 trusts every peer" in lines[0]
+        return
+    assert code == 2 and out == ""
+    assert len(lines) == len(expected)
+    for line, part in zip(lines, expected, strict=True):
+        assert line.startswith("error: ") and part in line
 
 
 def test_check_config_missing_secret_exits_2(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Geo end to end with MaxMind's own test databases: the located client in the request log
 line, forged forwarding headers from untrusted peers, hot replacement of a database file (and
-refusal of a corrupt one), and `gateway geo lookup`."""
+refusal of a corrupt one), `gateway geo lookup`, policies needing a database the config lacks,
+old databases in /readyz and the metrics, and a database file deleted while serving."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+from gateway.policy import canonical, validate_policy
 from tests.integration.test_run_process import GatewayProcess, cli, gateway_process
 from tests.support.cli import TEST_GEO, run_cli, send
 from tests.support.gateway import REPO, poll, running_gateway, write_config
@@ -260,3 +264,95 @@ async def test_sighup_notices_database_overwritten_in_place(tmp_path: Path,
         assert rejected["path"] == str(live)
         assert gw.service.geo.build_epochs()["country"] == new_epoch
         assert gw.service.geo.lookup("89.160.20.120").country == "SE"  # uncached
+
+
+#: A policy with a rule on anonymizer flags: it needs geo.anonymous_ip_db.
+ANONYMIZER_POLICY: dict[str, Any] = {
+    **OPEN_POLICY, "rules": [{"id": "no-vpn", "action": "deny", "reason": "anonymizer_not_allowed",
+                              "match": {"anonymizer": ["vpn"]}}]}
+NO_OPTIONAL_DBS = {"asn_db": None, "anonymous_ip_db": None}
+
+
+async def test_policy_needing_a_missing_database_is_refused_live(tmp_path: Path,
+                                                                 upstream: FakeUpstream) -> None:
+    """Without geo.anonymous_ip_db, a policy with an anonymizer rule is refused by the admin API
+    (400, naming the rule) and, written to the store by another writer, is not loaded
+    (policy_rejected); the policy in force stays."""
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY, geo=NO_OPTIONAL_DBS) as gw:
+        version = gw.service.policy_version
+        assert version is not None and set(gw.service.geo.dbs) == {"country"}
+        status, body = await gw.admin("PUT", "/admin/policy", data=json.dumps(ANONYMIZER_POLICY))
+        assert status == 400
+        assert body["error"]["field"] == "rules[no-vpn].match.anonymizer"
+        assert body["error"]["reason"] == ("needs geo.anonymous_ip_db, which the gateway "
+                                           "config does not set")
+
+        doc = canonical(validate_policy(ANONYMIZER_POLICY, "test"))
+        stored = await gw.service.store.put_policy(doc, "other-writer", version)
+        [rejected] = await poll(lambda: gw.logs.events("policy_rejected"))
+        assert rejected["version"] == stored
+        assert "rules[no-vpn].match.anonymizer: needs geo.anonymous_ip_db" in rejected["reason"]
+        assert gw.service.policy_version == version
+
+
+async def test_reload_keeps_databases_the_live_policy_needs(tmp_path: Path,
+                                                           upstream: FakeUpstream) -> None:
+    """A SIGHUP config that drops geo.anonymous_ip_db while the live policy has an anonymizer
+    rule is refused (config_reload_failed naming the rule); the databases stay open."""
+    async with running_gateway(tmp_path, upstream.url, ANONYMIZER_POLICY) as gw:
+        write_config(tmp_path, upstream.url, ANONYMIZER_POLICY, geo=NO_OPTIONAL_DBS)
+        assert not await gw.service.reload()
+        [failed] = gw.logs.events("config_reload_failed")
+        assert "rules[no-vpn].match.anonymizer: needs geo.anonymous_ip_db" in failed["reason"]
+        assert "anonymous_ip" in gw.service.geo.dbs
+
+
+async def _metric(gw: Any, name: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
+        text = await r.text()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith(name)}
+
+
+async def test_old_database_degrades_readiness_and_shows_in_metrics(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Databases built longer ago than geo.max_age_days leave /readyz at 200 with status
+    degraded naming geo, each database's build date and age in the body, and
+    gateway_geo_database_age_days / _stale in the metrics."""
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={"max_age_days": 30}) as gw:  # the demo data: 2025-11-24
+        status, body = await gw.admin("GET", "/readyz")
+        assert status == 200
+        assert (body["status"], body["degraded"]) == ("degraded", ["geo"])
+        country = body["checks"]["geo"]["country"]
+        assert country["build_date"] == "2025-11-24T16:00:00Z" and country["stale"] is True
+        assert country["age_days"] > 30 and country["database_type"] == "Demo-Country"
+        ages = await _metric(gw, "gateway_geo_database_age_days{")
+        assert ages['gateway_geo_database_age_days{database="country"}'] > 30
+        stale = await _metric(gw, "gateway_geo_database_stale{")
+        assert stale == {f'gateway_geo_database_stale{{database="{k}"}}': 1.0
+                         for k in ("country", "asn", "anonymous_ip")}
+    async with running_gateway(tmp_path / "fresh", upstream.url, OPEN_POLICY) as gw:
+        status, body = await gw.admin("GET", "/readyz")
+        assert (status, body["status"], body["degraded"]) == (200, "ready", [])
+        assert (await _metric(gw, "gateway_geo_database_stale{"))[
+            'gateway_geo_database_stale{database="country"}'] == 0.0
+
+
+async def test_database_deleted_under_a_running_gateway(tmp_path: Path,
+                                                        upstream: FakeUpstream) -> None:
+    """A database file deleted while serving is noticed by the periodic check and logged once
+    (geo_database_missing); lookups keep using the copy in service; /readyz says degraded."""
+    live = await asyncio.to_thread(_copy, DEMO_COUNTRY, tmp_path / "geo" / "Country.mmdb")
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
+                               geo={"country_db": str(live)}) as gw:
+        _, key = await gw.issue_key("direct")
+        await asyncio.to_thread(live.unlink)
+        [missing] = await poll(lambda: gw.logs.events("geo_database_missing"))
+        assert (missing["database"], missing["path"]) == ("country", str(live))
+        status, _, _ = await send(gw.url, key, ip="192.0.2.1, 127.0.0.2")
+        assert status == 200 and gw.logs.requests()[-1]["country"] == "US"
+        status, body = await gw.admin("GET", "/readyz")
+        assert (status, body["status"], body["degraded"]) == (200, "degraded", ["geo"])
+        assert body["checks"]["geo"]["country"]["missing"] is True
+        assert len(gw.logs.events("geo_database_missing")) == 1

@@ -110,7 +110,9 @@ def write_config(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = N
         "geo": {"country_db": str(geo / "Demo-Country.mmdb"),
                 "asn_db": str(geo / "Demo-ASN.mmdb"),
                 "anonymous_ip_db": str(geo / "Demo-Anonymous-IP.mmdb"),
-                "reload_interval_s": 0.2},
+                # Demo and MaxMind test data carry old build dates: never stale unless a
+                # test says so.
+                "allow_demo_databases": True, "max_age_days": 36500, "reload_interval_s": 0.2},
         "store": {"url": "memory://", "sync_interval_s": 0.2},
         "policy_file": "policy.yaml",
         "shutdown_grace_s": 5,

@@ -1,0 +1,48 @@
+"""The repository stands alone: a fresh clone needs nothing beside it, and it cites only itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import maxminddb
+
+from tests.support.cli import TEST_GEO
+
+REPO = Path(__file__).resolve().parents[1]
+#: Build products and local caches, never part of a clone.
+_NOT_IN_A_CLONE = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
+                   ".hypothesis", "build", "results"}
+#: Strings that point outside the repository: documents that are not in it, a folder beside it.
+_OUTSIDE = ("DESIGN" + ".md", "STYLE" + ".md", "shared" + "/", '"shared"', "REPO" + ".parent",
+            "geoip-test" + "-data", "/" + "work/")
+
+
+def _repository_text_files() -> list[Path]:
+    out = []
+    for path in REPO.rglob("*"):
+        rel = path.relative_to(REPO)
+        if any(part in _NOT_IN_A_CLONE or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # a database or another binary file
+        if "\0" not in text:
+            out.append(path)
+    return out
+
+
+def test_maxmind_test_databases_are_inside_the_repository() -> None:
+    """The MaxMind test databases the geo tests read are repository files, with their licence."""
+    assert TEST_GEO.resolve().is_relative_to(REPO)
+    expected = {"GeoIP2-Country-Test.mmdb": "GeoIP2-Country",
+                "GeoLite2-ASN-Test.mmdb": "GeoLite2-ASN",
+                "GeoIP2-Anonymous-IP-Test.mmdb": "GeoIP2-Anonymous-IP"}
+    for name, database_type in expected.items():
+        with maxminddb.open_database(str(TEST_GEO / name)) as reader:
+            assert reader.metadata().database_type == database_type
+    for name in ("LICENSE-APACHE", "LICENSE-MIT", "README.md"):
+        assert (TEST_GEO / name).stat().st_size > 0
+

@@ -29,7 +29,7 @@ _IPV4_ALIASES: tuple[tuple[int, int], ...] = (
     (0x2002 << 112, 16),  # 2002:a.b.c.d:: (6to4)
 )
 
-# Policy anonymizer names (DESIGN.md §4) to the GeoIP2 Anonymous IP record fields.
+# Policy anonymizer names (docs/architecture.md §4) to the GeoIP2 Anonymous IP record fields.
 ANONYMIZER_FLAGS: Mapping[str, str] = {
     "vpn": "is_anonymous_vpn",
     "tor": "is_tor_exit_node",

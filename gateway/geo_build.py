@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The `geo-build` extra: without it `gateway geo build` says so and exits 2.
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,6 @@ def _pins(lock: str) -> dict[str, str]:
 def test_lock_files_pin_every_dependency_with_hashes() -> None:
     """requirements.lock pins every runtime dependency with hashes; requirements-demo.lock adds
     the demo and geo-build extras at the same versions."""
-    import tomllib
-
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
     def names(reqs: list[str]) -> set[str]:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench soak geo clean run
+.PHONY: demo test lint typecheck pytest bench soak geo clean run lock
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ geo: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/gateway run --config config/gateway.yaml
+
+# Hash-pinned runtime dependencies for the container image (pip-tools, installed in .venv only).
+# Pins already in the lock files are kept; `make lock LOCK_FLAGS=--upgrade` moves them all on.
+LOCK_FLAGS ?=
+PIP_COMPILE = $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links --build-deps-for wheel $(LOCK_FLAGS)
+
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q 'pip-tools>=7.4'
+	$(PIP_COMPILE) --output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra demo --extra geo-build --constraint requirements.lock \
+		--output-file requirements-demo.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

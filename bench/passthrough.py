@@ -1,5 +1,5 @@
-"""The baseline: a bare aiohttp pass-through proxy (own process), what DESIGN.md §9 measures the
-gateway against.
+"""The baseline: a bare aiohttp pass-through proxy (own process), what docs/architecture.md §9
+measures the gateway against.
 
 One aiohttp server and one pooled `ClientSession`: read the request, forward method, path,
 query, body and headers (hop-by-hop ones dropped), stream the answer back with `iter_any`.

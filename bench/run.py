@@ -1,4 +1,4 @@
-"""The gateway benchmark (DESIGN.md §9), measured against a bare aiohttp pass-through.
+"""The gateway benchmark (docs/architecture.md §9), measured against a bare aiohttp pass-through.
 
     python -m bench.run [--quick] [--requests N] [--concurrency C]
 
@@ -641,7 +641,8 @@ def render(r: dict[str, Any]) -> str:
         f"{p['stream_requests']:,} at concurrency {p['stream_concurrency']}, "
         f"{p['stream_events']} events {p['stream_delay_ms']:g} ms apart",
         "",
-        "Budget (DESIGN.md §9), as ratios against the bare aiohttp pass-through of this run:",
+        "Budget (docs/architecture.md §9), as ratios against the bare aiohttp pass-through of "
+        "this run:",
         f"  {'check':<54}{'measured':>12}  {'budget':<22}result",
     ]
     for c in r["checks"]:

@@ -1,5 +1,5 @@
 """Assembles the gateway: the proxy and admin listeners, the store, the snapshots kept in sync
-with it, geo reloads, SIGHUP config reloads and the SIGTERM drain (DESIGN.md §3)."""
+with it, geo reloads, SIGHUP config reloads and the SIGTERM drain (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

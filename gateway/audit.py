@@ -24,7 +24,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-#: Events printed at every `log.level`: the level filters diagnostic events only (DESIGN.md §7).
+#: Events printed at every `log.level`: the level filters diagnostic events only
+#: (docs/architecture.md §7).
 ALWAYS_PRINTED = frozenset({"request", "audit"})
 
 _METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO,

@@ -482,7 +482,10 @@ def _print_trace(out: dict[str, Any]) -> None:
 
 def cmd_geo(args: argparse.Namespace) -> int:
     if args.geo_cmd == "build":
-        from gateway.geo_build import build_all
+        try:
+            from gateway.geo_build import build_all
+        except ModuleNotFoundError as exc:
+            return _missing_extra("geo build", exc)
 
         for p in build_all(Path(args.src), Path(args.out)):
             print(f"wrote {p}")
@@ -519,9 +522,29 @@ def cmd_geo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    try:
+        from gateway.demo import run_demo
+    except ModuleNotFoundError as exc:
+        return _missing_extra("demo", exc)
 
     return run_demo()
+
+
+#: Modules of the optional extras (pyproject.toml): the commands that need them name the extra.
+_EXTRA_OF = {"anthropic": "demo", "openai": "demo", "mmdb_writer": "geo-build",
+             "netaddr": "geo-build"}
+
+
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
+    """One line naming the extra to install (exit 2), for a module of an optional extra."""
+    module = (exc.name or "").partition(".")[0]
+    extra = _EXTRA_OF.get(module)
+    if extra is None:
+        raise exc
+    print(f"error: gateway {command} needs the optional {extra!r} extra ({module} is not "
+          f"installed): pip install '.[{extra}]' in a source checkout, or build the container "
+          "image with --build-arg DEMO=1", file=sys.stderr)
+    return 2
 
 
 # --- parser -----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Client strings longer than this are cut in log lines and error messages (DESIGN.md §6).
+#: Client strings longer than this are cut in log lines and error messages
+#: (docs/architecture.md §6).
 CLIENT_STRING_MAX = 256
 
 
@@ -18,7 +19,7 @@ def clip(value: str | None, limit: int = CLIENT_STRING_MAX) -> str | None:
 
 @dataclass(slots=True)
 class RequestContext:
-    """Decision record of one request; field names follow the DESIGN.md §7 log line."""
+    """Decision record of one request; field names follow the docs/architecture.md §7 log line."""
 
     request_id: str
     peer_ip: str

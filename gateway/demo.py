@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic  # the `demo` extra: without it `gateway demo` says so and exits 2
 
 from gateway.standin import FakeUpstream
 
@@ -113,8 +114,6 @@ class Demo:
     # --- requests -----------------------------------------------------------------------
     async def ask(self, label: str, key: str, client_ip: str, *, stream: bool = False,
                   customer: tuple[str, str] | None = None, max_tokens: int = 64) -> None:
-        import anthropic
-
         headers = {"X-Forwarded-For": client_ip}
         if customer:
             headers.update({"X-Customer-Id": customer[0], "X-Customer-IP": customer[1]})

@@ -1,4 +1,4 @@
-"""GatewayError and its one rendering into the DESIGN.md §6 error body."""
+"""GatewayError and its one rendering into the docs/architecture.md §6 error body."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The `geo-build` extra: without it `gateway geo build` says so and exits 2.
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
 
@@ -29,7 +30,7 @@ _IPV4_ALIASES: tuple[tuple[int, int], ...] = (
     (0x2002 << 112, 16),  # 2002:a.b.c.d:: (6to4)
 )
 
-# Policy anonymizer names (DESIGN.md §4) to the GeoIP2 Anonymous IP record fields.
+# Policy anonymizer names (docs/architecture.md §4) to the GeoIP2 Anonymous IP record fields.
 ANONYMIZER_FLAGS: Mapping[str, str] = {
     "vpn": "is_anonymous_vpn",
     "tor": "is_tor_exit_node",

@@ -76,7 +76,7 @@ class KeyRegistry:
             self.keys[key_id] = rec
 
     def authenticate(self, presented: str | None, now: float) -> KeyRecord:
-        """The key record for a presented key, or the 401 GatewayError (DESIGN.md §6)."""
+        """The key record for a presented key, or the 401 GatewayError (docs/architecture.md §6)."""
         if not presented:
             raise auth_error("invalid_api_key", "missing API key")
         parsed = parse_key(presented)

@@ -67,7 +67,7 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
         raise KeyOpError(400, "name must be a string")
     paths = _strs(spec.get("paths"), "paths")
     try:
-        compile_path_globs(paths)  # segment-aware globs (DESIGN.md §4)
+        compile_path_globs(paths)  # segment-aware globs (docs/architecture.md §4)
     except ValueError as exc:
         raise KeyOpError(400, f"paths: {exc}") from None
     key_id, secret, full = new_key()

@@ -174,7 +174,7 @@ class Limits:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         # Admission id → (give up at (monotonic), the store call to retry): cancels of
-        # admissions given up on and settlements that failed (DESIGN.md §8).
+        # admissions given up on and settlements that failed (docs/architecture.md §8).
         self.pending: dict[str, tuple[float, AdmitRequest | Settlement]] = {}
         self._retrier: asyncio.Task[None] | None = None
         self._retry_wake = asyncio.Event()

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §7b). Label values are bounded: configured resellers, ISO
+"""Prometheus metrics (docs/architecture.md §7). Label values are bounded: configured resellers, ISO
 country codes, decision and reason codes; never key ids, customer ids or addresses.
 
 With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR before any worker starts, and

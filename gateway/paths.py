@@ -1,5 +1,5 @@
-"""Request paths as the upstream will see them (DESIGN.md §4): the request target normalised once,
-and segment-aware path globs matched against that normalised path.
+"""Request paths as the upstream will see them (docs/architecture.md §4): the request target
+normalised once, and segment-aware path globs matched against that normalised path.
 
 Both are pure: `normalize_target` and `compile_path_globs` raise ValueError (with a reason that
 never repeats client input) and nothing else.

@@ -1,5 +1,5 @@
-"""Policy: the DESIGN.md §4 document, validated, compiled once per version into plain lookups,
-and the one decision function used by the request path and by explain."""
+"""Policy: the docs/architecture.md §4 document, validated, compiled once per version into plain
+lookups, and the one decision function used by the request path and by explain."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ class Match(_M):
     @field_validator("path")
     @classmethod
     def _path_globs(cls, v: list[str] | None) -> list[str] | None:
-        compile_path_globs(v)  # segment-aware globs (DESIGN.md §4): a bad one is a config error
+        # segment-aware globs (docs/architecture.md §4): a bad one is a config error
+        compile_path_globs(v)
         return v
 
 
@@ -99,7 +100,7 @@ class DefaultLimits(_M):
     key: LimitSet = Field(default_factory=LimitSet)
     reseller: LimitSet = Field(default_factory=LimitSet)
     customer: LimitSet = Field(default_factory=LimitSet)
-    #: output reserved for a request that sends no `max_tokens` (DESIGN.md §8)
+    #: output reserved for a request that sends no `max_tokens` (docs/architecture.md §8)
     default_max_output_tokens: int = Field(default=4096, gt=0)
 
 

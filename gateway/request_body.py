@@ -1,8 +1,8 @@
 """The request body stage: read it within the size, memory and time bounds, inflate it, and
 parse it as JSON strictly enough that what the gateway judges is what the upstream reads.
 
-Called only after the key is authenticated (DESIGN.md §6): an unauthenticated client never
-makes the gateway buffer or parse a body."""
+Called only after the key is authenticated (docs/architecture.md §6): an unauthenticated client
+never makes the gateway buffer or parse a body."""
 
 from __future__ import annotations
 

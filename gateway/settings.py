@@ -1,4 +1,4 @@
-"""Gateway configuration: the typed schema of DESIGN.md §3 and its one loader.
+"""Gateway configuration: the typed schema of docs/architecture.md §3 and its one loader.
 
 `gateway run` and `gateway check-config` both call `load_settings`; an invalid file raises
 `ConfigError` naming the file, the offending field and the reason.
@@ -246,7 +246,7 @@ class ClientIPSettings(_Model):
 
 
 class GeoSettings(_Model):
-    """The MaxMind databases (DESIGN.md §3). Only `country_db` is required; a database not
+    """The MaxMind databases (docs/architecture.md §3). Only `country_db` is required; a database not
     named is not used (no bundled fallback), and the bundled `Demo-*` databases are refused
     unless `allow_demo_databases` says this is the demo."""
 
@@ -270,7 +270,7 @@ class LogSettings(_Model):
 
 
 class ServerSettings(_Model):
-    """Bounds on what a client may hold of the proxy listener (DESIGN.md §3, STYLE.md 16)."""
+    """Bounds on what a client may hold of the proxy listener (docs/architecture.md §3)."""
 
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=60.0, gt=0)

@@ -1,6 +1,7 @@
 """Token usage read from upstream answers: request estimates and pure parsers for JSON and SSE.
 
-Input tokens count `input_tokens` plus cache writes; cache reads are excluded (DESIGN.md §8).
+Input tokens count `input_tokens` plus cache writes; cache reads are excluded
+(docs/architecture.md §8).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class RequestFacts:
     max_output_tokens: int
     input_estimate: int
     #: the gateway asks the upstream for the usage chunk the client did not ask for, and so
-    #: drops it from the client's stream (DESIGN.md §8)
+    #: drops it from the client's stream (docs/architecture.md §8)
     add_include_usage: bool = False
 
 
@@ -88,7 +89,7 @@ def with_include_usage(body: dict[str, Any]) -> bytes:
 
 def charged_tokens(input_reserved: int, output_reserved: int, usage: Usage | None,
                    refund: bool, metered: bool) -> tuple[int, int]:
-    """What a finished request is charged, input and output (DESIGN.md §8).
+    """What a finished request is charged, input and output (docs/architecture.md §8).
 
     `refund`: the upstream failed before answering or answered an error status: the token
     reservations are returned. `metered`: the answer ended normally and its usage (if any) was

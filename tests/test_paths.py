@@ -1,4 +1,4 @@
-"""Tests for gateway.paths: request targets normalised once (DESIGN.md §4), ambiguity refused."""
+"""Tests for gateway.paths: targets normalised once (docs/architecture.md §4), ambiguity refused."""
 
 from __future__ import annotations
 

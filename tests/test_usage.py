@@ -352,7 +352,7 @@ def test_openai_usage_chunk_and_responses_completed_are_final() -> None:
 def test_charged_tokens(usage: Usage | None, refund: bool, metered: bool,
                         expected: tuple[int, int]) -> None:
     """Refund on upstream failure; reported usage on a normal end; otherwise the whole output
-    reservation, never less than what was delivered (DESIGN.md §8)."""
+    reservation, never less than what was delivered (docs/architecture.md §8)."""
     assert charged_tokens(100, 500, usage, refund=refund, metered=metered) == expected
 
 

@@ -193,7 +193,7 @@ class Store(abc.ABC):
     ) -> None:
         """Extend the expiry of live leases (long streams)."""
 
-    # audit stream (DESIGN.md §7) ----------------------------------------------------------
+    # audit stream (docs/architecture.md §7) -----------------------------------------------
     #: About how many events the audit stream keeps; older ones are trimmed (tests lower it).
     audit_maxlen: int = AUDIT_MAXLEN
 

@@ -139,7 +139,7 @@ class RedisStore(Store):
         self._cancel: Any = self.client.register_script(_lua("cancel.lua"))
         self._fast: PipelinedConnection | None = None
         if url.startswith(("redis://", "rediss://", "unix://")):
-            # The per-request scripts go over one pipelined connection (DESIGN.md §9).
+            # The per-request scripts go over one pipelined connection (docs/architecture.md §9).
             self._fast = PipelinedConnection(url, timeout_s)
             self._admit = _FastAdapter(FastScript(self._fast, _lua("admit.lua")))
             self._settle = _FastAdapter(FastScript(self._fast, _lua("settle.lua")))

@@ -26,7 +26,8 @@ from tests.support.gateway import (
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
-#: How fast a change made on one instance must be enforced by every instance (DESIGN.md §2).
+#: How fast a change made on one instance must be enforced by every instance
+#: (docs/architecture.md §2).
 FLEET_S = 1.0
 
 

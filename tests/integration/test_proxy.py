@@ -702,7 +702,7 @@ async def test_proxy_port_does_not_serve_admin_paths(
 async def test_log_line_has_every_field_and_no_secret(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    """Each request writes one line with exactly the DESIGN §7 fields; no secret is ever logged."""
+    """Each request writes one line with exactly the request-line fields; no secret is logged."""
     async with running_gateway(tmp_path, upstream.url) as gw:
         _, key = await gw.issue_key()
         _, acme_key = await gw.issue_key("acme")

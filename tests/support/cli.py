@@ -18,8 +18,8 @@ from multidict import CIMultiDictProxy
 from tests.support.gateway import ADMIN_TOKEN, REPO, UPSTREAM_KEY
 from tests.support.transcript import TRANSCRIPT
 
-#: MaxMind's own test databases, shared next to the repository (see their README).
-TEST_GEO = REPO.parent / "shared" / "geoip-test-data"
+#: MaxMind's own test databases, with their licence (see their README).
+TEST_GEO = REPO / "tests" / "data" / "geoip"
 CLI_TIMEOUT_S = 60.0
 
 

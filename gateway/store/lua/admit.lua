@@ -1,4 +1,4 @@
--- Admission: check and consume every limit of one request, all-or-nothing (DESIGN.md §8).
+-- Admission: check and consume every limit of one request, all-or-nothing (docs/architecture.md §8).
 -- KEYS: 4 per subject, in order: rpm bucket, itpm bucket, otpm bucket, concurrency zset,
 --       then the admission marker (all of one request share the reseller's hash tag, so
 --       this runs on one shard).

@@ -246,9 +246,9 @@ class ClientIPSettings(_Model):
 
 
 class GeoSettings(_Model):
-    """The MaxMind databases (docs/architecture.md §3). Only `country_db` is required; a database not
-    named is not used (no bundled fallback), and the bundled `Demo-*` databases are refused
-    unless `allow_demo_databases` says this is the demo."""
+    """The MaxMind databases (docs/architecture.md §3). Only `country_db` is required; a
+    database not named is not used (no bundled fallback), and the bundled `Demo-*` databases
+    are refused unless `allow_demo_databases` says this is the demo."""
 
     country_db: str
     asn_db: str | None = None

@@ -84,7 +84,7 @@ async def test_embedded_store_commands_need_the_admin_token(tmp_path: Path,
     which variable to set and exits 2; with it (and no upstream secret) it works."""
     cfg = tmp_path / "gateway.yaml"
     async with running_gateway(tmp_path, upstream.url,
-                               admin_listen=f"127.0.0.1:{free_port()}"):
+                               admin_listen=f"127.0.0.1:{free_port()}") as gw:
         refused = await _cli("keys", "list", config=cfg,
                              env=_env_without("GATEWAY_ADMIN_TOKEN", "UPSTREAM_API_KEY"))
         assert refused.returncode == 2
@@ -94,6 +94,17 @@ async def test_embedded_store_commands_need_the_admin_token(tmp_path: Path,
                         env=_env_without("UPSTREAM_API_KEY"))
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout) == []
+        # keys update through the admin API: applied at once; a refused value exits 2.
+        key_id, key = await gw.issue_key("direct")
+        updated, refused_glob = await asyncio.gather(
+            _cli("keys", "update", key_id, "--paths", "/v1/complete", "--json", config=cfg,
+                 env=_env_without("UPSTREAM_API_KEY")),
+            _cli("keys", "update", key_id, "--models", "x[", config=cfg,
+                 env=_env_without("UPSTREAM_API_KEY")))
+        assert updated.returncode == 0, updated.stderr
+        assert json.loads(updated.stdout)["paths"] == ["/v1/complete"]
+        assert await _status(gw, key) == (403, "path_not_allowed")
+        assert refused_glob.returncode == 2 and "unbalanced '['" in refused_glob.stderr
 
 
 async def test_keys_issue_refuses_unknown_reseller_past_expiry_and_bad_globs(

@@ -9,7 +9,6 @@ import copy
 import json
 import re
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +17,14 @@ from typing import Any
 import yaml
 
 from gateway import __version__
-from tests.support.cli import cli_env, code_of, run_cli, send
-from tests.support.gateway import DEFAULT_POLICY, RunningGateway, poll, running_gateway
+from tests.support.cli import GatewayProcess, cli_env, code_of, run_cli, send
+from tests.support.gateway import (
+    DEFAULT_POLICY,
+    RunningGateway,
+    poll,
+    running_gateway,
+    write_config,
+)
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
@@ -381,10 +386,11 @@ async def test_no_server_version_on_the_public_port(tmp_path: Path,
         assert "aiohttp" not in value.lower() and "python" not in value.lower(), value
 
 
-async def test_every_log_line_names_its_worker(tmp_path: Path, upstream: FakeUpstream) -> None:
+async def test_every_log_line_names_its_worker(tmp_path: Path, upstream: FakeUpstream,
+                                               redis_server: RedisServer) -> None:
     """Without --workers every log line (request, audit, diagnostics) carries `worker: null`;
-    in a worker process it carries the GATEWAY_WORKER_ID."""
-    async with running_gateway(tmp_path, upstream.url) as gw:
+    under `gateway run --workers 2` each worker's lines carry its number (0 or 1)."""
+    async with running_gateway(tmp_path / "one", upstream.url) as gw:
         _, key = await gw.issue_key("direct")
         assert await _status(gw, key) == (200, None)
         lines = list(gw.logs.lines)
@@ -392,14 +398,21 @@ async def test_every_log_line_names_its_worker(tmp_path: Path, upstream: FakeUps
     assert all("worker" in x and x["worker"] is None for x in lines), [
         x for x in lines if x.get("worker", 0) is not None]
 
-    env = dict(cli_env(), GATEWAY_WORKER_ID="3")
-    code = ("import sys; from gateway.audit import configure_logging, logger, log_request;"
-            "from gateway.context import RequestContext;"
-            "configure_logging('info', 'json'); logger().info('probe');"
-            "log_request(RequestContext('r1', '192.0.2.1', 'GET', '/', 0.0));"
-            "sys.stdout.flush()")
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], env=env,
-                                   capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    got = [json.loads(x) for x in done.stdout.splitlines()]
-    assert [(x["event"], x["worker"]) for x in got] == [("probe", 3), ("request", 3)]
+    port = free_port()
+    (tmp_path / "two").mkdir()
+    config = write_config(tmp_path / "two", upstream.url, listen=f"127.0.0.1:{port}",
+                          admin_listen=f"127.0.0.1:{free_port()}", store=_store(redis_server))
+    with GatewayProcess(config, "--workers", "2") as proc:
+        started = await poll(lambda: proc.events("gateway_started")
+                             if len(proc.events("gateway_started")) == 2 else None, timeout=60)
+        assert sorted(x["worker"] for x in started) == [0, 1]
+        issued = await _cli("keys", "issue", "--reseller", "direct", "--json", config=config)
+        key = json.loads(issued.stdout)["key"]
+
+        async def served() -> bool:
+            return (await send(f"http://127.0.0.1:{port}", key))[0] == 200
+
+        await poll(served, timeout=30)
+        requests = await poll(lambda: proc.events("request"), timeout=10)
+        assert all(x["worker"] in (0, 1) for x in requests)
+    assert all("worker" in x for x in proc.lines)

@@ -12,7 +12,18 @@ from gateway import metrics
 from gateway.audit import parse_limit, parse_since, record_policy_applied
 from gateway.errors import StoreError
 from gateway.explain import explain
-from gateway.keys import KeyOpError, issue_key, list_keys, revoke_key, rotate_key, show_key
+from gateway.keys import (
+    KeyOpError,
+    iso_time,
+    issue_key,
+    list_keys,
+    revoke_key,
+    rotate_key,
+    show,
+    show_key,
+    update_key,
+    with_iso_times,
+)
 from gateway.policy import canonical, require_databases, validate_policy
 from gateway.settings import ConfigError, load_yaml
 
@@ -20,6 +31,19 @@ if TYPE_CHECKING:
     from gateway.app import GatewayService
 
 SERVICE: web.AppKey[Any] = web.AppKey("service", object)
+
+#: The `Server` header of every response of this process's listeners: no name or version of
+#: the software underneath (aiohttp would send `Python/3.x aiohttp/3.y`).
+SERVER_HEADER = "gateway"
+
+
+def hide_server_version() -> None:
+    """Make aiohttp send `Server: gateway` on every response it writes, routed ones and its
+    own 400s for malformed requests alike (these never reach an on_response_prepare hook, so
+    the default aiohttp's web responses fill in is replaced where it is kept)."""
+    from aiohttp import web_response
+
+    setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010 - not re-exported
 
 
 def _err(status: int, message: str) -> web.Response:
@@ -88,8 +112,15 @@ async def keys_list(request: web.Request) -> web.Response:
 async def keys_issue(request: web.Request) -> web.Response:
     svc: GatewayService = request.app[SERVICE]
     rec, full = await issue_key(svc.store, await _body(request), _actor(request))
-    return web.json_response({"key_id": rec.key_id, "key": full, "record": rec.public()},
+    return web.json_response({"key_id": rec.key_id, "key": full, "record": show(rec)},
                              status=201)
+
+
+async def keys_update(request: web.Request) -> web.Response:
+    """PATCH body: the fields to change (as for issue, null clears one); the key as shown."""
+    store = request.app[SERVICE].store
+    return web.json_response(await update_key(store, request.match_info["key_id"],
+                                              await _body(request), _actor(request)))
 
 
 async def keys_show(request: web.Request) -> web.Response:
@@ -111,7 +142,7 @@ async def keys_rotate(request: web.Request) -> web.Response:
         raise KeyOpError(400, "overlap_s must be a number of seconds")
     rec, full = await rotate_key(store, request.match_info["key_id"], _actor(request),
                                  float(overlap))
-    return web.json_response({"key_id": rec.key_id, "key": full, "record": rec.public()})
+    return web.json_response({"key_id": rec.key_id, "key": full, "record": show(rec)})
 
 
 async def policy_show(request: web.Request) -> web.Response:
@@ -119,6 +150,7 @@ async def policy_show(request: web.Request) -> web.Response:
     if stored is None:
         return _err(404, "no policy stored")
     return web.json_response({"version": stored.version, "applied_at": stored.applied_at,
+                              "applied_at_iso": iso_time(stored.applied_at),
                               "actor": stored.actor, "policy": json.loads(stored.doc)})
 
 
@@ -159,7 +191,7 @@ async def audit_view(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _err(400, str(exc))
     events = await request.app[SERVICE].store.list_audit(since, limit)
-    return web.json_response({"events": events})
+    return web.json_response({"events": [with_iso_times(e, ("time",)) for e in events]})
 
 
 async def explain_view(request: web.Request) -> web.Response:
@@ -168,7 +200,7 @@ async def explain_view(request: web.Request) -> web.Response:
     if "ip" not in q:
         return _err(400, "ip is required")
     out = explain(svc.pipeline, svc.registry, q["ip"], key=request.headers.get("x-explain-key")
-                  or q.get("key"), reseller=q.get("reseller"),
+                  or q.get("key"), key_id=q.get("key_id"), reseller=q.get("reseller"),
                   customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
                   model=q.get("model"), path=q.get("path", "/v1/messages"))
     return web.json_response(out)
@@ -189,6 +221,7 @@ def build_admin_app(service: GatewayService) -> web.Application:
     r.add_get("/admin/keys", keys_list)
     r.add_post("/admin/keys", keys_issue)
     r.add_get("/admin/keys/{key_id}", keys_show)
+    r.add_patch("/admin/keys/{key_id}", keys_update)
     r.add_post("/admin/keys/{key_id}/revoke", keys_revoke)
     r.add_post("/admin/keys/{key_id}/rotate", keys_rotate)
     r.add_get("/admin/policy", policy_show)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import metrics
-from gateway.admin import build_admin_app
+from gateway.admin import build_admin_app, hide_server_version
 from gateway.audit import configure_logging, logger, record_audit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
@@ -111,6 +111,7 @@ class GatewayService:
             asyncio.create_task(self._metrics_loop(), name="metrics-flush"),
         ]
         self._publish_gauges()
+        hide_server_version()
         proxy = web.Application(client_max_size=s.upstream.max_body_bytes + 1)
         proxy.router.add_route("*", "/{tail:.*}", self._handle)
         admin = build_admin_app(self)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -54,19 +55,43 @@ def _level_filter(min_level: int) -> Any:
     return drop_below
 
 
+#: The env var naming a worker process of `gateway run --workers N` (gateway.workers sets it).
+WORKER_ENV = "GATEWAY_WORKER_ID"
+
+
+def worker_id() -> int | None:
+    """This process's worker number; None when it is not one of `--workers N`."""
+    value = os.environ.get(WORKER_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def _worker_field(worker: int | None) -> Any:
+    """A processor naming the worker on every line (a line about another worker, such as the
+    supervisor's `worker_started`, keeps the worker it names)."""
+
+    def add_worker(_logger: Any, _method: str, event: Any) -> Any:
+        event.setdefault("worker", worker)
+        return event
+
+    return add_worker
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog for the process (JSON lines on stdout, or console for local work).
 
-    `level` filters diagnostic events only: request and audit lines print at every level."""
+    `level` filters diagnostic events only: request and audit lines print at every level.
+    Every line carries `worker` (GATEWAY_WORKER_ID in a worker process, else null)."""
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
     global _writer
-    _writer = _RequestWriter(_stream, fmt)
+    worker = worker_id()
+    _writer = _RequestWriter(_stream, fmt, worker)
     min_level = _LEVELS[level]
     processors: list[Any] = [
+        _worker_field(worker),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         renderer,
@@ -91,10 +116,11 @@ class _RequestWriter:
     """The `request` line on the hot path: the same JSON structlog renders, written directly
     (structlog's processor chain costs about 5 times more per line)."""
 
-    __slots__ = ("_flush_pending", "_prefix", "_sec", "fast", "stream")
+    __slots__ = ("_flush_pending", "_prefix", "_sec", "fast", "stream", "worker")
 
-    def __init__(self, stream: TextIO | None, fmt: str) -> None:
+    def __init__(self, stream: TextIO | None, fmt: str, worker: int | None = None) -> None:
         self.stream = stream
+        self.worker = worker
         self.fast = fmt == "json"
         self._sec = -1
         self._prefix = ""
@@ -110,6 +136,7 @@ class _RequestWriter:
 
     def write(self, ctx: RequestContext) -> None:
         fields = ctx.log_fields()
+        fields["worker"] = self.worker
         if not self.fast:
             logger().info("request", **fields)
             return
@@ -134,7 +161,7 @@ class _RequestWriter:
             pass  # stdout closed: nothing to do for a log line
 
 
-_writer = _RequestWriter(None, "json")
+_writer = _RequestWriter(None, "json", worker_id())
 
 
 def log_request(ctx: RequestContext) -> None:

@@ -1,4 +1,8 @@
-"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, demo."""
+"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, demo.
+
+Exit codes: 0 success; 1 failure (store or gateway unreachable, unknown key, a request explain
+would refuse) or a difference found (policy apply --dry-run); 2 usage or config error
+(a bad option, an invalid config file or field value, a missing secret the command needs)."""
 
 from __future__ import annotations
 
@@ -12,18 +16,46 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import yaml
 
+from gateway import __version__
 from gateway.settings import ConfigError, LoadedConfig, StartupError, load_settings, redact_url
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml")
+EXIT_FAILURE = 1  # a failure, or a difference found
+EXIT_USAGE = 2  # usage or config error
+
+
+class CliError(Exception):
+    """A command that cannot complete: printed as one `error:` line, exit `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    raise CliError(message, code)
 
 
 def _load(args: argparse.Namespace) -> LoadedConfig:
+    """The config as `run` needs it: both secrets must be set."""
     return load_settings(args.config, args.set)
+
+
+def _load_admin(args: argparse.Namespace) -> LoadedConfig:
+    """The config for an administrative command: no secret is required up front (only `run`
+    needs the upstream credential); the admin API client asks for the admin token itself."""
+    return load_settings(args.config, args.set, require_secrets=False)
+
+
+def _iso(ts: Any) -> str:
+    from gateway.keys import iso_time
+
+    return (iso_time(ts) or "-") if isinstance(ts, int | float) else "-"
 
 
 def _print(obj: Any) -> None:
@@ -110,6 +142,12 @@ class Remote:
     """The admin API of a running gateway (for the embedded store)."""
 
     def __init__(self, config: LoadedConfig) -> None:
+        if not config.secrets.admin_token:
+            var = config.settings.admin_token_env
+            raise ConfigError(config.path, "admin_token_env",
+                              f"environment variable {var} is not set: with the embedded store "
+                              "this command talks to the running gateway's admin API, which "
+                              "needs the admin token")
         host, _, port = config.settings.admin_listen.rpartition(":")
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
         host = f"[{host}]" if ":" in host else host
@@ -125,12 +163,12 @@ class Remote:
                     doc = await r.json(content_type=None)
                     if r.status >= 400:
                         err = doc.get("error", {}) if isinstance(doc, dict) else {}
-                        raise SystemExit(f"error: {err.get('message', doc)}")
+                        _fail(str(err.get("message", doc)),
+                              EXIT_USAGE if r.status == 400 else EXIT_FAILURE)
                     return doc
             except aiohttp.ClientConnectorError:
-                raise SystemExit(
-                    f"error: cannot reach the gateway's admin API at {self.base} (the embedded "
-                    "store lives in the running gateway: start it with `gateway run`)") from None
+                _fail(f"cannot reach the gateway's admin API at {self.base} (the embedded "
+                      "store lives in the running gateway: start it with `gateway run`)")
 
 
 def _with_store(config: LoadedConfig, fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -144,7 +182,7 @@ def _with_store(config: LoadedConfig, fn: Callable[[Any], Awaitable[Any]]) -> An
             await store.start()
             return await fn(store)
         except StoreError as exc:
-            raise SystemExit(f"error: {exc}") from None
+            _fail(str(exc))
         finally:
             await store.close()
 
@@ -174,6 +212,7 @@ def _actor() -> str:
 # --- keys -------------------------------------------------------------------------------------
 
 def _expires(value: str | None) -> float | None:
+    """30d / 12h / 90m / 45s from now, or an ISO 8601 time (UTC when it names no zone)."""
     if value is None:
         return None
     v = value.strip()
@@ -183,17 +222,52 @@ def _expires(value: str | None) -> float | None:
     try:
         dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError:
-        raise SystemExit(f"error: --expires {value!r}: use 30d, 12h or an ISO 8601 time") from None
+        _fail(f"--expires {value!r}: use 30d, 12h or an ISO 8601 time", EXIT_USAGE)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def _limit_arg(value: str) -> int | None:
+    """A limit option of `keys update`: a non-negative integer, or `default` (the key's own
+    value is removed: the policy's default applies)."""
+    if value.strip().lower() == "default":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a non-negative integer or 'default'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("a non-negative integer or 'default'")
+    return n
+
+
+def _print_key(r: dict[str, Any]) -> None:
+    """One key for people: scopes, limits and times (ISO 8601, UTC)."""
+    limits = r.get("limits") or {}
+    rows = [
+        ("key_id", r["key_id"]), ("reseller", r["reseller"]), ("status", r["status"]),
+        ("name", r.get("name") or "-"),
+        ("models", ", ".join(r.get("models") or []) or "any"),
+        ("paths", ", ".join(r.get("paths") or []) or "any"),
+        ("countries", ", ".join(r.get("countries") or []) or "any (the reseller's)"),
+        ("limits", " ".join(f"{k}={limits[k]}" for k in sorted(limits)) or
+         "the policy's defaults"),
+        ("expires", _iso(r.get("expires_at")) if r.get("expires_at") else "never"),
+        ("created", _iso(r.get("created_at"))), ("updated", _iso(r.get("updated_at"))),
+        ("last used", _iso(r.get("last_used_at"))),
+    ]
+    if r.get("prev_valid_until"):
+        rows.append(("old secret valid until", _iso(r["prev_valid_until"])))
+    for label, value in rows:
+        print(f"{label + ':':<12} {value}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from gateway import keys as ops
     from gateway.keys import KeyOpError
 
-    config = _load(args)
+    config = _load_admin(args)
     actor = _actor()
     remote = Remote(config) if _embedded(config) else None
     _cli_logging()
@@ -207,7 +281,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             try:
                 return await direct(store)
             except KeyOpError as exc:
-                raise SystemExit(f"error: {exc}") from None
+                _fail(str(exc), EXIT_USAGE if exc.status == 400 else EXIT_FAILURE)
 
         return _with_store(config, wrapped)
 
@@ -223,14 +297,38 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         async def issue(store: Any) -> Any:
             rec, full = await ops.issue_key(store, spec, actor)
-            return {"key_id": rec.key_id, "key": full, "record": rec.public()}
+            return {"key_id": rec.key_id, "key": full, "record": ops.show(rec)}
 
         out = run(issue, "POST", "/admin/keys", spec)
         if args.json:
             _print({"key_id": out["key_id"], "key": out["key"]})
         else:
-            print(f"key_id: {out['key_id']}\nreseller: {args.reseller}\nkey: {out['key']}\n"
+            expires = out["record"].get("expires_at")
+            print(f"key_id: {out['key_id']}\nreseller: {args.reseller}\n"
+                  f"expires: {_iso(expires) if expires else 'never'}\nkey: {out['key']}\n"
                   "(the key is shown this once; only its hash is stored)")
+        return 0
+    if args.keys_cmd == "update":
+        changes: dict[str, Any] = {}
+        for f in ("name", "models", "paths", "countries"):
+            v = getattr(args, f)
+            if v is not None:
+                changes[f] = v
+        for f in ("rpm", "itpm", "otpm", "concurrency"):
+            if getattr(args, f) is not _UNSET:
+                changes[f] = getattr(args, f)
+        if args.expires is not None:
+            changes["expires_at"] = (None if args.expires.strip().lower() in ("never", "none")
+                                     else _expires(args.expires))
+        if not changes:
+            _fail("nothing to update: give at least one of --name --models --paths "
+                  "--countries --rpm --itpm --otpm --concurrency --expires", EXIT_USAGE)
+        rec = run(lambda st: ops.update_key(st, args.key_id, changes, actor), "PATCH",
+                  f"/admin/keys/{args.key_id}", changes)
+        if args.json:
+            _print(rec)
+        else:
+            _print_key(rec)
         return 0
     if args.keys_cmd == "list":
         path = "/admin/keys" + (f"?reseller={args.reseller}" if args.reseller else "")
@@ -239,15 +337,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             _print(rows)
         else:
-            print(f"{'KEY_ID':<18}{'RESELLER':<14}{'STATUS':<9}{'NAME':<16}EXPIRES")
+            print(f"{'KEY_ID':<18}{'RESELLER':<14}{'STATUS':<9}{'NAME':<16}{'LAST_USED':<22}"
+                  "EXPIRES")
             for r in rows:
-                exp_s = (datetime.fromtimestamp(r["expires_at"], UTC).isoformat(timespec="seconds")
-                       if r.get("expires_at") else "-")
+                exp_s = _iso(r["expires_at"]) if r.get("expires_at") else "-"
                 print(f"{r['key_id']:<18}{r['reseller']:<14}{r['status']:<9}"
-                      f"{(r.get('name') or '-'):<16}{exp_s}")
+                      f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}{exp_s}")
         return 0
     if args.keys_cmd == "show":
-        _print(run(lambda st: ops.show_key(st, args.key_id), "GET", f"/admin/keys/{args.key_id}"))
+        rec = run(lambda st: ops.show_key(st, args.key_id), "GET", f"/admin/keys/{args.key_id}")
+        if args.json:
+            _print(rec)
+        else:
+            _print_key(rec)
         return 0
     if args.keys_cmd == "revoke":
         out = run(lambda st: ops.revoke_key(st, args.key_id, actor), "POST",
@@ -257,17 +359,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_cmd == "rotate":
         async def rotate(store: Any) -> Any:
             rec, full = await ops.rotate_key(store, args.key_id, actor, args.overlap)
-            return {"key_id": rec.key_id, "key": full}
+            return {"key_id": rec.key_id, "key": full, "record": ops.show(rec)}
 
         out = run(rotate, "POST", f"/admin/keys/{args.key_id}/rotate",
                   {"overlap_s": args.overlap})
         if args.json:
             _print({"key_id": out["key_id"], "key": out["key"]})
         else:
+            until = out["record"].get("prev_valid_until")
             print(f"key_id: {out['key_id']}\nkey: {out['key']}\n(the old secret keeps working "
-                  f"for {args.overlap:g} s)")
+                  f"for {args.overlap:g} s" + (f", until {_iso(until)})" if until else ")"))
         return 0
-    raise SystemExit("error: unknown keys command")
+    _fail("unknown keys command", EXIT_USAGE)
+
+
+_UNSET: Any = object()
 
 
 # --- policy -----------------------------------------------------------------------------------
@@ -281,12 +387,16 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
     if args.policy_cmd == "validate":  # a file check: needs no config, secrets or store
         load_policy_file(args.file)
-        print(f"{args.file}: ok")
+        if args.json:
+            _print({"file": args.file, "valid": True})
+        else:
+            print(f"{args.file}: ok")
         return 0
-    config = _load(args)
+    config = _load_admin(args)
     remote = Remote(config) if _embedded(config) else None
 
-    def live() -> tuple[int, Any] | None:
+    def live() -> dict[str, Any] | None:
+        """The live policy: version, applied_at, actor and the document; None if none."""
         if remote is not None:
             async def get() -> Any:
                 async with aiohttp.ClientSession(headers=remote.headers) as s:
@@ -294,30 +404,35 @@ def cmd_policy(args: argparse.Namespace) -> int:
                         if r.status == 404:
                             return None
                         if r.status >= 400:
-                            raise SystemExit(f"error: admin API answered {r.status}")
+                            _fail(f"admin API answered {r.status}")
                         return await r.json()
             try:
-                doc = asyncio.run(get())
+                doc: dict[str, Any] | None = asyncio.run(get())
             except aiohttp.ClientConnectorError:
-                raise SystemExit(f"error: cannot reach the gateway's admin API at "
-                                 f"{remote.base}") from None
-            return None if doc is None else (doc["version"], doc["policy"])
+                _fail(f"cannot reach the gateway's admin API at {remote.base}")
+            return doc
 
         async def get_direct(store: Any) -> Any:
             stored = await store.get_policy()
-            return None if stored is None else (stored.version, json.loads(stored.doc))
+            return None if stored is None else {
+                "version": stored.version, "applied_at": stored.applied_at,
+                "actor": stored.actor, "policy": json.loads(stored.doc)}
 
-        result: tuple[int, Any] | None = _with_store(config, get_direct)
+        result: dict[str, Any] | None = _with_store(config, get_direct)
         return result
 
     if args.policy_cmd == "show":
         cur = live()
         if cur is None:
-            raise SystemExit("error: no policy stored yet")
+            _fail("no policy stored yet")
         if args.json:
-            _print({"version": cur[0], "policy": cur[1]})
+            _print({"version": cur["version"], "applied_at": cur.get("applied_at"),
+                    "applied_at_iso": _iso(cur.get("applied_at")), "actor": cur.get("actor"),
+                    "policy": cur["policy"]})
         else:
-            print(f"# live policy version {cur[0]}\n" + _yaml(cur[1]), end="")
+            print(f"# live policy version {cur['version']}\n"
+                  f"# applied {_iso(cur.get('applied_at'))} by {cur.get('actor') or '-'}\n"
+                  + _yaml(cur["policy"]), end="")
         return 0
     # apply
     from gateway.policy import require_databases
@@ -326,16 +441,23 @@ def cmd_policy(args: argparse.Namespace) -> int:
     require_databases(doc, config.settings.geo, args.file)
     new = json.loads(canonical(doc))
     cur = live()
-    old_text = _yaml(cur[1]) if cur else ""
+    old_text = _yaml(cur["policy"]) if cur else ""
     diff = list(difflib.unified_diff(old_text.splitlines(), _yaml(new).splitlines(),
-                                     f"live (v{cur[0]})" if cur else "live (none)",
+                                     f"live (v{cur['version']})" if cur else "live (none)",
                                      args.file, lineterm=""))
-    print("\n".join(diff) if diff else "no changes against the live policy")
+    report: dict[str, Any] = {"file": args.file, "live_version": cur["version"] if cur else None,
+                              "changed": bool(diff), "diff": "\n".join(diff), "applied": False,
+                              "version": cur["version"] if cur else None}
+    if not args.json:
+        print("\n".join(diff) if diff else "no changes against the live policy")
     if args.dry_run or not diff:
-        if args.dry_run:
+        if args.json:
+            _print(report)
+        elif args.dry_run:
             print("(dry run: nothing applied)")
-        return 0
-    expected = cur[0] if cur else 0
+        # A dry run that finds a difference exits 1 (as `diff` does): CI can gate on it.
+        return EXIT_FAILURE if args.dry_run and diff else 0
+    expected = cur["version"] if cur else 0
     if remote is not None:
         out = asyncio.run(remote.call("PUT", f"/admin/policy?expected_version={expected}",
                                       text=canonical(doc)))
@@ -350,13 +472,16 @@ def cmd_policy(args: argparse.Namespace) -> int:
             try:
                 v: int = await store.put_policy(canonical(doc), _actor(), expected)
             except ValueError as exc:
-                raise SystemExit(f"error: {exc}; re-run to diff against it") from None
+                _fail(f"{exc}; re-run to diff against it")
             await record_policy_applied(store, _actor(), v, before.doc if before else None,
                                         canonical(doc))
             return v
 
         version = _with_store(config, put)
-    print(f"applied policy version {version}")
+    if args.json:
+        _print({**report, "applied": True, "version": version})
+    else:
+        print(f"applied policy version {version}")
     return 0
 
 
@@ -367,12 +492,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from gateway.audit import parse_limit, parse_since
 
-    config = _load(args)
+    config = _load_admin(args)
     try:
         since = parse_since(args.since) if args.since else None
         limit = parse_limit(str(args.limit))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        _fail(str(exc), EXIT_USAGE)
     if _embedded(config):  # the embedded store's stream lives in the running gateway
         q = urlencode({"limit": limit, **({"since": repr(since)} if since is not None else {})})
         events = asyncio.run(Remote(config).call("GET", f"/admin/audit?{q}"))["events"]
@@ -383,13 +508,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         configure_logging("error", "json")
         events = _with_store(config, lambda store: store.list_audit(since, limit))
     if args.json:
+        from gateway.keys import with_iso_times
+
+        events = [with_iso_times(e, ("time",)) for e in events]
         _print({"events": events})
         return 0
     print(f"{'TIME':<22}{'ACTOR':<26}{'ACTION':<25}{'TARGET':<18}DETAILS")
     for e in events:
         when = datetime.fromtimestamp(e["time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         extra = " ".join(f"{k}={v}" for k, v in e.items()
-                         if k not in ("time", "actor", "action", "target"))
+                         if k not in ("time", "time_iso", "actor", "action", "target"))
         print(f"{when:<22}{e['actor']:<26}{e['action']:<25}{e['target']:<18}{extra}".rstrip())
     return 0
 
@@ -397,10 +525,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # --- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    config = _load(args)
-    key = args.key or os.environ.get("GATEWAY_EXPLAIN_KEY")
+    config = _load_admin(args)
+    key = args.key or (None if args.key_id or args.reseller
+                       else os.environ.get("GATEWAY_EXPLAIN_KEY"))
+    if not (key or args.key_id or args.reseller):
+        _fail("give --key-id, --reseller or --key (or set GATEWAY_EXPLAIN_KEY)", EXIT_USAGE)
     params = {"ip": args.ip, "reseller": args.reseller, "customer_ip": args.customer_ip,
-              "customer_id": args.customer_id, "model": args.model, "path": args.path}
+              "customer_id": args.customer_id, "model": args.model, "path": args.path,
+              "key_id": args.key_id}
     if _embedded(config):
         remote = Remote(config)
         from urllib.parse import urlencode
@@ -415,7 +547,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _print(out)
     else:
         _print_trace(out)
-    return 0 if out["decision"]["decision"] == "allow" else 1
+    return 0 if out["decision"]["decision"] == "allow" else EXIT_FAILURE
 
 
 def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]) -> Any:
@@ -443,7 +575,8 @@ def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]
                                              stored.version)
             return explain(pipe, registry, params["ip"], key=key, reseller=params["reseller"],
                            customer_ip=params["customer_ip"], customer_id=params["customer_id"],
-                           model=params["model"], path=params["path"] or "/v1/messages")
+                           model=params["model"], path=params["path"] or "/v1/messages",
+                           key_id=params["key_id"])
         finally:
             await rt.upstream.close()
             geo.close()
@@ -494,7 +627,7 @@ def cmd_geo(args: argparse.Namespace) -> int:
     from gateway.geo import open_geo
 
     configure_logging("error", "json")
-    config = _load(args)
+    config = _load_admin(args)
     s = config.settings
     geo = open_geo(s.geo, config.path, 0)
     try:
@@ -505,7 +638,9 @@ def cmd_geo(args: argparse.Namespace) -> int:
     out = {"ip": args.ip, "country": info.country, "registered_country": info.registered_country,
            "asn": info.asn, "asn_org": info.asn_org, "anonymizer": list(info.anonymizer),
            "databases": {k: {"path": v["path"], "database_type": v["database_type"],
-                             "build_epoch": v["build_epoch"], "found": v["record"] is not None,
+                             "build_epoch": v["build_epoch"],
+                             "build_epoch_iso": _iso(v["build_epoch"]),
+                             "found": v["record"] is not None,
                              "prefix_len": v["prefix_len"]} for k, v in raw.items()}}
     if args.json:
         _print(out)
@@ -517,7 +652,7 @@ def cmd_geo(args: argparse.Namespace) -> int:
         print(f"  anonymizer   {', '.join(info.anonymizer) or 'none'}")
         for k, v in out["databases"].items():
             print(f"  {k:<12} {'found' if v['found'] else 'not found'} in {v['path']} "
-                  f"({v['database_type']}, build {v['build_epoch']})")
+                  f"({v['database_type']}, built {v['build_epoch_iso']})")
     return 0
 
 
@@ -550,8 +685,13 @@ def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
 # --- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(
+        prog="gateway", description=(__doc__ or "").split("\n\n")[0],
+        epilog="exit codes: 0 success; 1 failure or a difference found; 2 usage or config "
+               "error. `gateway COMMAND --help` describes a command.")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="{run,check-config,keys,policy,audit,explain,"
+                                               "geo,demo}")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help="config file (YAML)")
@@ -559,50 +699,79 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set upstream.url=http://...")
         return sp
 
-    r = with_config(sub.add_parser("run", help="serve"))
+    def json_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true",
+                        help="print exactly one JSON document on stdout")
+
+    def group(name: str, text: str, dest: str) -> tuple[argparse.ArgumentParser, Any]:
+        g = sub.add_parser(name, help=text, description=text)
+        g.set_defaults(group=g, group_dest=dest)
+        return g, g.add_subparsers(dest=dest)
+
+    r = with_config(sub.add_parser("run", help="serve the proxy and admin listeners"))
     r.add_argument("--workers", type=int, default=1, help="processes sharing the listener")
     r.set_defaults(fn=cmd_run)
     with_config(sub.add_parser("check-config", help="validate a config file")).set_defaults(
         fn=cmd_check_config)
 
-    k = sub.add_parser("keys", help="reseller keys")
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    ki = with_config(ks.add_parser("issue"))
-    ki.add_argument("--reseller", required=True)
-    ki.add_argument("--name")
-    ki.add_argument("--models", help="comma-separated globs, e.g. 'claude-*'")
-    ki.add_argument("--paths", help="comma-separated path globs, e.g. '/v1/messages/**' "
-                    "('*' stays within one segment, '**' spans segments)")
-    ki.add_argument("--countries", help="comma-separated ISO codes")
+    k, ks = group("keys", "reseller keys: issue, update, list, show, revoke, rotate",
+                  "keys_cmd")
+    ki = with_config(ks.add_parser("issue", help="issue a key for a reseller of the live "
+                                                 "policy (the key is printed once)"))
+    ki.add_argument("--reseller", required=True, help="a reseller named in the live policy")
+    ki.add_argument("--name", help="a label for people")
+
+    def scopes(sp: argparse.ArgumentParser, clear: str = "") -> None:
+        sp.add_argument("--models", help="comma-separated globs, e.g. 'claude-*'" + clear)
+        sp.add_argument("--paths", help="comma-separated path globs, e.g. '/v1/messages/**' "
+                        "('*' stays within one segment, '**' spans segments)" + clear)
+        sp.add_argument("--countries", help="comma-separated ISO codes (and 'unknown')" + clear)
+
+    scopes(ki)
     for f in ("rpm", "itpm", "otpm", "concurrency"):
-        ki.add_argument(f"--{f}", type=int)
-    ki.add_argument("--expires", help="30d, 12h, or an ISO 8601 time")
-    ki.add_argument("--json", action="store_true")
-    kl = with_config(ks.add_parser("list"))
-    kl.add_argument("--reseller")
-    kl.add_argument("--json", action="store_true")
-    for name in ("show", "revoke", "rotate"):
-        kx = with_config(ks.add_parser(name))
+        ki.add_argument(f"--{f}", type=int, help=f"the key's own {f} limit")
+    ki.add_argument("--expires", help="30d, 12h, or an ISO 8601 time (in the future)")
+    json_flag(ki)
+    ku = with_config(ks.add_parser(
+        "update", help="change a key's scopes, limits or expiry (every instance within a "
+                       "second)"))
+    ku.add_argument("key_id")
+    ku.add_argument("--name", help="a label for people")
+    scopes(ku, "; '' removes the scope")
+    for f in ("rpm", "itpm", "otpm", "concurrency"):
+        ku.add_argument(f"--{f}", type=_limit_arg, default=_UNSET,
+                        help=f"the key's own {f} limit; 'default' = the policy's")
+    ku.add_argument("--expires", help="30d, 12h, an ISO 8601 time, or 'never'")
+    json_flag(ku)
+    kl = with_config(ks.add_parser("list", help="every key (no secrets), oldest first"))
+    kl.add_argument("--reseller", help="only this reseller's keys")
+    json_flag(kl)
+    for name, text in (("show", "one key: scopes, limits, status and times"),
+                       ("revoke", "revoke a key (every instance within a second)"),
+                       ("rotate", "a new secret for the same key id (printed once)")):
+        kx = with_config(ks.add_parser(name, help=text))
         kx.add_argument("key_id")
-        kx.add_argument("--json", action="store_true")
+        json_flag(kx)
         if name == "rotate":
             kx.add_argument("--overlap", type=float, default=3600.0,
                             help="seconds the old secret keeps working (default 3600)")
     k.set_defaults(fn=cmd_keys)
 
-    pol = sub.add_parser("policy", help="the policy document")
-    ps = pol.add_subparsers(dest="policy_cmd", required=True)
-    pa = with_config(ps.add_parser("apply"))
+    pol, ps = group("policy", "the policy document: apply, validate, show", "policy_cmd")
+    pa = with_config(ps.add_parser("apply", help="push a policy file to the store (shows the "
+                                                 "diff against the live policy first)"))
     pa.add_argument("file")
-    pa.add_argument("--dry-run", action="store_true")
-    pv = with_config(ps.add_parser("validate"))
+    pa.add_argument("--dry-run", action="store_true",
+                    help="show the diff only; exit 1 when the file differs, 0 when equal")
+    json_flag(pa)
+    pv = with_config(ps.add_parser("validate", help="check a policy file (no store needed)"))
     pv.add_argument("file")
-    psh = with_config(ps.add_parser("show"))
-    psh.add_argument("--json", action="store_true")
+    json_flag(pv)
+    psh = with_config(ps.add_parser("show", help="the live policy (YAML, or --json)"))
+    json_flag(psh)
     pol.set_defaults(fn=cmd_policy)
 
-    au = sub.add_parser("audit", help="the audit trail of administrative changes")
-    aus = au.add_subparsers(dest="audit_cmd", required=True)
+    au, aus = group("audit", "the audit trail of administrative changes", "audit_cmd")
     al = with_config(aus.add_parser("list", help="administrative changes, oldest first"))
     al.add_argument("--since", help="24h, 30m, 7d, an ISO 8601 time or Unix seconds "
                                     "(default: all the store keeps)")
@@ -611,25 +780,27 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--json", action="store_true", help='one JSON document {"events": [...]}')
     au.set_defaults(fn=cmd_audit)
 
-    e = with_config(sub.add_parser("explain", help="trace the decision for a request"))
-    e.add_argument("--ip", required=True)
-    e.add_argument("--key", help="a full key (or set GATEWAY_EXPLAIN_KEY)")
-    e.add_argument("--reseller")
-    e.add_argument("--customer-ip")
-    e.add_argument("--customer-id")
-    e.add_argument("--model")
-    e.add_argument("--path", default="/v1/messages")
-    e.add_argument("--json", action="store_true")
+    e = with_config(sub.add_parser(
+        "explain", help="trace the decision for a request (exit 0 allowed, 1 refused)"))
+    e.add_argument("--ip", required=True, help="the client address")
+    who = e.add_mutually_exclusive_group()
+    who.add_argument("--key-id", help="judge this key (its secret is not needed)")
+    who.add_argument("--reseller", help="judge as any key of this reseller")
+    who.add_argument("--key", help="a full key (or set GATEWAY_EXPLAIN_KEY); prefer --key-id")
+    e.add_argument("--customer-ip", help="the attested customer address")
+    e.add_argument("--customer-id", help="the attested customer id")
+    e.add_argument("--model", help="the requested model")
+    e.add_argument("--path", default="/v1/messages", help="the request path")
+    json_flag(e)
     e.set_defaults(fn=cmd_explain)
 
-    g = sub.add_parser("geo", help="geo databases")
-    gs = g.add_subparsers(dest="geo_cmd", required=True)
+    g, gs = group("geo", "geo databases: lookup, build", "geo_cmd")
     gb = gs.add_parser("build", help="build the demo databases from their JSON sources")
-    gb.add_argument("--src", default="geo/demo/src")
-    gb.add_argument("--out", default="geo/demo")
+    gb.add_argument("--src", default="geo/demo/src", help="the JSON sources")
+    gb.add_argument("--out", default="geo/demo", help="where the .mmdb files go")
     gl = with_config(gs.add_parser("lookup", help="what the gateway knows about an address"))
     gl.add_argument("ip")
-    gl.add_argument("--json", action="store_true")
+    json_flag(gl)
     g.set_defaults(fn=cmd_geo)
 
     sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
@@ -637,7 +808,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # a bare `gateway`: its help, as a usage error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    group = getattr(args, "group", None)
+    if group is not None and getattr(args, args.group_dest) is None:
+        group.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         code: int = args.fn(args)
     except ConfigError as exc:
@@ -646,5 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     return code

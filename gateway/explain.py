@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from gateway.context import RequestContext
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, auth_error
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, parse_attestation
+from gateway.keys import iso_time
 from gateway.limits import subjects_for
 from gateway.paths import normalize_target
 from gateway.pipeline import Pipeline
@@ -21,15 +22,29 @@ def _loc(geo: GeoResolver, ip: str) -> tuple[GeoInfo, dict[str, Any]]:
     info = geo.lookup(ip)
     return info, {"ip": ip, "country": info.country, "registered_country": info.registered_country,
                   "asn": info.asn, "asn_org": info.asn_org, "anonymizer": list(info.anonymizer),
-                  "databases": {k: {"path": v["path"], "build_epoch": v["build_epoch"]}
+                  "databases": {k: {"path": v["path"], "build_epoch": v["build_epoch"],
+                                    "build_epoch_iso": iso_time(v["build_epoch"])}
                                 for k, v in geo.explain(ip).items()}}
+
+
+def _by_id(registry: KeyRegistry, key_id: str, now: float) -> KeyRecord:
+    """The record of `key_id` as authentication would find it, without its secret."""
+    rec = registry.keys.get(key_id)
+    if rec is None:
+        raise auth_error("invalid_api_key", f"no key {key_id[:64]}")
+    if rec.status == "revoked":
+        raise auth_error("key_revoked", "API key has been revoked")
+    if rec.expires_at is not None and rec.expires_at <= now:
+        raise auth_error("key_expired", "API key has expired")
+    return rec
 
 
 def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None = None,
             reseller: str | None = None, customer_ip: str | None = None,
             customer_id: str | None = None, model: str | None = None,
-            path: str = "/v1/messages") -> dict[str, Any]:
-    """The decision for a request from `ip` with `key` (or as any key of `reseller`)."""
+            path: str = "/v1/messages", key_id: str | None = None) -> dict[str, Any]:
+    """The decision for a request from `ip` with `key`, the key `key_id` (judged without its
+    secret) or as any key of `reseller`."""
     out: dict[str, Any] = {"request": {"ip": ip, "key_id": None, "reseller": reseller,
                                        "customer_ip": customer_ip, "model": model, "path": path}}
     policy: CompiledPolicy | None = pipeline.policy
@@ -52,13 +67,16 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
         return out
 
     rec: KeyRecord | None = None
-    if key:
+    if key or key_id:
         try:
-            rec = registry.authenticate(key, time.time())
+            if key_id:
+                rec = _by_id(registry, key_id, time.time())
+            else:
+                rec = registry.authenticate(key, time.time())
+                registry.last_used.pop(rec.key_id, None)  # explaining is not using the key
         except GatewayError as err:
-            out["identity"] = {"error": err.code}
+            out["identity"] = {"error": err.code, "key_id": key_id}
             return done(err.decision, err.status, err.code, "identity", err.message)
-        registry.last_used.pop(rec.key_id, None)  # explaining is not using the key
         reseller = rec.reseller
     elif reseller:
         rec = KeyRecord(key_id="(any)", reseller=reseller, secret_hash="")

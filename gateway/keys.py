@@ -1,17 +1,43 @@
-"""Key operations (issue, list, show, revoke, rotate), shared by the admin API and the CLI;
-each change is audited (a line on stdout and an event in the store's audit stream)."""
+"""Key operations (issue, update, list, show, revoke, rotate), shared by the admin API and the
+CLI; each change is validated alike and audited (a line on stdout and an event in the store's
+audit stream)."""
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
 from gateway.paths import compile_path_globs
+from gateway.policy import glob_list
 from gateway.store.base import KeyRecord, Store
 
 LIMIT_FIELDS = ("rpm", "itpm", "otpm", "concurrency")
+#: Fields `update_key` may change (the reseller never changes: issue a new key).
+UPDATE_FIELDS = ("name", "models", "paths", "countries", "expires_at", *LIMIT_FIELDS)
+#: Unix-time fields of a key as shown; each is also shown as `<field>_iso` (ISO 8601, UTC).
+TIME_FIELDS = ("expires_at", "created_at", "updated_at", "last_used_at", "prev_valid_until")
+
+
+def iso_time(ts: float | None) -> str | None:
+    """ISO 8601 (UTC, whole seconds, `Z`) of a Unix time, as the CLI and admin API print
+    times; None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def with_iso_times(doc: dict[str, Any], fields: tuple[str, ...] = TIME_FIELDS
+                   ) -> dict[str, Any]:
+    """`doc` with `<field>_iso` beside each numeric time field it holds."""
+    for f in fields:
+        if f in doc:
+            v = doc[f]
+            doc[f"{f}_iso"] = iso_time(v) if isinstance(v, int | float) else None
+    return doc
 
 
 class KeyOpError(Exception):
@@ -32,9 +58,96 @@ def _strs(value: Any, field: str) -> list[str]:
     return list(value)
 
 
+def _unbalanced_bracket(pattern: str) -> bool:
+    """True when a '[' opens a class that never closes: fnmatch would match it literally,
+    which is never what the operator meant (the same scan as fnmatch.translate)."""
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c != "[":
+            continue
+        j = i
+        if j < n and pattern[j] == "!":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            j += 1
+        if j >= n:
+            return True
+        i = j + 1
+    return False
+
+
+def _models(value: Any) -> list[str]:
+    models = _strs(value, "models")
+    for m in models:
+        if _unbalanced_bracket(m):
+            raise KeyOpError(400, f"models: unbalanced '[' in the glob {m[:64]!r}")
+    try:
+        glob_list(models)  # the translation the gateway matches with
+    except Exception as exc:  # re.error, whatever the translation refuses
+        raise KeyOpError(400, f"models: not a valid glob: {exc}") from None
+    return models
+
+
+def _paths(value: Any) -> list[str]:
+    paths = _strs(value, "paths")
+    try:
+        compile_path_globs(paths)  # segment-aware globs (docs/architecture.md §4)
+    except ValueError as exc:
+        raise KeyOpError(400, f"paths: {exc}") from None
+    return paths
+
+
+def _countries(value: Any) -> list[str]:
+    countries = [c if c == "unknown" else c.upper() for c in _strs(value, "countries")]
+    for c in countries:
+        if c != "unknown" and (len(c) != 2 or not c.isalpha()):
+            raise KeyOpError(400, f"{c!r} is not an ISO country code")
+    return countries
+
+
+def _limit(field: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise KeyOpError(400, f"{field} must be a non-negative integer")
+    return v
+
+
+def _expires(v: Any, now: float) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise KeyOpError(400, "expires_at must be a Unix time in seconds")
+    if v <= now:
+        raise KeyOpError(400, f"expires_at {iso_time(v)} is in the past")
+    return float(v)
+
+
+def _name(v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise KeyOpError(400, "name must be a string")
+    return v
+
+
+async def _known_reseller(store: Store, reseller: str) -> None:
+    """Refuse a reseller the live policy does not name (its keys could never be admitted)."""
+    stored = await store.get_policy()
+    if stored is None:
+        raise KeyOpError(400, "no policy is stored yet: apply one (gateway policy apply FILE) "
+                              "before issuing keys")
+    resellers = json.loads(stored.doc).get("resellers") or {}
+    if reseller not in resellers:
+        known = ", ".join(sorted(resellers)) or "none"
+        raise KeyOpError(400, f"reseller {reseller[:64]!r} is not in the live policy "
+                              f"(version {stored.version}; resellers: {known})")
+
+
 async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[KeyRecord, str]:
     """Create a key from `spec` (reseller, name, models, paths, countries, limits fields,
-    expires_at); return the record and the full key, which is shown this once only."""
+    expires_at); return the record and the full key, which is shown this once only.
+
+    Refused (KeyOpError 400): a reseller the live policy does not name, an expiry in the
+    past, an invalid model or path glob (an unbalanced '[' included), unknown fields."""
     reseller = spec.get("reseller")
     if not isinstance(reseller, str) or not reseller:
         raise KeyOpError(400, "reseller is required")
@@ -49,39 +162,87 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
         raise KeyOpError(400, "limits must be an object")
     for f in LIMIT_FIELDS:
         v = spec.get(f, src.get(f))
-        if v is None:
-            continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise KeyOpError(400, f"{f} must be a non-negative integer")
-        limits[f] = v
-    expires = spec.get("expires_at")
-    if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)):
-        raise KeyOpError(400, "expires_at must be a Unix time in seconds")
-    countries = [c if c == "unknown" else c.upper() for c in _strs(spec.get("countries"),
-                                                                    "countries")]
-    for c in countries:
-        if c != "unknown" and (len(c) != 2 or not c.isalpha()):
-            raise KeyOpError(400, f"{c!r} is not an ISO country code")
-    name = spec.get("name")
-    if name is not None and not isinstance(name, str):
-        raise KeyOpError(400, "name must be a string")
-    paths = _strs(spec.get("paths"), "paths")
-    try:
-        compile_path_globs(paths)  # segment-aware globs (docs/architecture.md §4)
-    except ValueError as exc:
-        raise KeyOpError(400, f"paths: {exc}") from None
-    key_id, secret, full = new_key()
+        if v is not None:
+            limits[f] = _limit(f, v)
     now = time.time()
+    expires = spec.get("expires_at")
+    expires_at = _expires(expires, now) if expires is not None else None
+    countries = _countries(spec.get("countries"))
+    name = _name(spec.get("name"))
+    paths = _paths(spec.get("paths"))
+    models = _models(spec.get("models"))
+    await _known_reseller(store, reseller)
+    key_id, secret, full = new_key()
     rec = KeyRecord(
         key_id=key_id, reseller=reseller, secret_hash=hash_secret(secret), name=name,
-        models=_strs(spec.get("models"), "models"), paths=paths,
-        countries=countries, limits=limits,
-        expires_at=float(expires) if expires is not None else None,
-        created_at=now, updated_at=now,
+        models=models, paths=paths, countries=countries, limits=limits,
+        expires_at=expires_at, created_at=now, updated_at=now,
     )
     await store.put_key(rec)
     await record_audit(store, actor, "key_issued", key_id, reseller=reseller)
     return rec, full
+
+
+async def update_key(store: Store, key_id: str, changes: dict[str, Any], actor: str
+                     ) -> dict[str, Any]:
+    """Change an active key's name, scopes (models, paths, countries), limits (rpm, itpm,
+    otpm, concurrency) or expiry, validated as `issue_key` validates them; null clears a
+    field (no scope, the policy's default limit, no expiry). Every instance applies it
+    through the same change event as a revocation. Audited as `key_updated` with the changed
+    fields; returns the key as shown."""
+    if not changes:
+        raise KeyOpError(400, f"nothing to update: give one of {', '.join(UPDATE_FIELDS)}")
+    unknown = sorted(set(changes) - set(UPDATE_FIELDS))
+    if unknown:
+        extra = " (the reseller of a key never changes: issue a new key)" \
+            if "reseller" in unknown else ""
+        raise KeyOpError(400, f"cannot update field(s): {', '.join(unknown)}{extra}")
+    now = time.time()
+    new: dict[str, Any] = {}
+    for f, v in changes.items():
+        if f == "models":
+            new[f] = _models(v)
+        elif f == "paths":
+            new[f] = _paths(v)
+        elif f == "countries":
+            new[f] = _countries(v)
+        elif f == "name":
+            new[f] = _name(v)
+        elif f == "expires_at":
+            new[f] = None if v is None else _expires(v, now)
+        else:
+            new[f] = None if v is None else _limit(f, v)
+    rec = await _get(store, key_id)
+    if rec.status != "active":
+        raise KeyOpError(409, f"key {key_id} is {rec.status}")
+    diff: dict[str, dict[str, Any]] = {}
+    for f, v in new.items():
+        old = rec.limits.get(f) if f in LIMIT_FIELDS else getattr(rec, f)
+        if old == v:
+            continue
+        diff[f] = {"from": old, "to": v}
+        if f in LIMIT_FIELDS:
+            limits = dict(rec.limits)
+            if v is None:
+                limits.pop(f, None)
+            else:
+                limits[f] = v
+            rec.limits = limits
+        else:
+            setattr(rec, f, v)
+    if diff:
+        rec.updated_at = now
+        await store.put_key(rec)
+        await record_audit(store, actor, "key_updated", key_id, reseller=rec.reseller,
+                           fields=sorted(diff), changes=diff)
+    return show(rec)
+
+
+def show(rec: KeyRecord, last_used: float | None = None) -> dict[str, Any]:
+    """A key as the CLI and admin API show it: no hashes, times also in ISO 8601."""
+    out = rec.public()
+    out["last_used_at"] = last_used
+    return with_iso_times(out)
 
 
 async def _get(store: Store, key_id: str) -> KeyRecord:
@@ -93,9 +254,7 @@ async def _get(store: Store, key_id: str) -> KeyRecord:
 
 async def show_key(store: Store, key_id: str) -> dict[str, Any]:
     rec = await _get(store, key_id)
-    out = rec.public()
-    out["last_used_at"] = (await store.last_used([key_id])).get(key_id)
-    return out
+    return show(rec, (await store.last_used([key_id])).get(key_id))
 
 
 async def list_keys(store: Store, reseller: str | None = None) -> list[dict[str, Any]]:
@@ -103,12 +262,7 @@ async def list_keys(store: Store, reseller: str | None = None) -> list[dict[str,
     if reseller:
         recs = [r for r in recs if r.reseller == reseller]
     used = await store.last_used([r.key_id for r in recs])
-    out = []
-    for r in recs:
-        d = r.public()
-        d["last_used_at"] = used.get(r.key_id)
-        out.append(d)
-    return out
+    return [show(r, used.get(r.key_id)) for r in recs]
 
 
 async def revoke_key(store: Store, key_id: str, actor: str) -> dict[str, Any]:
@@ -119,7 +273,7 @@ async def revoke_key(store: Store, key_id: str, actor: str) -> dict[str, Any]:
     rec.prev_valid_until = None
     await store.put_key(rec)
     await record_audit(store, actor, "key_revoked", key_id, reseller=rec.reseller)
-    return rec.public()
+    return show(rec)
 
 
 async def rotate_key(store: Store, key_id: str, actor: str, overlap_s: float = 3600.0

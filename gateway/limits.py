@@ -144,6 +144,25 @@ def rate_headers(buckets: dict[str, Bucket], family: str) -> dict[str, str]:
     return h
 
 
+#: First path segment after /v1/ of OpenAI's APIs (`limits_headers: auto`); every other path
+#: (Anthropic's /v1/messages, /v1/complete, and the shared /v1/models and /v1/files) gets
+#: Anthropic's family.
+OPENAI_SEGMENTS = frozenset({
+    "chat", "completions", "embeddings", "responses", "moderations", "images", "audio",
+    "fine_tuning", "assistants", "threads", "vector_stores", "uploads", "realtime", "batches",
+    "conversations", "containers", "evals"})
+
+
+def family_of(path: str) -> str:
+    """The rate-limit header family of a (normalised) request path: "openai" for OpenAI's
+    APIs, else "anthropic"."""
+    if path.startswith("/v1/"):
+        segment = path[4:].split("/", 1)[0]
+        if segment in OPENAI_SEGMENTS:
+            return "openai"
+    return "anthropic"
+
+
 class Admission:
     """One request's admission: what was reserved, for settlement and lease release."""
 
@@ -167,7 +186,7 @@ class Limits:
         self.store = store
         self.on_error = on_error
         self.fallback = Limiter(divisor=fallback_instances)
-        self.family = headers_family
+        self.family = headers_family  # anthropic | openai | auto (by the request's path)
         self.live: dict[str, Admission] = {}
         self.store_ok = True
         self.store_errors = 0
@@ -209,9 +228,14 @@ class Limits:
             logger().error("store_unavailable", on_error=self.on_error)
         self.store_ok = ok
 
-    async def admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int
-                    ) -> tuple[Admission | None, dict[str, str]]:
-        """Admit or raise the 429 / 503 GatewayError; returns the admission and its headers."""
+    def family_for(self, path: str) -> str:
+        """The header family for a request to `path` under the configured `limits_headers`."""
+        return family_of(path) if self.family == "auto" else self.family
+
+    async def admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
+                    family: str | None = None) -> tuple[Admission | None, dict[str, str]]:
+        """Admit or raise the 429 / 503 GatewayError; returns the admission and its headers
+        (rate-limit headers of `family`, default the configured one: see `family_for`)."""
         if not subjects:
             return None, {}
         lease_id = f"{self._lease_prefix}{next(self._lease_counter):x}"
@@ -233,7 +257,7 @@ class Limits:
                                    {"retry-after": "1"}) from None
             result = self.fallback.admit(req)
             fallback = True
-        headers = rate_headers(result.buckets, self.family)
+        headers = rate_headers(result.buckets, family or self.family)
         if not result.ok:
             dim = result.failed_dimension or "rpm"
             headers["retry-after"] = str(retry_after_s(result.retry_after_ms))

@@ -207,7 +207,8 @@ class Pipeline:
             self.check_scopes(policy, key, ctx, loc, cloc, facts.model)
 
             adm, rl_headers = await self._admit(policy, key, att.customer_id,
-                                                facts.input_estimate, facts.max_output_tokens)
+                                                facts.input_estimate, facts.max_output_tokens,
+                                                path)
             if facts.add_include_usage:
                 body.data = with_include_usage(_json_object(body.data))
             headers = rt.upstream.request_headers(
@@ -329,11 +330,13 @@ class Pipeline:
         log_request(ctx)
 
     async def _admit(self, policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
-                     input_est: int, output_est: int) -> tuple[Admission | None, dict[str, str]]:
+                     input_est: int, output_est: int, path: str
+                     ) -> tuple[Admission | None, dict[str, str]]:
         subjects = subjects_for(policy, key, customer_id)
         t0 = time.perf_counter()
         try:
-            return await self.limits.admit(subjects, input_est, output_est)
+            return await self.limits.admit(subjects, input_est, output_est,
+                                           self.limits.family_for(path))
         finally:
             if subjects:
                 metrics.store_duration.observe(time.perf_counter() - t0)

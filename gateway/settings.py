@@ -292,7 +292,7 @@ class Settings(_Model):
     # store: the store's policy is live, the file seeds an empty store (and is compared);
     # file: the file is the source of truth, applied at start and on SIGHUP.
     policy_source: Literal["store", "file"] = "store"
-    limits_headers: Literal["anthropic", "openai"] = "anthropic"
+    limits_headers: Literal["auto", "anthropic", "openai"] = "auto"  # auto: by the path's API
     server: ServerSettings = Field(default_factory=ServerSettings)
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
@@ -385,11 +385,14 @@ def load_settings(
     path: str,
     overrides: list[str] | None = None,
     environ: dict[str, str] | None = None,
+    require_secrets: bool = True,
 ) -> LoadedConfig:
     """Load, validate and resolve a config file; `overrides` are "dotted.field=yaml-value" pairs.
 
     Raises ConfigError naming the file, the field and the reason on any problem, including a
     missing environment variable for a secret; every problem found is in it (`problems`).
+    With `require_secrets=False` (every command but `run`) an unset secret is left empty: the
+    command that needs one checks it itself.
     """
     env = os.environ if environ is None else environ
     try:
@@ -430,7 +433,7 @@ def load_settings(
         ("admin_token_env", settings.admin_token_env),
     ):
         value = env.get(var, "")
-        if not value:
+        if not value and require_secrets:
             errors.append(ConfigError(path, field, f"environment variable {var} is not set"))
         secrets[field] = value
     if errors:

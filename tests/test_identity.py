@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,9 @@ from gateway.identity import (
     parse_attestation,
     parse_key,
 )
-from gateway.keys import KeyOpError, issue_key, revoke_key, rotate_key
+from gateway.keys import KeyOpError, issue_key, revoke_key, rotate_key, update_key
+from gateway.policy import canonical, validate_policy
+from gateway.store.base import KeyRecord
 from gateway.store.memory import MemoryStore
 
 KEY_FORMAT = re.compile(r"gk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
@@ -175,8 +178,10 @@ def test_parse_attestation_malformed(cid: str | None, cip: str | None) -> None:
 
 
 async def _registry() -> tuple[MemoryStore, KeyRegistry]:
+    """An embedded store whose live policy names the reseller `r`, and a registry on it."""
     store = MemoryStore()
     await store.start()
+    await store.put_policy(canonical(validate_policy({"resellers": {"r": {}}}, "test")), "test")
     return store, KeyRegistry(store)
 
 
@@ -249,7 +254,11 @@ async def test_expired_key() -> None:
     """A key whose expires_at has passed is 401 key_expired."""
     store, registry = await _registry()
     now = time.time()
-    _, past = await issue_key(store, {"reseller": "r", "expires_at": now - 10}, "test")
+    _, past = await issue_key(store, {"reseller": "r", "expires_at": now + 100}, "test")
+    stored = await store.get_key(_kid(past))
+    assert stored is not None
+    stored.expires_at = now - 10
+    await store.put_key(stored)
     rec, later = await issue_key(store, {"reseller": "r", "expires_at": now + 100}, "test")
     await registry.load_all()
     assert _refused(registry, past, now) == "key_expired"
@@ -322,3 +331,76 @@ async def test_issue_accepts_segment_aware_path_globs() -> None:
     rec, _ = await issue_key(store, {"reseller": "r", "paths": "/v1/messages,/v1/messages/**"},
                              "test")
     assert rec.paths == ["/v1/messages", "/v1/messages/**"]
+
+
+def _kid(full: str) -> str:
+    parsed = parse_key(full)
+    assert parsed is not None
+    return parsed[0]
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"reseller": "nobody"}, "not in the live policy"),
+    ({"reseller": "r", "expires_at": 1.0}, "in the past"),
+    ({"reseller": "r", "models": ["["]}, "unbalanced '['"),
+    ({"reseller": "r", "models": "claude-[abc"}, "unbalanced '['"),
+    ({"reseller": "r", "models": ["claude-[!]"]}, "unbalanced '['"),
+])
+async def test_issue_refuses_unknown_reseller_past_expiry_and_open_bracket(
+        spec: dict[str, Any], words: str) -> None:
+    """issue_key refuses (400) a reseller the live policy lacks, a past expiry and a model
+    glob with an unbalanced '[' (which fnmatch would silently match literally)."""
+    store, _ = await _registry()
+    with pytest.raises(KeyOpError) as info:
+        await issue_key(store, spec, "test")
+    assert info.value.status == 400 and words in str(info.value)
+    assert await store.list_keys() == []
+
+
+async def test_issue_needs_a_stored_policy() -> None:
+    """Without a live policy no reseller is known: issue says to apply one first."""
+    store = MemoryStore()
+    await store.start()
+    with pytest.raises(KeyOpError) as info:
+        await issue_key(store, {"reseller": "r"}, "test")
+    assert info.value.status == 400 and "policy apply" in str(info.value)
+
+
+async def test_issue_accepts_balanced_model_classes() -> None:
+    """Balanced classes (`[st]`, `[!x]`, `[]]`) are valid model globs."""
+    store, _ = await _registry()
+    rec, _ = await issue_key(store, {"reseller": "r", "models": ["claude-[st]*", "[!x]*", "[]]"]},
+                             "test")
+    assert rec.models == ["claude-[st]*", "[!x]*", "[]]"]
+
+
+async def test_update_key_changes_audits_and_validates() -> None:
+    """update_key changes only the given fields (null clears), audits key_updated with the
+    changed fields, refuses bad values (400), unknown keys (404) and revoked keys (409)."""
+    store, registry = await _registry()
+    rec, full = await issue_key(store, {"reseller": "r", "models": ["a-*"], "rpm": 5}, "test")
+    shown = await update_key(store, rec.key_id, {"models": None, "otpm": 9, "rpm": None},
+                             "tester")
+    assert shown["models"] == [] and shown["limits"] == {"otpm": 9}
+    assert shown["updated_at_iso"] is not None
+    stored = await store.get_key(rec.key_id)
+    assert stored is not None and stored.secret_hash == rec.secret_hash
+    events = await store.list_audit(None, 10)
+    assert events[-1]["action"] == "key_updated" and events[-1]["actor"] == "tester"
+    assert events[-1]["fields"] == ["models", "otpm", "rpm"]
+    assert events[-1]["changes"]["rpm"] == {"from": 5, "to": None}
+    await registry.load_all()
+    assert registry.authenticate(full, time.time()).limits == {"otpm": 9}
+    for changes, status in (({"models": ["["]}, 400), ({"reseller": "x"}, 400), ({}, 400),
+                            ({"expires_at": 2.0}, 400), ({"rpm": -1}, 400)):
+        with pytest.raises(KeyOpError) as info:
+            await update_key(store, rec.key_id, changes, "t")
+        assert info.value.status == status, changes
+    with pytest.raises(KeyOpError) as info:
+        await update_key(store, "0" * 16, {"rpm": 1}, "t")
+    assert info.value.status == 404
+    await revoke_key(store, rec.key_id, "t")
+    with pytest.raises(KeyOpError) as info:
+        await update_key(store, rec.key_id, {"rpm": 1}, "t")
+    assert info.value.status == 409
+    assert isinstance(await store.get_key(rec.key_id), KeyRecord)

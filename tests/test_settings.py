@@ -43,7 +43,7 @@ def test_repo_config_loads() -> None:
     assert s.store.url == "memory://"
     assert s.store.on_error == "closed"
     assert s.client_ip.recursive is True
-    assert s.limits_headers == "anthropic"
+    assert s.limits_headers == "auto"
     assert cfg.secrets.upstream_api_key == "b"
     assert cfg.secrets.admin_token == "a"
 

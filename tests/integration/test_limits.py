@@ -257,7 +257,9 @@ async def test_cache_reads_do_not_count_as_input(
         # OpenAI's prompt_tokens include the cached ones.
         upstream.input_tokens = 5300
         path, make = "/v1/chat/completions", openai_body
-    async with running_gateway(tmp_path, upstream.url, store=store_cfg) as gw:
+    # Anthropic's header family on both paths: it reports input tokens on their own.
+    async with running_gateway(tmp_path, upstream.url, store=store_cfg,
+                               limits_headers="anthropic") as gw:
         key = await issue(gw, itpm=1000)
         async with aiohttp.ClientSession() as s:
             big = make(16, stream=True, text="x" * 4400)  # estimated above the whole bucket

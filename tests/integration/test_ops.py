@@ -155,7 +155,7 @@ async def test_admin_reload_refuses_broken_config_and_applies_valid_one(
         status, _ = await gw.admin("POST", "/admin/reload")
         assert status == 400
         assert "limits_headers" in gw.logs.events("config_reload_failed")[-1]["reason"]
-        assert gw.service.config.settings.limits_headers == "anthropic"
+        assert gw.service.config.settings.limits_headers == "auto"  # the default stays
 
         await asyncio.to_thread(write_config, tmp_path, upstream.url, limits_headers="openai")
         status, body = await gw.admin("POST", "/admin/reload")

@@ -131,7 +131,7 @@ async def test_policy_apply_cli_reaches_second_instance(
                               config=cfg),
             asyncio.to_thread(run_cli, "policy", "apply", str(bad_file), config=cfg),
             asyncio.to_thread(run_cli, "policy", "apply", str(unknown_field), config=cfg))
-        assert dry.returncode == 0, dry.stderr
+        assert dry.returncode == 1, dry.stderr  # a difference found
         assert "--- live (v1)" in dry.stdout and "+++ " in dry.stdout
         assert "+- action: deny" in dry.stdout and "+  id: no-gb" in dry.stdout
         assert "dry run" in dry.stdout

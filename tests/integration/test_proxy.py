@@ -30,7 +30,7 @@ LOG_FIELDS = {
     "input_tokens", "output_tokens",
 }
 # What structlog adds to every event.
-LOG_ENVELOPE = {"event", "level", "timestamp"}
+LOG_ENVELOPE = {"event", "level", "timestamp", "worker"}  # on every line, not only requests
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -367,6 +367,10 @@ async def test_fallback_divides_by_instances_times_workers(
                           store={"url": redis_server.url, "key_prefix": _prefix(),
                                  "on_error": "open", "fallback_instances": 2,
                                  "sync_interval_s": 0.2})
+    # An empty Redis: apply the policy first (keys are issued for resellers it names).
+    applied = await asyncio.to_thread(run_cli, "policy", "apply", str(tmp_path / "policy.yaml"),
+                                      config=config)
+    assert applied.returncode == 0, applied.stderr
     issued = await asyncio.to_thread(run_cli, "keys", "issue", "--reseller", "direct",
                                      "--rpm", "8", "--json", config=config)
     assert issued.returncode == 0, issued.stderr

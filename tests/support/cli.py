@@ -30,13 +30,16 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, config: Path | None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m gateway <args> --config <config>` to completion (blocking: call it
-    through `asyncio.to_thread` while an in-process gateway must keep serving)."""
+    through `asyncio.to_thread` while an in-process gateway must keep serving); `config=None`
+    adds no --config, `env` replaces cli_env()."""
+    tail = [] if config is None else ["--config", str(config)]
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--config", str(config)],
-        env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
-        check=False,
+        [sys.executable, "-m", "gateway", *args, *tail],
+        env=cli_env() if env is None else env, cwd=REPO, capture_output=True, text=True,
+        timeout=CLI_TIMEOUT_S, check=False,
     )
     if args[:2] in (("keys", "issue"), ("keys", "rotate")):
         # These print the new key, once, by design: it becomes a secret to look for elsewhere.

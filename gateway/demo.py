@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,28 @@ class Demo:
                                          for k in (direct, acme, tight, otpm))]
         print(f"\n  the stand-in saw {len(seen)} requests; "
               f"{len(leaked)} carried a reseller key (the gateway swaps in its own credential)")
+
+        _h("7b. Operator tools: update a live key, show it, check a broken config")
+        okid = otpm.split("_")[1]
+        _, out = await self.cli("keys", "update", okid, "--otpm", "1000")
+        print("  " + out.rstrip().replace("\n", "\n  "))
+        await self.ask("small-otpm key after keys update --otpm 1000", otpm, "192.0.2.14",
+                       max_tokens=60)
+        _, out = await self.cli("keys", "show", okid)
+        print("  " + out.rstrip().replace("\n", "\n  "))
+        broken = Path(tempfile.mkdtemp(prefix="gateway-demo-")) / "broken.yaml"
+        broken.write_text("listen: 127.0.0.1:9090\nadmin_listen: 127.0.0.1:9090\n"
+                          "upstream:\n  read_timeout_s: -1\n"
+                          "geo: {asn_db: null}\n")
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "check-config", "--config", str(broken),
+            cwd=REPO, env=self.env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out_b, _ = await p.communicate()
+        print(f"$ gateway check-config --config broken.yaml   (exit {p.returncode}: every "
+              "error of the file at once)")
+        print("  " + out_b.decode().rstrip().replace(str(broken), "broken.yaml")
+              .replace("\n", "\n  "))
 
         _h("8. The audit trail: every administrative change, kept in the store")
         _, out = await self.cli("audit", "list")

@@ -104,6 +104,12 @@ async def metrics_view(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def _read_own_write(request: web.Request, key_id: str) -> None:
+    """The instance that changed a key uses the change at once (read-your-writes); the others
+    follow through the change event within a second."""
+    await request.app[SERVICE].registry.refresh(key_id)
+
+
 async def keys_list(request: web.Request) -> web.Response:
     store = request.app[SERVICE].store
     return web.json_response({"keys": await list_keys(store, request.query.get("reseller"))})
@@ -112,6 +118,7 @@ async def keys_list(request: web.Request) -> web.Response:
 async def keys_issue(request: web.Request) -> web.Response:
     svc: GatewayService = request.app[SERVICE]
     rec, full = await issue_key(svc.store, await _body(request), _actor(request))
+    await _read_own_write(request, rec.key_id)
     return web.json_response({"key_id": rec.key_id, "key": full, "record": show(rec)},
                              status=201)
 
@@ -119,8 +126,10 @@ async def keys_issue(request: web.Request) -> web.Response:
 async def keys_update(request: web.Request) -> web.Response:
     """PATCH body: the fields to change (as for issue, null clears one); the key as shown."""
     store = request.app[SERVICE].store
-    return web.json_response(await update_key(store, request.match_info["key_id"],
-                                              await _body(request), _actor(request)))
+    shown = await update_key(store, request.match_info["key_id"], await _body(request),
+                             _actor(request))
+    await _read_own_write(request, request.match_info["key_id"])
+    return web.json_response(shown)
 
 
 async def keys_show(request: web.Request) -> web.Response:
@@ -130,8 +139,9 @@ async def keys_show(request: web.Request) -> web.Response:
 
 async def keys_revoke(request: web.Request) -> web.Response:
     store = request.app[SERVICE].store
-    return web.json_response(await revoke_key(store, request.match_info["key_id"],
-                                              _actor(request)))
+    shown = await revoke_key(store, request.match_info["key_id"], _actor(request))
+    await _read_own_write(request, request.match_info["key_id"])
+    return web.json_response(shown)
 
 
 async def keys_rotate(request: web.Request) -> web.Response:
@@ -142,6 +152,7 @@ async def keys_rotate(request: web.Request) -> web.Response:
         raise KeyOpError(400, "overlap_s must be a number of seconds")
     rec, full = await rotate_key(store, request.match_info["key_id"], _actor(request),
                                  float(overlap))
+    await _read_own_write(request, rec.key_id)
     return web.json_response({"key_id": rec.key_id, "key": full, "record": show(rec)})
 
 

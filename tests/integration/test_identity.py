@@ -307,3 +307,19 @@ async def test_admin_auth_audit_and_no_secrets_in_logs(tmp_path: Path,
                    UPSTREAM_KEY]
         _no_secrets(gw.logs.raw, *secrets)
         assert {x["key_id"] for x in gw.logs.requests()} <= {key_id, None}
+
+
+async def test_the_instance_that_changes_a_key_uses_it_at_once(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """On Redis, the instance whose admin API issues, updates or revokes a key has the change
+    in its snapshot when the answer is sent (read-your-writes), before any change event."""
+    async with running_gateway(tmp_path, upstream.url, store=_store(redis_server)) as gw:
+        for _ in range(5):
+            key_id, _ = await gw.issue_key()
+            assert key_id in gw.service.registry.keys
+            status, _ = await gw.admin("PATCH", f"/admin/keys/{key_id}", json={"rpm": 7})
+            assert status == 200
+            assert gw.service.registry.keys[key_id].limits.get("rpm") == 7
+            status, _ = await gw.admin("POST", f"/admin/keys/{key_id}/revoke")
+            assert status == 200
+            assert gw.service.registry.keys[key_id].status == "revoked"

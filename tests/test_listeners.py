@@ -1,0 +1,93 @@
+"""Unit tests for gateway.listeners: the listener serves an aiohttp server, answers a request
+head that never completes with a 408, and counts its connections (small in-process tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from gateway.listeners import Listener, _timeout_response
+from tests.support.gateway import poll
+
+
+async def _hello(request: web.BaseRequest) -> web.Response:
+    return web.Response(text="hello")
+
+
+@asynccontextmanager
+async def _listening(**kwargs: object) -> AsyncIterator[tuple[Listener, int]]:
+    server = web.Server(_hello)
+    listener = Listener(server, "127.0.0.1", 0, **kwargs)  # type: ignore[arg-type]
+    port = await listener.start()
+    try:
+        yield listener, port
+    finally:
+        listener.stop_accepting()
+        await server.shutdown(1.0)
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    return out
+
+
+def test_timeout_response_is_a_complete_408_with_the_error_body() -> None:
+    """The 408 carries the §6 body, a request id matching its header, and a right length."""
+    raw = _timeout_response()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 408 Request Timeout"
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert headers["Connection"] == "close"
+    assert int(headers["Content-Length"]) == len(body)
+    doc = json.loads(body)
+    assert doc["error"]["code"] == "request_timeout"
+    assert doc["request_id"] == headers["x-request-id"]
+    assert _timeout_response() != raw  # a fresh request id each time
+
+
+async def test_a_listener_serves_its_server() -> None:
+    """A request to the bound port is answered by the aiohttp server behind it."""
+    async with _listening() as (_, port):
+        out = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"hello")
+
+
+async def test_an_incomplete_request_head_gets_a_408() -> None:
+    """A connection whose request head is not complete within the timeout gets the 408."""
+    async with _listening(header_timeout_s=0.2) as (_, port):
+        out = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n")
+    assert out.startswith(b"HTTP/1.1 408")
+
+
+async def test_connections_are_counted_and_released() -> None:
+    """An open connection is counted by its listener and released when it closes."""
+    async with _listening(max_connections=4) as (listener, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await poll(lambda: len(listener.connections) == 1)
+        writer.close()
+        await writer.wait_closed()
+        await poll(lambda: not listener.connections)
+    assert listener.connections == set()
+
+
+async def test_stop_accepting_refuses_new_connections() -> None:
+    """After stop_accepting, connecting to the port is refused."""
+    async with _listening() as (listener, port):
+        listener.stop_accepting()
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            refused = True
+        else:
+            writer.close()
+            refused = False
+    assert refused

@@ -1,0 +1,33 @@
+"""Unit tests for gateway.explain: the decision trace of a hypothetical request, computed on the
+pipeline and key snapshot of a gateway running in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.explain import explain
+from tests.support.gateway import running_gateway
+from tests.support.upstream import FakeUpstream
+
+
+async def test_explain_traces_allow_scope_denial_unknown_key_and_bad_path(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A key in scope is allowed; a model out of scope, an unknown key id and a path that
+    climbs above the root are denied at their own stage with their own code."""
+    async with running_gateway(tmp_path, upstream.url) as gw:
+        key_id, key = await gw.issue_key(models=["claude-*"])
+        pipe, reg = gw.service.pipeline, gw.service.registry
+        ok = explain(pipe, reg, "192.0.2.1", key=key, model="claude-3")
+        assert ok["request"]["key_id"] == key_id
+        assert ok["identity"]["scopes"]["models"] == ["claude-*"]
+        assert ok["client"]["country"] == "US"
+        assert ok["decision"]["decision"] == "allow"
+        scope = explain(pipe, reg, "192.0.2.1", key=key, model="gpt-4o")["decision"]
+        assert (scope["status"], scope["code"], scope["stage"]) == (
+            403, "model_not_allowed", "scopes")
+        unknown = explain(pipe, reg, "192.0.2.1", key_id="0000000000000000")["decision"]
+        assert (unknown["status"], unknown["code"]) == (401, "invalid_api_key")
+        by_id = explain(pipe, reg, "192.0.2.1", key_id=key_id, model="claude-3")
+        assert by_id["decision"]["decision"] == "allow"
+        bad = explain(pipe, reg, "192.0.2.1", key=key, path="/v1/../../x")["decision"]
+        assert (bad["status"], bad["code"], bad["stage"]) == (400, "invalid_path", "path")

@@ -1,0 +1,85 @@
+"""Unit tests for gateway.cli: option parsing (expiry, limits, times), the admin API address of
+the embedded store's commands, and exit codes of in-process `main` calls."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway import __version__
+from gateway.cli import EXIT_USAGE, CliError, Remote, _expires, _iso, _limit_arg, main
+from gateway.settings import ConfigError, load_settings
+from tests.support.gateway import write_config
+
+
+def test_expires_accepts_durations_and_iso_times() -> None:
+    """`30d`-style durations count from now; ISO times are UTC unless they name a zone."""
+    assert _expires(None) is None
+    got = _expires("2d")
+    assert got is not None and abs(got - (time.time() + 2 * 86400)) < 60
+    assert _expires("2030-01-01T00:00:00") == 1_893_456_000.0
+    assert _expires("2030-01-01T01:00:00+01:00") == 1_893_456_000.0
+    assert _expires("2030-01-01T00:00:00Z") == 1_893_456_000.0
+
+
+def test_a_bad_expiry_is_a_usage_error() -> None:
+    """Anything else is a CliError with the usage exit code, naming the accepted forms."""
+    with pytest.raises(CliError, match="30d, 12h") as err:
+        _expires("next week")
+    assert err.value.code == EXIT_USAGE
+
+
+def test_limit_arg_is_a_non_negative_integer_or_default() -> None:
+    """`default` removes the key's own limit (None); negatives and words are refused."""
+    assert _limit_arg("0") == 0 and _limit_arg("60") == 60
+    assert _limit_arg(" Default ") is None
+    for bad in ("-1", "ten", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _limit_arg(bad)
+
+
+def test_iso_prints_times_or_a_dash() -> None:
+    """Numbers print as ISO 8601 UTC; anything else as `-`."""
+    assert _iso(0) == "1970-01-01T00:00:00Z"
+    assert _iso(None) == "-" and _iso("soon") == "-"
+
+
+def _config(tmp_path: Path, admin_listen: str, token: str | None) -> Remote:
+    path = write_config(tmp_path, "http://127.0.0.1:1", admin_listen=admin_listen)
+    env = {"UPSTREAM_API_KEY": "u"} | ({"GATEWAY_ADMIN_TOKEN": token} if token else {})
+    return Remote(load_settings(str(path), environ=env))
+
+
+@pytest.mark.parametrize(("listen", "base"), [
+    ("0.0.0.0:9001", "http://127.0.0.1:9001"),
+    ("10.0.0.5:9001", "http://10.0.0.5:9001"),
+    ("[::1]:9001", "http://[::1]:9001"),
+])
+def test_remote_calls_the_admin_listener(tmp_path: Path, listen: str, base: str) -> None:
+    """A wildcard admin address is called on loopback; IPv6 hosts are bracketed."""
+    remote = _config(tmp_path, listen, "tok")
+    assert remote.base == base
+    assert remote.headers == {"Authorization": "Bearer tok"}
+
+
+def test_remote_without_the_admin_token_names_the_variable(tmp_path: Path) -> None:
+    """Without the admin token, the error names its environment variable, not a value."""
+    with pytest.raises(ConfigError, match="GATEWAY_ADMIN_TOKEN"):
+        _config(tmp_path, "127.0.0.1:9001", None)
+
+
+def test_main_version_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--version` prints the version and exits 0; an unknown command exits 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    code: int | None
+    try:
+        code = main(["no-such-command"])
+    except SystemExit as e:
+        code = e.code  # type: ignore[assignment]
+    assert code == EXIT_USAGE

@@ -5,7 +5,8 @@ import a module of its own group, or of a group on a lower layer that its group 
 under `never`. Every import counts: module-level, function-local and TYPE_CHECKING-only ones
 (a function-local import is still a dependency; the layers above may import everything below
 anyway, so cli and app need no exception). Layer 0 imports the standard library only, and no
-module below layer 3 imports aiohttp: HTTP belongs to the edge.
+module below layer 3 imports aiohttp: HTTP belongs to the edge. And no module reaches itself
+through the imports that run (type-only imports excepted: they never execute).
 """
 
 from __future__ import annotations
@@ -62,11 +63,25 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _imports(name: str, path: Path) -> list[tuple[int, str]]:
+def _walk(tree: ast.AST, runtime_only: bool) -> list[ast.AST]:
+    """Every node of `tree`; with `runtime_only`, not those under `if TYPE_CHECKING:`."""
+    nodes: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if runtime_only and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+            continue
+        todo += ast.iter_child_nodes(node)
+    return nodes
+
+
+def _imports(name: str, path: Path, runtime_only: bool = False) -> list[tuple[int, str]]:
     """(line, absolute dotted name) of every import in the module, at any depth."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _walk(ast.parse(path.read_text(), str(path)), runtime_only):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -130,6 +145,47 @@ def test_every_module_has_one_layer() -> None:
 def test_imports_follow_the_layer_table() -> None:
     """No module imports a module above its layer, a forbidden group, or a forbidden package."""
     assert _violations() == []
+
+
+def _cycles() -> list[list[str]]:
+    """Import cycles among the modules, counting the imports that run (not type-only ones)."""
+    graph = {name: {m for _, t in _imports(name, path, runtime_only=True)
+                    if (m := _internal(t)) is not None and m != name and m != "__init__"}
+             for name, path in _modules().items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    return cycles
+
+
+def test_no_import_cycle() -> None:
+    """No module reaches itself through the imports that run."""
+    assert _cycles() == []
+
+
+def test_a_cycle_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two modules of one group importing each other are reported as a cycle; a type-only
+    import is not."""
+    fake = tmp_path / "gateway"
+    fake.mkdir()
+    (fake / "app.py").write_text("from gateway import admin, demo\n")
+    (fake / "admin.py").write_text("def f():\n    from gateway.app import X\n")
+    (fake / "demo.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                  "    from gateway import app\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _cycles() == [["admin", "app", "admin"]]
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,13 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app, hide_server_version
-from gateway.audit import configure_logging, logger, record_audit, record_policy_applied
+from gateway.audit import configure_logging, record_audit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
 from gateway.limits import Limits
 from gateway.listeners import Listener
+from gateway.log import logger
 from gateway.pipeline import Pipeline, build_runtime
 from gateway.policy import (
     PolicyDoc,
@@ -40,9 +41,8 @@ from gateway.settings import (
     parse_hostport,
     redact_url,
 )
-from gateway.store import Store, memory_state_file, open_store
+from gateway.store import StateFileError, Store, loaded_state, memory_state_file, open_store
 from gateway.store.base import StoredPolicy
-from gateway.store.memory import MemoryStore, StateFileError
 from gateway.tasks import cancel_and_wait, cancelling
 from gateway.workers import worker_count
 
@@ -192,10 +192,7 @@ class GatewayService:
                 "only: a restart loses them; persist them with "
                 "store.url: memory:///var/lib/gateway/state.json, or use Redis"))
             return
-        store = self.store
-        assert isinstance(store, MemoryStore)
-        logger().info("store_state_loaded", state_file=state_file, keys=len(store.keys),
-                      policy_version=store.policy.version if store.policy else None)
+        logger().info("store_state_loaded", state_file=state_file, **loaded_state(self.store))
 
     async def _store_start(self) -> None:
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from gateway.context import RequestContext
+from gateway.log import logger
 
 if TYPE_CHECKING:
     from gateway.store.base import Store
@@ -105,11 +106,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=_stream or sys.stdout),
         cache_logger_on_first_use=False,  # reconfigured on SIGHUP and in tests
     )
-
-
-def logger() -> Any:
-    """The gateway's structlog logger (events are nouns with flat snake_case fields)."""
-    return structlog.get_logger("gateway")
 
 
 class _RequestWriter:

@@ -1,11 +1,9 @@
-"""GatewayError and its one rendering into the docs/architecture.md §6 error body."""
+"""GatewayError (the docs/architecture.md §6 error, rendered by gateway.responses), StoreError
+and the constructors of the common refusals."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -34,23 +32,6 @@ class GatewayError(Exception):
 
 class StoreError(Exception):
     """The store (Redis) could not be reached or answered with an error."""
-
-
-def render(err: GatewayError, request_id: str) -> web.Response:
-    """The one place a GatewayError becomes an HTTP response."""
-    body = {
-        "type": "error",
-        "error": {"type": err.type, "code": err.code, "message": err.message},
-        "request_id": request_id,
-    }
-    headers = dict(err.headers)
-    headers["x-request-id"] = request_id
-    return web.Response(
-        status=err.status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 def auth_error(code: str, message: str) -> GatewayError:

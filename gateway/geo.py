@@ -23,7 +23,7 @@ from typing import Any
 
 import maxminddb
 
-from gateway.audit import logger
+from gateway.log import logger
 from gateway.settings import ConfigError, GeoSettings
 
 # MaxMind field → anonymizer flag name used by policy and logs.

@@ -10,8 +10,8 @@ import secrets
 import time
 from datetime import UTC, datetime
 
-from gateway.audit import logger
 from gateway.errors import GatewayError, StoreError
+from gateway.log import logger
 from gateway.policy import CompiledPolicy, LimitSet
 from gateway.store.base import (
     AdmitRequest,
@@ -23,7 +23,7 @@ from gateway.store.base import (
     StoreCallNotSent,
     Subject,
 )
-from gateway.store.memory import Limiter, MemoryStore
+from gateway.store.gcra import Limiter
 from gateway.tasks import cancel_and_wait, cancelling
 
 LEASE_TTL_MS = 60_000
@@ -247,7 +247,7 @@ class Limits:
         except StoreError as exc:
             self.store_errors += 1
             self.mark_store(False)
-            if not isinstance(self.store, MemoryStore) and not isinstance(exc, StoreCallNotSent):
+            if not self.store.in_process and not isinstance(exc, StoreCallNotSent):
                 # The script may still run (it sat in a socket buffer of a stalled Redis) or
                 # may have run with its reply lost: roll it back, whichever it turns out.
                 self._retry(lease_id, req)
@@ -276,8 +276,7 @@ class Limits:
         if adm.fallback:
             self.fallback.settle(st)
             return
-        if isinstance(self.store, MemoryStore):
-            self.store.limiter.settle(st)  # in process: nothing to wait for
+        if self.store.settle_now(st):
             return
         task = asyncio.create_task(self._settle(st))
         self._tasks.add(task)

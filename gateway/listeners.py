@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from gateway.audit import logger
+from gateway.log import logger
 
 
 def _timeout_response() -> bytes:

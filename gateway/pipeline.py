@@ -14,10 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import log_request, logger
+from gateway.audit import log_request
 from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext, clip
-from gateway.errors import GatewayError, invalid_request, permission_error, render
+from gateway.errors import GatewayError, invalid_request, permission_error
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import (
     KeyRegistry,
@@ -26,6 +26,7 @@ from gateway.identity import (
     require_customer,
 )
 from gateway.limits import Admission, Limits, subjects_for
+from gateway.log import logger
 from gateway.paths import normalize_target
 from gateway.policy import (
     CompiledPolicy,
@@ -37,6 +38,7 @@ from gateway.policy import (
 )
 from gateway.proxy import Forwarded, Upstream
 from gateway.request_body import Body, BodyBudget, parse_json, read_body
+from gateway.responses import render
 from gateway.settings import LoadedConfig
 from gateway.store.base import KeyRecord
 from gateway.usage import RequestFacts, charged_tokens, estimate_request, with_include_usage

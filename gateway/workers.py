@@ -12,7 +12,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 
-from gateway.audit import configure_logging, logger
+from gateway.audit import configure_logging
+from gateway.log import logger
 from gateway.settings import ConfigError, load_settings
 
 WORKER_ENV = "GATEWAY_WORKER_ID"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from gateway.store.base import Store
+from gateway.store.state_file import StateFileError
 
 
 def memory_state_file(url: str) -> str | None:
@@ -26,4 +28,13 @@ def open_store(url: str, key_prefix: str = "gw:", timeout_s: float = 1.0) -> Sto
     return RedisStore(url, key_prefix, timeout_s)
 
 
-__all__ = ["Store", "memory_state_file", "open_store"]
+def loaded_state(store: Store) -> dict[str, Any]:
+    """What an embedded store loaded from its state file: key count and policy version."""
+    from gateway.store.memory import MemoryStore
+
+    assert isinstance(store, MemoryStore)
+    return {"keys": len(store.keys),
+            "policy_version": store.policy.version if store.policy else None}
+
+
+__all__ = ["StateFileError", "Store", "loaded_state", "memory_state_file", "open_store"]

@@ -121,6 +121,15 @@ EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 class Store(abc.ABC):
     """Keys, the versioned policy document, change events and atomic admission."""
 
+    #: True when admissions run in this process: an admit that raised StoreError did not
+    #: happen (nothing to roll back), and `settle_now` applies a settlement at once.
+    in_process: bool = False
+
+    def settle_now(self, s: Settlement) -> bool:
+        """Apply `s` synchronously when the store can (an in-process store) and return True;
+        False (the default) means: call `settle` (I/O) instead."""
+        return False
+
     @abc.abstractmethod
     async def start(self) -> None: ...
 

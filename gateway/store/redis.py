@@ -22,8 +22,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.audit import logger
 from gateway.errors import StoreError
+from gateway.log import logger
 from gateway.store.base import (
     WINDOW_MS,
     AdmitRequest,

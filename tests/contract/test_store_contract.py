@@ -228,6 +228,16 @@ async def test_otpm_debit_blocks_the_next_request(store: Store) -> None:
     assert 0.5 * 50 * 60 < blocked.retry_after_ms <= 50 * 60 + 1
 
 
+async def test_settle_now_applies_in_process_or_declines(store: Store) -> None:
+    """`settle_now` settles at once exactly when the store runs admissions in process."""
+    subject = Subject("key", "k1", _reseller(), otpm=1000)
+    small = _req(subject, out=100)
+    assert (await store.admit(small)).ok
+    assert store.settle_now(_settle(small, out=1000)) is store.in_process
+    after = await store.admit(_req(subject, out=50))
+    assert after.ok is not store.in_process
+
+
 async def test_settle_on_estimate_changes_nothing(store: Store) -> None:
     """A request that used what it reserved leaves the buckets where admission put them."""
     subject = Subject("key", "k1", _reseller(), itpm=1000, otpm=1000)

@@ -1,0 +1,26 @@
+"""The one place a GatewayError becomes an HTTP response (the docs/architecture.md §6 body)."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from gateway.errors import GatewayError
+
+
+def render(err: GatewayError, request_id: str) -> web.Response:
+    """The one place a GatewayError becomes an HTTP response."""
+    body = {
+        "type": "error",
+        "error": {"type": err.type, "code": err.code, "message": err.message},
+        "request_id": request_id,
+    }
+    headers = dict(err.headers)
+    headers["x-request-id"] = request_id
+    return web.Response(
+        status=err.status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )

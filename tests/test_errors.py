@@ -1,33 +1,9 @@
-"""Unit tests for gateway.errors: the one rendering of a GatewayError and its constructors."""
+"""Unit tests for gateway.errors: GatewayError and its constructors (rendered by
+gateway.responses, tested in tests/test_responses.py)."""
 
 from __future__ import annotations
 
-import json
-
-from gateway.errors import GatewayError, auth_error, invalid_request, permission_error, render
-
-
-def test_render_is_the_provider_shaped_body_with_the_request_id() -> None:
-    """render gives the status, the §6 body, the error's own headers and x-request-id."""
-    err = GatewayError(429, "rate_limit_error", "rpm", "slow down", {"retry-after": "3"})
-    resp = render(err, "req_abc")
-    assert resp.status == 429
-    assert resp.content_type == "application/json"
-    assert resp.headers["retry-after"] == "3"
-    assert resp.headers["x-request-id"] == "req_abc"
-    assert resp.body is not None
-    assert json.loads(bytes(resp.body)) == {  # type: ignore[arg-type]
-        "type": "error",
-        "error": {"type": "rate_limit_error", "code": "rpm", "message": "slow down"},
-        "request_id": "req_abc"}
-
-
-def test_render_does_not_change_the_errors_headers() -> None:
-    """Rendering adds x-request-id to the response only, not to the error it renders."""
-    err = GatewayError(502, "api_error", None, "upstream failed")
-    render(err, "req_1")
-    assert err.headers == {}
-    assert err.decision == "error"
+from gateway.errors import auth_error, invalid_request, permission_error
 
 
 def test_constructors_set_status_type_and_decision() -> None:

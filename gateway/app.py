@@ -234,13 +234,7 @@ class GatewayService:
             for task in cut:
                 task.cancel()
             await asyncio.wait(cut, timeout=0.5)
-        for listener in self._listeners:
-            listener.stop_accepting()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
-        self._listeners.clear()
-        await cancel_and_wait([*self._tasks, *self._side_tasks], wait_s=0.5)
+        await self._close_listeners()
         try:
             # Within drain + grace + 1 s in all, whatever the store does.
             async with asyncio.timeout(max(0.2, deadline + 0.8 - loop.time())):
@@ -251,8 +245,8 @@ class GatewayService:
         logger().info("shutdown_complete")
         self._stopping.set()
 
-    async def _abort_start(self) -> None:
-        """Undo a start that failed at its listeners: nothing was served yet."""
+    async def _close_listeners(self) -> None:
+        """Stop accepting, close every connection and the background loops."""
         for listener in self._listeners:
             listener.stop_accepting()
         for runner in self._runners:
@@ -260,6 +254,10 @@ class GatewayService:
         self._runners.clear()
         self._listeners.clear()
         await cancel_and_wait([*self._tasks, *self._side_tasks], wait_s=0.5)
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed at its listeners: nothing was served yet."""
+        await self._close_listeners()
         await self._close_parts()
         self.geo.close()
 

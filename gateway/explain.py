@@ -6,15 +6,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway.context import RequestContext
-from gateway.errors import GatewayError, auth_error
+from gateway.decision import attest, authenticate_request, decide, key_by_id, loaded
+from gateway.errors import GatewayError
 from gateway.geo import GeoInfo, GeoResolver
-from gateway.identity import KeyRegistry, parse_attestation
+from gateway.identity import KeyRegistry
 from gateway.keys import iso_time
-from gateway.limits import subjects_for
 from gateway.paths import normalize_target
 from gateway.pipeline import Pipeline
-from gateway.policy import CompiledPolicy, Inputs, evaluate_rules
+from gateway.policy import CompiledPolicy
 from gateway.store.base import KeyRecord
 
 
@@ -25,18 +24,6 @@ def _loc(geo: GeoResolver, ip: str) -> tuple[GeoInfo, dict[str, Any]]:
                   "databases": {k: {"path": v["path"], "build_epoch": v["build_epoch"],
                                     "build_epoch_iso": iso_time(v["build_epoch"])}
                                 for k, v in geo.explain(ip).items()}}
-
-
-def _by_id(registry: KeyRegistry, key_id: str, now: float) -> KeyRecord:
-    """The record of `key_id` as authentication would find it, without its secret."""
-    rec = registry.keys.get(key_id)
-    if rec is None:
-        raise auth_error("invalid_api_key", f"no key {key_id[:64]}")
-    if rec.status == "revoked":
-        raise auth_error("key_revoked", "API key has been revoked")
-    if rec.expires_at is not None and rec.expires_at <= now:
-        raise auth_error("key_expired", "API key has expired")
-    return rec
 
 
 def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None = None,
@@ -57,8 +44,6 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
         return out
     out["request"]["path"] = path
     loc, out["client"] = _loc(pipeline.geo, ip)
-    ctx = RequestContext("explain", ip, "POST", path, time.perf_counter(), client_ip=ip,
-                         model=model)
 
     def done(decision: str, status: int, code: str | None, stage: str,
              message: str = "") -> dict[str, Any]:
@@ -70,9 +55,9 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
     if key or key_id:
         try:
             if key_id:
-                rec = _by_id(registry, key_id, time.time())
+                rec = key_by_id(registry, key_id, time.time())
             else:
-                rec = registry.authenticate(key, time.time())
+                rec = authenticate_request(registry, key, time.time())
                 registry.last_used.pop(rec.key_id, None)  # explaining is not using the key
         except GatewayError as err:
             out["identity"] = {"error": err.code, "key_id": key_id}
@@ -87,32 +72,27 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
     out["identity"] = {"key_id": rec.key_id, "reseller": reseller, "status": rec.status,
                        "scopes": {"models": rec.models, "paths": rec.paths,
                                   "countries": rec.countries}}
-    if policy is None:
-        return done("error", 503, "policy_unavailable", "policy", "no policy loaded")
+    try:
+        policy = loaded(policy)
+    except GatewayError as err:
+        return done("error", err.status, err.code, "policy", err.message)
     res = policy.doc.resellers.get(reseller or "")
     out["identity"]["reseller_config"] = res.model_dump(mode="json") if res else None
-    cloc = None
     try:
-        att = parse_attestation(customer_id if customer_id or not customer_ip else "explain",
-                                customer_ip)
+        att = attest(policy, rec, customer_id, customer_ip)
     except GatewayError as err:
         return done(err.decision, err.status, err.code, "attestation", err.message)
-    if res is not None and res.require_customer and att.customer_ip is None:
-        return done("deny", 403, "customer_attestation_required", "attestation",
-                    "this reseller must attest the customer")
+    cloc = None
     if att.customer_ip:
         cloc, out["customer"] = _loc(pipeline.geo, att.customer_ip)
-    dec = evaluate_rules(policy, Inputs(loc, cloc, reseller, model, path), trace=True)
+    dec = decide(policy, pipeline.scopes, rec, att, loc, cloc, model, path, trace=True)
     out["rules"] = dec.trace
     out["shadow"] = dec.shadow
-    if dec.action == "deny":
-        return done("deny", 403, dec.reason, "policy", f"rule {dec.rule or 'default'}")
-    try:
-        pipeline.check_scopes(policy, rec, ctx, loc, cloc, model)
-    except GatewayError as err:
-        return done(err.decision, err.status, err.code, "scopes", err.message)
-    subjects = subjects_for(policy, rec, att.customer_id)
+    if dec.error is not None:
+        refusal = dec.error
+        message = f"rule {dec.rule or 'default'}" if dec.stage == "policy" else refusal.message
+        return done(refusal.decision, refusal.status, refusal.code, dec.stage, message)
     out["limits"] = [{"subject": f"{s.kind}:{s.ident}", "rpm": s.rpm, "itpm": s.itpm,
-                      "otpm": s.otpm, "concurrency": s.concurrency} for s in subjects]
+                      "otpm": s.otpm, "concurrency": s.concurrency} for s in dec.subjects]
     return done("allow", 200, None, "limits",
                 "allowed by policy; admission then depends on the live limit state")

@@ -17,30 +17,19 @@ from gateway import metrics
 from gateway.audit import log_request
 from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext, clip
-from gateway.errors import GatewayError, invalid_request, permission_error
+from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
+from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
-from gateway.identity import (
-    KeyRegistry,
-    extract_key,
-    parse_attestation,
-    require_customer,
-)
-from gateway.limits import Admission, Limits, subjects_for
+from gateway.identity import KeyRegistry, extract_key
+from gateway.limits import Admission, Limits
 from gateway.log import logger
 from gateway.paths import normalize_target
-from gateway.policy import (
-    CompiledPolicy,
-    Inputs,
-    country_allowed,
-    evaluate_rules,
-    glob_list,
-    path_glob_list,
-)
+from gateway.policy import CompiledPolicy
 from gateway.proxy import Forwarded, Upstream
 from gateway.request_body import Body, BodyBudget, parse_json, read_body
 from gateway.responses import render
 from gateway.settings import LoadedConfig
-from gateway.store.base import KeyRecord
+from gateway.store.base import KeyRecord, Subject
 from gateway.usage import RequestFacts, charged_tokens, estimate_request, with_include_usage
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -93,42 +82,6 @@ def build_runtime(config: LoadedConfig) -> Runtime:
     )
 
 
-class _NoPath:
-    """The path scope of a key whose stored globs are invalid: matches nothing."""
-
-    @staticmethod
-    def match(path: str) -> bool:
-        return False
-
-
-_NO_PATH = _NoPath()
-
-
-class _ScopeCache:
-    """Compiled key scopes, recompiled only when the key record changes."""
-
-    def __init__(self) -> None:
-        self._c: dict[str, tuple[KeyRecord, Any, Any, frozenset[str | None] | None]] = {}
-
-    def get(self, rec: KeyRecord) -> tuple[Any, Any, frozenset[str | None] | None]:
-        hit = self._c.get(rec.key_id)
-        if hit is not None and hit[0] is rec:
-            return hit[1], hit[2], hit[3]
-        countries = None if not rec.countries else frozenset(
-            None if c == "unknown" else c for c in rec.countries)
-        try:
-            paths: Any = path_glob_list(rec.paths)
-        except ValueError:
-            # A key stored before path globs were validated, with one that no longer
-            # compiles: it reaches no path (fail closed) until it is reissued.
-            paths = _NO_PATH
-        entry = (rec, glob_list(rec.models), paths, countries)
-        if len(self._c) > 100_000:
-            self._c.clear()
-        self._c[rec.key_id] = entry
-        return entry[1], entry[2], entry[3]
-
-
 class Pipeline:
     """Serves the proxy listener; every request ends in exactly one `request` log line."""
 
@@ -139,7 +92,7 @@ class Pipeline:
         self.registry = registry
         self.limits = limits
         self.policy: CompiledPolicy | None = None
-        self.scopes = _ScopeCache()
+        self.scopes = KeyScopes()
         self.inflight = 0
         self.bodies = BodyBudget(runtime.config.settings.server.max_inflight_body_bytes)
         #: set when shutdown cuts the requests still running (logged with reason `shutdown`)
@@ -173,20 +126,15 @@ class Pipeline:
             loc = self.geo.lookup(res.client_ip)
             ctx.country, ctx.asn, ctx.anonymizer = loc.country, loc.asn, list(loc.anonymizer)
 
-            # Authenticate from the headers before anything is spent on the body (§6).
-            key = self.registry.authenticate(
-                extract_key(request.headers.get("x-api-key"),
-                            request.headers.get("authorization")), time.time())
+            # Authenticate and judge the attestation from the headers before anything is
+            # spent on the body (§6); the rest of the decision once the model is known.
+            key = authenticate_request(self.registry, extract_key(
+                request.headers.get("x-api-key"), request.headers.get("authorization")),
+                time.time())
             ctx.key_id, ctx.reseller = key.key_id, key.reseller
-            policy = self.policy
-            if policy is None:
-                raise GatewayError(503, "overloaded_error", "policy_unavailable",
-                                   "no policy loaded yet")
-            reseller = policy.doc.resellers.get(key.reseller)
-            att = parse_attestation(request.headers.get(rt.customer_id_header),
-                                    request.headers.get(rt.customer_ip_header))
-            if reseller is not None and reseller.require_customer:
-                require_customer(att)
+            policy = loaded(self.policy)
+            att = attest(policy, key, request.headers.get(rt.customer_id_header),
+                         request.headers.get(rt.customer_ip_header))
             ctx.customer_id, ctx.customer_ip = clip(att.customer_id), att.customer_ip
 
             body = await read_body(request, rt.max_body, self.bodies, rt.body_timeout_s)
@@ -199,18 +147,15 @@ class Pipeline:
                 cloc = self.geo.lookup(att.customer_ip)
                 ctx.customer_country = cloc.country
 
-            dec = evaluate_rules(policy, Inputs(loc, cloc, key.reseller, facts.model, path))
+            dec = decide(policy, self.scopes, key, att, loc, cloc, facts.model, path)
             ctx.shadow = dec.shadow
             ctx.rule = dec.rule
-            if dec.action == "deny":
+            if dec.error is not None:
                 ctx.reason = dec.reason
-                raise permission_error(dec.reason or "request_not_allowed",
-                                       f"request denied by policy rule {dec.rule or 'default'}")
-            self.check_scopes(policy, key, ctx, loc, cloc, facts.model)
+                raise dec.error
 
-            adm, rl_headers = await self._admit(policy, key, att.customer_id,
-                                                facts.input_estimate, facts.max_output_tokens,
-                                                path)
+            adm, rl_headers = await self._admit(dec.subjects, facts.input_estimate,
+                                                facts.max_output_tokens, path)
             if facts.add_include_usage:
                 body.data = with_include_usage(_json_object(body.data))
             headers = rt.upstream.request_headers(
@@ -331,10 +276,8 @@ class Pipeline:
             metrics.tokens.inc(("output", reseller), ctx.output_tokens)
         log_request(ctx)
 
-    async def _admit(self, policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
-                     input_est: int, output_est: int, path: str
-                     ) -> tuple[Admission | None, dict[str, str]]:
-        subjects = subjects_for(policy, key, customer_id)
+    async def _admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
+                     path: str) -> tuple[Admission | None, dict[str, str]]:
         t0 = time.perf_counter()
         try:
             return await self.limits.admit(subjects, input_est, output_est,
@@ -342,33 +285,6 @@ class Pipeline:
         finally:
             if subjects:
                 metrics.store_duration.observe(time.perf_counter() - t0)
-
-    def check_scopes(self, policy: CompiledPolicy, key: KeyRecord, ctx: RequestContext,
-                     loc: GeoInfo, cloc: GeoInfo | None, model: str | None) -> None:
-        """Reseller status and countries, then the key's model, path and country scopes."""
-        r = policy.doc.resellers.get(key.reseller)
-        if r is None:
-            raise permission_error("reseller_suspended",
-                                   f"reseller {key.reseller!r} is not in the live policy")
-        if r.status == "suspended":
-            raise permission_error("reseller_suspended", f"reseller {key.reseller!r} is suspended")
-        judged = cloc.country if cloc is not None else loc.country
-        whose = "customer" if cloc is not None else "client"
-        if not country_allowed(policy.reseller_countries.get(key.reseller), judged):
-            raise permission_error("country_not_allowed",
-                                   f"{whose} country {judged or 'unknown'} is outside the "
-                                   "reseller's allowed countries")
-        models, paths, countries = self.scopes.get(key)
-        if models is not None and model is not None and not models.match(model):
-            raise permission_error("model_not_allowed", f"model {clip(model)!r} is not in this "
-                                   "key's scope")
-        if paths is not None and not paths.match(ctx.path):
-            raise permission_error("path_not_allowed", f"path {clip(ctx.path)!r} is not in "
-                                   "this key's scope")
-        if not country_allowed(countries, judged):
-            raise permission_error("country_not_allowed",
-                                   f"{whose} country {judged or 'unknown'} is outside this "
-                                   "key's allowed countries")
 
     @staticmethod
     def _xff(request: web.Request, peer: str, peer_trusted: bool) -> str:

@@ -1,0 +1,167 @@
+"""The decision, written once: authenticate → attestation → rules → scopes → subjects.
+
+Pure: no I/O. The caller extracts the inputs first (the presented key, the attestation header
+values, the model from the body, the geo records, the normalised path) and gets back the same
+verdict whether it is the live pipeline or `explain` (CLI and admin). The steps are split where
+the live path reads the body: `authenticate_request` and `attest` run on the headers alone,
+`decide` once the model is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.context import clip
+from gateway.errors import GatewayError, auth_error, permission_error
+from gateway.geo import GeoInfo
+from gateway.identity import Attestation, KeyRegistry, parse_attestation, require_customer
+from gateway.limits import subjects_for
+from gateway.policy import (
+    CompiledPolicy,
+    Inputs,
+    country_allowed,
+    evaluate_rules,
+    glob_list,
+    path_glob_list,
+)
+from gateway.store.base import KeyRecord, Subject
+
+
+class _NoPath:
+    """The path scope of a key whose stored globs are invalid: matches nothing."""
+
+    @staticmethod
+    def match(path: str) -> bool:
+        return False
+
+
+_NO_PATH = _NoPath()
+
+
+class KeyScopes:
+    """Compiled key scopes, recompiled only when the key record changes."""
+
+    def __init__(self) -> None:
+        self._c: dict[str, tuple[KeyRecord, Any, Any, frozenset[str | None] | None]] = {}
+
+    def get(self, rec: KeyRecord) -> tuple[Any, Any, frozenset[str | None] | None]:
+        hit = self._c.get(rec.key_id)
+        if hit is not None and hit[0] is rec:
+            return hit[1], hit[2], hit[3]
+        countries = None if not rec.countries else frozenset(
+            None if c == "unknown" else c for c in rec.countries)
+        try:
+            paths: Any = path_glob_list(rec.paths)
+        except ValueError:
+            # A key stored before path globs were validated, with one that no longer
+            # compiles: it reaches no path (fail closed) until it is reissued.
+            paths = _NO_PATH
+        entry = (rec, glob_list(rec.models), paths, countries)
+        if len(self._c) > 100_000:
+            self._c.clear()
+        self._c[rec.key_id] = entry
+        return entry[1], entry[2], entry[3]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on one request once its model is known."""
+
+    allowed: bool
+    stage: str  # policy | scopes (refused) or limits (allowed: admission comes next)
+    error: GatewayError | None  # the refusal, rendered as the live path renders it
+    rule: str | None
+    reason: str | None
+    shadow: list[str]
+    key: KeyRecord
+    attestation: Attestation
+    subjects: tuple[Subject, ...]
+    trace: list[dict[str, Any]] | None = None
+
+
+def authenticate_request(registry: KeyRegistry, presented: str | None, now: float) -> KeyRecord:
+    """The key record of the presented key, or the 401 GatewayError."""
+    return registry.authenticate(presented, now)
+
+
+def key_by_id(registry: KeyRegistry, key_id: str, now: float) -> KeyRecord:
+    """The record of `key_id` as authentication would find it, without its secret."""
+    rec = registry.keys.get(key_id)
+    if rec is None:
+        raise auth_error("invalid_api_key", f"no key {key_id[:64]}")
+    if rec.status == "revoked":
+        raise auth_error("key_revoked", "API key has been revoked")
+    if rec.expires_at is not None and rec.expires_at <= now:
+        raise auth_error("key_expired", "API key has expired")
+    return rec
+
+
+def loaded(policy: CompiledPolicy | None) -> CompiledPolicy:
+    """The live policy, or the 503 while none is loaded."""
+    if policy is None:
+        raise GatewayError(503, "overloaded_error", "policy_unavailable", "no policy loaded yet")
+    return policy
+
+
+def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
+           customer_ip: str | None) -> Attestation:
+    """The customer attestation from its header values: 400 when malformed, 403 when the
+    key's reseller requires it (both X-Customer-Id and X-Customer-IP) and it is incomplete."""
+    att = parse_attestation(customer_id, customer_ip)
+    reseller = policy.doc.resellers.get(key.reseller)
+    if reseller is not None and reseller.require_customer:
+        require_customer(att)
+    return att
+
+
+def check_scopes(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, client: GeoInfo,
+                 customer: GeoInfo | None, model: str | None, path: str) -> None:
+    """Reseller status and countries, then the key's model, path and country scopes."""
+    r = policy.doc.resellers.get(key.reseller)
+    if r is None:
+        raise permission_error("reseller_suspended",
+                               f"reseller {key.reseller!r} is not in the live policy")
+    if r.status == "suspended":
+        raise permission_error("reseller_suspended", f"reseller {key.reseller!r} is suspended")
+    judged = customer.country if customer is not None else client.country
+    whose = "customer" if customer is not None else "client"
+    if not country_allowed(policy.reseller_countries.get(key.reseller), judged):
+        raise permission_error("country_not_allowed",
+                               f"{whose} country {judged or 'unknown'} is outside the "
+                               "reseller's allowed countries")
+    models, paths, countries = scopes.get(key)
+    if models is not None and model is not None and not models.match(model):
+        raise permission_error("model_not_allowed", f"model {clip(model)!r} is not in this "
+                               "key's scope")
+    clipped = clip(path) or ""
+    if paths is not None and not paths.match(clipped):
+        raise permission_error("path_not_allowed", f"path {clip(clipped)!r} is not in "
+                               "this key's scope")
+    if not country_allowed(countries, judged):
+        raise permission_error("country_not_allowed",
+                               f"{whose} country {judged or 'unknown'} is outside this "
+                               "key's allowed countries")
+
+
+def decide(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, att: Attestation,
+           client: GeoInfo, customer: GeoInfo | None, model: str | None, path: str,
+           trace: bool = False) -> Decision:
+    """Rules, then scopes, then the subjects admission will charge. `customer` is the geo
+    record of the attested customer IP (None without one); `path` is normalised."""
+    dec = evaluate_rules(policy, Inputs(client, customer, key.reseller, model, path), trace)
+
+    def refused(stage: str, err: GatewayError, reason: str | None) -> Decision:
+        return Decision(False, stage, err, dec.rule, reason, dec.shadow, key, att, (),
+                        dec.trace)
+
+    if dec.action == "deny":
+        return refused("policy", permission_error(
+            dec.reason or "request_not_allowed",
+            f"request denied by policy rule {dec.rule or 'default'}"), dec.reason)
+    try:
+        check_scopes(policy, scopes, key, client, customer, model, path)
+    except GatewayError as err:
+        return refused("scopes", err, None)
+    return Decision(True, "limits", None, dec.rule, None, dec.shadow, key, att,
+                    subjects_for(policy, key, att.customer_id), dec.trace)

@@ -150,18 +150,15 @@ def decide(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, att: Attes
     """Rules, then scopes, then the subjects admission will charge. `customer` is the geo
     record of the attested customer IP (None without one); `path` is normalised."""
     dec = evaluate_rules(policy, Inputs(client, customer, key.reseller, model, path), trace)
-
-    def refused(stage: str, err: GatewayError, reason: str | None) -> Decision:
-        return Decision(False, stage, err, dec.rule, reason, dec.shadow, key, att, (),
-                        dec.trace)
-
     if dec.action == "deny":
-        return refused("policy", permission_error(
+        return Decision(False, "policy", permission_error(
             dec.reason or "request_not_allowed",
-            f"request denied by policy rule {dec.rule or 'default'}"), dec.reason)
+            f"request denied by policy rule {dec.rule or 'default'}"), dec.rule, dec.reason,
+            dec.shadow, key, att, (), dec.trace)
     try:
         check_scopes(policy, scopes, key, client, customer, model, path)
     except GatewayError as err:
-        return refused("scopes", err, None)
+        return Decision(False, "scopes", err, dec.rule, None, dec.shadow, key, att, (),
+                        dec.trace)
     return Decision(True, "limits", None, dec.rule, None, dec.shadow, key, att,
                     subjects_for(policy, key, att.customer_id), dec.trace)

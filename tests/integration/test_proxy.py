@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import openai
 import pytest
 
 from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, RunningGateway, poll, running_gateway
+from tests.support.redis_server import free_port
 from tests.support.upstream import MARKER_HEADER, FakeUpstream, anthropic_error_body
 
 US = "192.0.2.1"
@@ -34,13 +34,6 @@ LOG_ENVELOPE = {"event", "level", "timestamp", "worker"}  # on every line, not o
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])

@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,20 +19,13 @@ import aiohttp
 import anthropic
 
 from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, poll, write_config
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.transcript import TRANSCRIPT
 from tests.support.upstream import FakeUpstream
 
 MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
            "messages": [{"role": "user", "content": "hi"}]}
 US = {"X-Forwarded-For": "192.0.2.1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def gateway_env() -> dict[str, str]:

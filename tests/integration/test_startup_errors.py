@@ -9,9 +9,9 @@ import socket
 import sys
 from pathlib import Path
 
-from tests.integration.test_run_process import free_port, gateway_env
+from tests.integration.test_run_process import gateway_env
 from tests.support.gateway import running_gateway, write_config
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
 BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad_config"

@@ -9,7 +9,6 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -43,13 +42,6 @@ def _new_request_id() -> str:
 
 
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def _json_object(data: bytes) -> dict[str, Any]:
-    """The body already judged to be a JSON object, decoded again for re-encoding."""
-    doc = parse_json("POST", data)
-    assert doc is not None
-    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +148,6 @@ class Pipeline:
 
             adm, rl_headers = await self._admit(dec.subjects, facts.input_estimate,
                                                 facts.max_output_tokens, path)
-            if facts.add_include_usage:
-                body.data = with_include_usage(_json_object(body.data))
             headers = rt.upstream.request_headers(
                 request.headers, self._xff(request, peer, peer_trusted), ctx.request_id,
                 body_rewritten=body.inflated or facts.add_include_usage)
@@ -217,7 +207,8 @@ class Pipeline:
     def _facts(request: web.Request, path: str, body: Body, policy: CompiledPolicy,
                key: KeyRecord) -> RequestFacts:
         """Judge what the body says: model, stream, output maximum. Where a rule or the key
-        scopes models, a body whose model cannot be read is refused."""
+        scopes models, a body whose model cannot be read is refused. An OpenAI stream that
+        did not ask for usage gets its body re-encoded asking for it (§8)."""
         must_judge = policy.model_rules or bool(key.models)
         try:
             doc = parse_json(request.method, body.data)
@@ -233,10 +224,14 @@ class Pipeline:
             raise invalid_request("invalid_json", "this key or policy scopes models: the "
                                   "request body must be a JSON object naming the model")
         try:
-            return estimate_request(doc, len(body.data), path,
-                                    policy.doc.limits.default_max_output_tokens)
+            facts = estimate_request(doc, len(body.data), path,
+                                     policy.doc.limits.default_max_output_tokens)
         except ValueError as exc:
             raise invalid_request("invalid_max_tokens", str(exc)) from None
+        if facts.add_include_usage and doc is not None:
+            # Re-encoded from the document just parsed, not parsed a second time.
+            body.data = with_include_usage(doc)
+        return facts
 
     def _finish(self, ctx: RequestContext, adm: Admission | None,
                 fwd: Forwarded | None) -> None:

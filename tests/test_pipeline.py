@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.pipeline import _json_object, _new_request_id
+from gateway.pipeline import _new_request_id
 from tests.support.gateway import running_gateway
 from tests.support.upstream import FakeUpstream
 
@@ -19,11 +19,6 @@ def test_request_ids_are_unique_and_well_formed() -> None:
     assert len(set(ids)) == 1000
     assert all(re.fullmatch(r"req_[0-9a-f]{12}[0-9a-f]{12}", i) for i in ids)
     assert len({i[:16] for i in ids}) == 1
-
-
-def test_json_object_decodes_a_judged_body() -> None:
-    """A body already judged to be a JSON object decodes to that object."""
-    assert _json_object(b'{"model": "m", "n": [1]}') == {"model": "m", "n": [1]}
 
 
 async def test_reserved_paths_and_missing_keys_are_refused_on_the_proxy_listener(

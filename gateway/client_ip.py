@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.lru import BoundedLRU
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Walk at most this many hops of a forwarding header; a longer chain stops there (nginx would
@@ -182,9 +184,9 @@ class ClientIPResolver:
         self.header = header
         self.recursive = recursive
         self.rfc7239 = header.lower() == "forwarded"
-        self._trusted_cache: dict[str, bool] = {}
-        self._norm_cache: dict[str, str] = {}
-        self._resolve_cache: dict[tuple[str, str], Resolution] = {}
+        self._trusted_cache: BoundedLRU[str, bool] = BoundedLRU(_CACHE_MAX)
+        self._norm_cache: BoundedLRU[str, str] = BoundedLRU(_CACHE_MAX)
+        self._resolve_cache: BoundedLRU[tuple[str, str], Resolution] = BoundedLRU(_CACHE_MAX)
 
     def is_trusted(self, ip: str) -> bool:
         """Whether `ip` (a normalised address string) is a trusted proxy; cached."""
@@ -198,9 +200,7 @@ class ClientIPResolver:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         result = any(addr.version == n.version and addr in n for n in self.networks)
-        if len(self._trusted_cache) >= _CACHE_MAX:
-            self._trusted_cache.clear()
-        self._trusted_cache[ip] = result
+        self._trusted_cache.put(ip, result)
         return result
 
     def normalize(self, peer: str) -> str:
@@ -208,9 +208,7 @@ class ClientIPResolver:
         hit = self._norm_cache.get(peer)
         if hit is None:
             hit = parse_addr(peer) or peer
-            if len(self._norm_cache) >= _CACHE_MAX:
-                self._norm_cache.clear()
-            self._norm_cache[peer] = hit
+            self._norm_cache.put(peer, hit)
         return hit
 
     def resolve(self, peer: str, header_values: list[str]) -> Resolution:
@@ -227,9 +225,7 @@ class ClientIPResolver:
         hit = self._resolve_cache.get(key)
         if hit is None:
             hit = self._resolve(peer, header_values)
-            if len(self._resolve_cache) >= _CACHE_MAX:
-                self._resolve_cache.clear()
-            self._resolve_cache[key] = hit
+            self._resolve_cache.put(key, hit)
         return hit
 
     def _resolve(self, peer: str, header_values: list[str]) -> Resolution:

@@ -17,6 +17,7 @@ from gateway.errors import GatewayError, auth_error, permission_error
 from gateway.geo import GeoInfo
 from gateway.identity import Attestation, KeyRegistry, parse_attestation, require_customer
 from gateway.limits import subjects_for
+from gateway.lru import BoundedLRU
 from gateway.policy import (
     CompiledPolicy,
     Inputs,
@@ -43,7 +44,8 @@ class KeyScopes:
     """Compiled key scopes, recompiled only when the key record changes."""
 
     def __init__(self) -> None:
-        self._c: dict[str, tuple[KeyRecord, Any, Any, frozenset[str | None] | None]] = {}
+        self._c: BoundedLRU[str, tuple[KeyRecord, Any, Any, frozenset[str | None] | None]] = (
+            BoundedLRU(100_000))
 
     def get(self, rec: KeyRecord) -> tuple[Any, Any, frozenset[str | None] | None]:
         hit = self._c.get(rec.key_id)
@@ -58,9 +60,7 @@ class KeyScopes:
             # compiles: it reaches no path (fail closed) until it is reissued.
             paths = _NO_PATH
         entry = (rec, glob_list(rec.models), paths, countries)
-        if len(self._c) > 100_000:
-            self._c.clear()
-        self._c[rec.key_id] = entry
+        self._c.put(rec.key_id, entry)
         return entry[1], entry[2], entry[3]
 
 

@@ -16,7 +16,6 @@ import io
 import os
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import maxminddb
 
 from gateway.log import logger
+from gateway.lru import BoundedLRU
 from gateway.settings import ConfigError, GeoSettings
 
 # MaxMind field → anonymizer flag name used by policy and logs.
@@ -167,8 +167,7 @@ class GeoResolver:
             raise GeoDatabaseError("; ".join(errors.values()), errors)
         for kind, db in self.dbs.items():
             _log_loaded(kind, db)
-        self._cache: OrderedDict[str, GeoInfo] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: BoundedLRU[str, GeoInfo] = BoundedLRU(cache_size)
         self._failing: set[str] = set()  # kinds whose copy in service failed a lookup (logged)
         self.cache_hits = 0
         self.cache_misses = 0
@@ -193,14 +192,10 @@ class GeoResolver:
         hit = cache.get(ip)
         if hit is not None:
             self.cache_hits += 1
-            cache.move_to_end(ip)
             return hit
         self.cache_misses += 1
         info = self._lookup(ip)
-        if self._cache_size:
-            cache[ip] = info
-            if len(cache) > self._cache_size:
-                cache.popitem(last=False)
+        cache.put(ip, info)
         return info
 
     def explain(self, ip: str) -> dict[str, Any]:
@@ -287,7 +282,8 @@ class GeoResolver:
             swapped.append(kind)
             _log_loaded(kind, new)
         if swapped:
-            self._cache = OrderedDict()  # a fresh dict: lookups in flight keep the old one
+            # a fresh cache: lookups in flight keep the old one
+            self._cache = BoundedLRU(self._cache.maxsize)
         return swapped
 
     async def reload_in_thread(self) -> list[str]:

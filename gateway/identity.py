@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway.client_ip import parse_addr
 from gateway.errors import auth_error, invalid_request, permission_error
+from gateway.lru import BoundedLRU
 from gateway.store.base import KeyRecord, Store
 
 KEY_RE = re.compile(r"^gk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -59,7 +60,7 @@ class KeyRegistry:
         self.keys: dict[str, KeyRecord] = {}
         self.epoch = -1
         self.last_used: dict[str, float] = {}
-        self._digests: dict[str, str] = {}
+        self._digests: BoundedLRU[str, str] = BoundedLRU(4096)
 
     async def load_all(self) -> None:
         """Re-read every key record (start-up and missed-event resync)."""
@@ -89,11 +90,10 @@ class KeyRegistry:
         digest = self._digests.get(secret)
         if digest is None:
             # Hashing costs more than the rest of authentication; remember digests of secrets
-            # seen (bounded; an attacker's random secrets only evict each other's entries).
+            # seen (bounded, least recently used out first: the secrets in use stay while an
+            # attacker's random ones evict each other).
             digest = hash_secret(secret)
-            if len(self._digests) >= 4096:
-                self._digests.clear()
-            self._digests[secret] = digest
+            self._digests.put(secret, digest)
         ok = hmac.compare_digest(digest, rec.secret_hash)
         if not ok and rec.prev_secret_hash and (rec.prev_valid_until or 0) > now:
             ok = hmac.compare_digest(digest, rec.prev_secret_hash)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from gateway.errors import GatewayError, StoreError
 from gateway.log import logger
+from gateway.lru import BoundedLRU
 from gateway.policy import CompiledPolicy, LimitSet
 from gateway.store.base import (
     AdmitRequest,
@@ -63,8 +64,8 @@ def _limited(s: Subject) -> bool:
 
 # (policy, key record) → (key and reseller subjects, customer limits); derived once per policy
 # version and key version (both are replaced, never mutated, when they change).
-_subject_cache: dict[str, tuple[CompiledPolicy, KeyRecord, tuple[Subject, ...],
-                                dict[str, int]]] = {}
+_subject_cache: BoundedLRU[str, tuple[CompiledPolicy, KeyRecord, tuple[Subject, ...],
+                                      dict[str, int]]] = BoundedLRU(100_000)
 
 
 def subjects_for(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None
@@ -79,9 +80,8 @@ def subjects_for(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None
                 Subject("reseller", r, r, **_pick(res.limits if res else None,
                                                    policy.doc.limits.reseller))]
         cl = _pick(res.customer_limits if res else None, policy.doc.limits.customer)
-        if len(_subject_cache) > 100_000:
-            _subject_cache.clear()
-        hit = _subject_cache[key.key_id] = (policy, key, tuple(filter(_limited, base)), cl)
+        hit = (policy, key, tuple(filter(_limited, base)), cl)
+        _subject_cache.put(key.key_id, hit)
     subjects = hit[2]
     if customer_id is not None and any(hit[3].values()):
         subjects = (*subjects, Subject("customer", customer_id, key.reseller, **hit[3]))
@@ -93,7 +93,7 @@ def retry_after_s(ms: float) -> int:
     return max(1, math.ceil(ms / 1000.0))
 
 
-_rfc_cache: dict[int, str] = {}
+_rfc_cache: BoundedLRU[int, str] = BoundedLRU(4096)
 
 
 def _rfc3339(ms_from_now: float) -> str:
@@ -101,10 +101,8 @@ def _rfc3339(ms_from_now: float) -> str:
     sec = math.ceil(time.time() + ms_from_now / 1000.0)
     hit = _rfc_cache.get(sec)
     if hit is None:
-        if len(_rfc_cache) > 4096:
-            _rfc_cache.clear()
-        hit = _rfc_cache[sec] = datetime.fromtimestamp(sec, tz=UTC).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")
+        hit = datetime.fromtimestamp(sec, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _rfc_cache.put(sec, hit)
     return hit
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.geo import ANONYMIZER_NAMES, GeoInfo
 from gateway.paths import PathGlobs, compile_path_globs
-from gateway.settings import ConfigError, GeoSettings, load_yaml
+from gateway.settings import ConfigError, GeoSettings, load_yaml, validation_error
 
 _CC = re.compile(r"^[A-Z]{2}$")
 
@@ -112,11 +112,11 @@ class PolicyDoc(_M):
     limits: DefaultLimits = Field(default_factory=DefaultLimits)
 
 
-def _loc(err: dict[str, Any], raw: Any) -> str:
+def _loc(loc: tuple[int | str, ...], raw: Any) -> str:
     """A readable field path; rules are named by id, not index."""
     parts: list[str] = []
     node = raw
-    for p in err["loc"]:
+    for p in loc:
         if parts and parts[-1] == "rules" and isinstance(p, int):
             rid = node[p].get("id") if isinstance(node, list) and p < len(node) and isinstance(
                 node[p], dict) else None
@@ -139,13 +139,7 @@ def validate_policy(raw: Any, source: str) -> PolicyDoc:
     try:
         doc = PolicyDoc.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        raise ConfigError(source, _loc(dict(err), raw), msg) from None
+        raise validation_error(source, exc, lambda loc: _loc(loc, raw)) from None
     seen: set[str] = set()
     for rule in doc.rules:
         where = f"rules[{rule.id}]"

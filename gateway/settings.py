@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -421,7 +422,7 @@ def load_settings(
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError.of([_field_error(path, dict(err)) for err in exc.errors()]) from None
+        raise validation_error(path, exc) from None
     settings = _resolve_paths(path, settings)
     errors = []
     clash = settings.listen_clash()
@@ -449,18 +450,34 @@ def load_settings(
     )
 
 
-def _field_error(path: str, err: dict[str, Any]) -> ConfigError:
-    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = str(err["msg"])
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-        if field == "geo.country_db":
-            msg += " (the path of a GeoIP2 or GeoLite2 Country or City database)"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    return ConfigError(path, field, msg)
+# What a missing field is, where its name alone does not say.
+_MISSING_HINTS = {
+    "geo.country_db": " (the path of a GeoIP2 or GeoLite2 Country or City database)",
+}
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def validation_error(source: str, exc: ValidationError,
+                     where: Callable[[tuple[int | str, ...]], str] = _dotted) -> ConfigError:
+    """The ConfigError of a pydantic ValidationError, for the config and the policy alike: one
+    problem per pydantic error, in order, each naming `source`, the field (`where` of the
+    error's location, dotted by default; "(top level)" when empty) and the reason in our
+    words ("unknown field", "required field is missing", a validator's own message)."""
+    problems = []
+    for err in exc.errors():
+        field = where(err["loc"]) or "(top level)"
+        msg = str(err["msg"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing" + _MISSING_HINTS.get(field, "")
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(ConfigError(source, field, msg))
+    return ConfigError.of(problems)
 
 
 def _resolve_paths(path: str, s: Settings) -> Settings:

@@ -35,7 +35,7 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 
 # The layer table, as data (module names relative to the `gateway` package).
 TABLE = (
-    _group(0, "records", "errors context tasks paths allocator"),
+    _group(0, "records", "errors context tasks paths allocator lru"),
     _group(1, "contract", "__init__ settings log store.base store.gcra"),
     _group(2, "stores", "store.memory store.state_file store.redis store.fastpath"),
     _group(2, "stages", "client_ip geo identity policy limits usage"),

@@ -157,6 +157,21 @@ def test_validate_policy_rule_without_id_is_named_by_index() -> None:
     assert info.value.field == "rules[1].id"
 
 
+def test_validate_policy_names_every_problem_as_the_config_loader_does() -> None:
+    """Every schema problem of a policy is reported, in order, in the config loader's words
+    (the one translation of settings.validation_error)."""
+    raw = _bad(lambda d: (d["rules"][0].update(colour="red"), d["rules"][1].pop("id"),
+                          d["limits"]["key"].update(rpm=-1)))
+    with pytest.raises(ConfigError) as info:
+        validate_policy(raw, SRC)
+    assert [(p.file, p.field, p.reason) for p in info.value.problems] == [
+        (SRC, "rules[restricted-regions].colour", "unknown field"),
+        (SRC, "rules[1].id", "required field is missing"),
+        (SRC, "limits.key.rpm", "Input should be greater than or equal to 0"),
+    ]
+    assert str(info.value).count("\n") == 2
+
+
 @pytest.mark.parametrize("raw", [None, [], "policy", 3])
 def test_validate_policy_not_a_mapping(raw: Any) -> None:
     """A policy document that is not a mapping is refused."""

@@ -22,7 +22,7 @@ from gateway.store.base import (
 from gateway.store.gcra import Limiter
 from gateway.store.state_file import StateFile, StateFileError, dump_state
 
-__all__ = ["Limiter", "MemoryStore", "StateFileError"]
+__all__ = ["MemoryStore", "StateFileError"]
 
 
 class MemoryStore(Store):

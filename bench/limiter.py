@@ -2,7 +2,7 @@
 
     python -m bench.limiter [--small 1000] [--large 200000] [--rounds 20000]
 
-Fills a Limiter (gateway/store/memory.py) with N live subjects (an rpm bucket and a
+Fills a Limiter (gateway/store/gcra.py) with N live subjects (an rpm bucket and a
 concurrency lease each), then times admissions of fresh subjects while the oldest entries
 expire around them, and prints the cost per admission at both sizes and their ratio. The
 clean-up is O(log n) amortised, so the ratio stays near 1 (before, every admission past
@@ -16,7 +16,7 @@ import gc
 import time
 
 from gateway.store.base import AdmitRequest, Subject
-from gateway.store.memory import Limiter
+from gateway.store.gcra import Limiter
 
 
 def _req(i: int) -> AdmitRequest:

@@ -1,8 +1,9 @@
 """Tests mirror the package: every module has its unit test file, every unit test file a module.
 
 The convention (the idea is mitmproxy's test/filename_matching.py): the unit tests of
-`gateway/X.py` live in `tests/test_X.py`, and those of `gateway/store/X.py` in
-`tests/store/test_X.py` (the test tree mirrors the package tree). A module with no units of
+`gateway/X.py` live in `tests/test_X.py`, those of `gateway/store/X.py` in
+`tests/store/test_X.py` and those of `gateway/store/redis/X.py` in `tests/store/redis/test_X.py`
+(the test tree mirrors the package tree). A module with no units of
 its own is named in `NO_UNITS` with the reason. Suites that are not about one module live in
 their own folders and are exempt: tests/integration/ (real gateways and processes),
 tests/contract/ (one store contract run on every backend), tests/support/ (the test
@@ -19,13 +20,14 @@ PACKAGE = ROOT / "gateway"
 TESTS = ROOT / "tests"
 
 #: Folders of the package whose modules are mirrored (package folder → test folder).
-MIRRORED = {"": "", "store": "store"}
+MIRRORED = {"": "", "store": "store", "store/redis": "store/redis"}
 
 #: Modules with no units to test; each is reached through the modules it re-exports or calls.
 NO_UNITS = {
     "__init__.py",  # the package marker and __version__ (checked by `gateway --version` tests)
     "__main__.py",  # `python -m gateway`: calls cli.main (tests/integration/test_cli.py)
     "store/__init__.py",  # re-exports Store and picks a backend (tests/contract/)
+    "store/redis/__init__.py",  # re-exports RedisStore (tests/store/redis/test_store.py)
 }
 
 #: Test files at the top of tests/ that check the repository as a whole, not one module.
@@ -66,9 +68,10 @@ def _unit_test_files() -> set[str]:
 
 
 def test_every_module_has_its_unit_test_file() -> None:
-    """Each gateway module not in NO_UNITS has tests/test_X.py (tests/store/test_X.py)."""
+    """Each gateway module not in NO_UNITS has tests/test_X.py (tests/store/test_X.py,
+    tests/store/redis/test_X.py)."""
     modules = _modules()
-    assert "store/redis.py" in modules and "pipeline.py" in modules  # the scan finds modules
+    assert "store/redis/store.py" in modules and "pipeline.py" in modules  # the scan works
     missing = sorted(f"gateway/{m} -> tests/{_test_file(m)}" for m in modules - NO_UNITS
                      if not (TESTS / _test_file(m)).is_file())
     assert not missing, "modules without a unit test file:\n" + "\n".join(missing)
@@ -93,6 +96,8 @@ def test_the_lists_name_only_what_exists() -> None:
 
 
 def test_the_mirror_rule() -> None:
-    """The path rule itself: top-level modules map to tests/, store modules to tests/store/."""
+    """The path rule itself: top-level modules map to tests/, store modules to tests/store/,
+    the Redis backend's to tests/store/redis/."""
     assert _test_file("limits.py") == "test_limits.py"
     assert _test_file("store/memory.py") == "store/test_memory.py"
+    assert _test_file("store/redis/pooled.py") == "store/redis/test_pooled.py"

@@ -20,9 +20,10 @@ def open_store(url: str, key_prefix: str = "gw:", timeout_s: float = 1.0) -> Sto
     """The backend for `store.url`: `memory://` (embedded; with a path, persisted to that state
     file, which is loaded here: an unreadable one raises StateFileError) or a Redis URL."""
     if url.startswith("memory://"):
+        from gateway.store.gcra import Limiter
         from gateway.store.memory import MemoryStore
 
-        return MemoryStore(memory_state_file(url))
+        return MemoryStore(memory_state_file(url), limiter=Limiter())
     from gateway.store.redis import RedisStore
 
     return RedisStore(url, key_prefix, timeout_s)

@@ -11,7 +11,9 @@ from typing import Any
 from gateway.errors import StoreError
 
 WINDOW_MS = 60_000.0
+# The limit dimensions, in the order of the Lua scripts' keys, arguments and replies.
 DIMENSIONS = ("rpm", "itpm", "otpm", "concurrency")
+TOKEN_DIMENSIONS = DIMENSIONS[:3]  # the GCRA buckets (concurrency is counted in leases)
 AUDIT_MAXLEN = 100_000  # events the audit stream keeps (about: Redis trims approximately)
 
 

@@ -9,6 +9,7 @@ import time
 
 from gateway.errors import StoreError
 from gateway.store.base import (
+    TOKEN_DIMENSIONS,
     WINDOW_MS,
     AdmitRequest,
     AdmitResult,
@@ -19,8 +20,6 @@ from gateway.store.base import (
 )
 
 __all__ = ["Limiter"]
-
-_TOKEN_DIMS = ("rpm", "itpm", "otpm")
 
 
 class Limiter:
@@ -60,7 +59,7 @@ class Limiter:
         planned: list[tuple[str, float]] = []
         buckets: dict[str, Bucket] = {}
         for s in req.subjects:
-            for dim in _TOKEN_DIMS:
+            for dim in TOKEN_DIMENSIONS:
                 limit = self._limit(getattr(s, dim))
                 if not limit:
                     continue
@@ -124,7 +123,7 @@ class Limiter:
             return
         costs = {"rpm": 1, "itpm": req.input_tokens, "otpm": req.output_tokens}
         for s in req.subjects:
-            for dim in _TOKEN_DIMS:
+            for dim in TOKEN_DIMENSIONS:
                 limit = self._limit(getattr(s, dim))
                 key = self._key(s, dim)
                 if limit and key in self.tat:

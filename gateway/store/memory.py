@@ -22,7 +22,7 @@ from gateway.store.base import (
 from gateway.store.gcra import Limiter
 from gateway.store.state_file import StateFile, StateFileError, dump_state
 
-__all__ = ["Limiter", "MemoryStore", "StateFileError"]
+__all__ = ["MemoryStore", "StateFileError"]
 
 
 class MemoryStore(Store):
@@ -32,17 +32,20 @@ class MemoryStore(Store):
     that file atomically on every change, before the change is published, and loaded at
     construction; the audit stream is appended to `<state_file>.audit` (JSON lines). A change
     that cannot be written raises StoreError and is not kept. Limits state (buckets, leases)
-    stays in memory. A state file that cannot be read is a StateFileError, never a reset."""
+    stays in memory. A state file that cannot be read is a StateFileError, never a reset.
+
+    Admissions, settlements and leases are `limiter`'s (gcra.py; the factory builds one per
+    store, as does a store constructed without one)."""
 
     in_process = True
 
-    def __init__(self, state_file: str | None = None) -> None:
+    def __init__(self, state_file: str | None = None, limiter: Limiter | None = None) -> None:
         self.keys: dict[str, KeyRecord] = {}
         self.used: dict[str, float] = {}
         self.policy: StoredPolicy | None = None
         self.keys_epoch = 0
         self.handlers: list[EventHandler] = []
-        self.limiter = Limiter()
+        self.limiter = limiter if limiter is not None else Limiter()
         self.state_file = state_file
         self._file: StateFile | None = None
         self._write_lock = asyncio.Lock()  # one change written at a time, in order

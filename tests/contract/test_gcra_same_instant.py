@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from gateway.store.base import AdmitRequest, Subject
-from gateway.store.memory import Limiter
-from gateway.store.redis import RedisStore, _lua
+from gateway.store.gcra import Limiter
+from gateway.store.redis import RedisStore
+from gateway.store.redis.store import lua
 from tests.support.redis_server import RedisServer
 
 # Limits whose request interval (60000 / L ms) is no exact binary or 3-decimal fraction.
@@ -43,10 +44,11 @@ async def test_redis_burst_in_one_millisecond_admits_exactly_limit(
     store = RedisStore(redis_server_session.url, f"g{uuid.uuid4().hex[:10]}:")
     await store.start()
     try:
-        admit = store.client.register_script(_lua("admit.lua"))  # the script, via redis-py
+        client = store.pooled.client
+        admit = client.register_script(lua("admit.lua").source)  # the script, via redis-py
         for limit in LIMITS:
             subject = Subject("key", f"k{limit}", "r", rpm=limit)
-            pipe = store.client.pipeline(transaction=True)
+            pipe = client.pipeline(transaction=True)
             for _ in range(limit + 1):
                 keys, args = store._admit_call(_req(subject))
                 await admit(keys=keys, args=args, client=pipe)

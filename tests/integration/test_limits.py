@@ -478,7 +478,7 @@ async def test_scripts_reloaded_after_script_flush(
         try:
             await client.script_flush()
             assert (await send(s, gw, key)).status == 200
-            assert (await client.script_exists(gw.service.store._admit.script.sha))[0]
+            assert (await client.script_exists(gw.service.store._ADMIT.sha))[0]
         finally:
             await client.aclose()
         r = await send(s, gw, key)

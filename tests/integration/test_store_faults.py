@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.store.base import AdmitRequest, KeyRecord, Settlement, Subject
-from gateway.store.redis import RedisStore, _lua
+from gateway.store.redis import RedisStore
+from gateway.store.redis.pooled import PooledRunner
 from tests.support.cli import GatewayProcess, code_of, run_cli, send
 from tests.support.gateway import RunningGateway, poll, running_gateway, write_config
 from tests.support.redis_server import RedisServer, free_port
@@ -181,12 +182,10 @@ async def test_error_replies_become_store_errors_on_every_method(
     """With Redis answering MASTERDOWN / READONLY, every store method raises StoreError (never
     a redis-py ResponseError), on the pipelined connection and on the pooled client alike;
     the event listener survives; once Redis heals, the same store works again."""
-    store = RedisStore(redis_server.url, _prefix(), timeout_s=0.5)
-    if transport == "pooled":  # as on Sentinel and Cluster: the scripts through redis-py
-        store._fast = None
-        store._admit = store.client.register_script(_lua("admit.lua"))
-        store._settle = store.client.register_script(_lua("settle.lua"))
-        store._cancel = store.client.register_script(_lua("cancel.lua"))
+    pooled = PooledRunner(redis_server.url, 0.5)
+    # "pooled": as on Sentinel and Cluster, the per-request scripts through redis-py too.
+    store = RedisStore(redis_server.url, _prefix(), timeout_s=0.5, pooled=pooled,
+                       scripts=pooled if transport == "pooled" else None)
     await store.start()
     events: list[dict[str, Any]] = []
 

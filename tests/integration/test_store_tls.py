@@ -17,6 +17,7 @@ import pytest
 from gateway.errors import StoreError
 from gateway.store.base import AdmitRequest, KeyRecord, Subject
 from gateway.store.redis import RedisStore
+from gateway.store.redis.pipelined import PipelinedRunner
 from tests.support.redis_server import RedisServer, free_port
 
 
@@ -84,7 +85,7 @@ async def _use(store: RedisStore) -> None:
     await store.start()
     try:
         assert (await store.admit(AdmitRequest((_subject(),), "l1", 60_000, 0, 0))).ok
-        assert store._fast is not None and store._fast._writer is not None
+        assert isinstance(store.scripts, PipelinedRunner) and store.scripts.connected
         await store.put_key(KeyRecord("k1", "r", "h" * 64))
         assert await store.get_key("k1") is not None
     finally:

@@ -1,20 +1,21 @@
-"""One dedicated, pipelined Redis connection for the per-request scripts (admit, settle).
+"""The pipelined transport: one dedicated Redis connection for the per-request scripts
+(admit, settle, cancel), as a ScriptRunner.
 
 redis.asyncio's pool costs ≈ 50 µs a call (a pool checkout and a timeout task per command);
 here a call is one buffered write and one future, answered in order by a single reader that
 parses with hiredis. Used for single-node `redis://`, `rediss://` and `unix://` stores;
-Sentinel and Cluster keep the general client.
+Sentinel and Cluster keep the pooled transport (pooled.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
 from gateway.store.base import StoreCallNotSent
+from gateway.store.redis.runner import Script, error_reply
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -31,10 +33,6 @@ def _encode(args: tuple[Any, ...]) -> bytes:
         b = a if isinstance(a, bytes) else str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
-
-
-class ScriptError(Exception):
-    """Redis answered a script call with an error reply."""
 
 
 class PipelinedConnection:
@@ -86,7 +84,7 @@ class PipelinedConnection:
             raise StoreCallNotSent(f"store unavailable: {type(exc).__name__}") from exc
         self._writer = writer
         parser = hiredis.Reader()
-        self._reader_task = asyncio.create_task(self._read(reader, parser), name="redis-fastpath")
+        self._reader_task = asyncio.create_task(self._read(reader, parser), name="redis-pipelined")
         self._arm()
         hello: list[tuple[Any, ...]] = []
         if self.password:
@@ -185,21 +183,31 @@ class PipelinedConnection:
             await asyncio.gather(self._connecting, return_exceptions=True)
 
 
-class FastScript:
-    """EVALSHA over the pipelined connection, falling back to EVAL on NOSCRIPT."""
+class PipelinedRunner:
+    """The ScriptRunner over one PipelinedConnection: EVALSHA, and EVAL on NOSCRIPT.
 
-    def __init__(self, conn: PipelinedConnection, source: str) -> None:
-        self.conn = conn
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+    Calls made in one event-loop turn are written back to back and answered in that order;
+    the connection's watchdog bounds every call (`timeout_s`), so no other deadline is
+    needed. It connects on first use and reconnects after a failure."""
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.conn = PipelinedConnection(url, timeout_s)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up (it opens on the first call)."""
+        return self.conn._writer is not None
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         conn = self.conn
         if conn._writer is None:
             await conn.ensure()
-        reply = await conn.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        reply = await conn.call("EVALSHA", script.sha, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await conn.call("EVAL", self.source, len(keys), *keys, *args)
+            reply = await conn.call("EVAL", script.source, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError):
-            raise ScriptError(str(reply))
+            raise error_reply(str(reply))
         return reply
+
+    async def close(self) -> None:
+        await self.conn.close()

@@ -1,0 +1,127 @@
+"""gateway.store.redis.store: reply decoding, the bundled Lua scripts, which transport serves
+which call, and the store over each transport on a real redis-server (the whole contract
+runs on every backend in tests/contract/)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from gateway.errors import StoreError
+from gateway.store.base import DIMENSIONS, AdmitRequest, Settlement, Subject
+from gateway.store.redis import RedisStore
+from gateway.store.redis.pipelined import PipelinedRunner
+from gateway.store.redis.pooled import PooledRunner
+from gateway.store.redis.runner import Script
+from gateway.store.redis.store import _two_ints, lua, pipelinable
+from tests.support.redis_server import RedisServer
+
+
+def test_two_ints_decodes_a_pair_and_refuses_anything_else() -> None:
+    """A two-element reply becomes two ints (nil as 0); any other shape is a TypeError."""
+    assert _two_ints([b"3", None]) == (3, 0)
+    assert _two_ints([1, 2]) == (1, 2)
+    for bad in ([1], [1, 2, 3], b"12", None):
+        with pytest.raises(TypeError):
+            _two_ints(bad)
+
+
+def test_the_lua_scripts_ship_with_the_package() -> None:
+    """Each script the store loads is readable from the installed package, with its SHA-1."""
+    from importlib import resources
+
+    names = [p.name for p in resources.files("gateway.store").joinpath("lua").iterdir()
+             if p.name.endswith(".lua")]
+    assert sorted(names) == ["admit.lua", "cancel.lua", "put_key.lua", "put_policy.lua",
+                             "renew.lua", "settle.lua"]
+    for name in names:
+        script = lua(name)
+        assert "redis.call" in script.source or "KEYS" in script.source, name
+        assert len(script.sha) == 40 and script.name == name
+
+
+def test_the_url_decides_the_per_request_transport() -> None:
+    """Single-node URLs send admit, settle and cancel over the pipelined connection;
+    Sentinel and Cluster over the pooled client, which also serves everything else."""
+    assert all(pipelinable(u) for u in ("redis://h:1/0", "rediss://h:1/0", "unix:///s.sock"))
+    single = RedisStore("redis://127.0.0.1:1/0")
+    assert isinstance(single.scripts, PipelinedRunner)
+    assert isinstance(single.pooled, PooledRunner)
+    for url in ("redis+sentinel://127.0.0.1:1/gwmaster", "redis+cluster://127.0.0.1:1"):
+        assert not pipelinable(url)
+        store = RedisStore(url)
+        assert store.scripts is store.pooled, url
+
+
+def test_a_refusal_reply_names_the_subject_and_dimension() -> None:
+    """admit.lua's refusal reply becomes the refused subject, its dimension (by the shared
+    DIMENSIONS order), the retry-after and the bucket; a concurrency refusal has no bucket."""
+    a = Subject("key", "k1", "r", rpm=5)
+    b = Subject("customer", "c1", "r", itpm=100, concurrency=2)
+    req = AdmitRequest((a, b), "l1", 60_000, 10, 10)
+    res = RedisStore._admit_result(req, [0, 2, 2, "1500.5", 100, 3, "2000"])
+    assert (res.ok, res.failed_dimension, res.failed_subject) == (False, "itpm", "customer:c1")
+    assert res.retry_after_ms == 1500.5
+    assert res.buckets["itpm"].limit == 100 and res.buckets["itpm"].remaining == 3
+    res = RedisStore._admit_result(req, [0, 2, 4, "1000", 2, 0, "0"])
+    assert res.failed_dimension == DIMENSIONS[3] == "concurrency" and res.buckets == {}
+
+
+def test_an_admitted_reply_keeps_the_limited_dimensions_and_a_cancelled_one_raises() -> None:
+    """An admission reply gives a bucket per dimension that some subject limits (limit 0 means
+    none); a reply saying the admission was cancelled first raises StoreError."""
+    req = AdmitRequest((Subject("key", "k1", "r", rpm=5),), "l1", 60_000, 0, 0)
+    res = RedisStore._admit_result(req, [1, 5, 4, "12000", 0, 0, "0", 0, 0, "0"])
+    assert res.ok and list(res.buckets) == ["rpm"] and res.buckets["rpm"].remaining == 4
+    with pytest.raises(StoreError, match="cancelled"):
+        RedisStore._admit_result(req, [2])
+
+
+@pytest_asyncio.fixture(params=["pipelined", "pooled"])
+async def store(request: pytest.FixtureRequest,
+                redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    """A started store on the test's own server, its per-request scripts over the pipelined
+    connection (the default for a redis:// URL) or over the pooled client (injected, as on
+    Sentinel and Cluster)."""
+    url = redis_server.url
+    pooled = PooledRunner(url, 1.0)
+    scripts = pooled if request.param == "pooled" else None
+    st = RedisStore(url, f"t{uuid.uuid4().hex[:8]}:", pooled=pooled, scripts=scripts)
+    assert (st.scripts is pooled) == (request.param == "pooled")
+    await st.start()
+    try:
+        yield st
+    finally:
+        await st.close()
+
+
+async def test_admit_settle_and_cancel_over_either_transport(store: RedisStore) -> None:
+    """Over either transport: a lease is held until settled, the limit refuses the request
+    past it, a cancelled admission gives its request back, and each call counts one trip."""
+    s = Subject("key", "k1", "r", rpm=2, concurrency=1)
+    first = AdmitRequest((s,), "l1", 60_000, 0, 0)
+    before = store.round_trips
+    assert (await store.admit(first)).ok
+    assert store.round_trips == before + 1
+    busy = await store.admit(AdmitRequest((s,), "l2", 60_000, 0, 0))
+    assert not busy.ok and busy.failed_dimension == "concurrency"
+    await store.settle(Settlement((s,), "l1", 0, 0, 0, 0))
+    second = AdmitRequest((s,), "l3", 60_000, 0, 0)
+    assert (await store.admit(second)).ok
+    await store.cancel(second)  # gives back its rpm and its lease
+    assert (await store.admit(AdmitRequest((s,), "l4", 60_000, 0, 0))).ok
+    over = await store.admit(AdmitRequest((s,), "l5", 60_000, 0, 0))
+    assert not over.ok and over.failed_dimension in ("rpm", "concurrency")
+
+
+async def test_a_reply_of_the_wrong_shape_is_a_store_error(store: RedisStore) -> None:
+    """A script reply its decoder refuses raises StoreError (store unavailable), on either
+    transport."""
+    word = Script("word", "return 'not-a-number'")
+    with pytest.raises(StoreError, match=r"^store unavailable: ValueError$"):
+        await store._run(word, [], [], decode=int)
+    with pytest.raises(StoreError, match=r"^store unavailable: ValueError$"):
+        await store._run(word, [], [], decode=int, runner=store.pooled)

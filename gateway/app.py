@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app, hide_server_version
-from gateway.audit import configure_logging, record_audit, record_policy_applied
+from gateway.audit import record_audit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
@@ -33,6 +33,7 @@ from gateway.policy import (
     validate_policy,
 )
 from gateway.proxy import Upstream
+from gateway.request_log import configure_logging
 from gateway.settings import (
     ConfigError,
     LoadedConfig,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import log_request
 from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext, clip
 from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
@@ -26,6 +25,7 @@ from gateway.paths import normalize_target
 from gateway.policy import CompiledPolicy
 from gateway.proxy import Forwarded, Upstream
 from gateway.request_body import Body, BodyBudget, parse_json, read_body
+from gateway.request_log import log_request
 from gateway.responses import render
 from gateway.settings import LoadedConfig
 from gateway.store.base import KeyRecord, Subject

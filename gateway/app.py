@@ -70,7 +70,8 @@ class GatewayService:
             raise ConfigError(config.path, "store.url", str(exc)) from None
         self.registry = KeyRegistry(self.store)
         self.limits = Limits(self.store, s.store.on_error,
-                             s.store.fallback_instances * worker_count(environ), s.limits_headers)
+                             s.store.fallback_instances * worker_count(environ), s.limits_headers,
+                             observe_admission=metrics.store_duration.observe)
         self.pipeline = Pipeline(build_runtime(config), self.geo, self.registry, self.limits)
         self.synced = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -272,13 +272,12 @@ class Limits:
         A request with no limited subject is admitted without a store call (and untimed)."""
         if not subjects:
             return None, {}
-        if self.observe_admission is None:
-            return await self._admit(subjects, input_est, output_est, family)
         t0 = time.perf_counter()
         try:
             return await self._admit(subjects, input_est, output_est, family)
         finally:
-            self.observe_admission(time.perf_counter() - t0)
+            if self.observe_admission is not None:
+                self.observe_admission(time.perf_counter() - t0)
 
     async def _admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
                      family: str | None) -> tuple[Admission | None, dict[str, str]]:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app, hide_server_version
-from gateway.audit import configure_logging, record_audit, record_policy_applied
+from gateway.audit import record_audit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
@@ -33,6 +33,7 @@ from gateway.policy import (
     validate_policy,
 )
 from gateway.proxy import Upstream
+from gateway.request_log import configure_logging
 from gateway.settings import (
     ConfigError,
     LoadedConfig,
@@ -69,7 +70,8 @@ class GatewayService:
             raise ConfigError(config.path, "store.url", str(exc)) from None
         self.registry = KeyRegistry(self.store)
         self.limits = Limits(self.store, s.store.on_error,
-                             s.store.fallback_instances * worker_count(environ), s.limits_headers)
+                             s.store.fallback_instances * worker_count(environ), s.limits_headers,
+                             observe_admission=metrics.store_duration.observe)
         self.pipeline = Pipeline(build_runtime(config), self.geo, self.registry, self.limits)
         self.synced = False
         self._tasks: list[asyncio.Task[None]] = []

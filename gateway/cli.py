@@ -87,7 +87,7 @@ def _preflight(config: LoadedConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.audit import configure_logging
+    from gateway.request_log import configure_logging
 
     config = _load(args)
     configure_logging("error", "json")  # the databases' load lines come from the service
@@ -123,7 +123,7 @@ def _run_one(config: LoadedConfig, overrides: list[str], reuse_port: bool) -> in
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.audit import configure_logging
+    from gateway.request_log import configure_logging
 
     configure_logging("error", "json")
     config = _load(args)
@@ -196,7 +196,7 @@ def _embedded(config: LoadedConfig) -> bool:
 def _cli_logging() -> None:
     """Audit events of a CLI change go to stderr as JSON lines: stdout is the command's own
     output (with --json, exactly one JSON document)."""
-    from gateway.audit import configure_logging, set_log_stream
+    from gateway.request_log import configure_logging, set_log_stream
 
     set_log_stream(sys.stderr)
     configure_logging("info", "json")
@@ -502,7 +502,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         q = urlencode({"limit": limit, **({"since": repr(since)} if since is not None else {})})
         events = asyncio.run(Remote(config).call("GET", f"/admin/audit?{q}"))["events"]
     else:
-        from gateway.audit import configure_logging, set_log_stream
+        from gateway.request_log import configure_logging, set_log_stream
 
         set_log_stream(sys.stderr)  # stdout is the listing alone
         configure_logging("error", "json")
@@ -551,13 +551,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]) -> Any:
-    from gateway.audit import configure_logging
     from gateway.explain import explain
     from gateway.geo import open_geo
     from gateway.identity import KeyRegistry
     from gateway.limits import Limits
     from gateway.pipeline import Pipeline, build_runtime
     from gateway.policy import compile_policy, validate_policy
+    from gateway.request_log import configure_logging
 
     configure_logging("error", "json")
     s = config.settings
@@ -623,8 +623,8 @@ def cmd_geo(args: argparse.Namespace) -> int:
         for p in build_all(Path(args.src), Path(args.out)):
             print(f"wrote {p}")
         return 0
-    from gateway.audit import configure_logging
     from gateway.geo import open_geo
+    from gateway.request_log import configure_logging
 
     configure_logging("error", "json")
     config = _load_admin(args)

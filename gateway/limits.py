@@ -8,7 +8,9 @@ import itertools
 import math
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 from gateway.errors import GatewayError, StoreError
 from gateway.log import logger
@@ -26,6 +28,7 @@ from gateway.store.base import (
 )
 from gateway.store.gcra import Limiter
 from gateway.tasks import cancel_and_wait, cancelling
+from gateway.usage import Usage, charged_tokens
 
 LEASE_TTL_MS = 60_000
 RENEW_EVERY_S = 20.0
@@ -175,13 +178,43 @@ class Admission:
         self.fallback = fallback
 
 
+class ForwardOutcome(Protocol):
+    """What settlement reads of the forward stage's record (gateway.proxy.Forwarded)."""
+
+    @property
+    def sent(self) -> bool: ...
+    @property
+    def failed(self) -> bool: ...
+    @property
+    def metered(self) -> bool: ...
+    @property
+    def upstream_status(self) -> int | None: ...
+    @property
+    def usage(self) -> Usage | None: ...
+
+
+def settlement(adm: Admission, fwd: ForwardOutcome | None) -> tuple[int, int]:
+    """The input and output tokens a finished request is charged (docs/architecture.md §8):
+    the reservations are refunded when the request never reached the upstream (`fwd` None or
+    not sent), failed there, or got an error status; otherwise `charged_tokens` of what the
+    upstream reported. For `Limits.settle`."""
+    refund = fwd is None or not fwd.sent or fwd.failed or (
+        fwd.upstream_status is not None and fwd.upstream_status >= 400)
+    return charged_tokens(adm.input_reserved, adm.output_reserved,
+                          fwd.usage if fwd is not None else None, refund=refund,
+                          metered=fwd is not None and fwd.metered)
+
+
 class Limits:
     """Admits requests through the store (ONE script call), or the local fallback limiter when
     the store is away and `on_error: open`; settles off the request path."""
 
     def __init__(self, store: Store, on_error: str, fallback_instances: int,
-                 headers_family: str) -> None:
+                 headers_family: str,
+                 observe_admission: Callable[[float], None] | None = None) -> None:
         self.store = store
+        #: called with the seconds each admission of a limited request took, whatever its end
+        self.observe_admission = observe_admission
         self.on_error = on_error
         self.fallback = Limiter(divisor=fallback_instances)
         self.family = headers_family  # anthropic | openai | auto (by the request's path)
@@ -233,9 +266,19 @@ class Limits:
     async def admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
                     family: str | None = None) -> tuple[Admission | None, dict[str, str]]:
         """Admit or raise the 429 / 503 GatewayError; returns the admission and its headers
-        (rate-limit headers of `family`, default the configured one: see `family_for`)."""
+        (rate-limit headers of `family`, default the configured one: see `family_for`).
+        A request with no limited subject is admitted without a store call (and untimed)."""
         if not subjects:
             return None, {}
+        t0 = time.perf_counter()
+        try:
+            return await self._admit(subjects, input_est, output_est, family)
+        finally:
+            if self.observe_admission is not None:
+                self.observe_admission(time.perf_counter() - t0)
+
+    async def _admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
+                     family: str | None) -> tuple[Admission | None, dict[str, str]]:
         lease_id = f"{self._lease_prefix}{next(self._lease_counter):x}"
         req = AdmitRequest(subjects, lease_id, LEASE_TTL_MS, input_est, output_est)
         fallback = False

@@ -1,5 +1,5 @@
-"""The gateway's logger, for the modules below the edge (audit.py configures it and writes
-the request and audit lines)."""
+"""The gateway's logger, for the modules below the edge (request_log.py configures it and
+writes the request line; audit.py the audit lines)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Any
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +20,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _mp
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.proxy import Forwarded
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
@@ -153,3 +158,34 @@ def flush(inflight: int, store_errors: int) -> None:
 
 def country_label(country: str | None) -> str:
     return country if country and len(country) == 2 and country.isalpha() else "unknown"
+
+
+def reseller_label(reseller: str | None, known: Container[str]) -> str:
+    """The reseller label: a reseller the live policy names, `other` for one it does not (a
+    key of a reseller since removed), `none` when no key was identified."""
+    if not reseller:
+        return "none"
+    return reseller if reseller in known else "other"
+
+
+def record_request(ctx: RequestContext, fwd: Forwarded | None, duration_s: float,
+                   known_resellers: Container[str]) -> None:
+    """Tally a finished request: its outcome, shadow matches, reported tokens and duration,
+    and what the upstream did (status, time to first byte, time once the request was sent).
+    `known_resellers` bound the reseller label (see `reseller_label`)."""
+    if fwd is not None:
+        if fwd.upstream_s is not None and fwd.sent:
+            upstream_duration.observe(fwd.upstream_s)
+        if fwd.ttfb_s is not None:
+            upstream_ttfb.observe(fwd.ttfb_s)
+        if fwd.upstream_status is not None:
+            upstream_responses.inc((str(fwd.upstream_status),))
+    request_duration.observe(duration_s)
+    reseller = reseller_label(ctx.reseller, known_resellers)
+    requests.inc((ctx.decision, ctx.reason or "", reseller, country_label(ctx.country)))
+    for rule in ctx.shadow:
+        shadow.inc((rule,))
+    if ctx.input_tokens:
+        tokens.inc(("input", reseller), ctx.input_tokens)
+    if ctx.output_tokens:
+        tokens.inc(("output", reseller), ctx.output_tokens)

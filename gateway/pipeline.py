@@ -1,5 +1,7 @@
-"""The request pipeline: client_ip → geo → identity → policy → limits.admit → proxy →
-limits.settle → audit, one stage per concern, each adding to the RequestContext."""
+"""The request pipeline: client_ip → geo → identity → body → decision → limits.admit → proxy →
+limits.settle → request log and metrics, one stage per concern, each adding to the
+RequestContext. The pipeline composes: it holds the order of the stages and the error and
+disconnect handling; each stage's work lives in the stage's module."""
 
 from __future__ import annotations
 
@@ -13,23 +15,21 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import log_request
 from gateway.client_ip import ClientIPResolver
 from gateway.context import RequestContext, clip
 from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, extract_key
-from gateway.limits import Admission, Limits
+from gateway.limits import Admission, Limits, settlement
 from gateway.log import logger
 from gateway.paths import normalize_target
 from gateway.policy import CompiledPolicy
 from gateway.proxy import Forwarded, Upstream
-from gateway.request_body import Body, BodyBudget, parse_json, read_body
+from gateway.request_body import Body, BodyBudget, judge_body, read_body
+from gateway.request_log import log_request
 from gateway.responses import render
 from gateway.settings import LoadedConfig
-from gateway.store.base import KeyRecord, Subject
-from gateway.usage import RequestFacts, charged_tokens, estimate_request, with_include_usage
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = "req_" + secrets.token_hex(6)
@@ -130,7 +130,9 @@ class Pipeline:
             ctx.customer_id, ctx.customer_ip = clip(att.customer_id), att.customer_ip
 
             body = await read_body(request, rt.max_body, self.bodies, rt.body_timeout_s)
-            facts = self._facts(request, path, body, policy, key)
+            facts = judge_body(request.method, request.headers.get("content-type", ""), body,
+                               path, policy.model_rules or bool(key.models),
+                               policy.doc.limits.default_max_output_tokens)
             body.judged(self.bodies)  # the parsed copies are gone: hold the bytes only
             ctx.model, ctx.stream = clip(facts.model), facts.stream
 
@@ -146,10 +148,11 @@ class Pipeline:
                 ctx.reason = dec.reason
                 raise dec.error
 
-            adm, rl_headers = await self._admit(dec.subjects, facts.input_estimate,
-                                                facts.max_output_tokens, path)
+            adm, rl_headers = await self.limits.admit(
+                dec.subjects, facts.input_estimate, facts.max_output_tokens,
+                self.limits.family_for(path))
             headers = rt.upstream.request_headers(
-                request.headers, self._xff(request, peer, peer_trusted), ctx.request_id,
+                request.headers, peer, peer_trusted, ctx.request_id,
                 body_rewritten=body.inflated or facts.add_include_usage)
             rl_headers["x-request-id"] = ctx.request_id
             fwd = Forwarded()
@@ -203,90 +206,15 @@ class Pipeline:
                 body.release(self.bodies)
             self._finish(ctx, adm, fwd)
 
-    @staticmethod
-    def _facts(request: web.Request, path: str, body: Body, policy: CompiledPolicy,
-               key: KeyRecord) -> RequestFacts:
-        """Judge what the body says: model, stream, output maximum. Where a rule or the key
-        scopes models, a body whose model cannot be read is refused. An OpenAI stream that
-        did not ask for usage gets its body re-encoded asking for it (§8)."""
-        must_judge = policy.model_rules or bool(key.models)
-        try:
-            doc = parse_json(request.method, body.data)
-        except ValueError as exc:
-            ctype = request.headers.get("content-type", "")
-            if must_judge or "json" in ctype or body.data.lstrip()[:1] in (b"{", b"["):
-                raise invalid_request("invalid_json", str(exc)) from None
-            doc = None  # not JSON (an upload, say) and nothing needs its model
-        if must_judge and doc is not None and "model" in doc and not isinstance(
-                doc["model"], str):
-            raise invalid_request("invalid_json", "model must be a string")
-        if must_judge and doc is None and body.data:
-            raise invalid_request("invalid_json", "this key or policy scopes models: the "
-                                  "request body must be a JSON object naming the model")
-        try:
-            facts = estimate_request(doc, len(body.data), path,
-                                     policy.doc.limits.default_max_output_tokens)
-        except ValueError as exc:
-            raise invalid_request("invalid_max_tokens", str(exc)) from None
-        if facts.add_include_usage and doc is not None:
-            # Re-encoded from the document just parsed, not parsed a second time.
-            body.data = with_include_usage(doc)
-        return facts
-
     def _finish(self, ctx: RequestContext, adm: Admission | None,
                 fwd: Forwarded | None) -> None:
         self.inflight -= 1
         if fwd is not None:
-            ctx.upstream_status = fwd.upstream_status
-            if fwd.upstream_s is not None and fwd.sent:
-                ctx.upstream_ms = round(fwd.upstream_s * 1000.0, 3)
-                metrics.upstream_duration.observe(fwd.upstream_s)
-            if fwd.ttfb_s is not None:
-                metrics.upstream_ttfb.observe(fwd.ttfb_s)
-            if fwd.upstream_status is not None:
-                metrics.upstream_responses.inc((str(fwd.upstream_status),))
-            if fwd.usage is not None:
-                ctx.input_tokens = fwd.usage.input_tokens
-                ctx.output_tokens = fwd.usage.output_tokens
+            fwd.to_context(ctx)
         if adm is not None:
-            refund = fwd is None or not fwd.sent or fwd.failed or (
-                fwd.upstream_status is not None and fwd.upstream_status >= 400)
-            in_act, out_act = charged_tokens(
-                adm.input_reserved, adm.output_reserved, fwd.usage if fwd else None,
-                refund=refund, metered=fwd is not None and fwd.metered)
-            self.limits.settle(adm, in_act, out_act)
+            self.limits.settle(adm, *settlement(adm, fwd))
         duration = time.perf_counter() - ctx.started
         ctx.duration_ms = round(duration * 1000.0, 3)
-        metrics.request_duration.observe(duration)
         policy = self.policy
-        reseller = ctx.reseller if ctx.reseller and policy and (
-            ctx.reseller in policy.doc.resellers) else ("none" if not ctx.reseller else "other")
-        metrics.requests.inc((ctx.decision, ctx.reason or "", reseller,
-                              metrics.country_label(ctx.country)))
-        for rule in ctx.shadow:
-            metrics.shadow.inc((rule,))
-        if ctx.input_tokens:
-            metrics.tokens.inc(("input", reseller), ctx.input_tokens)
-        if ctx.output_tokens:
-            metrics.tokens.inc(("output", reseller), ctx.output_tokens)
+        metrics.record_request(ctx, fwd, duration, policy.doc.resellers if policy else ())
         log_request(ctx)
-
-    async def _admit(self, subjects: tuple[Subject, ...], input_est: int, output_est: int,
-                     path: str) -> tuple[Admission | None, dict[str, str]]:
-        t0 = time.perf_counter()
-        try:
-            return await self.limits.admit(subjects, input_est, output_est,
-                                           self.limits.family_for(path))
-        finally:
-            if subjects:
-                metrics.store_duration.observe(time.perf_counter() - t0)
-
-    @staticmethod
-    def _xff(request: web.Request, peer: str, peer_trusted: bool) -> str:
-        """X-Forwarded-For for the upstream: a trusted proxy's chain plus the peer; from an
-        untrusted peer, the peer alone (a forged chain is not passed on)."""
-        if peer_trusted:
-            prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
-            if prior:
-                return f"{prior}, {peer}"
-        return peer

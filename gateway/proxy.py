@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.usage import (
     MAX_BUFFERED_JSON,
@@ -47,6 +48,26 @@ class Forwarded:
     usage: Usage | None = None
     completed: bool = False
 
+    def to_context(self, ctx: RequestContext) -> None:
+        """Put what the upstream answered into the request's log record: its status, its time
+        (once the request was sent and timed) and the tokens it reported."""
+        ctx.upstream_status = self.upstream_status
+        if self.upstream_s is not None and self.sent:
+            ctx.upstream_ms = round(self.upstream_s * 1000.0, 3)
+        if self.usage is not None:
+            ctx.input_tokens = self.usage.input_tokens
+            ctx.output_tokens = self.usage.output_tokens
+
+
+def forwarded_for(incoming: CIMultiDictProxy[str], peer: str, peer_trusted: bool) -> str:
+    """X-Forwarded-For for the upstream: a trusted proxy's chain plus the peer; from an
+    untrusted peer, the peer alone (a forged chain is not passed on)."""
+    if peer_trusted:
+        prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+        if prior:
+            return f"{prior}, {peer}"
+    return peer
+
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     return {t.strip().lower() for v in headers.getall("connection", ()) for t in v.split(",")}
@@ -75,10 +96,12 @@ class Upstream:
     async def close(self) -> None:
         await self.session.close()
 
-    def request_headers(self, incoming: CIMultiDictProxy[str], xff: str,
+    def request_headers(self, incoming: CIMultiDictProxy[str], peer: str, peer_trusted: bool,
                         request_id: str, body_rewritten: bool = False) -> CIMultiDict[str]:
-        """Headers for the upstream; `body_rewritten`: the gateway inflated or re-encoded the
-        body, so the client's Content-Encoding no longer describes it."""
+        """Headers for the upstream: the client's end-to-end headers, the upstream credential,
+        X-Forwarded-For (`forwarded_for` of the normalised `peer`), the request id;
+        `body_rewritten`: the gateway inflated or re-encoded the body, so the client's
+        Content-Encoding no longer describes it."""
         drop = self.drop | _connection_tokens(incoming)
         if body_rewritten:
             drop = drop | {"content-encoding"}
@@ -87,7 +110,7 @@ class Upstream:
             if name.lower() not in drop:
                 out.add(name, value)
         out[self.auth_name] = self.auth_value
-        out["X-Forwarded-For"] = xff
+        out["X-Forwarded-For"] = forwarded_for(incoming, peer, peer_trusted)
         out["x-request-id"] = request_id
         # Metering needs a readable answer: ask the upstream for an uncompressed one.
         out["Accept-Encoding"] = "identity"

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, invalid_request
+from gateway.usage import RequestFacts, estimate_request, with_include_usage
 
 #: Fields the gateway judges or meters; a body naming one of them twice is refused, since the
 #: gateway and the upstream could read different values.
@@ -213,3 +214,33 @@ def parse_json(method: str, data: bytes) -> dict[str, Any] | None:
     except ValueError:
         raise ValueError("request body is not valid JSON") from None
     return doc if isinstance(doc, dict) else None
+
+
+def judge_body(method: str, content_type: str, body: Body, path: str, must_judge: bool,
+               default_max_output: int) -> RequestFacts:
+    """Judge what the body says: model, stream, output maximum. With `must_judge` (a rule or
+    the key scopes models) a body whose model cannot be read is refused; otherwise a body that
+    is not JSON and does not claim to be (an upload, say) passes unjudged. An OpenAI stream
+    that did not ask for usage gets `body.data` re-encoded asking for it (§8).
+
+    Raises the 400 GatewayError (`invalid_json`, `invalid_max_tokens`)."""
+    try:
+        doc = parse_json(method, body.data)
+    except ValueError as exc:
+        if must_judge or "json" in content_type or body.data.lstrip()[:1] in (b"{", b"["):
+            raise invalid_request("invalid_json", str(exc)) from None
+        doc = None  # not JSON (an upload, say) and nothing needs its model
+    if must_judge and doc is not None and "model" in doc and not isinstance(
+            doc["model"], str):
+        raise invalid_request("invalid_json", "model must be a string")
+    if must_judge and doc is None and body.data:
+        raise invalid_request("invalid_json", "this key or policy scopes models: the "
+                              "request body must be a JSON object naming the model")
+    try:
+        facts = estimate_request(doc, len(body.data), path, default_max_output)
+    except ValueError as exc:
+        raise invalid_request("invalid_max_tokens", str(exc)) from None
+    if facts.add_include_usage and doc is not None:
+        # Re-encoded from the document just parsed, not parsed a second time.
+        body.data = with_include_usage(doc)
+    return facts

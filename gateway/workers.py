@@ -12,8 +12,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 
-from gateway.audit import configure_logging
 from gateway.log import logger
+from gateway.request_log import configure_logging
 from gateway.settings import ConfigError, load_settings
 
 WORKER_ENV = "GATEWAY_WORKER_ID"

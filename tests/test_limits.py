@@ -1,4 +1,5 @@
-"""Unit tests for gateway.limits: retry-after rounding and the rate-limit headers."""
+"""Unit tests for gateway.limits: retry-after rounding, the rate-limit headers, what a finished
+request is charged, and the timing of admissions."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from datetime import datetime
 
 import pytest
 
-from gateway.limits import rate_headers, retry_after_s
-from gateway.store.base import Bucket
+from gateway.errors import GatewayError
+from gateway.limits import Admission, Limits, rate_headers, retry_after_s, settlement
+from gateway.proxy import Forwarded
+from gateway.store.base import Bucket, Subject
+from gateway.store.memory import MemoryStore
+from gateway.usage import Usage
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 
@@ -91,3 +96,45 @@ def test_openai_reset_durations(reset_ms: float, text: str) -> None:
     h = rate_headers({"itpm": Bucket(100, 1, reset_ms)}, "openai")
     assert h["x-ratelimit-reset-tokens"] == text
     assert "x-ratelimit-limit-requests" not in h
+
+
+# --- settlement ----------------------------------------------------------------------------------
+
+
+def _adm() -> Admission:
+    return Admission((Subject("key", "k1", "acme", rpm=10),), "lease-1", 100, 500, False)
+
+
+@pytest.mark.parametrize(("fwd", "expected"), [
+    (None, (0, 0)),  # refused after admission, before the forward stage
+    (Forwarded(), (0, 0)),  # never sent
+    (Forwarded(sent=True, failed=True), (0, 0)),  # 502 / 504
+    (Forwarded(sent=True, upstream_status=429, metered=True, usage=Usage(7, 3)), (0, 0)),
+    (Forwarded(sent=True, upstream_status=200, metered=True, usage=Usage(7, 3)), (7, 3)),
+    (Forwarded(sent=True, upstream_status=200, metered=True), (0, 0)),  # no usage reported
+    (Forwarded(sent=True, upstream_status=200, usage=Usage(7, 3)), (7, 500)),  # cut short
+    (Forwarded(sent=True, upstream_status=200), (100, 500)),  # client gone: reservations
+])
+def test_settlement_refunds_failures_and_charges_what_was_delivered(
+        fwd: Forwarded | None, expected: tuple[int, int]) -> None:
+    """Nothing is charged for a request the upstream never served or answered with an error;
+    a metered answer is charged its usage; an answer cut short at least its reservations."""
+    assert settlement(_adm(), fwd) == expected
+
+
+# --- admission timing ----------------------------------------------------------------------------
+
+
+async def test_admissions_of_limited_requests_are_timed_whatever_their_end() -> None:
+    """Each admission of a request with limited subjects is timed, a refused one too; one
+    with no limited subject makes no store call and is not timed."""
+    seen: list[float] = []
+    limits = Limits(MemoryStore(), "closed", 1, "anthropic", observe_admission=seen.append)
+    subjects = (Subject("key", "k1", "acme", rpm=1),)
+    adm, _ = await limits.admit(subjects, 10, 10)
+    assert adm is not None and len(seen) == 1
+    with pytest.raises(GatewayError) as err:
+        await limits.admit(subjects, 10, 10)
+    assert err.value.status == 429 and len(seen) == 2
+    assert await limits.admit((), 10, 10) == (None, {}) and len(seen) == 2
+    assert all(0.0 <= s < 5.0 for s in seen)

@@ -1,12 +1,15 @@
 """Unit tests for gateway.metrics: hot-path tallies reach the Prometheus families on flush,
-and country labels stay bounded."""
+country and reseller labels stay bounded, and a finished request is tallied whole."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway import metrics
-from gateway.metrics import _Count, _Hist, child, country_label
+from gateway.context import RequestContext
+from gateway.metrics import _Count, _Hist, child, country_label, record_request, reseller_label
+from gateway.proxy import Forwarded
+from gateway.usage import Usage
 
 
 def test_country_label_is_a_two_letter_code_or_unknown() -> None:
@@ -61,3 +64,57 @@ def test_render_exposes_the_gateway_families() -> None:
     text = metrics.render().decode()
     assert "gateway_requests_total" in text
     assert "gateway_inflight_requests" in text
+
+
+def test_reseller_label_is_known_other_or_none() -> None:
+    """A reseller the policy names is its own label; one it does not name is `other`; no
+    identified key is `none`."""
+    assert reseller_label("acme", {"acme": 1}) == "acme"
+    assert reseller_label("gone", {"acme": 1}) == "other"
+    assert reseller_label("acme", ()) == "other"
+    assert reseller_label(None, {"acme": 1}) == "none"
+
+
+def _pending() -> tuple[dict[tuple[str, ...], float], ...]:
+    return tuple(dict(c.pending) for c in (metrics.requests, metrics.shadow,
+                                           metrics.upstream_responses, metrics.tokens))
+
+
+def _observed() -> tuple[int, ...]:
+    return tuple(sum(h.counts) for h in (metrics.request_duration, metrics.upstream_duration,
+                                         metrics.upstream_ttfb))
+
+
+def _delta(before: dict[tuple[str, ...], float], after: dict[tuple[str, ...], float]
+           ) -> dict[tuple[str, ...], float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def test_record_request_tallies_outcome_tokens_and_upstream() -> None:
+    """A served request counts its outcome with bounded labels, its shadow matches, tokens by
+    direction and reseller, the upstream status, and one observation in each histogram."""
+    ctx = RequestContext("r1", "127.0.0.1", "POST", "/v1/messages", 0.0)
+    ctx.reseller, ctx.country, ctx.shadow = "acme", "DEU", ["rule-x"]
+    ctx.input_tokens, ctx.output_tokens = 7, 3
+    fwd = Forwarded(sent=True, upstream_status=200, ttfb_s=0.01, upstream_s=0.02,
+                    usage=Usage(7, 3))
+    before, seen = _pending(), _observed()
+    record_request(ctx, fwd, 0.03, {"acme": 1})
+    after = _pending()
+    assert _delta(before[0], after[0]) == {("allow", "", "acme", "unknown"): 1.0}
+    assert _delta(before[1], after[1]) == {("rule-x",): 1.0}
+    assert _delta(before[2], after[2]) == {("200",): 1.0}
+    assert _delta(before[3], after[3]) == {("input", "acme"): 7.0, ("output", "acme"): 3.0}
+    assert [b - a for a, b in zip(seen, _observed(), strict=True)] == [1, 1, 1]
+
+
+def test_record_request_refused_before_the_upstream_observes_no_upstream() -> None:
+    """A request refused before forwarding counts its outcome and duration only."""
+    ctx = RequestContext("r2", "127.0.0.1", "POST", "/v1/messages", 0.0)
+    ctx.decision, ctx.reason = "deny", "no_api_key"
+    before, seen = _pending(), _observed()
+    record_request(ctx, None, 0.001, ())
+    after = _pending()
+    assert _delta(before[0], after[0]) == {("deny", "no_api_key", "none", "unknown"): 1.0}
+    assert all(_delta(b, a) == {} for b, a in zip(before[1:], after[1:], strict=True))
+    assert [b - a for a, b in zip(seen, _observed(), strict=True)] == [1, 0, 0]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.request_body import Body, BodyBudget, inflate, parse_json
+from gateway.request_body import Body, BodyBudget, inflate, judge_body, parse_json
+from gateway.usage import RequestFacts
 
 
 def test_budget_refuses_past_the_bound_but_always_admits_a_lone_body() -> None:
@@ -77,3 +79,59 @@ def test_parse_json_refuses_what_could_be_read_two_ways(data: bytes) -> None:
     """Duplicate keys (plain or escaped), nesting too deep and broken JSON are ValueErrors."""
     with pytest.raises(ValueError):
         parse_json("POST", data)
+
+
+def _judge(data: bytes, must_judge: bool = False, ctype: str = "", path: str = "/v1/messages",
+           method: str = "POST") -> tuple[Body, object]:
+    body = Body(data, len(data))
+    try:
+        return body, judge_body(method, ctype, body, path, must_judge, 256)
+    except GatewayError as err:
+        return body, (err.status, err.code, err.message)
+
+
+def test_judge_body_reads_model_stream_and_output_maximum() -> None:
+    """A JSON body gives its model, stream flag and output maximum (the default when it sends
+    none) and an input estimate from its size."""
+    _, facts = _judge(b'{"model": "claude-3", "stream": true, "max_tokens": 50}')
+    assert facts == RequestFacts("claude-3", True, 50, 13)
+    _, facts = _judge(b'{"model": "claude-3"}')
+    assert facts == RequestFacts("claude-3", False, 256, 5)
+
+
+@pytest.mark.parametrize(("data", "must_judge", "ctype", "code"), [
+    (b'{"model": "a", "model": "b"}', False, "", "invalid_json"),  # reads two ways
+    (b"not json", False, "application/json", "invalid_json"),  # claims JSON
+    (b' {"model": ', False, "", "invalid_json"),  # looks like JSON
+    (b"upload bytes", True, "", "invalid_json"),  # models scoped: must be readable
+    (b"[1, 2]", True, "application/json", "invalid_json"),  # models scoped: not an object
+    (b'{"model": 5}', True, "", "invalid_json"),  # models scoped: model not a string
+    (b'{"model": "m", "max_tokens": "9"}', False, "", "invalid_max_tokens"),
+])
+def test_judge_body_refuses_what_it_cannot_judge(data: bytes, must_judge: bool, ctype: str,
+                                                 code: str) -> None:
+    """Broken or ambiguous JSON, a body that does not name its model when models are scoped,
+    and an output maximum that is not a positive integer are 400s with their code."""
+    _, got = _judge(data, must_judge, ctype)
+    assert isinstance(got, tuple) and got[:2] == (400, code)
+
+
+def test_judge_body_passes_a_non_json_body_nothing_needs_to_judge() -> None:
+    """Without model scoping an upload that is not JSON passes, with no model and no output
+    estimate; a model that is not a string is not read."""
+    _, facts = _judge(b"\x00binary upload", ctype="application/octet-stream")
+    assert facts == RequestFacts(None, False, 0, 3)  # 14 bytes, about 4 a token
+    _, facts = _judge(b'{"model": 5}')
+    assert isinstance(facts, RequestFacts) and facts.model is None
+
+
+def test_judge_body_asks_an_openai_stream_for_its_usage() -> None:
+    """An OpenAI chat stream that did not ask for usage is re-encoded asking for it (and the
+    facts say the gateway added it); one that asked is left as sent."""
+    body, facts = _judge(b'{"model": "gpt-4o", "stream": true}', path="/v1/chat/completions")
+    assert isinstance(facts, RequestFacts) and facts.add_include_usage
+    assert json.loads(body.data)["stream_options"] == {"include_usage": True}
+    sent = b'{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}'
+    body, facts = _judge(sent, path="/v1/chat/completions")
+    assert isinstance(facts, RequestFacts) and not facts.add_include_usage
+    assert body.data == sent

@@ -17,8 +17,10 @@ from urllib.parse import urlencode
 import redis
 import yaml
 
-from gateway.audit import configure_logging, log_audit, log_request, logger, set_log_stream
+from gateway.audit import log_audit
 from gateway.context import RequestContext
+from gateway.log import logger
+from gateway.request_log import configure_logging, log_request, set_log_stream
 from tests.support.cli import GatewayProcess, run_cli, send
 from tests.support.gateway import (
     ADMIN_TOKEN,

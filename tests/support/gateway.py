@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from gateway.app import GatewayService
-from gateway.audit import set_log_stream
+from gateway.request_log import set_log_stream
 from gateway.settings import load_settings
 from tests.support.transcript import ADMIN_TOKEN, TRANSCRIPT, UPSTREAM_KEY
 

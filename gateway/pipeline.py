@@ -4,18 +4,14 @@ limits.settle → audit, one stage per concern, each adding to the RequestContex
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
-import secrets
 import time
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway import metrics
 from gateway.audit import log_request
-from gateway.client_ip import ClientIPResolver
-from gateway.context import RequestContext, clip
+from gateway.context import RequestContext, clip, new_request_id
 from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
@@ -24,74 +20,50 @@ from gateway.limits import Admission, Limits
 from gateway.log import logger
 from gateway.paths import normalize_target
 from gateway.policy import CompiledPolicy
-from gateway.proxy import Forwarded, Upstream
+from gateway.proxy import Forwarded
 from gateway.request_body import Body, BodyBudget, parse_json, read_body
 from gateway.responses import render
-from gateway.settings import LoadedConfig
+from gateway.snapshot import Snapshot
 from gateway.store.base import KeyRecord, Subject
 from gateway.usage import RequestFacts, charged_tokens, estimate_request, with_include_usage
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ID_PREFIX = "req_" + secrets.token_hex(6)
-_id_counter = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    """Unique across instances (random per-process prefix) and cheap (a counter)."""
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
-
 
 _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything derived once per config version (swapped whole on reload)."""
-
-    config: LoadedConfig
-    ip: ClientIPResolver
-    upstream: Upstream
-    customer_id_header: str
-    customer_ip_header: str
-    max_body: int
-    body_timeout_s: float
-
-
-def build_runtime(config: LoadedConfig) -> Runtime:
-    s = config.settings
-    return Runtime(
-        config=config,
-        ip=ClientIPResolver(s.client_ip.trusted_proxies, s.client_ip.header, s.client_ip.recursive),
-        upstream=Upstream(
-            s.upstream.url, config.secrets.upstream_api_key, s.upstream.auth_header,
-            s.upstream.connect_timeout_s, s.upstream.read_timeout_s, s.upstream.max_connections,
-            frozenset({s.customer.id_header.lower(), s.customer.ip_header.lower()}),
-        ),
-        customer_id_header=s.customer.id_header,
-        customer_ip_header=s.customer.ip_header,
-        max_body=s.upstream.max_body_bytes,
-        body_timeout_s=s.server.body_timeout_s,
-    )
 
 
 class Pipeline:
     """Serves the proxy listener; every request ends in exactly one `request` log line."""
 
-    def __init__(self, runtime: Runtime, geo: GeoResolver, registry: KeyRegistry,
-                 limits: Limits) -> None:
-        self.rt = runtime
-        self.geo = geo
-        self.registry = registry
+    def __init__(self, snapshot: Snapshot, limits: Limits) -> None:
+        #: What requests are judged against; replaced whole (never patched) on every change.
+        self.snapshot = snapshot
         self.limits = limits
-        self.policy: CompiledPolicy | None = None
         self.scopes = KeyScopes()
         self.inflight = 0
-        self.bodies = BodyBudget(runtime.config.settings.server.max_inflight_body_bytes)
+        self.bodies = BodyBudget(snapshot.parts.config.settings.server.max_inflight_body_bytes)
         #: set when shutdown cuts the requests still running (logged with reason `shutdown`)
         self.shutting_down = False
 
+    @property
+    def policy(self) -> CompiledPolicy | None:
+        """The policy of the current snapshot."""
+        return self.snapshot.policy
+
+    @property
+    def geo(self) -> GeoResolver:
+        """The geo resolver of the current snapshot."""
+        return self.snapshot.geo
+
+    @property
+    def registry(self) -> KeyRegistry:
+        """The key registry of the current snapshot."""
+        return self.snapshot.registry
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rt = self.rt
+        # Read once, before the first await: the whole request is judged against one state.
+        snap = self.snapshot
+        rt = snap.parts
         peer = request.remote or ""
         ctx = RequestContext(request_id="", peer_ip=peer, method=request.method,
                              path=clip(request.path) or "", started=time.perf_counter())
@@ -105,7 +77,7 @@ class Pipeline:
             res = rt.ip.resolve(peer, request.headers.getall(rt.ip.header, []))
             supplied = request.headers.get("x-request-id")
             ctx.request_id = (supplied if peer_trusted and supplied and
-                              _REQUEST_ID.match(supplied) else _new_request_id())
+                              _REQUEST_ID.match(supplied) else new_request_id())
             ctx.client_ip = res.client_ip
             try:
                 path, query = normalize_target(request.raw_path)
@@ -115,16 +87,16 @@ class Pipeline:
             if path in _RESERVED_PATHS or path == "/admin" or path.startswith("/admin/"):
                 raise GatewayError(404, "not_found_error", "not_found",
                                    "not served on the proxy listener", decision="deny")
-            loc = self.geo.lookup(res.client_ip)
+            loc = snap.geo.lookup(res.client_ip)
             ctx.country, ctx.asn, ctx.anonymizer = loc.country, loc.asn, list(loc.anonymizer)
 
             # Authenticate and judge the attestation from the headers before anything is
             # spent on the body (§6); the rest of the decision once the model is known.
-            key = authenticate_request(self.registry, extract_key(
+            key = authenticate_request(snap.registry, extract_key(
                 request.headers.get("x-api-key"), request.headers.get("authorization")),
                 time.time())
             ctx.key_id, ctx.reseller = key.key_id, key.reseller
-            policy = loaded(self.policy)
+            policy = loaded(snap.policy)
             att = attest(policy, key, request.headers.get(rt.customer_id_header),
                          request.headers.get(rt.customer_ip_header))
             ctx.customer_id, ctx.customer_ip = clip(att.customer_id), att.customer_ip
@@ -136,7 +108,7 @@ class Pipeline:
 
             cloc: GeoInfo | None = None
             if att.customer_ip is not None:
-                cloc = self.geo.lookup(att.customer_ip)
+                cloc = snap.geo.lookup(att.customer_ip)
                 ctx.customer_country = cloc.country
 
             dec = decide(policy, self.scopes, key, att, loc, cloc, facts.model, path)
@@ -171,7 +143,7 @@ class Pipeline:
                 ctx.reason = err.code
             ctx.status = err.status
             if not ctx.request_id:
-                ctx.request_id = _new_request_id()
+                ctx.request_id = new_request_id()
             resp = render(err, ctx.request_id)
             if body is None and request.body_exists and not request.content.is_eof():
                 # Refused before its body was read: close rather than keep the connection.
@@ -195,7 +167,7 @@ class Pipeline:
                 raise  # the answer has started: the connection is cut
             ctx.status = 500
             if not ctx.request_id:
-                ctx.request_id = _new_request_id()
+                ctx.request_id = new_request_id()
             return render(GatewayError(500, "api_error", "internal_error",
                                        "internal gateway error"), ctx.request_id)
         finally:

@@ -4,11 +4,20 @@ reload and closes what the reload retired."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from gateway.admin import AdminBackend
-from tests.support.gateway import poll, running_gateway
+from tests.support.gateway import poll, running_gateway, write_config
 from tests.support.upstream import FakeUpstream
+
+OPEN_POLICY: dict[str, Any] = {"version": 1, "default_action": "allow", "rules": [],
+                               "resellers": {"direct": {"status": "active"}}}
+STREAM = {"model": "claude-test-1", "max_tokens": 64, "stream": True,
+          "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def test_a_started_service_is_ready_with_every_check(tmp_path: Path,
@@ -51,6 +60,34 @@ async def test_reload_swaps_one_snapshot_and_keeps_the_policy(tmp_path: Path,
         assert gw.service.config is after.parts.config
         await poll(lambda: before.parts.upstream.session.closed)
         assert not after.parts.upstream.session.closed
+
+
+async def test_a_replaced_geo_resolver_closes_after_the_requests_using_it(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A reload that changes the geo settings swaps in a new resolver; the old one stays open
+    while a request that read the old snapshot runs, and is closed once it has ended."""
+    upstream.hold_stream = asyncio.Event()
+    async with running_gateway(tmp_path, upstream.url, OPEN_POLICY) as gw, \
+            aiohttp.ClientSession() as s:
+        _, key = await gw.issue_key("direct")
+        old_geo = gw.service.geo
+
+        async def stream() -> tuple[int, bytes]:
+            async with s.post(gw.url + "/v1/messages", json=STREAM,
+                              headers={"x-api-key": key}) as r:
+                return r.status, await r.read()
+
+        task = asyncio.create_task(stream())
+        await poll(lambda: upstream.first_event_sent.is_set())
+        write_config(tmp_path, upstream.url, OPEN_POLICY, geo={"cache_size": 7})
+        assert await gw.service.reload()
+        assert gw.service.geo is not old_geo
+        assert not old_geo.dbs["country"].reader.closed
+        upstream.hold_stream.set()
+        status, _ = await task
+        assert status == 200
+        await poll(lambda: old_geo.dbs["country"].reader.closed)
+        assert not gw.service.geo.dbs["country"].reader.closed
 
 
 async def test_the_service_is_the_admin_backend(tmp_path: Path, upstream: FakeUpstream) -> None:

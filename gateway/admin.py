@@ -1,16 +1,21 @@
-"""The admin listener: /healthz, /readyz, /metrics (no token) and /admin/* (bearer token)."""
+"""The admin listener: /healthz, /readyz, /metrics (no token) and /admin/* (bearer token).
+
+It serves an `AdminBackend` (the running gateway) and answers every error in the one body of
+docs/architecture.md §6, with a request id, as the proxy listener does."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from gateway import metrics
 from gateway.audit import parse_limit, parse_since, record_policy_applied
-from gateway.errors import StoreError
+from gateway.context import new_request_id
+from gateway.errors import GatewayError, StoreError
 from gateway.explain import explain
 from gateway.keys import (
     KeyOpError,
@@ -24,17 +29,56 @@ from gateway.keys import (
     update_key,
     with_iso_times,
 )
+from gateway.log import logger
+from gateway.pipeline import Pipeline
 from gateway.policy import canonical, require_databases, validate_policy
-from gateway.settings import ConfigError, load_yaml
+from gateway.responses import render
+from gateway.settings import ConfigError, LoadedConfig, load_yaml
+from gateway.store.base import Store
 
-if TYPE_CHECKING:
-    from gateway.app import GatewayService
 
-SERVICE: web.AppKey[Any] = web.AppKey("service", object)
+class AdminBackend(Protocol):
+    """What the admin API needs of the gateway it serves (`GatewayService` implements it)."""
+
+    @property
+    def config(self) -> LoadedConfig:
+        """The config in force (its admin token, its geo databases)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The live pipeline: its snapshot (keys, policy, geo) answers explain."""
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, body) for /readyz."""
+
+    def publish_metrics(self) -> None:
+        """Move every tally and gauge into the Prometheus families, before a scrape."""
+
+    async def reload(self) -> bool:
+        """Re-read the config file; False when it was refused (the running one stays)."""
+
+
+BACKEND: web.AppKey[AdminBackend] = web.AppKey("backend", AdminBackend)
 
 #: The `Server` header of every response of this process's listeners: no name or version of
 #: the software underneath (aiohttp would send `Python/3.x aiohttp/3.y`).
 SERVER_HEADER = "gateway"
+
+#: error.type and the code of an admin error by HTTP status, where the call names no code.
+_BY_STATUS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_admin_token"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("request_too_large", "request_too_large"),
+    503: ("overloaded_error", "store_unavailable"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def hide_server_version() -> None:
@@ -46,28 +90,52 @@ def hide_server_version() -> None:
     setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010 - not re-exported
 
 
-def _err(status: int, message: str) -> web.Response:
-    return web.json_response({"type": "error", "error": {"type": "admin_error",
-                                                         "message": message}}, status=status)
+def admin_error(status: int, message: str, code: str | None = None,
+                problems: tuple[dict[str, str], ...] = ()) -> GatewayError:
+    """An admin API refusal: error.type follows the status, the code is `code` or the
+    status's own."""
+    type_, default = _BY_STATUS.get(status, (
+        "invalid_request_error" if status < 500 else "api_error",
+        "invalid_request" if status < 500 else "internal_error"))
+    return GatewayError(status, type_, code or default, message, problems=problems)
 
 
 @web.middleware
-async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    if not request.path.startswith("/admin/"):
-        return await handler(request)  # type: ignore[no-any-return]
-    svc: GatewayService = request.app[SERVICE]
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    expected = svc.config.secrets.admin_token
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             expected.encode()):
-        return _err(401, "admin API needs Authorization: Bearer <admin token>")
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer gets a request id; every error, whoever raises it (a handler, the router,
+    aiohttp's body limit), is rendered in the one error body."""
+    request_id = new_request_id()
     try:
-        return await handler(request)  # type: ignore[no-any-return]
+        resp = await handler(request)
+    except GatewayError as exc:
+        return render(exc, request_id)
     except KeyOpError as exc:
-        return _err(exc.status, str(exc))
+        return render(admin_error(exc.status, str(exc)), request_id)
     except StoreError as exc:
-        return _err(503, str(exc))
+        return render(admin_error(503, str(exc)), request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return render(admin_error(exc.status, exc.reason.lower()), request_id)
+    except Exception as exc:  # a bug must still answer in the documented error shape
+        logger().error("internal_error", request_id=request_id, path=request.path,
+                       error=type(exc).__name__, detail=str(exc)[:200])
+        return render(admin_error(500, "internal gateway error"), request_id)
+    if not resp.prepared:
+        resp.headers["x-request-id"] = request_id
+    return resp
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/admin/"):
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = request.app[BACKEND].config.secrets.admin_token
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 expected.encode()):
+            raise admin_error(401, "admin API needs Authorization: Bearer <admin token>")
+    return await handler(request)
 
 
 def _actor(request: web.Request) -> str:
@@ -91,15 +159,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, body = request.app[SERVICE].readiness()
+    ready, body = request.app[BACKEND].readiness()
     return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    svc: GatewayService = request.app[SERVICE]
-    metrics.STORE_UP.set(1 if svc.limits.store_ok else 0)
-    svc.publish_cache_counts()
-    metrics.flush(svc.pipeline.inflight, svc.limits.store_errors)
+    request.app[BACKEND].publish_metrics()
     return web.Response(body=metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -107,16 +172,16 @@ async def metrics_view(request: web.Request) -> web.Response:
 async def _read_own_write(request: web.Request, key_id: str) -> None:
     """The instance that changed a key uses the change at once (read-your-writes); the others
     follow through the change event within a second."""
-    await request.app[SERVICE].registry.refresh(key_id)
+    await request.app[BACKEND].pipeline.registry.refresh(key_id)
 
 
 async def keys_list(request: web.Request) -> web.Response:
-    store = request.app[SERVICE].store
+    store = request.app[BACKEND].store
     return web.json_response({"keys": await list_keys(store, request.query.get("reseller"))})
 
 
 async def keys_issue(request: web.Request) -> web.Response:
-    svc: GatewayService = request.app[SERVICE]
+    svc = request.app[BACKEND]
     rec, full = await issue_key(svc.store, await _body(request), _actor(request))
     await _read_own_write(request, rec.key_id)
     return web.json_response({"key_id": rec.key_id, "key": full, "record": show(rec)},
@@ -125,7 +190,7 @@ async def keys_issue(request: web.Request) -> web.Response:
 
 async def keys_update(request: web.Request) -> web.Response:
     """PATCH body: the fields to change (as for issue, null clears one); the key as shown."""
-    store = request.app[SERVICE].store
+    store = request.app[BACKEND].store
     shown = await update_key(store, request.match_info["key_id"], await _body(request),
                              _actor(request))
     await _read_own_write(request, request.match_info["key_id"])
@@ -133,19 +198,19 @@ async def keys_update(request: web.Request) -> web.Response:
 
 
 async def keys_show(request: web.Request) -> web.Response:
-    store = request.app[SERVICE].store
+    store = request.app[BACKEND].store
     return web.json_response(await show_key(store, request.match_info["key_id"]))
 
 
 async def keys_revoke(request: web.Request) -> web.Response:
-    store = request.app[SERVICE].store
+    store = request.app[BACKEND].store
     shown = await revoke_key(store, request.match_info["key_id"], _actor(request))
     await _read_own_write(request, request.match_info["key_id"])
     return web.json_response(shown)
 
 
 async def keys_rotate(request: web.Request) -> web.Response:
-    store = request.app[SERVICE].store
+    store = request.app[BACKEND].store
     body = await _body(request)
     overlap = body.get("overlap_s", 3600)
     if not isinstance(overlap, int | float) or isinstance(overlap, bool):
@@ -157,9 +222,9 @@ async def keys_rotate(request: web.Request) -> web.Response:
 
 
 async def policy_show(request: web.Request) -> web.Response:
-    stored = await request.app[SERVICE].store.get_policy()
+    stored = await request.app[BACKEND].store.get_policy()
     if stored is None:
-        return _err(404, "no policy stored")
+        raise admin_error(404, "no policy stored")
     return web.json_response({"version": stored.version, "applied_at": stored.applied_at,
                               "applied_at_iso": iso_time(stored.applied_at),
                               "actor": stored.actor, "policy": json.loads(stored.doc)})
@@ -167,7 +232,7 @@ async def policy_show(request: web.Request) -> web.Response:
 
 async def policy_put(request: web.Request) -> web.Response:
     """Body: the policy as YAML or JSON. ?dry_run=1 validates only; ?expected_version=N."""
-    svc: GatewayService = request.app[SERVICE]
+    svc = request.app[BACKEND]
     text = await request.text()
     try:
         raw = load_yaml(text, "request body")  # duplicate keys refused, as in policy files
@@ -175,18 +240,19 @@ async def policy_put(request: web.Request) -> web.Response:
         # A rule on a database this gateway lacks would never fire: refuse it, keep the live one.
         require_databases(doc, svc.config.settings.geo, "request body")
     except ConfigError as exc:
-        return web.json_response({"type": "error", "error": {
-            "type": "invalid_policy", "message": str(exc), "field": exc.field,
-            "reason": exc.reason}}, status=400)
+        raise admin_error(400, str(exc), "invalid_policy", tuple(
+            {"field": p.field, "reason": p.reason} for p in exc.problems)) from None
     if request.query.get("dry_run") in ("1", "true"):
         return web.json_response({"valid": True, "policy": json.loads(canonical(doc))})
     expected = request.query.get("expected_version")
+    if expected and not expected.isdigit():
+        raise admin_error(400, "expected_version must be a policy version number")
     before = await svc.store.get_policy()  # for the audit of reseller status changes
     try:
         version = await svc.store.put_policy(canonical(doc), _actor(request),
                                              int(expected) if expected else None)
     except ValueError as exc:
-        return _err(409, str(exc))
+        raise admin_error(409, str(exc), "version_conflict") from None
     await record_policy_applied(svc.store, _actor(request), version,
                                 before.doc if before else None, canonical(doc))
     return web.json_response({"version": version})
@@ -200,31 +266,35 @@ async def audit_view(request: web.Request) -> web.Response:
         since = parse_since(since_q) if since_q else None
         limit = parse_limit(request.query.get("limit"))
     except ValueError as exc:
-        return _err(400, str(exc))
-    events = await request.app[SERVICE].store.list_audit(since, limit)
+        raise admin_error(400, str(exc)) from None
+    events = await request.app[BACKEND].store.list_audit(since, limit)
     return web.json_response({"events": [with_iso_times(e, ("time",)) for e in events]})
 
 
 async def explain_view(request: web.Request) -> web.Response:
-    svc: GatewayService = request.app[SERVICE]
+    svc = request.app[BACKEND]
     q = request.query
     if "ip" not in q:
-        return _err(400, "ip is required")
-    out = explain(svc.pipeline, svc.registry, q["ip"], key=request.headers.get("x-explain-key")
-                  or q.get("key"), key_id=q.get("key_id"), reseller=q.get("reseller"),
+        raise admin_error(400, "ip is required")
+    out = explain(svc.pipeline, svc.pipeline.registry, q["ip"],
+                  key=request.headers.get("x-explain-key") or q.get("key"),
+                  key_id=q.get("key_id"), reseller=q.get("reseller"),
                   customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
                   model=q.get("model"), path=q.get("path", "/v1/messages"))
     return web.json_response(out)
 
 
 async def reload_view(request: web.Request) -> web.Response:
-    ok = await request.app[SERVICE].reload()
-    return web.json_response({"reloaded": ok}, status=200 if ok else 400)
+    if not await request.app[BACKEND].reload():
+        raise admin_error(400, "the config file was refused and the running config stays "
+                          "(config_reload_failed in the log says why)", "reload_refused")
+    return web.json_response({"reloaded": True})
 
 
-def build_admin_app(service: GatewayService) -> web.Application:
-    app = web.Application(middlewares=[_auth])
-    app[SERVICE] = service
+def build_admin_app(backend: AdminBackend) -> web.Application:
+    """The admin application serving `backend`."""
+    app = web.Application(middlewares=[_errors, _auth])
+    app[BACKEND] = backend
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)

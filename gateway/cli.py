@@ -555,9 +555,10 @@ def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]
     from gateway.geo import open_geo
     from gateway.identity import KeyRegistry
     from gateway.limits import Limits
-    from gateway.pipeline import Pipeline, build_runtime
+    from gateway.pipeline import Pipeline
     from gateway.policy import compile_policy, validate_policy
     from gateway.request_log import configure_logging
+    from gateway.snapshot import Snapshot, build_config_parts
 
     configure_logging("error", "json")
     s = config.settings
@@ -566,13 +567,13 @@ def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]
         geo = open_geo(s.geo, config.path, 0)
         registry = KeyRegistry(store)
         await registry.load_all()
-        rt = build_runtime(config)
+        rt = build_config_parts(config)
         try:
-            pipe = Pipeline(rt, geo, registry, Limits(store, "closed", 1, s.limits_headers))
             stored = await store.get_policy()
-            if stored is not None:
-                pipe.policy = compile_policy(validate_policy(json.loads(stored.doc), "store"),
-                                             stored.version)
+            policy = None if stored is None else compile_policy(
+                validate_policy(json.loads(stored.doc), "store"), stored.version)
+            pipe = Pipeline(Snapshot(rt, geo, registry, policy),
+                            Limits(store, "closed", 1, s.limits_headers))
             return explain(pipe, registry, params["ip"], key=key, reseller=params["reseller"],
                            customer_ip=params["customer_ip"], customer_id=params["customer_id"],
                            model=params["model"], path=params["path"] or "/v1/messages",

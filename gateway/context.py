@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
+
+_ID_PREFIX = "req_" + secrets.token_hex(6)
+_id_counter = itertools.count(1)
 
 #: Client strings longer than this are cut in log lines and error messages
 #: (docs/architecture.md §6).
@@ -15,6 +20,12 @@ def clip(value: str | None, limit: int = CLIENT_STRING_MAX) -> str | None:
     if value is None or len(value) <= limit:
         return value
     return value[:limit] + f"…(+{len(value) - limit} chars)"
+
+
+def new_request_id() -> str:
+    """A request id unique across instances (random per-process prefix) and cheap (a counter);
+    the proxy and admin listeners draw from the same sequence."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 @dataclass(slots=True)

@@ -3,7 +3,7 @@ and the constructors of the common refusals."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class GatewayError(Exception):
@@ -17,6 +17,7 @@ class GatewayError(Exception):
         message: str,
         headers: Mapping[str, str] | None = None,
         decision: str = "error",
+        problems: Sequence[Mapping[str, str]] = (),
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -25,6 +26,9 @@ class GatewayError(Exception):
         self.message = message
         self.headers = dict(headers or {})
         self.decision = decision
+        # Every problem of a refusal that found several (a policy with many faults): sent as
+        # `error.errors`, while `message` has one line per problem.
+        self.problems = tuple(problems)
         # The known key behind a refusal (revoked, expired): logged, never sent to the client.
         self.key_id: str | None = None
         self.reseller: str | None = None

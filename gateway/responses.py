@@ -11,11 +11,10 @@ from gateway.errors import GatewayError
 
 def render(err: GatewayError, request_id: str) -> web.Response:
     """The one place a GatewayError becomes an HTTP response."""
-    body = {
-        "type": "error",
-        "error": {"type": err.type, "code": err.code, "message": err.message},
-        "request_id": request_id,
-    }
+    error: dict[str, object] = {"type": err.type, "code": err.code, "message": err.message}
+    if err.problems:
+        error["errors"] = [dict(p) for p in err.problems]
+    body = {"type": "error", "error": error, "request_id": request_id}
     headers = dict(err.headers)
     headers["x-request-id"] = request_id
     return web.Response(

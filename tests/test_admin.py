@@ -3,6 +3,7 @@ a gateway running in-process."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +15,8 @@ from tests.support.upstream import FakeUpstream
 
 async def test_admin_paths_need_the_bearer_token(tmp_path: Path,
                                                  upstream: FakeUpstream) -> None:
-    """No token, a wrong token or another scheme is 401 with the admin error body; probes
-    need no token; every answer says only `Server: gateway`."""
+    """No token, a wrong token or another scheme is 401 authentication_error in the one error
+    body; probes need no token; every answer says only `Server: gateway`."""
     async with running_gateway(tmp_path, upstream.url) as gw, aiohttp.ClientSession() as s:
         token = gw.admin_headers["Authorization"].split(" ", 1)[1]
         for headers in ({}, {"Authorization": "Bearer wrong"},
@@ -23,7 +24,9 @@ async def test_admin_paths_need_the_bearer_token(tmp_path: Path,
             async with s.get(gw.admin_url + "/admin/keys", headers=headers) as r:
                 body = await r.json()
                 assert r.status == 401, headers
-                assert body["error"]["type"] == "admin_error"
+                assert (body["error"]["type"], body["error"]["code"]) == (
+                    "authentication_error", "invalid_admin_token")
+                assert body["request_id"] == r.headers["x-request-id"]
                 assert token not in await r.text()
                 assert r.headers["Server"] == SERVER_HEADER
         for probe in ("/healthz", "/readyz"):
@@ -47,3 +50,54 @@ async def test_key_operations_answer_with_their_status(tmp_path: Path,
         assert status == 400 and "rpm" in body["error"]["message"]
         status, _ = await gw.admin("POST", "/admin/keys/0000000000000000/revoke")
         assert status == 404
+
+
+async def test_every_admin_error_has_the_one_body_and_a_request_id(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """Unknown paths, wrong methods, bad queries, missing records and version conflicts all
+    answer the documented error body with its type, code and request id; successes carry a
+    request id too."""
+    async with running_gateway(tmp_path, upstream.url) as gw, aiohttp.ClientSession(
+            headers=gw.admin_headers) as s:
+        cases = [("GET", "/admin/nothing-here", 404, "not_found_error", "not_found"),
+                 ("DELETE", "/admin/keys", 405, "invalid_request_error", "method_not_allowed"),
+                 ("GET", "/admin/explain", 400, "invalid_request_error", "invalid_request"),
+                 ("GET", "/admin/keys/0000000000000000", 404, "not_found_error", "not_found"),
+                 ("PUT", "/admin/policy?expected_version=99", 409, "invalid_request_error",
+                  "version_conflict"),
+                 ("PUT", "/admin/policy?expected_version=x", 400, "invalid_request_error",
+                  "invalid_request")]
+        for method, path, status, type_, code in cases:
+            async with s.request(method, gw.admin_url + path, data="{}"
+                                 if method == "PUT" else None) as r:
+                body = await r.json()
+                assert r.status == status, (path, body)
+                assert set(body) == {"type", "error", "request_id"}, body
+                assert (body["type"], body["error"]["type"], body["error"]["code"]) == (
+                    "error", type_, code), path
+                assert body["error"]["message"] and body["request_id"] == r.headers[
+                    "x-request-id"]
+        async with s.get(gw.admin_url + "/admin/keys") as r:
+            assert r.status == 200 and r.headers["x-request-id"].startswith("req_")
+
+
+async def test_an_invalid_policy_lists_every_problem_in_the_one_body(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A policy with several faults is 400 invalid_policy: the message has one line per
+    problem and `error.errors` lists each field and reason; the live policy stays."""
+    open_policy = {"version": 1, "default_action": "allow", "rules": []}
+    async with running_gateway(tmp_path, upstream.url, open_policy,
+                               geo={"asn_db": None, "anonymous_ip_db": None}) as gw:
+        # Two rules on databases this gateway lacks: two problems found in one pass.
+        bad = {**open_policy, "rules": [
+            {"id": "a", "action": "deny", "reason": "x", "match": {"anonymizer": ["vpn"]}},
+            {"id": "b", "action": "deny", "reason": "y", "match": {"asn": [64496]}}]}
+        status, body = await gw.admin("PUT", "/admin/policy", data=json.dumps(bad))
+        assert status == 400, body
+        assert (body["error"]["type"], body["error"]["code"]) == ("invalid_request_error",
+                                                                  "invalid_policy")
+        assert [p["field"] for p in body["error"]["errors"]] == [
+            "rules[a].match.anonymizer", "rules[b].match.asn"]
+        assert all(p["reason"].startswith("needs geo.") for p in body["error"]["errors"])
+        assert body["error"]["message"].count("\n") == 1
+        assert gw.service.policy_version == 1

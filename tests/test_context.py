@@ -1,8 +1,11 @@
-"""Unit tests for gateway.context: client strings are clipped, the log line has every field."""
+"""Unit tests for gateway.context: client strings are clipped, request ids never repeat, the
+log line has every field."""
 
 from __future__ import annotations
 
-from gateway.context import CLIENT_STRING_MAX, RequestContext, clip
+import re
+
+from gateway.context import CLIENT_STRING_MAX, RequestContext, clip, new_request_id
 
 
 def test_clip_keeps_short_strings_and_none() -> None:
@@ -43,3 +46,11 @@ def test_contexts_do_not_share_lists() -> None:
     a.shadow.append("rule1")
     a.anonymizer.append("tor")
     assert b.shadow == [] and b.anonymizer == []
+
+
+def test_request_ids_are_unique_and_well_formed() -> None:
+    """Generated ids share this process's random prefix and never repeat."""
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"req_[0-9a-f]{12}[0-9a-f]{12}", i) for i in ids)
+    assert len({i[:16] for i in ids}) == 1

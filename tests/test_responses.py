@@ -29,3 +29,20 @@ def test_render_keeps_the_error_headers() -> None:
     resp = render(err, "req_2")
     assert resp.headers["retry-after"] == "3"
     assert err.headers == {"retry-after": "3"}
+
+
+def test_render_lists_every_problem_of_a_refusal_that_found_several() -> None:
+    """A refusal with several problems keeps the one body shape and lists them in
+    `error.errors`; one with none has no such member."""
+    err = GatewayError(400, "invalid_request_error", "invalid_policy", "a: bad\nb: worse",
+                       problems=[{"field": "a", "reason": "bad"},
+                                 {"field": "b", "reason": "worse"}])
+    body = json.loads(render(err, "req_3").body)  # type: ignore[arg-type]
+    assert body["error"] == {"type": "invalid_request_error", "code": "invalid_policy",
+                             "message": "a: bad\nb: worse",
+                             "errors": [{"field": "a", "reason": "bad"},
+                                        {"field": "b", "reason": "worse"}]}
+    assert body["request_id"] == "req_3"
+    plain = json.loads(render(GatewayError(404, "not_found_error", "not_found", "no"),
+                              "req_4").body)  # type: ignore[arg-type]
+    assert "errors" not in plain["error"]

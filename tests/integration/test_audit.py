@@ -229,7 +229,8 @@ async def test_admin_audit_needs_the_token_and_a_valid_query(
         for query in ("?since=yesterday", "?limit=0", "?limit=many"):
             status, body = await gw.admin("GET", "/admin/audit" + query)
             assert status == 400, query
-            assert body["error"]["type"] == "admin_error"
+            assert (body["error"]["type"], body["error"]["code"]) == (
+                "invalid_request_error", "invalid_request")
 
 
 async def test_failed_append_is_logged_and_the_change_kept(

@@ -283,9 +283,10 @@ async def test_policy_needing_a_missing_database_is_refused_live(tmp_path: Path,
         assert version is not None and set(gw.service.geo.dbs) == {"country"}
         status, body = await gw.admin("PUT", "/admin/policy", data=json.dumps(ANONYMIZER_POLICY))
         assert status == 400
-        assert body["error"]["field"] == "rules[no-vpn].match.anonymizer"
-        assert body["error"]["reason"] == ("needs geo.anonymous_ip_db, which the gateway "
-                                           "config does not set")
+        assert body["error"]["code"] == "invalid_policy"
+        assert body["error"]["errors"] == [{
+            "field": "rules[no-vpn].match.anonymizer",
+            "reason": "needs geo.anonymous_ip_db, which the gateway config does not set"}]
 
         doc = canonical(validate_policy(ANONYMIZER_POLICY, "test"))
         stored = await gw.service.store.put_policy(doc, "other-writer", version)

@@ -33,7 +33,7 @@ async def test_stream_longer_than_read_timeout_survives_reload(tmp_path: Path,
     async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
                                upstream={"read_timeout_s": 1}) as gw:
         _, key = await gw.issue_key("direct")
-        old_session = gw.service.pipeline.rt.upstream.session
+        old_session = gw.service.pipeline.snapshot.parts.upstream.session
         reloaded = asyncio.Event()
 
         async def consume() -> str:
@@ -50,7 +50,7 @@ async def test_stream_longer_than_read_timeout_survives_reload(tmp_path: Path,
         await poll(lambda: upstream.first_event_sent.is_set())
         assert await gw.service.reload()
         reloaded.set()
-        assert gw.service.pipeline.rt.upstream.session is not old_session
+        assert gw.service.pipeline.snapshot.parts.upstream.session is not old_session
         async with asyncio.timeout(30):
             assert await task == upstream.reply_text
         [line] = gw.logs.requests()

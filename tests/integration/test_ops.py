@@ -145,7 +145,7 @@ async def test_admin_reload_refuses_broken_config_and_applies_valid_one(
 
         await asyncio.to_thread(_write_broken, cfg)
         status, body = await gw.admin("POST", "/admin/reload")
-        assert (status, body) == (400, {"reloaded": False})
+        assert (status, body["error"]["code"]) == (400, "reload_refused")
         failed = gw.logs.events("config_reload_failed")
         assert len(failed) == 1 and failed[0]["path"] == str(cfg) and "YAML" in failed[0]["reason"]
         status, _, headers = await send(gw.url, key)

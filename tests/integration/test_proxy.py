@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -739,11 +739,13 @@ async def test_internal_error_answers_in_the_error_shape(tmp_path: Path,
     forwards nothing."""
     async with running_gateway(tmp_path, upstream.url) as gw:
         _, key = await gw.issue_key("direct")
-        gw.service.pipeline.geo = None  # type: ignore[assignment]
+        snap = gw.service.pipeline.snapshot
+        gw.service.pipeline.snapshot = replace(snap, geo=None)  # type: ignore[arg-type]
         async with aiohttp.ClientSession() as s, s.post(
                 gw.url + "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": []},
                 headers={"x-api-key": key, "X-Forwarded-For": "192.0.2.1"}) as r:
             body = await r.json()
+            gw.service.pipeline.snapshot = snap  # the resolver back, for the stop
             assert r.status == 500
             assert body["type"] == "error"
             assert (body["error"]["type"], body["error"]["code"]) == ("api_error",

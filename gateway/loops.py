@@ -1,0 +1,44 @@
+"""The gateway's background loops, each run as an aiohttp cleanup context: started when the
+application that holds it starts, cancelled (with a bounded wait) when it is cleaned up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.tasks import cancel_and_wait, cancelling
+
+#: An aiohttp cleanup context (an entry of `web.Application.cleanup_ctx`).
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+class Loops:
+    """Periodic loops as cleanup contexts; `tasks` holds the ones running."""
+
+    def __init__(self, wait_s: float = 0.5) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+        self._wait_s = wait_s
+
+    def every(self, name: str, interval_s: Callable[[], float],
+              step: Callable[[], Awaitable[None]]) -> CleanupContext:
+        """A cleanup context running `step` every `interval_s()` seconds (read before each
+        wait, so a reload may change it) until the application is cleaned up. `step` handles
+        its own errors: one it lets through ends the loop."""
+
+        async def run() -> None:
+            while not cancelling():
+                await asyncio.sleep(interval_s())
+                await step()
+
+        async def context(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(run(), name=name)
+            self.tasks.append(task)
+            try:
+                yield
+            finally:
+                self.tasks.remove(task)
+                await cancel_and_wait([task], wait_s=self._wait_s)
+
+        return context

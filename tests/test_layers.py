@@ -43,7 +43,8 @@ TABLE = (
     _group(3, "edge", "proxy request_body responses audit metrics listeners", never="stores"),
     _group(4, "pipeline", "decision pipeline explain keys", never="stores"),
     # standin is the tests' stand-in upstream, here only because `gateway demo` runs it.
-    _group(5, "composition", "app admin workers demo standin geo_build", never="stores"),
+    _group(5, "composition", "app admin operations workers demo standin geo_build",
+           never="stores"),
     _group(6, "entry", "cli __main__"),
 )
 STDLIB_ONLY_LAYER = 0

@@ -16,17 +16,25 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-import aiohttp
 import yaml
 
 from gateway import __version__
+from gateway.keys import LIMIT_FIELDS
+from gateway.operations import (
+    AdminOperations,
+    ExplainQuery,
+    OperationError,
+    Operations,
+    direct_operations,
+)
 from gateway.settings import ConfigError, LoadedConfig, StartupError, load_settings, redact_url
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml")
 EXIT_FAILURE = 1  # a failure, or a difference found
 EXIT_USAGE = 2  # usage or config error
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -136,57 +144,39 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- store access: Redis directly, the embedded store through the running gateway -------------
+# --- store operations: the store itself, or the running gateway for the embedded store --------
 
-class Remote:
-    """The admin API of a running gateway (for the embedded store)."""
-
-    def __init__(self, config: LoadedConfig) -> None:
-        if not config.secrets.admin_token:
-            var = config.settings.admin_token_env
-            raise ConfigError(config.path, "admin_token_env",
-                              f"environment variable {var} is not set: with the embedded store "
-                              "this command talks to the running gateway's admin API, which "
-                              "needs the admin token")
-        host, _, port = config.settings.admin_listen.rpartition(":")
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
-        host = f"[{host}]" if ":" in host else host
-        self.base = f"http://{host}:{port}"
-        self.headers = {"Authorization": f"Bearer {config.secrets.admin_token}"}
-
-    async def call(self, method: str, path: str, body: Any = None, text: str | None = None
-                   ) -> Any:
-        async with aiohttp.ClientSession(headers=self.headers) as s:
-            try:
-                async with s.request(method, self.base + path, json=body,
-                                     data=text) as r:
-                    doc = await r.json(content_type=None)
-                    if r.status >= 400:
-                        err = doc.get("error", {}) if isinstance(doc, dict) else {}
-                        _fail(str(err.get("message", doc)),
-                              EXIT_USAGE if r.status == 400 else EXIT_FAILURE)
-                    return doc
-            except aiohttp.ClientConnectorError:
-                _fail(f"cannot reach the gateway's admin API at {self.base} (the embedded "
-                      "store lives in the running gateway: start it with `gateway run`)")
+def admin_operations(config: LoadedConfig) -> AdminOperations:
+    """The admin API of the running gateway (which owns the embedded store): its
+    `admin_listen` address (a wildcard one called on loopback) and the admin token."""
+    if not config.secrets.admin_token:
+        var = config.settings.admin_token_env
+        raise ConfigError(config.path, "admin_token_env",
+                          f"environment variable {var} is not set: with the embedded store "
+                          "this command talks to the running gateway's admin API, which "
+                          "needs the admin token")
+    host, _, port = config.settings.admin_listen.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
+    host = f"[{host}]" if ":" in host else host
+    return AdminOperations(f"http://{host}:{port}", config.secrets.admin_token)
 
 
-def _with_store(config: LoadedConfig, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-    from gateway.errors import StoreError
-    from gateway.store import open_store
+def _operator(config: LoadedConfig) -> Callable[[Callable[[Operations], Awaitable[T]]], T]:
+    """Pick the operations of a command once: through the admin API for the embedded store
+    (the gateway process owns it), on the store directly otherwise. The function returned
+    runs one operation to completion; an OperationError reaches `main`."""
+    remote = admin_operations(config) if _embedded(config) else None
 
-    async def go() -> Any:
-        s = config.settings.store
-        store = open_store(s.url, s.key_prefix, max(s.timeout_s, 3.0))
-        try:
-            await store.start()
-            return await fn(store)
-        except StoreError as exc:
-            _fail(str(exc))
-        finally:
-            await store.close()
+    def run(op: Callable[[Operations], Awaitable[T]]) -> T:
+        async def go() -> T:
+            if remote is not None:
+                return await op(remote)
+            async with direct_operations(config, _actor()) as ops:
+                return await op(ops)
 
-    return asyncio.run(go())
+        return asyncio.run(go())
+
+    return run
 
 
 def _embedded(config: LoadedConfig) -> bool:
@@ -264,48 +254,25 @@ def _print_key(r: dict[str, Any]) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from gateway import keys as ops
-    from gateway.keys import KeyOpError
-
     config = _load_admin(args)
-    actor = _actor()
-    remote = Remote(config) if _embedded(config) else None
+    run = _operator(config)
     _cli_logging()
-
-    def run(direct: Callable[[Any], Awaitable[Any]], method: str, path: str,
-            body: Any = None) -> Any:
-        if remote is not None:
-            return asyncio.run(remote.call(method, path, body))
-
-        async def wrapped(store: Any) -> Any:
-            try:
-                return await direct(store)
-            except KeyOpError as exc:
-                _fail(str(exc), EXIT_USAGE if exc.status == 400 else EXIT_FAILURE)
-
-        return _with_store(config, wrapped)
-
     if args.keys_cmd == "issue":
         spec: dict[str, Any] = {"reseller": args.reseller}
-        for f in ("name", "models", "paths", "countries", "rpm", "itpm", "otpm", "concurrency"):
+        for f in ("name", "models", "paths", "countries", *LIMIT_FIELDS):
             v = getattr(args, f)
             if v is not None:
                 spec[f] = v
         exp = _expires(args.expires)
         if exp is not None:
             spec["expires_at"] = exp
-
-        async def issue(store: Any) -> Any:
-            rec, full = await ops.issue_key(store, spec, actor)
-            return {"key_id": rec.key_id, "key": full, "record": ops.show(rec)}
-
-        out = run(issue, "POST", "/admin/keys", spec)
+        issued = run(lambda ops: ops.issue_key(spec))
         if args.json:
-            _print({"key_id": out["key_id"], "key": out["key"]})
+            _print({"key_id": issued.key_id, "key": issued.key})
         else:
-            expires = out["record"].get("expires_at")
-            print(f"key_id: {out['key_id']}\nreseller: {args.reseller}\n"
-                  f"expires: {_iso(expires) if expires else 'never'}\nkey: {out['key']}\n"
+            expires = issued.record.get("expires_at")
+            print(f"key_id: {issued.key_id}\nreseller: {args.reseller}\n"
+                  f"expires: {_iso(expires) if expires else 'never'}\nkey: {issued.key}\n"
                   "(the key is shown this once; only its hash is stored)")
         return 0
     if args.keys_cmd == "update":
@@ -314,7 +281,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             v = getattr(args, f)
             if v is not None:
                 changes[f] = v
-        for f in ("rpm", "itpm", "otpm", "concurrency"):
+        for f in LIMIT_FIELDS:
             if getattr(args, f) is not _UNSET:
                 changes[f] = getattr(args, f)
         if args.expires is not None:
@@ -322,18 +289,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
                                      else _expires(args.expires))
         if not changes:
             _fail("nothing to update: give at least one of --name --models --paths "
-                  "--countries --rpm --itpm --otpm --concurrency --expires", EXIT_USAGE)
-        rec = run(lambda st: ops.update_key(st, args.key_id, changes, actor), "PATCH",
-                  f"/admin/keys/{args.key_id}", changes)
+                  "--countries " + " ".join(f"--{f}" for f in LIMIT_FIELDS) + " --expires",
+                  EXIT_USAGE)
+        rec = run(lambda ops: ops.update_key(args.key_id, changes))
         if args.json:
             _print(rec)
         else:
             _print_key(rec)
         return 0
     if args.keys_cmd == "list":
-        path = "/admin/keys" + (f"?reseller={args.reseller}" if args.reseller else "")
-        out = run(lambda st: ops.list_keys(st, args.reseller), "GET", path)
-        rows = out["keys"] if isinstance(out, dict) else out
+        rows = run(lambda ops: ops.list_keys(args.reseller))
         if args.json:
             _print(rows)
         else:
@@ -345,30 +310,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
                       f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}{exp_s}")
         return 0
     if args.keys_cmd == "show":
-        rec = run(lambda st: ops.show_key(st, args.key_id), "GET", f"/admin/keys/{args.key_id}")
+        rec = run(lambda ops: ops.show_key(args.key_id))
         if args.json:
             _print(rec)
         else:
             _print_key(rec)
         return 0
     if args.keys_cmd == "revoke":
-        out = run(lambda st: ops.revoke_key(st, args.key_id, actor), "POST",
-                  f"/admin/keys/{args.key_id}/revoke")
+        out = run(lambda ops: ops.revoke_key(args.key_id))
         _print(out) if args.json else print(f"revoked {args.key_id}")
         return 0
     if args.keys_cmd == "rotate":
-        async def rotate(store: Any) -> Any:
-            rec, full = await ops.rotate_key(store, args.key_id, actor, args.overlap)
-            return {"key_id": rec.key_id, "key": full, "record": ops.show(rec)}
-
-        out = run(rotate, "POST", f"/admin/keys/{args.key_id}/rotate",
-                  {"overlap_s": args.overlap})
+        rotated = run(lambda ops: ops.rotate_key(args.key_id, args.overlap))
         if args.json:
-            _print({"key_id": out["key_id"], "key": out["key"]})
+            _print({"key_id": rotated.key_id, "key": rotated.key})
         else:
-            until = out["record"].get("prev_valid_until")
-            print(f"key_id: {out['key_id']}\nkey: {out['key']}\n(the old secret keeps working "
-                  f"for {args.overlap:g} s" + (f", until {_iso(until)})" if until else ")"))
+            until = rotated.record.get("prev_valid_until")
+            print(f"key_id: {rotated.key_id}\nkey: {rotated.key}\n(the old secret keeps "
+                  f"working for {args.overlap:g} s" + (f", until {_iso(until)})" if until
+                                                       else ")"))
         return 0
     _fail("unknown keys command", EXIT_USAGE)
 
@@ -393,46 +353,20 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print(f"{args.file}: ok")
         return 0
     config = _load_admin(args)
-    remote = Remote(config) if _embedded(config) else None
-
-    def live() -> dict[str, Any] | None:
-        """The live policy: version, applied_at, actor and the document; None if none."""
-        if remote is not None:
-            async def get() -> Any:
-                async with aiohttp.ClientSession(headers=remote.headers) as s:
-                    async with s.get(remote.base + "/admin/policy") as r:
-                        if r.status == 404:
-                            return None
-                        if r.status >= 400:
-                            _fail(f"admin API answered {r.status}")
-                        return await r.json()
-            try:
-                doc: dict[str, Any] | None = asyncio.run(get())
-            except aiohttp.ClientConnectorError:
-                _fail(f"cannot reach the gateway's admin API at {remote.base}")
-            return doc
-
-        async def get_direct(store: Any) -> Any:
-            stored = await store.get_policy()
-            return None if stored is None else {
-                "version": stored.version, "applied_at": stored.applied_at,
-                "actor": stored.actor, "policy": json.loads(stored.doc)}
-
-        result: dict[str, Any] | None = _with_store(config, get_direct)
-        return result
+    run = _operator(config)
 
     if args.policy_cmd == "show":
-        cur = live()
+        cur = run(lambda ops: ops.get_policy())
         if cur is None:
             _fail("no policy stored yet")
         if args.json:
-            _print({"version": cur["version"], "applied_at": cur.get("applied_at"),
-                    "applied_at_iso": _iso(cur.get("applied_at")), "actor": cur.get("actor"),
-                    "policy": cur["policy"]})
+            _print({"version": cur.version, "applied_at": cur.applied_at,
+                    "applied_at_iso": _iso(cur.applied_at), "actor": cur.actor,
+                    "policy": cur.policy})
         else:
-            print(f"# live policy version {cur['version']}\n"
-                  f"# applied {_iso(cur.get('applied_at'))} by {cur.get('actor') or '-'}\n"
-                  + _yaml(cur["policy"]), end="")
+            print(f"# live policy version {cur.version}\n"
+                  f"# applied {_iso(cur.applied_at)} by {cur.actor or '-'}\n"
+                  + _yaml(cur.policy), end="")
         return 0
     # apply
     from gateway.policy import require_databases
@@ -440,14 +374,14 @@ def cmd_policy(args: argparse.Namespace) -> int:
     doc = load_policy_file(args.file)
     require_databases(doc, config.settings.geo, args.file)
     new = json.loads(canonical(doc))
-    cur = live()
-    old_text = _yaml(cur["policy"]) if cur else ""
+    cur = run(lambda ops: ops.get_policy())
+    old_text = _yaml(cur.policy) if cur else ""
     diff = list(difflib.unified_diff(old_text.splitlines(), _yaml(new).splitlines(),
-                                     f"live (v{cur['version']})" if cur else "live (none)",
+                                     f"live (v{cur.version})" if cur else "live (none)",
                                      args.file, lineterm=""))
-    report: dict[str, Any] = {"file": args.file, "live_version": cur["version"] if cur else None,
+    report: dict[str, Any] = {"file": args.file, "live_version": cur.version if cur else None,
                               "changed": bool(diff), "diff": "\n".join(diff), "applied": False,
-                              "version": cur["version"] if cur else None}
+                              "version": cur.version if cur else None}
     if not args.json:
         print("\n".join(diff) if diff else "no changes against the live policy")
     if args.dry_run or not diff:
@@ -457,27 +391,14 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print("(dry run: nothing applied)")
         # A dry run that finds a difference exits 1 (as `diff` does): CI can gate on it.
         return EXIT_FAILURE if args.dry_run and diff else 0
-    expected = cur["version"] if cur else 0
-    if remote is not None:
-        out = asyncio.run(remote.call("PUT", f"/admin/policy?expected_version={expected}",
-                                      text=canonical(doc)))
-        version = out["version"]
-    else:
-        from gateway.audit import record_policy_applied
-
-        _cli_logging()
-
-        async def put(store: Any) -> int:
-            before = await store.get_policy()
-            try:
-                v: int = await store.put_policy(canonical(doc), _actor(), expected)
-            except ValueError as exc:
-                _fail(f"{exc}; re-run to diff against it")
-            await record_policy_applied(store, _actor(), v, before.doc if before else None,
-                                        canonical(doc))
-            return v
-
-        version = _with_store(config, put)
+    expected = cur.version if cur else 0
+    _cli_logging()
+    try:
+        version = run(lambda ops: ops.put_policy(canonical(doc), expected))
+    except OperationError as exc:
+        if exc.status == 409:  # another writer applied a version since the diff
+            _fail(f"{exc}; re-run to diff against it")
+        raise
     if args.json:
         _print({**report, "applied": True, "version": version})
     else:
@@ -488,9 +409,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
 # --- audit ------------------------------------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from urllib.parse import urlencode
-
     from gateway.audit import parse_limit, parse_since
+    from gateway.request_log import configure_logging, set_log_stream
 
     config = _load_admin(args)
     try:
@@ -498,19 +418,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         limit = parse_limit(str(args.limit))
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
-    if _embedded(config):  # the embedded store's stream lives in the running gateway
-        q = urlencode({"limit": limit, **({"since": repr(since)} if since is not None else {})})
-        events = asyncio.run(Remote(config).call("GET", f"/admin/audit?{q}"))["events"]
-    else:
-        from gateway.request_log import configure_logging, set_log_stream
-
-        set_log_stream(sys.stderr)  # stdout is the listing alone
-        configure_logging("error", "json")
-        events = _with_store(config, lambda store: store.list_audit(since, limit))
+    run = _operator(config)
+    set_log_stream(sys.stderr)  # stdout is the listing alone
+    configure_logging("error", "json")
+    events = run(lambda ops: ops.list_audit(since, limit))
     if args.json:
-        from gateway.keys import with_iso_times
-
-        events = [with_iso_times(e, ("time",)) for e in events]
         _print({"events": events})
         return 0
     print(f"{'TIME':<22}{'ACTOR':<26}{'ACTION':<25}{'TARGET':<18}DETAILS")
@@ -525,64 +437,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # --- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.request_log import configure_logging
+
     config = _load_admin(args)
     key = args.key or (None if args.key_id or args.reseller
                        else os.environ.get("GATEWAY_EXPLAIN_KEY"))
     if not (key or args.key_id or args.reseller):
         _fail("give --key-id, --reseller or --key (or set GATEWAY_EXPLAIN_KEY)", EXIT_USAGE)
-    params = {"ip": args.ip, "reseller": args.reseller, "customer_ip": args.customer_ip,
-              "customer_id": args.customer_id, "model": args.model, "path": args.path,
-              "key_id": args.key_id}
-    if _embedded(config):
-        remote = Remote(config)
-        from urllib.parse import urlencode
-
-        q = urlencode({k: v for k, v in params.items() if v})
-        if key:
-            remote.headers["x-explain-key"] = key
-        out = asyncio.run(remote.call("GET", f"/admin/explain?{q}"))
-    else:
-        out = _explain_local(config, key, params)
+    query = ExplainQuery(ip=args.ip, key=key, key_id=args.key_id, reseller=args.reseller,
+                         customer_ip=args.customer_ip, customer_id=args.customer_id,
+                         model=args.model, path=args.path or "/v1/messages")
+    run = _operator(config)
+    configure_logging("error", "json")
+    out = run(lambda ops: ops.explain(query))
     if args.json:
         _print(out)
     else:
         _print_trace(out)
     return 0 if out["decision"]["decision"] == "allow" else EXIT_FAILURE
-
-
-def _explain_local(config: LoadedConfig, key: str | None, params: dict[str, Any]) -> Any:
-    from gateway.explain import explain
-    from gateway.geo import open_geo
-    from gateway.identity import KeyRegistry
-    from gateway.limits import Limits
-    from gateway.pipeline import Pipeline
-    from gateway.policy import compile_policy, validate_policy
-    from gateway.request_log import configure_logging
-    from gateway.snapshot import Snapshot, build_config_parts
-
-    configure_logging("error", "json")
-    s = config.settings
-
-    async def go(store: Any) -> Any:
-        geo = open_geo(s.geo, config.path, 0)
-        registry = KeyRegistry(store)
-        await registry.load_all()
-        rt = build_config_parts(config)
-        try:
-            stored = await store.get_policy()
-            policy = None if stored is None else compile_policy(
-                validate_policy(json.loads(stored.doc), "store"), stored.version)
-            pipe = Pipeline(Snapshot(rt, geo, registry, policy),
-                            Limits(store, "closed", 1, s.limits_headers))
-            return explain(pipe, registry, params["ip"], key=key, reseller=params["reseller"],
-                           customer_ip=params["customer_ip"], customer_id=params["customer_id"],
-                           model=params["model"], path=params["path"] or "/v1/messages",
-                           key_id=params["key_id"])
-        finally:
-            await rt.upstream.close()
-            geo.close()
-
-    return _with_store(config, go)
 
 
 def _print_trace(out: dict[str, Any]) -> None:
@@ -605,8 +477,7 @@ def _print_trace(out: dict[str, Any]) -> None:
     if out.get("shadow"):
         print(f"shadow (would deny): {', '.join(out['shadow'])}")
     for lim in out.get("limits") or []:
-        print(f"  limit {lim['subject']}: rpm {lim['rpm']} itpm {lim['itpm']} "
-              f"otpm {lim['otpm']} concurrency {lim['concurrency']}")
+        print(f"  limit {lim['subject']}: " + " ".join(f"{f} {lim[f]}" for f in LIMIT_FIELDS))
     d = out["decision"]
     print(f"decision: {d['decision'].upper()} {d['status']} {d['code'] or ''} at {d['stage']}"
           f"{': ' + d['message'] if d['message'] else ''}")
@@ -729,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--countries", help="comma-separated ISO codes (and 'unknown')" + clear)
 
     scopes(ki)
-    for f in ("rpm", "itpm", "otpm", "concurrency"):
+    for f in LIMIT_FIELDS:
         ki.add_argument(f"--{f}", type=int, help=f"the key's own {f} limit")
     ki.add_argument("--expires", help="30d, 12h, or an ISO 8601 time (in the future)")
     json_flag(ki)
@@ -739,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     ku.add_argument("key_id")
     ku.add_argument("--name", help="a label for people")
     scopes(ku, "; '' removes the scope")
-    for f in ("rpm", "itpm", "otpm", "concurrency"):
+    for f in LIMIT_FIELDS:
         ku.add_argument(f"--{f}", type=_limit_arg, default=_UNSET,
                         help=f"the key's own {f} limit; 'default' = the policy's")
     ku.add_argument("--expires", help="30d, 12h, an ISO 8601 time, or 'never'")
@@ -830,4 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except OperationError as exc:  # a refused input is a usage error, as an HTTP 400 is
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.status == 400 else EXIT_FAILURE
     return code

@@ -13,9 +13,10 @@ from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
 from gateway.paths import compile_path_globs
 from gateway.policy import glob_list
-from gateway.store.base import KeyRecord, Store
+from gateway.store.base import DIMENSIONS, KeyRecord, Store
 
-LIMIT_FIELDS = ("rpm", "itpm", "otpm", "concurrency")
+#: A key's own limits: the limit dimensions of the store.
+LIMIT_FIELDS = DIMENSIONS
 #: Fields `update_key` may change (the reseller never changes: issue a new key).
 UPDATE_FIELDS = ("name", "models", "paths", "countries", "expires_at", *LIMIT_FIELDS)
 #: Unix-time fields of a key as shown; each is also shown as `<field>_iso` (ISO 8601, UTC).

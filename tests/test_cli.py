@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 
 from gateway import __version__
-from gateway.cli import EXIT_USAGE, CliError, Remote, _expires, _iso, _limit_arg, main
+from gateway.cli import (
+    EXIT_USAGE,
+    CliError,
+    _expires,
+    _iso,
+    _limit_arg,
+    admin_operations,
+    build_parser,
+    main,
+)
+from gateway.operations import AdminOperations
 from gateway.settings import ConfigError, load_settings
+from gateway.store.base import DIMENSIONS
 from tests.support.gateway import write_config
 
 
@@ -47,10 +58,10 @@ def test_iso_prints_times_or_a_dash() -> None:
     assert _iso(None) == "-" and _iso("soon") == "-"
 
 
-def _config(tmp_path: Path, admin_listen: str, token: str | None) -> Remote:
+def _config(tmp_path: Path, admin_listen: str, token: str | None) -> AdminOperations:
     path = write_config(tmp_path, "http://127.0.0.1:1", admin_listen=admin_listen)
     env = {"UPSTREAM_API_KEY": "u"} | ({"GATEWAY_ADMIN_TOKEN": token} if token else {})
-    return Remote(load_settings(str(path), environ=env))
+    return admin_operations(load_settings(str(path), environ=env))
 
 
 @pytest.mark.parametrize(("listen", "base"), [
@@ -83,3 +94,14 @@ def test_main_version_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> No
     except SystemExit as e:
         code = e.code  # type: ignore[assignment]
     assert code == EXIT_USAGE
+
+
+def test_key_limit_options_are_the_store_dimensions() -> None:
+    """`keys issue` and `keys update` take one option per limit dimension of the store."""
+    parser = build_parser()
+    limits = [x for n, f in enumerate(DIMENSIONS, 1) for x in (f"--{f}", str(n))]
+    issue = parser.parse_args(["keys", "issue", "--reseller", "r", *limits])
+    assert [getattr(issue, f) for f in DIMENSIONS] == [1, 2, 3, 4]
+    defaults = [x for f in DIMENSIONS for x in (f"--{f}", "default")]
+    update = parser.parse_args(["keys", "update", "k", *defaults])
+    assert [getattr(update, f) for f in DIMENSIONS] == [None] * len(DIMENSIONS)

@@ -127,3 +127,16 @@ async def test_unknown_key_is_a_404_and_list_filters_by_reseller() -> None:
     assert err.value.status == 404
     assert [k["reseller"] for k in await list_keys(store, "beta")] == ["beta"]
     assert len(await list_keys(store)) == 2
+
+
+async def test_every_limit_dimension_is_a_key_limit() -> None:
+    """A key takes its own limit in each dimension the store limits, and an update clears each
+    back to the policy's default."""
+    from gateway.store.base import DIMENSIONS
+
+    store = await _store()
+    own = {f: n for n, f in enumerate(DIMENSIONS, 1)}
+    rec, _ = await issue_key(store, {"reseller": "acme", **own}, "alice")
+    assert rec.limits == own
+    shown = await update_key(store, rec.key_id, dict.fromkeys(DIMENSIONS), "alice")
+    assert shown["limits"] == {}

@@ -45,7 +45,8 @@ TABLE = (
            never="stores"),
     _group(4, "pipeline", "decision snapshot pipeline explain keys", never="stores"),
     # standin is the tests' stand-in upstream, here only because `gateway demo` runs it.
-    _group(5, "composition", "app sync status loops admin workers demo standin geo_build",
+    _group(5, "composition", "app sync status loops admin operations workers demo standin "
+           "geo_build",
            never="stores"),
     _group(6, "entry", "cli __main__"),
 )

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from gateway.audit import configure_logging, set_log_stream
 from gateway.geo import open_geo
 from gateway.identity import KeyRegistry
 from gateway.limits import Limits
 from gateway.pipeline import Pipeline
 from gateway.policy import canonical, validate_policy
+from gateway.request_log import configure_logging, set_log_stream
 from gateway.settings import load_settings
 from gateway.snapshot import Snapshot, build_config_parts
 from gateway.store.base import KeyRecord

@@ -16,8 +16,7 @@ from typing import Any
 import aiohttp
 
 from gateway.policy import canonical, validate_policy
-from tests.integration.test_run_process import GatewayProcess, cli, gateway_process
-from tests.support.cli import TEST_GEO, run_cli, send
+from tests.support.cli import TEST_GEO, GatewayProcess, cli, gateway_process, run_cli, send
 from tests.support.gateway import REPO, poll, running_gateway, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -193,7 +192,7 @@ async def test_database_overwritten_in_place_keeps_serving(tmp_path: Path,
                 line = await poll(lambda ip=ip: [x for x in gw.events("request")
                                                   if x["client_ip"] == ip])
                 assert line[0]["country"] == "US" and line[0]["asn"] == 721
-            assert gw.proc.returncode is None
+            assert gw.returncode is None
 
         def rejected() -> int:
             return len(gw.events("geo_database_rejected"))

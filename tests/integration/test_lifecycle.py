@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import anthropic
 
-from tests.integration.test_run_process import US, cli, gateway_process
+from tests.support.cli import US, cli, gateway_process
 from tests.support.gateway import poll, running_gateway
 from tests.support.upstream import FakeUpstream
 
@@ -128,7 +128,7 @@ async def test_sigterm_drains_readiness_then_cuts_at_the_deadline(
         assert not task.done()  # refusing new connections, still streaming
 
         async def exited() -> bool:
-            return gw.proc.returncode is not None
+            return gw.returncode is not None
 
         await poll(exited, timeout=drain + grace + 1 - (time.monotonic() - sent_at))
         assert await gw.finish() == 0
@@ -136,7 +136,7 @@ async def test_sigterm_drains_readiness_then_cuts_at_the_deadline(
             received = await task
         assert b"message_start" in received and b"message_stop" not in received
         cut = [x for x in gw.events("request") if x["reason"] == "shutdown"]
-        assert len(cut) == 1, "".join(gw.raw[-6:])
+        assert len(cut) == 1, "\n".join(gw.raw[-6:])
         assert cut[0]["decision"] == "error" and cut[0]["status"] == 503
         assert cut[0]["upstream_status"] == 200  # the stream, not the request of the drain
         assert not [x for x in gw.events("request") if x["reason"] == "client_disconnected"]

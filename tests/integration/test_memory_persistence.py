@@ -16,8 +16,7 @@ from gateway.errors import StoreError
 from gateway.settings import ConfigError, load_settings
 from gateway.store.base import KeyRecord
 from gateway.store.memory import MemoryStore, StateFileError
-from tests.integration.test_run_process import cli, gateway_env
-from tests.support.cli import code_of, send
+from tests.support.cli import cli, cli_env, code_of, send
 from tests.support.gateway import DEFAULT_POLICY, running_gateway, write_config
 from tests.support.upstream import FakeUpstream
 
@@ -100,7 +99,7 @@ def test_memory_url_with_a_host_is_a_config_error(tmp_path: Path) -> None:
     path, `memory:///var/lib/gateway/state.json`."""
     path = write_config(tmp_path, "http://127.0.0.1:9", store={"url": "memory://state.json"})
     with pytest.raises(ConfigError) as info:
-        load_settings(str(path), environ=gateway_env())
+        load_settings(str(path), environ=cli_env())
     assert info.value.field == "store.url"
     assert "memory:///" in info.value.reason
 

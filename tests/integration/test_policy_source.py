@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from gateway.settings import ConfigError, load_settings
-from tests.integration.test_run_process import gateway_env, gateway_process
-from tests.support.cli import code_of, send
+from tests.support.cli import cli_env, code_of, gateway_process, send
 from tests.support.gateway import (
     DEFAULT_POLICY,
     RunningGateway,
@@ -167,6 +166,6 @@ def test_file_source_needs_a_policy_file(tmp_path: Path) -> None:
     """`policy_source: file` without a `policy_file` is a config error naming the field."""
     path = write_config(tmp_path, "http://127.0.0.1:9", policy_file=None, policy_source="file")
     with pytest.raises(ConfigError) as info:
-        load_settings(str(path), environ=gateway_env())
+        load_settings(str(path), environ=cli_env())
     assert info.value.field == "policy_source"
     assert "policy_file" in info.value.reason

@@ -5,112 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import anthropic
 
+from tests.support.cli import US, cli, cli_env, gateway_process
 from tests.support.gateway import ADMIN_TOKEN, UPSTREAM_KEY, poll, write_config
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 from tests.support.transcript import TRANSCRIPT
 from tests.support.upstream import FakeUpstream
 
 MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
            "messages": [{"role": "user", "content": "hi"}]}
-US = {"X-Forwarded-For": "192.0.2.1"}
-
-
-def gateway_env() -> dict[str, str]:
-    return dict(os.environ, GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, UPSTREAM_API_KEY=UPSTREAM_KEY)
-
-
-class GatewayProcess:
-    """A `python -m gateway run` child whose stdout is collected as JSON log lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, config: Path, port: int,
-                 admin_port: int) -> None:
-        self.proc = proc
-        self.config = config
-        self.url = f"http://127.0.0.1:{port}"
-        self.port = port
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.lines: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.stderr = b""
-        self._readers = [asyncio.create_task(self._read_stdout()),
-                         asyncio.create_task(self._read_stderr())]
-
-    async def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            line = raw.decode()
-            self.raw.append(line)
-            self.lines.append(json.loads(line))  # every stdout line is one JSON object
-
-    async def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        self.stderr = await self.proc.stderr.read()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [x for x in self.lines if x.get("event") == name]
-
-    async def ready(self) -> bool:
-        assert self.proc.returncode is None, f"gateway exited early: {self.stderr.decode()}"
-        try:
-            async with aiohttp.ClientSession() as http, http.get(
-                    self.admin_url + "/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    async def finish(self) -> int:
-        """Wait for the process to exit and for its output to be read; its exit code."""
-        async with asyncio.timeout(30):
-            code = await self.proc.wait()
-            await asyncio.gather(*self._readers)
-        return code
-
-
-@asynccontextmanager
-async def gateway_process(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
-                          rlimit_nofile: int | None = None, **sections: Any
-                          ) -> AsyncIterator[GatewayProcess]:
-    """A `gateway run` process on free ports; `rlimit_nofile` caps its file descriptors."""
-    port, admin_port = free_port(), free_port()
-    config = write_config(tmp, upstream_url, policy, listen=f"127.0.0.1:{port}",
-                          admin_listen=f"127.0.0.1:{admin_port}", **sections)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=tmp,
-        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=None if rlimit_nofile is None else lambda: resource.setrlimit(
-            resource.RLIMIT_NOFILE, (rlimit_nofile, rlimit_nofile)))
-    gw = GatewayProcess(proc, config, port, admin_port)
-    try:
-        await poll(gw.ready, timeout=30, interval=0.05)
-        yield gw
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with suppress(TimeoutError):
-            await gw.finish()
-
-
-async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, cwd=cwd, env=gateway_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_run_serves_sdk_stream_and_logs_json(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -138,7 +47,7 @@ async def test_run_serves_sdk_stream_and_logs_json(tmp_path: Path, upstream: Fak
         assert gw.events("gateway_started")
         gw.proc.send_signal(signal.SIGTERM)
         assert await gw.finish() == 0
-        raw = "".join(gw.raw)
+        raw = "\n".join(gw.raw)
         for secret in (key, UPSTREAM_KEY, ADMIN_TOKEN):
             assert secret not in raw
 
@@ -183,7 +92,7 @@ async def test_sigterm_drains_inflight_stream(tmp_path: Path, upstream: FakeUpst
 
             await poll(refused, timeout=15)
             # Still draining: the stream is open and the process alive.
-            assert not task.done() and gw.proc.returncode is None
+            assert not task.done() and gw.returncode is None
             assert not gw.events("shutdown_complete")
             hold.set()
             async with asyncio.timeout(20):
@@ -208,22 +117,22 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
                                str(path)], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=60, check=False)
 
-    ok = check(good, gateway_env())
+    ok = check(good, cli_env())
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text() + "no_such_field: 1\n")
-    res = check(bad, gateway_env())
+    res = check(bad, cli_env())
     assert res.returncode == 2
     assert "no_such_field" in res.stderr and "unknown field" in res.stderr
 
     bad_value = tmp_path / "bad-upstream.yaml"
     bad_value.write_text(good.read_text().replace("http://127.0.0.1:9", "ftp://example"))
-    res = check(bad_value, gateway_env())
+    res = check(bad_value, cli_env())
     assert res.returncode == 2 and "upstream.url" in res.stderr
 
-    env = gateway_env()
+    env = cli_env()
     del env["UPSTREAM_API_KEY"]
     res = check(good, env)
     assert res.returncode == 2
@@ -245,7 +154,7 @@ def test_check_config_redacts_credentials_in_urls(tmp_path: Path) -> None:
         cfg = write_config(tmp_path, f"https://user:{USERINFO_SECRET}@127.0.0.1:9",
                            store={"url": store})
         res = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
-                              str(cfg)], cwd=tmp_path, env=gateway_env(), capture_output=True,
+                              str(cfg)], cwd=tmp_path, env=cli_env(), capture_output=True,
                              text=True, timeout=60, check=False)
         assert res.returncode == 0, res.stderr
         assert "127.0.0.1" in res.stdout and "***" in res.stdout
@@ -267,5 +176,5 @@ async def test_gateway_started_redacts_credentials_in_urls(tmp_path: Path,
             assert "***" in started["upstream"]
             gw.proc.send_signal(signal.SIGTERM)
             assert await gw.finish() == 0
-    raw = "".join(gw.raw) + gw.stderr.decode()
+    raw = "\n".join(gw.raw)
     assert STORE_SECRET not in raw and USERINFO_SECRET not in raw

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.integration.test_lifecycle import OPEN_POLICY
-from tests.integration.test_run_process import cli, gateway_process
+from tests.support.cli import cli, gateway_process
 from tests.support.gateway import poll, running_gateway
 from tests.support.upstream import FakeUpstream
 

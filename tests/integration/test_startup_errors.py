@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tests.integration.test_run_process import gateway_env
+from tests.support.cli import cli_env
 from tests.support.gateway import running_gateway, write_config
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
@@ -20,7 +20,7 @@ BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad_config"
 async def _run(config: Path, cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--config", str(config), cwd=cwd,
-        env=gateway_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        env=cli_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(60):
         out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -83,7 +83,7 @@ async def test_port_in_use_with_workers_exits_2(tmp_path: Path, upstream: FakeUp
                            store={"url": redis_server.url})
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", "--workers", "2", "--config", str(cfg),
-            cwd=tmp_path, env=gateway_env(), stdout=asyncio.subprocess.PIPE,
+            cwd=tmp_path, env=cli_env(), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         async with asyncio.timeout(60):
             _, err = await proc.communicate()
@@ -99,7 +99,7 @@ async def test_policy_apply_refuses_a_rule_on_a_missing_database(tmp_path: Path)
     for extra in (["--dry-run"], []):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "policy", "apply", str(policy), *extra,
-            "--config", str(BAD / "rule_needs_database.yaml"), cwd=tmp_path, env=gateway_env(),
+            "--config", str(BAD / "rule_needs_database.yaml"), cwd=tmp_path, env=cli_env(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         async with asyncio.timeout(60):
             out, err = await proc.communicate()

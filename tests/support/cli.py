@@ -1,21 +1,27 @@
-"""The real `gateway` command for integration tests: one-shot CLI runs, a gateway served by a
-subprocess (`gateway run`, with or without `--workers`), and a plain HTTP client call."""
+"""The real `gateway` command for integration tests: one-shot CLI runs, the one harness of a
+gateway served by a subprocess (`gateway run`, with or without `--workers`), and a plain HTTP
+client call."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from tests.support.gateway import ADMIN_TOKEN, REPO, UPSTREAM_KEY
+from tests.support.gateway import ADMIN_TOKEN, REPO, UPSTREAM_KEY, poll, write_config
+from tests.support.redis_server import free_port
 from tests.support.transcript import TRANSCRIPT
 
 #: MaxMind's own test databases, with their licence (see their README).
@@ -30,15 +36,15 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, config: Path | None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, config: Path | None, env: dict[str, str] | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Run `python -m gateway <args> --config <config>` to completion (blocking: call it
-    through `asyncio.to_thread` while an in-process gateway must keep serving); `config=None`
-    adds no --config, `env` replaces cli_env()."""
+    through `asyncio.to_thread` while an in-process gateway must keep serving, or use `cli`);
+    `config=None` adds no --config, `env` replaces cli_env()."""
     tail = [] if config is None else ["--config", str(config)]
     done = subprocess.run(
         [sys.executable, "-m", "gateway", *args, *tail],
-        env=cli_env() if env is None else env, cwd=REPO, capture_output=True, text=True,
+        env=cli_env() if env is None else env, cwd=cwd, capture_output=True, text=True,
         timeout=CLI_TIMEOUT_S, check=False,
     )
     if args[:2] in (("keys", "issue"), ("keys", "rotate")):
@@ -52,42 +58,107 @@ def run_cli(*args: str, config: Path | None,
     return done
 
 
-class GatewayProcess:
-    """`gateway run` as a subprocess; stdout and stderr are collected line by line, JSON lines
-    also as dicts. Use as a (sync) context manager; leaving it stops the process."""
+async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """`run_cli(*args)` (no --config added) in `cwd`, off the event loop: (exit code, stdout,
+    stderr)."""
+    done = await asyncio.to_thread(run_cli, *args, config=None, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr
 
-    def __init__(self, config: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config), *args],
-            env=cli_env(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1,
-        )
+
+class GatewayProcess:
+    """`gateway run --config CONFIG ARGS` as a subprocess. Every output line is kept in `raw`
+    (stdout and stderr alike); stdout's JSON lines also as dicts in `lines`, stderr also
+    apart in `stderr`. stdout must hold JSON lines only: `finish` and `stop` fail naming any
+    other line.
+
+    Use it as a (sync) context manager, leaving it stops the process (`stop`), or through
+    `gateway_process` (async, on free ports, ready when entered)."""
+
+    def __init__(self, config: Path, *args: str, cwd: Path = REPO,
+                 rlimit_nofile: int | None = None, port: int | None = None,
+                 admin_port: int | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
         self.raw: list[str] = []
         self.lines: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.not_json: list[str] = []  # stdout lines that are no JSON object
+        self._stderr: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config), *args],
+            env=cli_env(), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, bufsize=1,
+            preexec_fn=None if rlimit_nofile is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (rlimit_nofile, rlimit_nofile)),
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, True),
+                                          daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, False),
+                                          daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _read(self, stream: IO[str], stdout: bool) -> None:
+        for line in stream:
             TRANSCRIPT.output("log", line)
-            self.raw.append(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            self.raw.append(line)
+            if not stdout:
+                self._stderr.append(line)
+                continue
             try:
                 doc = json.loads(line)
             except ValueError:
-                continue
+                doc = None
             if isinstance(doc, dict):
                 self.lines.append(doc)
+            else:
+                self.not_json.append(line)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process has exited; None while it runs."""
+        return self.proc.poll()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self._stderr)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [x for x in list(self.lines) if x.get("event") == name]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    async def ready(self) -> bool:
+        """True once the admin listener answers /readyz with 200 (fails if the process
+        exited)."""
+        assert self.returncode is None, f"gateway exited early: {self.stderr}"
+        try:
+            async with aiohttp.ClientSession() as http, http.get(
+                    self.admin_url + "/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    async def finish(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit (TimeoutError after `timeout`) and for its output
+        to be read; its exit code."""
+        def wait() -> int:
+            try:
+                code = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"the gateway still runs after {timeout} s") from None
+            self._close()
+            return code
+
+        return await asyncio.to_thread(wait)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait for the exit (SIGKILL after `timeout`), return the exit code.
@@ -104,13 +175,20 @@ class GatewayProcess:
         leftovers = [p for p in self.worker_pids() if pid_alive(p)]
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
-        self._reader.join(timeout=10)
-        if self._reader.is_alive():  # closing the pipe under a blocked reader would hang
-            raise AssertionError("the gateway's output pipe is still held open")
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._close()
         assert not leftovers, f"workers outlived their supervisor: {leftovers}"
         return code
+
+    def _close(self) -> None:
+        """After the exit: the output read to its end, the pipes closed, stdout checked."""
+        for reader in self._readers:
+            reader.join(timeout=10)
+            if reader.is_alive():  # closing the pipe under a blocked reader would hang
+                raise AssertionError("the gateway's output pipe is still held open")
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        assert not self.not_json, f"stdout lines that are no JSON object: {self.not_json[:5]}"
 
     def worker_pids(self) -> set[int]:
         """Every worker process the supervisor reported starting."""
@@ -121,6 +199,28 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@asynccontextmanager
+async def gateway_process(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,
+                          rlimit_nofile: int | None = None, **sections: Any
+                          ) -> AsyncIterator[GatewayProcess]:
+    """A `gateway run` process on free ports with a config written in `tmp` (its working
+    directory), entered once ready; killed on exit. `rlimit_nofile` caps its file
+    descriptors."""
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp, upstream_url, policy, listen=f"127.0.0.1:{port}",
+                          admin_listen=f"127.0.0.1:{admin_port}", **sections)
+    gw = GatewayProcess(config, cwd=tmp, rlimit_nofile=rlimit_nofile, port=port,
+                        admin_port=admin_port)
+    try:
+        await poll(gw.ready, timeout=30, interval=0.05)
+        yield gw
+    finally:
+        if gw.returncode is None:
+            gw.proc.kill()
+        with suppress(TimeoutError):
+            await gw.finish()
 
 
 def child_pids(pid: int) -> set[int]:
@@ -148,6 +248,8 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
+#: A client address the demo geo data places in the US, as a trusted proxy forwards it.
+US = {"X-Forwarded-For": "192.0.2.1"}
 MESSAGE = {"model": "claude-test-1", "max_tokens": 5,
            "messages": [{"role": "user", "content": "hi"}]}
 

@@ -1,6 +1,6 @@
 """Geo lookups: country, ASN and anonymizer flags from MaxMind databases, cached and hot-reloaded.
 
-Only the country database is required. The bundled `Demo-*` databases (gateway geo build) are
+Only the country database is required. The bundled `Demo-*` databases (`make geo`) are
 refused unless the caller allows them (`geo.allow_demo_databases`), so demo data never
 classifies real traffic. An address a database does not know yields None /
 no flags (`unknown` to policy), never an error. A replaced file is opened off the event loop

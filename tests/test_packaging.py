@@ -99,11 +99,17 @@ def test_a_command_that_moved_to_tools_says_where_it_went(
 def test_the_wheel_holds_the_gateway_only(tmp_path: Path) -> None:
     """The built wheel holds gateway/ (with its Lua scripts and py.typed) and its metadata,
     nothing else: no tools/, no tests/, no stand-in upstream, demo or geo builder."""
+    # From a copy of the tree as git holds it: a build writes build/ beside the sources, and a
+    # stale build/ in the checkout could both hide and add files.
+    src, out = tmp_path / "src", tmp_path / "dist"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis",
+        "results"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-                           "--wheel-dir", str(tmp_path), str(REPO)], cwd=tmp_path,
+                           "--wheel-dir", str(out), str(src)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
-    (wheel,) = tmp_path.glob("gateway-*.whl")
+    (wheel,) = out.glob("gateway-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         doubles = [n for n in names if n.endswith(".py") and b"FakeUpstream" in zf.read(n)]

@@ -48,7 +48,7 @@ ANONYMIZER_NAMES = frozenset(name for _, name in ANONYMIZER_FLAGS)
 #: `GeoLite2-ASN`, `GeoIP2-Anonymous-IP` and the bundled `Demo-*`. (geoip2's own Reader checks
 #: exact product names, `GeoLite2-ASN` or `GeoIP2-Anonymous-IP`, and would refuse the demo
 #: databases; the role check is therefore the gateway's, the records geoip2's.)
-_KINDS = {"country": ("Country", "City"), "asn": ("ASN",), "anonymous_ip": ("Anonymous-IP",)}
+TYPE_WORDS = {"country": ("Country", "City"), "asn": ("ASN",), "anonymous_ip": ("Anonymous-IP",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,7 @@ class GeoDatabaseTypeError(GeoDatabaseError):
 
     def __init__(self, kind: str, path: str, found: str) -> None:
         self.kind, self.path, self.found = kind, path, found
-        expected = " or ".join(f"*-{word}" for word in _KINDS[kind])
+        expected = " or ".join(f"*-{word}" for word in TYPE_WORDS[kind])
         super().__init__(f"{path} is a {found!r} database, not a {kind} database "
                          f"(expected a {expected} type)")
 
@@ -148,7 +148,7 @@ def open_database(kind: str, path: str, allow_demo: bool = False) -> _Opened:
     try:
         meta = reader.metadata()
         found = str(meta.database_type)
-        if not any(word in found for word in _KINDS[kind]):
+        if not any(word in found for word in TYPE_WORDS[kind]):
             raise GeoDatabaseTypeError(kind, path, found)
         if found.startswith("Demo-") and not allow_demo:
             raise GeoDatabaseError(

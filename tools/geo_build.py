@@ -18,7 +18,7 @@ from typing import Any
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
 
-from gateway.geo import ANONYMIZER_FLAGS
+from gateway.geo import ANONYMIZER_FLAGS, TYPE_WORDS
 
 # Used when a source has no top-level "build_epoch": a constant, never the clock (2025-11-24).
 DEFAULT_BUILD_EPOCH = 1764000000
@@ -42,7 +42,8 @@ _RecordFn = Callable[[Mapping[str, Any], str], dict[str, Any]]
 
 @dataclass(frozen=True)
 class _Kind:
-    """One database: its source/output name, the word its type must contain, its record keys."""
+    """One database: its source/output name, the words its type may contain (the gateway's
+    own check, gateway/geo.py), its record keys."""
 
     name: str
     type_words: tuple[str, ...]
@@ -53,15 +54,21 @@ class _Kind:
 _COMMON_TOP = frozenset({"database_type", "description", "build_epoch", "networks"})
 _COUNTRY = _Kind(
     "Demo-Country",
-    ("Country", "City"),
+    TYPE_WORDS["country"],
     _COMMON_TOP | {"countries", "continents"},
     frozenset({"network", "country", "registered_country", "note"}),
 )
 _ASN = _Kind(
-    "Demo-ASN", ("ASN",), _COMMON_TOP, frozenset({"network", "asn", "organization", "note"})
+    "Demo-ASN",
+    TYPE_WORDS["asn"],
+    _COMMON_TOP,
+    frozenset({"network", "asn", "organization", "note"}),
 )
 _ANONYMOUS_IP = _Kind(
-    "Demo-Anonymous-IP", ("Anonymous-IP",), _COMMON_TOP, frozenset({"network", "flags", "note"})
+    "Demo-Anonymous-IP",
+    TYPE_WORDS["anonymous_ip"],
+    _COMMON_TOP,
+    frozenset({"network", "flags", "note"}),
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from gateway import __version__
-from gateway.keys import LIMIT_FIELDS
+from gateway.key_admin import LIMIT_FIELDS
 from gateway.operations import (
     AdminOperations,
     ExplainQuery,
@@ -60,7 +60,7 @@ def _load_admin(args: argparse.Namespace) -> LoadedConfig:
 
 
 def _iso(ts: Any) -> str:
-    from gateway.keys import iso_time
+    from gateway.key_admin import iso_time
 
     return (iso_time(ts) or "-") if isinstance(ts, int | float) else "-"
 

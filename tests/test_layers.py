@@ -36,7 +36,7 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 
 # The layer table, as data (module names relative to the `gateway` package).
 TABLE = (
-    _group(0, "records", "errors context tasks paths allocator lru"),
+    _group(0, "records", "errors context cancellation paths allocator lru"),
     _group(1, "contract", "__init__ settings log store.base store.gcra"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store"),
@@ -44,7 +44,7 @@ TABLE = (
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",
            never="stores"),
-    _group(4, "pipeline", "decision snapshot pipeline explain keys", never="stores"),
+    _group(4, "pipeline", "decision snapshot pipeline explain key_admin", never="stores"),
     _group(5, "composition", "app sync status loops admin operations workers", never="stores"),
     _group(6, "entry", "cli __main__"),
 )

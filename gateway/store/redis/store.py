@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
 
+from gateway.cancellation import cancel_and_wait, cancelling
 from gateway.errors import StoreError
 from gateway.log import logger
 from gateway.store.base import (
@@ -35,7 +36,6 @@ from gateway.store.base import (
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import FAILURES, PooledRunner
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
-from gateway.tasks import cancel_and_wait, cancelling
 
 T = TypeVar("T")
 

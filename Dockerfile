@@ -4,7 +4,7 @@
 #   docker build -t model-gateway .
 #   docker run -p 8080:8080 -v "$PWD/gateway-config:/etc/gateway:ro" \
 #     -e UPSTREAM_API_KEY=... -e GATEWAY_ADMIN_TOKEN=... model-gateway
-# The demo image adds the demo databases, the example config and the demo's SDKs:
+# The demo image adds the demo databases, the example config, the demo tool and its SDKs:
 #   docker build --build-arg DEMO=1 -t model-gateway-demo . && docker run --rm model-gateway-demo
 ARG DEMO=0
 
@@ -42,17 +42,22 @@ ENTRYPOINT ["gateway"]
 # Without a mounted config this stops at once: "error: /etc/gateway/gateway.yaml: cannot read".
 CMD ["run", "--config", "/etc/gateway/gateway.yaml"]
 
-# --- the demo image (--build-arg DEMO=1): `gateway demo` against the stand-in upstream ------
+# --- the demo image (--build-arg DEMO=1): `make demo` against the stand-in upstream --------
 FROM image-0 AS image-1
-# The demo runs from a source tree (its config names ../geo/demo/*.mmdb); the package is
-# imported from there so the demo finds it.
+# The demo runs from a source-tree layout (its config names ../geo/demo/*.mmdb): the demo tool
+# (tools/) and the tests' stand-in upstream it drives, neither of which is in the package; the
+# gateway itself is the one installed above.
 COPY --chown=10001:10001 config /opt/gateway-demo/config
 COPY --chown=10001:10001 geo/demo /opt/gateway-demo/geo/demo
-COPY --chown=10001:10001 gateway /opt/gateway-demo/gateway
+COPY --chown=10001:10001 tools /opt/gateway-demo/tools
+COPY --chown=10001:10001 tests/__init__.py /opt/gateway-demo/tests/__init__.py
+COPY --chown=10001:10001 tests/support/__init__.py tests/support/standin.py \
+     /opt/gateway-demo/tests/support/
 ENV PYTHONPATH=/opt/gateway-demo \
     GATEWAY_CONFIG=/opt/gateway-demo/config/gateway.yaml
 WORKDIR /opt/gateway-demo
 HEALTHCHECK NONE
+ENTRYPOINT ["python", "-m", "tools"]
 CMD ["demo"]
 
 FROM image-${DEMO}

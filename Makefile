@@ -1,4 +1,4 @@
-# One command each: `make demo` runs the gateway's main job on embedded defaults,
+# One command each: `make demo` runs the gateway's main job on embedded defaults (tools/),
 # `make test` runs lint, type checks and the test suite. Both bootstrap .venv from nothing.
 PYTHON ?= python3
 VENV := .venv
@@ -14,15 +14,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gateway demo
+	$(BIN)/python -m tools demo
 
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests $(wildcard bench)
+	$(BIN)/ruff check gateway tools tests $(wildcard bench)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict gateway
+	$(BIN)/mypy --strict gateway tools
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
@@ -34,7 +34,7 @@ soak: $(STAMP)
 	$(BIN)/python -m bench.soak
 
 geo: $(STAMP)
-	$(BIN)/gateway geo build
+	$(BIN)/python -m tools geo-build
 
 run: $(STAMP)
 	$(BIN)/gateway run --config config/gateway.yaml

@@ -17,7 +17,7 @@ from gateway.audit import parse_limit, parse_since, record_policy_applied
 from gateway.context import new_request_id
 from gateway.errors import GatewayError, StoreError
 from gateway.explain import explain
-from gateway.keys import (
+from gateway.key_admin import (
     KeyOpError,
     iso_time,
     issue_key,

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.admin import build_admin_app, hide_server_version
+from gateway.cancellation import cancel_and_wait
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
@@ -38,7 +39,6 @@ from gateway.snapshot import Snapshot, build_config_parts
 from gateway.status import CacheTallies, publish_gauges, readiness
 from gateway.store import StateFileError, Store, loaded_state, memory_state_file, open_store
 from gateway.sync import SnapshotSync
-from gateway.tasks import cancel_and_wait
 from gateway.workers import worker_count
 
 LAST_USED_FLUSH_S = 10.0

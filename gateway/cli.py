@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, demo.
+"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo.
 
 Exit codes: 0 success; 1 failure (store or gateway unreachable, unknown key, a request explain
 would refuse) or a difference found (policy apply --dry-run); 2 usage or config error
@@ -15,13 +15,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import yaml
 
 from gateway import __version__
-from gateway.keys import LIMIT_FIELDS
+from gateway.key_admin import LIMIT_FIELDS
 from gateway.operations import (
     AdminOperations,
     ExplainQuery,
@@ -61,7 +60,7 @@ def _load_admin(args: argparse.Namespace) -> LoadedConfig:
 
 
 def _iso(ts: Any) -> str:
-    from gateway.keys import iso_time
+    from gateway.key_admin import iso_time
 
     return (iso_time(ts) or "-") if isinstance(ts, int | float) else "-"
 
@@ -486,15 +485,6 @@ def _print_trace(out: dict[str, Any]) -> None:
 # --- geo --------------------------------------------------------------------------------------
 
 def cmd_geo(args: argparse.Namespace) -> int:
-    if args.geo_cmd == "build":
-        try:
-            from gateway.geo_build import build_all
-        except ModuleNotFoundError as exc:
-            return _missing_extra("geo build", exc)
-
-        for p in build_all(Path(args.src), Path(args.out)):
-            print(f"wrote {p}")
-        return 0
     from gateway.geo import open_geo
     from gateway.request_log import configure_logging
 
@@ -528,30 +518,19 @@ def cmd_geo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from gateway.demo import run_demo
-    except ModuleNotFoundError as exc:
-        return _missing_extra("demo", exc)
-
-    return run_demo()
+#: Commands that moved out of the package to the developer tools of a source checkout
+#: (tools/): they say where they went instead of argparse's "invalid choice".
+MOVED = {("demo",): "make demo (python -m tools demo)",
+         ("geo", "build"): "make geo (python -m tools geo-build)"}
 
 
-#: Modules of the optional extras (pyproject.toml): the commands that need them name the extra.
-_EXTRA_OF = {"anthropic": "demo", "openai": "demo", "mmdb_writer": "geo-build",
-             "netaddr": "geo-build"}
-
-
-def _missing_extra(command: str, exc: ModuleNotFoundError) -> int:
-    """One line naming the extra to install (exit 2), for a module of an optional extra."""
-    module = (exc.name or "").partition(".")[0]
-    extra = _EXTRA_OF.get(module)
-    if extra is None:
-        raise exc
-    print(f"error: gateway {command} needs the optional {extra!r} extra ({module} is not "
-          f"installed): pip install '.[{extra}]' in a source checkout, or build the container "
-          "image with --build-arg DEMO=1", file=sys.stderr)
-    return 2
+def _moved(argv: list[str]) -> int | None:
+    for words, where in MOVED.items():
+        if tuple(argv[:len(words)]) == words:
+            print(f"error: gateway {' '.join(words)} is no longer part of the gateway: in a "
+                  f"source checkout, run {where}", file=sys.stderr)
+            return EXIT_USAGE
+    return None
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -563,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                "error. `gateway COMMAND --help` describes a command.")
     p.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="{run,check-config,keys,policy,audit,explain,"
-                                               "geo,demo}")
+                                               "geo}")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help="config file (YAML)")
@@ -666,20 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(e)
     e.set_defaults(fn=cmd_explain)
 
-    g, gs = group("geo", "geo databases: lookup, build", "geo_cmd")
-    gb = gs.add_parser("build", help="build the demo databases from their JSON sources")
-    gb.add_argument("--src", default="geo/demo/src", help="the JSON sources")
-    gb.add_argument("--out", default="geo/demo", help="where the .mmdb files go")
+    g, gs = group("geo", "geo databases: lookup", "geo_cmd")
     gl = with_config(gs.add_parser("lookup", help="what the gateway knows about an address"))
     gl.add_argument("ip")
     json_flag(gl)
     g.set_defaults(fn=cmd_geo)
 
-    sub.add_parser("demo", help="run the end-to-end demo").set_defaults(fn=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    moved = _moved(sys.argv[1:] if argv is None else argv)
+    if moved is not None:
+        return moved
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:  # a bare `gateway`: its help, as a usage error

@@ -20,7 +20,7 @@ from gateway.limits import subjects_for
 from gateway.lru import BoundedLRU
 from gateway.policy import (
     CompiledPolicy,
-    Inputs,
+    RuleFacts,
     country_allowed,
     evaluate_rules,
     glob_list,
@@ -149,7 +149,7 @@ def decide(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, att: Attes
            trace: bool = False) -> Decision:
     """Rules, then scopes, then the subjects admission will charge. `customer` is the geo
     record of the attested customer IP (None without one); `path` is normalised."""
-    dec = evaluate_rules(policy, Inputs(client, customer, key.reseller, model, path), trace)
+    dec = evaluate_rules(policy, RuleFacts(client, customer, key.reseller, model, path), trace)
     if dec.action == "deny":
         return Decision(False, "policy", permission_error(
             dec.reason or "request_not_allowed",

@@ -10,7 +10,7 @@ from gateway.decision import attest, authenticate_request, decide, key_by_id, lo
 from gateway.errors import GatewayError
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry
-from gateway.keys import iso_time
+from gateway.key_admin import iso_time
 from gateway.paths import normalize_target
 from gateway.pipeline import Pipeline
 from gateway.policy import CompiledPolicy

@@ -1,12 +1,18 @@
 """Geo lookups: country, ASN and anonymizer flags from MaxMind databases, cached and hot-reloaded.
 
-Only the country database is required. The bundled `Demo-*` databases (gateway geo build) are
+Only the country database is required. The bundled `Demo-*` databases (`make geo`) are
 refused unless the caller allows them (`geo.allow_demo_databases`), so demo data never
 classifies real traffic. An address a database does not know yields None /
 no flags (`unknown` to policy), never an error. A replaced file is opened off the event loop
 and swapped in; a corrupt or wrong-type replacement is refused and the old reader kept.
 Readers serve from a private copy of the file, so a file overwritten in place (rather than
 renamed over) can neither crash the process nor corrupt the copy in use.
+
+The request path reads raw records through maxminddb, about twice as fast per lookup as
+geoip2's typed reader (docs/architecture.md §9, bench/geo_readers.py). geoip2 serves where
+types help: each database is checked at load with a typed lookup of its role, and `explain`
+(`gateway geo lookup`, admin explain) answers with geoip2's typed records and
+`AddressNotFoundError`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import geoip2.errors
+import geoip2.models
 import maxminddb
 
 from gateway.log import logger
@@ -36,7 +44,11 @@ ANONYMIZER_FLAGS = (
 )
 ANONYMIZER_NAMES = frozenset(name for _, name in ANONYMIZER_FLAGS)
 
-_KINDS = {"country": ("Country", "City"), "asn": ("ASN",), "anonymous_ip": ("Anonymous-IP",)}
+#: Per role, the words its database type must hold: `GeoIP2-Country`, `GeoLite2-City`,
+#: `GeoLite2-ASN`, `GeoIP2-Anonymous-IP` and the bundled `Demo-*`. (geoip2's own Reader checks
+#: exact product names, `GeoLite2-ASN` or `GeoIP2-Anonymous-IP`, and would refuse the demo
+#: databases; the role check is therefore the gateway's, the records geoip2's.)
+TYPE_WORDS = {"country": ("Country", "City"), "asn": ("ASN",), "anonymous_ip": ("Anonymous-IP",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,40 @@ class GeoDatabaseError(Exception):
     def __init__(self, reason: str, by_kind: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.by_kind = by_kind or {}
+
+
+class GeoDatabaseTypeError(GeoDatabaseError):
+    """A database whose type does not fit its role (an ASN file given as the country
+    database): names the file, the type found and the types the role takes."""
+
+    def __init__(self, kind: str, path: str, found: str) -> None:
+        self.kind, self.path, self.found = kind, path, found
+        expected = " or ".join(f"*-{word}" for word in TYPE_WORDS[kind])
+        super().__init__(f"{path} is a {found!r} database, not a {kind} database "
+                         f"(expected a {expected} type)")
+
+
+#: A typed record of one database (geoip2's models).
+TypedRecord = geoip2.models.Country | geoip2.models.ASN | geoip2.models.AnonymousIP
+
+
+def typed_record(reader: Any, kind: str, database_type: str, ip: str) -> TypedRecord:
+    """The record of `ip` in a database of role `kind` as geoip2's model: City (a City
+    database) or Country, ASN, AnonymousIP. Raises geoip2.errors.AddressNotFoundError (with
+    the prefix length of the empty network) when the database does not know the address,
+    ValueError for a malformed address, maxminddb.InvalidDatabaseError for a record that is
+    not a map."""
+    record, prefix_len = reader.get_with_prefix_len(ip)
+    if record is None:
+        raise geoip2.errors.AddressNotFoundError(
+            f"The address {ip} is not in the database.", ip, prefix_len)
+    if not isinstance(record, dict):
+        raise maxminddb.InvalidDatabaseError(f"a {type(record).__name__} record, not a map")
+    if kind == "country":
+        model = geoip2.models.City if "City" in database_type else geoip2.models.Country
+        return model(["en"], ip_address=ip, prefix_len=prefix_len, **record)
+    flat = geoip2.models.ASN if kind == "asn" else geoip2.models.AnonymousIP
+    return flat(ip, prefix_len=prefix_len, **record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +135,9 @@ def age_days(epoch: int, now: float | None = None) -> float:
 
 
 def open_database(kind: str, path: str, allow_demo: bool = False) -> _Opened:
-    """Open and check one database; raise GeoDatabaseError with the reason."""
+    """Open and check one database: its type fits the role `kind` (GeoDatabaseTypeError),
+    it is no demo data unless allowed, and a typed lookup decodes. Raise GeoDatabaseError
+    with the reason."""
     try:
         stamp = _stamp(path)
         with open(path, "rb") as f:
@@ -99,14 +147,18 @@ def open_database(kind: str, path: str, allow_demo: bool = False) -> _Opened:
         raise GeoDatabaseError(f"cannot open {path}: {exc}") from exc
     try:
         meta = reader.metadata()
-        if not any(word in meta.database_type for word in _KINDS[kind]):
+        found = str(meta.database_type)
+        if not any(word in found for word in TYPE_WORDS[kind]):
+            raise GeoDatabaseTypeError(kind, path, found)
+        if found.startswith("Demo-") and not allow_demo:
             raise GeoDatabaseError(
-                f"{path} is a {meta.database_type!r} database, not a {kind} database")
-        if str(meta.database_type).startswith("Demo-") and not allow_demo:
-            raise GeoDatabaseError(
-                f"{path} is the bundled demo database {meta.database_type!r}, made-up data: "
+                f"{path} is the bundled demo database {found!r}, made-up data: "
                 "set geo.allow_demo_databases: true to use it (demo only)")
-        reader.get("1.1.1.1" if meta.ip_version == 4 else "::1.1.1.1")  # walks the tree once
+        try:  # walks the tree once and decodes a record into its typed model
+            typed_record(reader, kind, found, "1.1.1.1" if meta.ip_version == 4
+                         else "::1.1.1.1")
+        except geoip2.errors.AddressNotFoundError:
+            pass
     except GeoDatabaseError:
         reader.close()
         raise
@@ -199,11 +251,21 @@ class GeoResolver:
         return info
 
     def explain(self, ip: str) -> dict[str, Any]:
-        """Raw records per database, for `gateway geo lookup` and explain."""
+        """Per database, for `gateway geo lookup` and explain: its path, type and build, the
+        typed record of `ip` (`typed_record`) and the prefix length of its network; `record`
+        None when the database does not know the address (the prefix length is then that of
+        the empty network) and both None for a malformed address or a damaged record."""
         out: dict[str, Any] = {}
         for kind, db in self.dbs.items():
+            rec: TypedRecord | None = None
+            prefix: int | None = None
             try:
-                rec, prefix = db.reader.get_with_prefix_len(ip)
+                rec = typed_record(db.reader, kind, db.database_type, ip)
+                network = (rec.traits.network if isinstance(rec, geoip2.models.Country)
+                           else rec.network)
+                prefix = None if network is None else network.prefixlen
+            except geoip2.errors.AddressNotFoundError as exc:
+                prefix = None if exc.network is None else exc.network.prefixlen
             except Exception:  # malformed address or damaged record
                 rec, prefix = None, None
             out[kind] = {"path": db.path, "database_type": db.database_type,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from gateway.cancellation import cancel_and_wait, cancelling
 from gateway.errors import GatewayError, StoreError
 from gateway.log import logger
 from gateway.lru import BoundedLRU
@@ -27,7 +28,6 @@ from gateway.store.base import (
     Subject,
 )
 from gateway.store.gcra import Limiter
-from gateway.tasks import cancel_and_wait, cancelling
 from gateway.usage import Usage, charged_tokens
 
 LEASE_TTL_MS = 60_000

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.tasks import cancel_and_wait, cancelling
+from gateway.cancellation import cancel_and_wait, cancelling
 
 #: An aiohttp cleanup context (an entry of `web.Application.cleanup_ctx`).
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]

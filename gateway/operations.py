@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from gateway import keys
+from gateway import key_admin
 from gateway.audit import parse_limit, record_policy_applied
 from gateway.errors import StoreError
 from gateway.settings import ConfigError, load_yaml
@@ -39,7 +39,7 @@ class IssuedKey:
 
     key_id: str
     key: str
-    record: dict[str, Any]  # the key as shown (keys.show)
+    record: dict[str, Any]  # the key as shown (key_admin.show)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class Operations(Protocol):
     (tests/test_operations.py runs one suite over both)."""
 
     async def issue_key(self, spec: dict[str, Any]) -> IssuedKey:
-        """A new key from `spec` (keys.issue_key's fields)."""
+        """A new key from `spec` (key_admin.issue_key's fields)."""
 
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """The key as shown after `changes` (null clears a field)."""
@@ -105,7 +105,7 @@ class Operations(Protocol):
 
 
 class DirectOperations:
-    """The operations on a started store, through gateway.keys (as the admin API does them).
+    """The operations on a started store, through gateway.key_admin (as the admin API does them).
     `config` gives the geo databases and settings `put_policy` and `explain` need; `actor`
     names the changes in the audit trail."""
 
@@ -116,29 +116,29 @@ class DirectOperations:
 
     async def issue_key(self, spec: dict[str, Any]) -> IssuedKey:
         with _mapped():
-            rec, full = await keys.issue_key(self.store, spec, self.actor)
-        return IssuedKey(rec.key_id, full, keys.show(rec))
+            rec, full = await key_admin.issue_key(self.store, spec, self.actor)
+        return IssuedKey(rec.key_id, full, key_admin.show(rec))
 
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         with _mapped():
-            return await keys.update_key(self.store, key_id, changes, self.actor)
+            return await key_admin.update_key(self.store, key_id, changes, self.actor)
 
     async def list_keys(self, reseller: str | None = None) -> list[dict[str, Any]]:
         with _mapped():
-            return await keys.list_keys(self.store, reseller)
+            return await key_admin.list_keys(self.store, reseller)
 
     async def show_key(self, key_id: str) -> dict[str, Any]:
         with _mapped():
-            return await keys.show_key(self.store, key_id)
+            return await key_admin.show_key(self.store, key_id)
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         with _mapped():
-            return await keys.revoke_key(self.store, key_id, self.actor)
+            return await key_admin.revoke_key(self.store, key_id, self.actor)
 
     async def rotate_key(self, key_id: str, overlap_s: float) -> IssuedKey:
         with _mapped():
-            rec, full = await keys.rotate_key(self.store, key_id, self.actor, overlap_s)
-        return IssuedKey(rec.key_id, full, keys.show(rec))
+            rec, full = await key_admin.rotate_key(self.store, key_id, self.actor, overlap_s)
+        return IssuedKey(rec.key_id, full, key_admin.show(rec))
 
     async def get_policy(self) -> LivePolicy | None:
         with _mapped():
@@ -173,7 +173,7 @@ class DirectOperations:
             raise OperationError(400, str(exc)) from None
         with _mapped():
             events = await self.store.list_audit(since, limit)
-        return [keys.with_iso_times(e, ("time",)) for e in events]
+        return [key_admin.with_iso_times(e, ("time",)) for e in events]
 
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """Judged by a pipeline built here from the config and the stored keys and policy,
@@ -214,7 +214,7 @@ def _mapped() -> Iterator[None]:
     """Turn the errors of a key operation or of the store into OperationError."""
     try:
         yield
-    except keys.KeyOpError as exc:
+    except key_admin.KeyOpError as exc:
         raise OperationError(exc.status, str(exc)) from None
     except StoreError as exc:
         raise OperationError(503, str(exc)) from None

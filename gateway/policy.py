@@ -273,7 +273,7 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
 # --- decision --------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class Inputs:
+class RuleFacts:
     client: GeoInfo
     customer: GeoInfo | None
     reseller: str | None
@@ -290,7 +290,7 @@ class RuleDecision:
     trace: list[dict[str, Any]] | None = None
 
 
-def evaluate_rules(policy: CompiledPolicy, inp: Inputs, trace: bool = False) -> RuleDecision:
+def evaluate_rules(policy: CompiledPolicy, inp: RuleFacts, trace: bool = False) -> RuleDecision:
     """Rules in order; the first enforced match decides; matching shadow rules are collected.
 
     Location fields are judged on the connecting client and on the attested customer: a rule

@@ -8,7 +8,8 @@ its own is named in `NO_UNITS` with the reason. Suites that are not about one mo
 their own folders and are exempt: tests/integration/ (real gateways and processes),
 tests/contract/ (one store contract run on every backend), tests/support/ (the test
 infrastructure and its own tests). Cross-cutting checks at the top of tests/ that match no
-module are named in `NOT_A_MODULE` with the reason.
+module are named in `NOT_A_MODULE` with the reason. The developer tools (tools/, not shipped)
+follow the same rule into tests/tools/.
 """
 
 from __future__ import annotations
@@ -101,3 +102,27 @@ def test_the_mirror_rule() -> None:
     assert _test_file("limits.py") == "test_limits.py"
     assert _test_file("store/memory.py") == "store/test_memory.py"
     assert _test_file("store/redis/pooled.py") == "store/redis/test_pooled.py"
+
+
+# --- the developer tools: tools/X.py -> tests/tools/test_X.py, both ways ----------------------
+
+TOOLS = ROOT / "tools"
+
+#: Tool modules with no units of their own.
+TOOLS_NO_UNITS = {
+    "__init__.py",  # the package marker and its docstring
+    "__main__.py",  # `python -m tools`: dispatch and the missing-extra line (test_packaging.py)
+}
+
+
+def test_tools_and_their_unit_test_files_match() -> None:
+    """Each tools/ module not in TOOLS_NO_UNITS has tests/tools/test_X.py, each file there
+    names a tool module, and the allow-list names only existing modules without a test file."""
+    modules = {p.name for p in TOOLS.glob("*.py")}
+    assert {"demo.py", "geo_build.py"} <= modules  # the scan finds the tools
+    tests = {p.name for p in (TESTS / "tools").glob("test_*.py")}
+    expected = {f"test_{m}" for m in modules - TOOLS_NO_UNITS}
+    assert sorted(expected - tests) == [], "tools without a unit test file"
+    assert sorted(tests - expected) == [], "tests/tools/ files that match no tool"
+    assert TOOLS_NO_UNITS <= modules, sorted(TOOLS_NO_UNITS - modules)
+    assert not {f"test_{m}" for m in TOOLS_NO_UNITS} & tests

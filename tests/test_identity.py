@@ -17,7 +17,7 @@ from gateway.identity import (
     parse_attestation,
     parse_key,
 )
-from gateway.keys import KeyOpError, issue_key, revoke_key, rotate_key, update_key
+from gateway.key_admin import KeyOpError, issue_key, revoke_key, rotate_key, update_key
 from gateway.policy import canonical, validate_policy
 from gateway.store.base import KeyRecord
 from gateway.store.memory import MemoryStore

@@ -5,8 +5,9 @@ import a module of its own group, or of a group on a lower layer that its group 
 under `never`. Every import counts: module-level, function-local and TYPE_CHECKING-only ones
 (a function-local import is still a dependency; the layers above may import everything below
 anyway, so cli and app need no exception). Layer 0 imports the standard library only, and no
-module below layer 3 imports aiohttp: HTTP belongs to the edge. And no module reaches itself
-through the imports that run (type-only imports excepted: they never execute).
+module below layer 3 imports aiohttp: HTTP belongs to the edge. No module imports tools/,
+tests/ or bench/ (they are not in the wheel). And no module reaches itself through the imports
+that run (type-only imports excepted: they never execute).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 
 # The layer table, as data (module names relative to the `gateway` package).
 TABLE = (
-    _group(0, "records", "errors context tasks paths allocator lru"),
+    _group(0, "records", "errors context cancellation paths allocator lru"),
     _group(1, "contract", "__init__ settings log store.base store.gcra store.ledger"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store "
@@ -44,15 +45,14 @@ TABLE = (
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",
            never="stores"),
-    _group(4, "pipeline", "decision snapshot pipeline explain keys", never="stores"),
-    # standin is the tests' stand-in upstream, here only because `gateway demo` runs it.
-    _group(5, "composition", "app sync status loops admin operations workers demo standin "
-           "geo_build",
-           never="stores"),
+    _group(4, "pipeline", "decision snapshot pipeline explain key_admin", never="stores"),
+    _group(5, "composition", "app sync status loops admin operations workers", never="stores"),
     _group(6, "entry", "cli __main__"),
 )
 STDLIB_ONLY_LAYER = 0
 NO_AIOHTTP_BELOW = 3
+#: Top-level packages of the source tree that are not shipped: the gateway never imports them.
+NOT_SHIPPED = frozenset({"tools", "tests", "bench"})
 
 GROUP_OF = {m: g for g in TABLE for m in g.modules}
 
@@ -126,7 +126,9 @@ def _violations() -> list[str]:
             inner = _internal(target)
             if inner is None:
                 top = target.split(".")[0]
-                if src.layer == STDLIB_ONLY_LAYER and top not in sys.stdlib_module_names:
+                if top in NOT_SHIPPED:
+                    bad.append(f"{where}: {name} imports {target}, which is not shipped")
+                elif src.layer == STDLIB_ONLY_LAYER and top not in sys.stdlib_module_names:
                     bad.append(f"{where}: {name} (layer 0) imports {target}, not stdlib")
                 elif src.layer < NO_AIOHTTP_BELOW and top == "aiohttp":
                     bad.append(f"{where}: {name} (layer {src.layer}) imports {target}")
@@ -185,10 +187,10 @@ def test_a_cycle_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     import is not."""
     fake = tmp_path / "gateway"
     fake.mkdir()
-    (fake / "app.py").write_text("from gateway import admin, demo\n")
+    (fake / "app.py").write_text("from gateway import admin, workers\n")
     (fake / "admin.py").write_text("def f():\n    from gateway.app import X\n")
-    (fake / "demo.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                  "    from gateway import app\n")
+    (fake / "workers.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                     "    from gateway import app\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert _cycles() == [["admin", "app", "admin"]]
 
@@ -204,6 +206,11 @@ def test_a_cycle_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("errors", "import yaml\n", "not stdlib"),
         ("app", "from gateway.store.redis import RedisStore\n", "imports store.redis (stores"),
         ("pipeline", "from gateway import app\n", "imports app (composition, layer 5)"),
+        ("cli", "def f():\n    from tools.demo import run_demo\n", "imports tools.demo, which"
+         " is not shipped"),
+        ("app", "from tests.support.standin import FakeUpstream\n", "imports tests.support."
+         "standin, which is not shipped"),
+        ("geo", "import bench.run\n", "imports bench.run, which is not shipped"),
     ],
 )
 def test_a_wrong_import_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str,

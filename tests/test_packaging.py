@@ -1,11 +1,14 @@
-"""Packaging: optional extras and what a command says without its extra."""
+"""Packaging: the wheel holds the gateway only, the tools' extras and what a tool says without
+its extra, the container image and its lock files."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _without(modules: tuple[str, ...], *argv: str) -> subprocess.CompletedProcess[str]:
-    """`gateway <argv>` in a fresh interpreter where `modules` cannot be imported, as when the
-    extra that installs them is missing (a None entry in sys.modules blocks an import)."""
+    """`python -m tools <argv>` in a fresh interpreter where `modules` cannot be imported, as
+    when the extra that installs them is missing (a None entry in sys.modules blocks an
+    import)."""
     code = ("import sys\n"
             f"for name in {modules!r}: sys.modules[name] = None\n"
-            "from gateway.cli import main\n"
+            "from tools.__main__ import main\n"
             f"sys.exit(main({list(argv)!r}))\n")
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=60, check=False)
@@ -28,16 +32,16 @@ def _without(modules: tuple[str, ...], *argv: str) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize(("blocked", "argv", "extra"), [
     (("anthropic",), ("demo",), "demo"),
-    (("mmdb_writer",), ("geo", "build"), "geo-build"),
-    (("netaddr",), ("geo", "build"), "geo-build"),
+    (("mmdb_writer",), ("geo-build",), "geo-build"),
+    (("netaddr",), ("geo-build",), "geo-build"),
 ])
-def test_a_command_without_its_extra_names_the_extra_and_exits_2(
+def test_a_tool_without_its_extra_names_the_extra_and_exits_2(
     blocked: tuple[str, ...], argv: tuple[str, ...], extra: str, tmp_path: Path
 ) -> None:
-    """`gateway demo` / `gateway geo build` without their extra print one line naming the
-    extra to install and exit 2, having started and written nothing."""
+    """`python -m tools demo` / `python -m tools geo-build` without their extra print one line
+    naming the extra to install and exit 2, having started and written nothing."""
     out = tmp_path / "geo-out"
-    args = (*argv, "--out", str(out)) if argv[0] == "geo" else argv
+    args = (*argv, "--out", str(out)) if argv[0] == "geo-build" else argv
     done = _without(blocked, *args)
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
@@ -50,12 +54,72 @@ def test_a_command_without_its_extra_names_the_extra_and_exits_2(
 
 
 def test_geo_build_with_its_extra_still_builds(tmp_path: Path) -> None:
-    """With the geo-build extra installed, `gateway geo build` writes the three databases."""
-    done = _without((), "geo", "build", "--src", str(REPO / "geo" / "demo" / "src"),
+    """With the geo-build extra installed, `python -m tools geo-build` writes the three
+    databases."""
+    done = _without((), "geo-build", "--src", str(REPO / "geo" / "demo" / "src"),
                     "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.glob("*.mmdb")) == [
         "Demo-ASN.mmdb", "Demo-Anonymous-IP.mmdb", "Demo-Country.mmdb"]
+
+
+def test_geo_build_of_a_bad_source_is_one_error_line(tmp_path: Path) -> None:
+    """A malformed source makes `python -m tools geo-build` print one `error:` line naming the
+    file and exit 2, writing nothing."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "geo" / "demo" / "src", src)
+    (src / "Demo-ASN.json").write_text("{", encoding="utf-8")
+    out = tmp_path / "out"
+    done = _without((), "geo-build", "--src", str(src), "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: Demo-ASN.json: not valid JSON")
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not list(out.glob("*.mmdb"))
+
+
+@pytest.mark.parametrize(("argv", "where"), [
+    (("demo",), "make demo"),
+    (("geo", "build", "--src", "geo/demo/src"), "make geo"),
+])
+def test_a_command_that_moved_to_tools_says_where_it_went(
+        argv: tuple[str, ...], where: str) -> None:
+    """`gateway demo` and `gateway geo build` left the package: each prints one `error:` line
+    naming the make target that replaces it and exits 2, instead of argparse's invalid
+    choice."""
+    done = subprocess.run([sys.executable, "-m", "gateway", *argv], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("error: gateway ") and where in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "invalid choice" not in done.stderr
+
+
+# --- the wheel --------------------------------------------------------------------------------
+
+def test_the_wheel_holds_the_gateway_only(tmp_path: Path) -> None:
+    """The built wheel holds gateway/ (with its Lua scripts and py.typed) and its metadata,
+    nothing else: no tools/, no tests/, no stand-in upstream, demo or geo builder."""
+    # From a copy of the tree as git holds it: a build writes build/ beside the sources, and a
+    # stale build/ in the checkout could both hide and add files.
+    src, out = tmp_path / "src", tmp_path / "dist"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis",
+        "results"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                           "--wheel-dir", str(out), str(src)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = out.glob("gateway-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        doubles = [n for n in names if n.endswith(".py") and b"FakeUpstream" in zf.read(n)]
+    tops = {n.split("/", 1)[0] for n in names}
+    assert tops == {"gateway", "gateway-0.1.0.dist-info"}, tops
+    assert {"gateway/cli.py", "gateway/geo.py", "gateway/py.typed",
+            "gateway/store/lua/admit.lua"} <= set(names)
+    modules = {Path(n).stem for n in names if n.endswith(".py")}
+    assert not modules & {"standin", "demo", "geo_build", "upstream", "conftest"}, modules
+    assert doubles == []  # no module of the wheel defines or uses the stand-in upstream
 
 
 # --- the container image ---------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.geo import UNKNOWN, GeoInfo
 from gateway.policy import (
-    Inputs,
     RuleDecision,
+    RuleFacts,
     compile_policy,
     country_allowed,
     evaluate_rules,
@@ -49,8 +49,8 @@ def _policy(rules: list[dict[str, Any]], default: str = "allow", **extra: Any) -
 
 
 def _inp(client: GeoInfo = US, customer: GeoInfo | None = None, reseller: str | None = "acme",
-         model: str | None = "claude-sonnet-4-5", path: str = "/v1/messages") -> Inputs:
-    return Inputs(client=client, customer=customer, reseller=reseller, model=model, path=path)
+         model: str | None = "claude-sonnet-4-5", path: str = "/v1/messages") -> RuleFacts:
+    return RuleFacts(client=client, customer=customer, reseller=reseller, model=model, path=path)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_location_match_fields(match: dict[str, Any], loc: GeoInfo, matched: boo
         ({"reseller": ["acme"], "country": ["CN"]}, _inp(client=CN, reseller="other"), False),
     ],
 )
-def test_request_match_fields(match: dict[str, Any], inp: Inputs, matched: bool) -> None:
+def test_request_match_fields(match: dict[str, Any], inp: RuleFacts, matched: bool) -> None:
     """Model and path are globs, reseller is a set; all are AND-ed with location fields."""
     policy = _policy([_deny("r", **match)])
     assert (evaluate_rules(policy, inp).rule == "r") is matched

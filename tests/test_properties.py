@@ -19,7 +19,7 @@ from gateway.errors import GatewayError
 from gateway.geo import GeoInfo
 from gateway.identity import CUSTOMER_ID_RE, Attestation, parse_attestation
 from gateway.paths import compile_path_globs, normalize_target
-from gateway.policy import Inputs, canonical, compile_policy, evaluate_rules, validate_policy
+from gateway.policy import RuleFacts, canonical, compile_policy, evaluate_rules, validate_policy
 from gateway.settings import ConfigError
 
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -292,7 +292,7 @@ def test_policy_documents_validate_or_raise_config_error(raw: Any) -> None:
     assert validate_policy(json.loads(canonical(doc)), "p.yaml") == doc
     compiled = compile_policy(doc, 1)
     for path in ("/v1/messages", "/v1/models/x"):
-        got = evaluate_rules(compiled, Inputs(_geo, None, "acme", "claude-x", path))
+        got = evaluate_rules(compiled, RuleFacts(_geo, None, "acme", "claude-x", path))
         assert got.action in ("allow", "deny")
 
 

@@ -258,7 +258,7 @@ async def test_version_help_and_help_lines() -> None:
 
     top = await _cli("--help", config=None)
     groups = _subcommands(top.stdout)
-    assert {"run", "keys", "policy", "audit", "explain", "geo", "demo"} <= set(groups)
+    assert {"run", "keys", "policy", "audit", "explain", "geo"} <= set(groups)
     helps = {"": top.stdout}
     for g in ("keys", "policy", "audit", "geo"):
         helps[g] = (await _cli(g, "--help", config=None)).stdout

@@ -1,6 +1,6 @@
-"""The stand-in model API used by the tests (it ships in the package for `make demo`)."""
+"""The stand-in model API of the tests (tests/support/standin.py; `make demo` runs it too)."""
 
-from gateway.standin import (
+from tests.support.standin import (
     MARKER_HEADER,
     FakeUpstream,
     RecordedRequest,

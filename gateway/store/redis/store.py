@@ -16,6 +16,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
+from gateway.cancellation import cancel_and_wait, cancelling
 from gateway.errors import StoreError
 from gateway.log import logger
 from gateway.store.base import (
@@ -55,7 +56,6 @@ from gateway.store.redis.usage import (
     new_add_id,
     totals_fields,
 )
-from gateway.tasks import cancel_and_wait, cancelling
 
 T = TypeVar("T")
 U = TypeVar("U")

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The `geo-build` extra: without it `gateway geo build` says so and exits 2.
+# The `geo-build` extra: without it `make geo` says so and exits 2.
 from mmdb_writer import MmdbU32, MMDBWriter
 from netaddr import IPSet
+
+from gateway.geo import ANONYMIZER_FLAGS, TYPE_WORDS
 
 # Used when a source has no top-level "build_epoch": a constant, never the clock (2025-11-24).
 DEFAULT_BUILD_EPOCH = 1764000000
@@ -30,14 +32,9 @@ _IPV4_ALIASES: tuple[tuple[int, int], ...] = (
     (0x2002 << 112, 16),  # 2002:a.b.c.d:: (6to4)
 )
 
-# Policy anonymizer names (docs/architecture.md §4) to the GeoIP2 Anonymous IP record fields.
-ANONYMIZER_FLAGS: Mapping[str, str] = {
-    "vpn": "is_anonymous_vpn",
-    "tor": "is_tor_exit_node",
-    "hosting": "is_hosting_provider",
-    "public_proxy": "is_public_proxy",
-    "residential_proxy": "is_residential_proxy",
-}
+# Policy anonymizer names (docs/architecture.md §4) to the GeoIP2 Anonymous IP record fields:
+# the gateway's own map (gateway/geo.py), read the other way round.
+ANONYMIZER_FIELDS: Mapping[str, str] = {name: field for field, name in ANONYMIZER_FLAGS}
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _RecordFn = Callable[[Mapping[str, Any], str], dict[str, Any]]
@@ -45,7 +42,8 @@ _RecordFn = Callable[[Mapping[str, Any], str], dict[str, Any]]
 
 @dataclass(frozen=True)
 class _Kind:
-    """One database: its source/output name, the word its type must contain, its record keys."""
+    """One database: its source/output name, the words its type may contain (the gateway's
+    own check, gateway/geo.py), its record keys."""
 
     name: str
     type_words: tuple[str, ...]
@@ -56,15 +54,21 @@ class _Kind:
 _COMMON_TOP = frozenset({"database_type", "description", "build_epoch", "networks"})
 _COUNTRY = _Kind(
     "Demo-Country",
-    ("Country", "City"),
+    TYPE_WORDS["country"],
     _COMMON_TOP | {"countries", "continents"},
     frozenset({"network", "country", "registered_country", "note"}),
 )
 _ASN = _Kind(
-    "Demo-ASN", ("ASN",), _COMMON_TOP, frozenset({"network", "asn", "organization", "note"})
+    "Demo-ASN",
+    TYPE_WORDS["asn"],
+    _COMMON_TOP,
+    frozenset({"network", "asn", "organization", "note"}),
 )
 _ANONYMOUS_IP = _Kind(
-    "Demo-Anonymous-IP", ("Anonymous-IP",), _COMMON_TOP, frozenset({"network", "flags", "note"})
+    "Demo-Anonymous-IP",
+    TYPE_WORDS["anonymous_ip"],
+    _COMMON_TOP,
+    frozenset({"network", "flags", "note"}),
 )
 
 
@@ -258,11 +262,11 @@ def _anonymous_ip_record(entry: Mapping[str, Any], at: str) -> dict[str, Any]:
         raise ValueError(f"{at}: flags: must be a non-empty list")
     record: dict[str, Any] = {"is_anonymous": True}
     for flag in flags:
-        if flag not in ANONYMIZER_FLAGS:
+        if flag not in ANONYMIZER_FIELDS:
             raise ValueError(
-                f"{at}: flags: unknown {flag!r}, expected one of {', '.join(ANONYMIZER_FLAGS)}"
+                f"{at}: flags: unknown {flag!r}, expected one of {', '.join(ANONYMIZER_FIELDS)}"
             )
-        record[ANONYMIZER_FLAGS[flag]] = True
+        record[ANONYMIZER_FIELDS[flag]] = True
     return record
 
 

@@ -1,5 +1,6 @@
-"""Unit tests for gateway.standin: the stand-in model API speaks the Anthropic and OpenAI wire
-formats (checked with the official SDKs and on the wire) and its knobs do what they say."""
+"""Unit tests for tests/support/standin.py: the stand-in model API speaks the Anthropic and
+OpenAI wire formats (checked with the official SDKs and on the wire) and its knobs do what
+they say."""
 
 from __future__ import annotations
 
@@ -290,7 +291,7 @@ async def test_event_delay_paces_events(upstream: FakeUpstream) -> None:
 
 def test_split_gives_contiguous_pieces_of_near_equal_length() -> None:
     """The pieces concatenate to the text and their lengths differ by at most one."""
-    from gateway.standin import _split
+    from tests.support.standin import _split
 
     pieces = _split("abcdefghij", 4)
     assert pieces == ["abc", "def", "gh", "ij"]
@@ -300,7 +301,7 @@ def test_split_gives_contiguous_pieces_of_near_equal_length() -> None:
 
 def test_error_body_uses_the_anthropic_type_for_the_status() -> None:
     """Known statuses map to their Anthropic error type, others to api_error."""
-    from gateway.standin import anthropic_error_body
+    from tests.support.standin import anthropic_error_body
 
     assert anthropic_error_body(429, "slow") == {
         "type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}

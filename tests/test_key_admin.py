@@ -1,4 +1,4 @@
-"""Unit tests for gateway.keys: validation of issued and updated keys, ISO times, rotation and
+"""Unit tests for gateway.key_admin: validation of issued and updated keys, ISO times, rotation and
 revocation, on the embedded store in-process."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gateway.identity import hash_secret, parse_key
-from gateway.keys import (
+from gateway.key_admin import (
     KeyOpError,
     iso_time,
     issue_key,

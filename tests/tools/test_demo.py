@@ -1,4 +1,4 @@
-"""Unit tests for gateway.demo: the demo's own settings and its log summary (the whole demo is
+"""Unit tests for tools.demo: the demo's own settings and its log summary (the whole demo is
 `make demo`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from gateway.demo import Demo, _free_port
+from tools.demo import Demo, _free_port
 
 
 def test_free_port_is_bindable() -> None:

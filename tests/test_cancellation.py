@@ -1,10 +1,10 @@
-"""Unit tests for gateway.tasks: loops see their own cancellation, stops wait a bounded time."""
+"""Unit tests for gateway.cancellation: loops see their own cancellation, stops are bounded."""
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway.tasks import cancel_and_wait, cancelling
+from gateway.cancellation import cancel_and_wait, cancelling
 
 
 async def test_cancelling_is_false_in_a_task_not_asked_to_cancel() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import anthropic  # the `demo` extra: without it `gateway demo` says so and exits 2
+import anthropic  # the `demo` extra: without it `make demo` says so and exits 2
 
-from gateway.standin import FakeUpstream
+from tests.support.standin import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "config/gateway.yaml"

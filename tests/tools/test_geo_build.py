@@ -1,4 +1,4 @@
-"""Tests for gateway.geo_build: the committed demo GeoIP databases and their JSON sources."""
+"""Tests for tools.geo_build: the committed demo GeoIP databases and their JSON sources."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import maxminddb
 import pytest
 
-from gateway.geo_build import DEFAULT_BUILD_EPOCH, build_all
+from tools.geo_build import DEFAULT_BUILD_EPOCH, build_all
 
-GEO = Path(__file__).resolve().parents[1] / "geo" / "demo"
+GEO = Path(__file__).resolve().parents[2] / "geo" / "demo"
 SRC = GEO / "src"
 NAMES = ("Demo-Country", "Demo-ASN", "Demo-Anonymous-IP")
 DOC_RANGES = [

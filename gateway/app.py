@@ -67,7 +67,7 @@ class GatewayService:
         self.limits = Limits(self.store, s.store.on_error,
                              s.store.fallback_instances * worker_count(environ), s.limits_headers,
                              observe_admission=metrics.store_duration.observe)
-        #: usage tallies, flushed to the store's ledger once a second (§14)
+        #: usage tallies, flushed to the store's ledger once a second (§12)
         self.ledger = Ledger(self.store, s.usage.retention_days)
         self.pipeline = Pipeline(Snapshot(build_config_parts(config), geo, self.registry),
                                  self.limits, self.ledger)

@@ -50,7 +50,7 @@ def invalid_request(code: str | None, message: str, decision: str = "deny") -> G
     return GatewayError(400, "invalid_request_error", code, message, decision=decision)
 
 
-#: The quota refusals' codes, by period (docs/architecture.md §14).
+#: The quota refusals' codes, by period (docs/architecture.md §12).
 QUOTA_CODES = {"daily": "daily_quota_exceeded", "monthly": "monthly_quota_exceeded"}
 
 

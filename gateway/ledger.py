@@ -1,4 +1,4 @@
-"""In-process usage tallies (docs/architecture.md §14): what this instance forwarded, added to
+"""In-process usage tallies (docs/architecture.md §12): what this instance forwarded, added to
 the store's ledger at most once a second, and what each watched subject (a key or reseller
 with a quota) used in the current UTC day and month.
 

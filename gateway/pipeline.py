@@ -44,7 +44,7 @@ class Pipeline:
         #: What requests are judged against; replaced whole (never patched) on every change.
         self.snapshot = snapshot
         self.limits = limits
-        #: usage tallies and quota use (docs/architecture.md §14)
+        #: usage tallies and quota use (docs/architecture.md §12)
         self.ledger = ledger if ledger is not None else Ledger(
             limits.store, snapshot.parts.config.settings.usage.retention_days)
         self.scopes = KeyScopes()
@@ -135,7 +135,7 @@ class Pipeline:
                 raise verdict.error
 
             quotas = effective_quotas(policy, key)
-            if quotas:  # §14: after the decision, before the rate limits
+            if quotas:  # §12: after the decision, before the rate limits
                 if not self.ledger.known(key.reseller, key.key_id):
                     await self.ledger.watch(key.reseller, key.key_id)
                 now = time.time()
@@ -205,7 +205,7 @@ class Pipeline:
     async def _self_service(self, ctx: RequestContext, policy: CompiledPolicy,
                             key: KeyRecord) -> web.StreamResponse:
         """GET /v1/gateway/key: what the key may do and has left; never forwarded, no limit
-        consumed (docs/architecture.md §14)."""
+        consumed (docs/architecture.md §12)."""
         if not self.ledger.known(key.reseller, key.key_id):
             await self.ledger.watch(key.reseller, key.key_id)
         answer = describe_key(policy, key, self.ledger, time.time())
@@ -220,7 +220,7 @@ class Pipeline:
             forwarded.to_context(ctx)
             if (forwarded.upstream_status is not None and ctx.key_id is not None
                     and ctx.reseller is not None):
-                # §14: every request the upstream answered, with the usage it reported
+                # §12: every request the upstream answered, with the usage it reported
                 self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
                                    ctx.input_tokens, ctx.output_tokens, time.time())
         if held is not None:

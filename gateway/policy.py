@@ -41,7 +41,7 @@ class LimitSet(_M):
 
 
 class QuotaSet(_M):
-    """What a subject may use in one UTC calendar period (docs/architecture.md §14); a
+    """What a subject may use in one UTC calendar period (docs/architecture.md §12); a
     dimension left out is not limited."""
 
     requests: int | None = Field(default=None, ge=0)

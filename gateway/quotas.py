@@ -1,4 +1,4 @@
-"""Daily and monthly quotas at admission (docs/architecture.md §14): the effective quotas of a
+"""Daily and monthly quotas at admission (docs/architecture.md §12): the effective quotas of a
 request's key and reseller, the check against what they used, and what is left.
 
 Pure: the caller passes what each subject used (`Ledger.used`) and the time."""

@@ -1,4 +1,4 @@
-"""Self-service (docs/architecture.md §14): `GET /v1/gateway/key` answers a reseller, with its
+"""Self-service (docs/architecture.md §12): `GET /v1/gateway/key` answers a reseller, with its
 own key, what that key may do and has left. Built from the key record, the policy and the
 ledger's cached period use; never a secret or a hash. Pure apart from reading the ledger."""
 
@@ -35,7 +35,7 @@ def _tally(t: Tally) -> dict[str, int]:
 
 def describe_key(policy: CompiledPolicy, key: KeyRecord, ledger: Ledger,
                  now: float) -> dict[str, Any]:
-    """The self-service answer for `key` (the binding shape of docs/architecture.md §14)."""
+    """The self-service answer for `key` (the binding shape of docs/architecture.md §12)."""
     quotas = effective_quotas(policy, key)
     key_use = ledger.used(key_subject(key.key_id), now)
     reseller_use = ledger.used(reseller_subject(key.reseller), now)

@@ -281,7 +281,7 @@ class ServerSettings(_Model):
 
 
 class UsageSettings(_Model):
-    """The usage ledger (docs/architecture.md §14)."""
+    """The usage ledger (docs/architecture.md §12)."""
 
     #: UTC days the ledger keeps each day's cells
     retention_days: int = Field(default=400, gt=0)

@@ -1,4 +1,4 @@
-"""Usage ledger, quotas and self-service through the real gateway (docs/architecture.md §14):
+"""Usage ledger, quotas and self-service through the real gateway (docs/architecture.md §12):
 the ledger equals the usage the upstream reported over a mixed run, daily and monthly quotas
 refuse with 429 and retry-after, two instances on one Redis share a quota, a stop flushes
 what is left, and `GET /v1/gateway/key` answers without consuming anything. The embedded

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from gateway.store.base import MODELS_PER_DAY, PeriodUse, Tally, UsageKey, UsageNotAdded
 from gateway.store.redis import RedisStore
@@ -173,3 +174,24 @@ async def test_round_trips_per_flush_and_per_period_query(store: RedisStore) -> 
 def test_addition_ids_are_unique() -> None:
     """Each addition gets an id of its own."""
     assert len({new_add_id() for _ in range(1000)}) == 1000
+
+
+async def test_a_refused_addition_adds_nothing_and_its_retry_counts_once(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """With Redis refusing writes (NOREPLICAS), add_usage raises UsageNotAdded and nothing of
+    the addition is in the ledger or the totals; once Redis takes writes again, the retry
+    with the kept tally counts it once."""
+    await store.add_usage({_k(model="warm"): Tally(1)}, 400)  # today indexed
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.config_set("min-replicas-to-write", 1)
+        with pytest.raises(UsageNotAdded):
+            await store.add_usage({_k(): Tally(2, 2, 2)}, 400)
+        await client.config_set("min-replicas-to-write", 0)
+        assert [r.model for r in await store.query_usage(_today(), _today())] == ["warm"]
+        assert (await _key_use(store)).day == Tally(1)
+        await store.add_usage({_k(): Tally(2, 2, 2)}, 400)
+        assert (await _key_use(store)).day == Tally(3, 2, 2)
+    finally:
+        await client.config_set("min-replicas-to-write", 0)
+        await client.aclose()

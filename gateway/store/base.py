@@ -350,9 +350,9 @@ class Store(abc.ABC):
         `retention_days` whole days after D ends (a cell already past it is not kept); the
         day totals of D until DAY_TOTAL_DAYS after D starts, the month totals of D's month
         until MONTH_TOTAL_DAYS after it starts. Cells with an all-zero tally are ignored.
-        ValueError (nothing added) for a malformed day or a negative or non-int count. One
-        round trip per reseller (and one per new reseller and day per process for the
-        day's index) on Redis."""
+        ValueError (nothing added) for a malformed day or a negative or non-int count. On
+        Redis, one round trip per reseller (one more for a reseller's first addition of a
+        day in this process, and one after a failed addition, to settle it)."""
 
     @abc.abstractmethod
     async def period_use(self, subjects: Mapping[str, Collection[str]],

@@ -3,7 +3,8 @@ over an injected transport (runner.py). Single node, Sentinel or Cluster.
 
 Layout under `key_prefix` (P): P{meta} (keys_epoch, policy_version), P{meta}:policy,
 P{meta}:keys (key id → record JSON), P{meta}:last_used, the channel Pevents, and limit state
-under P{r:<reseller>}:... so one request's limits live on one Cluster shard.
+under P{r:<reseller>}:... so one request's limits live on one Cluster shard; the usage ledger
+under P{r:<reseller>}:usage:... and P{usage}:... (usage.py holds its layout).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from gateway.errors import StoreError
 from gateway.store.base import MODELS_PER_DAY, PeriodUse, Tally, UsageKey, UsageNotAdded
 from gateway.store.redis import RedisStore
 from gateway.store.redis.usage import (
@@ -24,7 +25,7 @@ from gateway.store.redis.usage import (
     subtract,
     totals_fields,
 )
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 
 
 def _today() -> str:
@@ -235,3 +236,28 @@ async def test_a_refused_addition_adds_nothing_and_its_retry_counts_once(
     finally:
         await client.config_set("min-replicas-to-write", 0)
         await client.aclose()
+
+
+async def test_every_ledger_call_fails_as_a_store_error(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """With Redis answering MASTERDOWN (a replica of a master that is gone), add_usage raises
+    UsageNotAdded, period_use and query_usage a StoreError, never a redis-py error; once
+    Redis heals, the same store answers again."""
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.config_set("replica-serve-stale-data", "no")
+        await client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        with pytest.raises(UsageNotAdded) as added:
+            await store.add_usage({_k(): Tally(1)}, 400)
+        with pytest.raises(StoreError) as used:
+            await store.period_use({"acme": ["k1"]}, _today())
+        with pytest.raises(StoreError) as queried:
+            await store.query_usage(_today(), _today())
+        for caught in (added, used, queried):
+            assert str(caught.value).startswith("store "), caught.value
+            assert "ResponseError" not in repr(caught.value)
+    finally:
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+        await client.aclose()
+    await store.add_usage({_k(): Tally(1)}, 400)
+    assert (await _key_use(store)).day == Tally(1)

@@ -149,8 +149,9 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """A ledger cell with its tally, as query_usage returns it (the JSON row of
-    docs/architecture.md §12 is `dataclasses.asdict` of it)."""
+    """A ledger cell with its tally, as query_usage returns it; its JSON row is
+    `dataclasses.asdict` of it (day, reseller, key_id, customer_id, model, requests,
+    input_tokens, output_tokens)."""
 
     day: str
     reseller: str

@@ -4,6 +4,7 @@ timed out may have been applied: the retry counts it once) and the round trips."
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -261,3 +262,23 @@ async def test_every_ledger_call_fails_as_a_store_error(
         await client.aclose()
     await store.add_usage({_k(): Tally(1)}, 400)
     assert (await _key_use(store)).day == Tally(1)
+
+
+async def test_two_instances_add_to_one_ledger(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Two stores on one Redis (two gateway instances) adding at once sum exactly, and share
+    one models-per-day bound."""
+    second = RedisStore(redis_server.url, store.prefix, timeout_s=0.5)
+    await second.start()
+    try:
+        models = {_k(model=f"m{i:02}"): Tally(1) for i in range(MODELS_PER_DAY)}
+        await store.add_usage(models, 400)
+        tasks = [s.add_usage({_k(model="m00"): Tally(1, 2, 3)}, 400)
+                 for _ in range(10) for s in (store, second)]
+        await asyncio.gather(*tasks)
+        await second.add_usage({_k(model="late"): Tally(1)}, 400)
+        assert (await _key_use(second)).day == Tally(MODELS_PER_DAY + 20 + 1, 40, 60)
+        rows = {r.model: r.requests for r in await second.query_usage(_today(), _today())}
+        assert rows["m00"] == 21 and rows["other"] == 1 and "late" not in rows
+    finally:
+        await second.close()

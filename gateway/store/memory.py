@@ -52,6 +52,8 @@ class MemoryStore(Store):
     store, as does a store constructed without one)."""
 
     in_process = True
+    #: Additions appended to the usage file before it is rewritten as one snapshot.
+    usage_compact_lines: int = USAGE_COMPACT_LINES
 
     def __init__(self, state_file: str | None = None, limiter: Limiter | None = None) -> None:
         self.keys: dict[str, KeyRecord] = {}
@@ -211,7 +213,7 @@ class MemoryStore(Store):
                 except StoreError as exc:
                     raise UsageNotAdded(str(exc), {k.reseller for k, _ in cells}) from exc
             self.ledger.commit(cells, retention_days, now)
-            if self._file is not None and self._file.usage_lines > USAGE_COMPACT_LINES:
+            if self._file is not None and self._file.usage_lines > self.usage_compact_lines:
                 await self._file.compact_usage(self.ledger.snapshot())
 
     async def period_use(self, subjects: Mapping[str, Collection[str]],

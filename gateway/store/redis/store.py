@@ -3,7 +3,8 @@ over an injected transport (runner.py). Single node, Sentinel or Cluster.
 
 Layout under `key_prefix` (P): P{meta} (keys_epoch, policy_version), P{meta}:policy,
 P{meta}:keys (key id → record JSON), P{meta}:last_used, the channel Pevents, and limit state
-under P{r:<reseller>}:... so one request's limits live on one Cluster shard.
+under P{r:<reseller>}:... so one request's limits live on one Cluster shard; the usage ledger
+under P{r:<reseller>}:usage:... and P{usage}:... (usage.py holds its layout).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -27,17 +30,43 @@ from gateway.store.base import (
     Bucket,
     EventHandler,
     KeyRecord,
+    PeriodUse,
     Settlement,
     Store,
+    StoreCallNotSent,
     StoredPolicy,
     Subject,
+    Tally,
+    UsageKey,
+    UsageNotAdded,
+    UsageRow,
+    cell_expiry,
+    check_day,
+    check_usage,
     gcra_cost,
 )
+from gateway.store.ledger import row_order
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import FAILURES, PooledRunner
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
+from gateway.store.redis.usage import (
+    ADDS_TTL_S,
+    Cells,
+    InDoubt,
+    UsageLayout,
+    decode_cells,
+    decode_tallies,
+    hold,
+    subtract,
+    totals_fields,
+)
 
 T = TypeVar("T")
+U = TypeVar("U")
+
+
+def _chunks(items: list[U], size: int) -> list[list[U]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _raw(reply: Any) -> Any:
@@ -77,6 +106,9 @@ class RedisStore(Store):
     _RENEW = lua("renew.lua")
     _PUT_POLICY = lua("put_policy.lua")
     _PUT_KEY = lua("put_key.lua")
+    _ADD_USAGE = lua("add_usage.lua")
+    _RESOLVE_USAGE = lua("resolve_usage.lua")
+    _USAGE_PAGE = 500  # commands per pipeline of query_usage
 
     def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0, *,
                  pooled: PooledRunner | None = None,
@@ -96,6 +128,16 @@ class RedisStore(Store):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
+        self.usage = UsageLayout(key_prefix)
+        # Per reseller: the last addition whose call failed but may have been applied
+        # (settled by resolve_usage.lua before the next), the cells found applied that the
+        # caller still holds, and one addition at a time. Additions are numbered per store.
+        self._instance = uuid.uuid4().hex[:16]
+        self._additions = 0
+        self._in_doubt: dict[str, InDoubt] = {}
+        self._held: dict[str, dict[UsageKey, Tally]] = {}
+        self._usage_locks: dict[str, asyncio.Lock] = {}
+        self._indexed: set[tuple[str, str, int]] = set()  # (day, reseller, expire-at) indexed
 
     async def _cmd(self, awaitable: Awaitable[Any], decode: Callable[[Any], T] = _raw) -> T:
         """One plain command over the pooled client (its deadline and error mapping)."""
@@ -287,6 +329,130 @@ class RedisStore(Store):
             keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
             if keys:
                 await self._run(self._RENEW, keys, [lease_id, ttl_ms], runner=self.pooled)
+
+    # usage ledger (usage.py: the layout) -------------------------------------------------
+    def _pipeline(self) -> Any:
+        return self.pooled.client.pipeline(transaction=False)
+
+    async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
+        check_usage(tallies, retention_days)
+        groups: dict[str, Cells] = {}
+        for k, t in tallies.items():
+            if t:
+                groups.setdefault(k.reseller, []).append(
+                    (k, Tally(t.requests, t.input_tokens, t.output_tokens)))
+        results = await asyncio.gather(
+            *(self._add_usage(r, cells, retention_days) for r, cells in groups.items()),
+            return_exceptions=True)
+        failed: list[str] = []
+        first: StoreError | None = None
+        for r, res in zip(groups, results, strict=True):
+            if isinstance(res, StoreError):
+                failed.append(r)
+                first = first or res
+            elif isinstance(res, BaseException):
+                raise res
+        if first is not None:
+            raise UsageNotAdded(str(first), failed) from first
+
+    async def _add_usage(self, reseller: str, cells: Cells, retention_days: int) -> None:
+        """One reseller's part: the last addition in doubt settled first (only after a
+        failure), its days indexed (once per process), then one script. Of the caller's
+        cells, what an addition found applied already counted (`_held`) is not sent again."""
+        lock = self._usage_locks.setdefault(reseller, asyncio.Lock())
+        async with lock:  # one addition of a reseller at a time: numbers rise in order
+            doubt = self._in_doubt.get(reseller)
+            if doubt is not None:
+                applied = await self._run(
+                    self._RESOLVE_USAGE, [self.usage.additions(reseller, self._instance)],
+                    [doubt.number, ADDS_TTL_S], decode=int, runner=self.pooled)
+                del self._in_doubt[reseller]
+                if applied:
+                    hold(self._held.setdefault(reseller, {}), doubt.cells)
+            held = self._held.get(reseller)
+            send = subtract(cells, held) if held else cells
+            if send:
+                await self._index_usage(reseller, {k.day for k, _ in send}, retention_days)
+                self._additions += 1
+                number = self._additions
+                keys, args = self.usage.add_call(reseller, self._instance, number, send,
+                                                 retention_days)
+                try:
+                    await self._run(self._ADD_USAGE, keys, args, runner=self.pooled)
+                except StoreCallNotSent:
+                    raise
+                except BaseException:  # a timeout, an error reply, a cancelled flush
+                    self._in_doubt[reseller] = InDoubt(number, send)
+                    raise
+            self._held.pop(reseller, None)  # the caller drops its tally: all of it is counted
+
+    async def _index_usage(self, reseller: str, days: Collection[str],
+                           retention_days: int) -> None:
+        now = time.time()
+        todo = [(d, int(cell_expiry(d, retention_days))) for d in sorted(days)]
+        todo = [(d, e) for d, e in todo if e > now and (d, reseller, e) not in self._indexed]
+        if not todo:
+            return
+        pipe = self._pipeline()
+        for day, expires in todo:
+            pipe.sadd(self.usage.index(day), reseller)
+            pipe.expireat(self.usage.index(day), expires)
+        await self._cmd(pipe.execute())
+        if len(self._indexed) > 100_000:
+            self._indexed.clear()
+        self._indexed.update((d, reseller, e) for d, e in todo)
+
+    async def period_use(self, subjects: Mapping[str, Collection[str]],
+                         day: str) -> dict[str, PeriodUse]:
+        check_day(day)
+        if not subjects:
+            return {}
+        pipe = self._pipeline()
+        order: list[list[str]] = []
+        for reseller, key_ids in subjects.items():
+            names = [f"reseller:{reseller}", *(f"key:{k}" for k in key_ids)]
+            fields = totals_fields(names)
+            pipe.hmget(self.usage.day_totals(reseller, day), fields)
+            pipe.hmget(self.usage.month_totals(reseller, day), fields)
+            order.append(names)
+        replies: list[Any] = await self._cmd(pipe.execute())
+        out: dict[str, PeriodUse] = {}
+        for i, names in enumerate(order):
+            pairs = zip(decode_tallies(replies[2 * i]), decode_tallies(replies[2 * i + 1]),
+                        strict=True)
+            for name, (d, m) in zip(names, pairs, strict=True):
+                out[name] = PeriodUse(d, m)
+        return out
+
+    async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,
+                          key_id: str | None = None,
+                          customer_id: str | None = None) -> list[UsageRow]:
+        since, until = check_day(since_day), check_day(until_day)
+        days = [(since + timedelta(days=n)).isoformat()
+                for n in range((until - since).days + 1)]
+        pairs: list[tuple[str, str]] = []
+        if reseller is not None:
+            pairs = [(d, reseller) for d in days]
+        else:
+            for chunk in _chunks(days, self._USAGE_PAGE):
+                pipe = self._pipeline()
+                for d in chunk:
+                    pipe.smembers(self.usage.index(d))
+                members: list[Any] = await self._cmd(pipe.execute())
+                pairs += [(d, m.decode()) for d, ms in zip(chunk, members, strict=True)
+                          for m in sorted(ms)]
+        rows: list[UsageRow] = []
+        for chunk2 in _chunks(pairs, self._USAGE_PAGE):
+            pipe = self._pipeline()
+            for d, r in chunk2:
+                pipe.hgetall(self.usage.cells(r, d))
+            raws: list[Any] = await self._cmd(pipe.execute())
+            for (d, r), raw in zip(chunk2, raws, strict=True):
+                rows += [row for row in decode_cells(d, r, raw)
+                         if (key_id is None or row.key_id == key_id)
+                         and (customer_id is None or row.customer_id == customer_id)]
+        rows.sort(key=row_order)
+        return rows
 
     # audit stream -------------------------------------------------------------------------
     # One Stream key, `<prefix>audit` (one slot in Cluster), each entry one field `e`: the

@@ -28,9 +28,11 @@ from gateway.store.redis.usage import (
 )
 from tests.support.redis_server import RedisServer, free_port
 
+TODAY = datetime.now(UTC).date().isoformat()  # one day for the module, across midnight too
+
 
 def _today() -> str:
-    return datetime.now(UTC).date().isoformat()
+    return TODAY
 
 
 def _k(key_id: str = "k1", reseller: str = "acme", day: str | None = None,

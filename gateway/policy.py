@@ -68,6 +68,11 @@ class Quotas(_M):
         return out
 
 
+def flat_quotas(q: Quotas | None) -> dict[str, int]:
+    """`q.flat()`, or no quotas for None."""
+    return {} if q is None else q.flat()
+
+
 #: The quota periods and dimensions; a key record's `quotas` are keyed "<period>.<dimension>".
 QUOTA_PERIODS = ("daily", "monthly")
 QUOTA_DIMENSIONS = ("requests", "input_tokens", "output_tokens")
@@ -123,7 +128,8 @@ class Reseller(_M):
     require_customer: bool = False
     limits: LimitSet = Field(default_factory=LimitSet)
     customer_limits: LimitSet | None = None
-    quotas: Quotas = Field(default_factory=Quotas)
+    # None, not an empty set: a policy without quotas keeps its canonical JSON
+    quotas: Quotas | None = None
 
     @field_validator("countries")
     @classmethod
@@ -134,7 +140,7 @@ class Reseller(_M):
 class KeyLimitSet(LimitSet):
     """`limits.key`: the per-minute limits of every key, and its default quotas."""
 
-    quotas: Quotas = Field(default_factory=Quotas)
+    quotas: Quotas | None = None
 
 
 class DefaultLimits(_M):

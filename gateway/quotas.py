@@ -11,7 +11,13 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.errors import quota_exceeded
 from gateway.lru import BoundedLRU
-from gateway.policy import QUOTA_DIMENSIONS, QUOTA_NAMES, QUOTA_PERIODS, CompiledPolicy
+from gateway.policy import (
+    QUOTA_DIMENSIONS,
+    QUOTA_NAMES,
+    QUOTA_PERIODS,
+    CompiledPolicy,
+    flat_quotas,
+)
 from gateway.store.base import KeyRecord, PeriodUse, Tally
 
 
@@ -39,8 +45,8 @@ def effective_quotas(policy: CompiledPolicy, key: KeyRecord) -> EffectiveQuotas:
     own = {n: v for n, v in key.quotas.items()
            if n in QUOTA_NAMES and isinstance(v, int) and not isinstance(v, bool) and v >= 0}
     reseller = policy.doc.resellers.get(key.reseller)
-    q = EffectiveQuotas(key={**policy.doc.limits.key.quotas.flat(), **own},
-                        reseller=reseller.quotas.flat() if reseller is not None else {})
+    q = EffectiveQuotas(key={**flat_quotas(policy.doc.limits.key.quotas), **own},
+                        reseller=flat_quotas(reseller.quotas) if reseller is not None else {})
     _cache.put(key.key_id, (policy, key, q))
     return q
 

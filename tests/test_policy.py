@@ -12,9 +12,11 @@ from gateway.geo import UNKNOWN, GeoInfo
 from gateway.policy import (
     RuleDecision,
     RuleFacts,
+    canonical,
     compile_policy,
     country_allowed,
     evaluate_rules,
+    flat_quotas,
     glob_list,
     load_policy_file,
     path_glob_list,
@@ -175,11 +177,20 @@ def test_quotas_parse_on_resellers_and_key_defaults() -> None:
     doc = validate_policy({"resellers": {"acme": {"quotas": {
         "daily": {"requests": 0}, "monthly": {"input_tokens": 5, "output_tokens": 7}}}},
         "limits": {"key": {"rpm": 3, "quotas": {"daily": {"output_tokens": 9}}}}}, SRC)
+    assert doc.resellers["acme"].quotas is not None
     assert doc.resellers["acme"].quotas.flat() == {
         "daily.requests": 0, "monthly.input_tokens": 5, "monthly.output_tokens": 7}
-    assert doc.limits.key.quotas.flat() == {"daily.output_tokens": 9}
+    assert flat_quotas(doc.limits.key.quotas) == {"daily.output_tokens": 9}
     assert doc.limits.key.rpm == 3
-    assert validate_policy({}, SRC).limits.key.quotas.flat() == {}
+    assert flat_quotas(validate_policy({}, SRC).limits.key.quotas) == {}
+
+
+def test_a_policy_without_quotas_keeps_its_canonical_form() -> None:
+    """Quotas left out are not written into the canonical JSON, so a policy stored before
+    quotas existed compares equal to the same file read now."""
+    doc = validate_policy({"resellers": {"acme": {"limits": {"rpm": 5}}},
+                           "limits": {"key": {"rpm": 3}}}, SRC)
+    assert "quotas" not in canonical(doc)
 
 
 def test_validate_policy_rule_without_id_is_named_by_index() -> None:

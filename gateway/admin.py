@@ -275,7 +275,8 @@ async def explain_view(request: web.Request) -> web.Response:
                   key=request.headers.get("x-explain-key") or q.get("key"),
                   key_id=q.get("key_id"), reseller=q.get("reseller"),
                   customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
-                  model=q.get("model"), path=q.get("path", "/v1/messages"))
+                  model=q.get("model"), path=q.get("path", "/v1/messages"),
+                  attestation=q.get("attestation"), method=q.get("method", "POST"))
     return web.json_response(out)
 
 

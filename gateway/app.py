@@ -55,7 +55,7 @@ class GatewayService:
         self.overrides = overrides or []
         self.reuse_port = reuse_port
         s = config.settings
-        configure_logging(s.log.level, s.log.format)
+        configure_logging(s.log.level, s.log.format, s.log.hash_chain)
         _log_warnings(config)
         geo = open_geo(s.geo, config.path)
         try:
@@ -367,7 +367,7 @@ class GatewayService:
         # Logged under the old logging setup, so a stricter new level still shows the reload.
         logger().info("config_reloaded", path=new.path,
                       needs_restart=fixed or None)
-        configure_logging(s.log.level, s.log.format)
+        configure_logging(s.log.level, s.log.format, s.log.hash_chain)
         _log_warnings(new)
         await self.sync.sync_policy_file(file_doc, file_error)
         return True

@@ -97,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.request_log import configure_logging
 
     config = _load(args)
-    configure_logging("error", "json")  # the databases' load lines come from the service
+    # the databases' load lines come from the service; any line printed is chained already
+    configure_logging("error", "json", config.settings.log.hash_chain)
     _preflight(config)
     if args.workers > 1:
         from gateway.workers import supervise
@@ -407,9 +408,29 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 # --- audit ------------------------------------------------------------------------------------
 
+def cmd_audit_verify(path: str) -> int:
+    """`gateway audit verify FILE`: 0 when every hash chain in the file is whole, 1 naming the
+    first line removed or altered, 2 when the file cannot be read."""
+    from gateway.hash_chain import Verified, verify_lines
+
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            result = verify_lines(line.rstrip("\r\n") for line in f)
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE)
+    if isinstance(result, Verified):
+        print(f"ok: {result.lines} lines, {result.chains} chain(s) whole")
+        return 0
+    print(f"broken: {result}")
+    return EXIT_FAILURE
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gateway.audit import parse_limit, parse_since
     from gateway.request_log import configure_logging, set_log_stream
+
+    if args.audit_cmd == "verify":
+        return cmd_audit_verify(args.file)
 
     config = _load_admin(args)
     try:
@@ -445,7 +466,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _fail("give --key-id, --reseller or --key (or set GATEWAY_EXPLAIN_KEY)", EXIT_USAGE)
     query = ExplainQuery(ip=args.ip, key=key, key_id=args.key_id, reseller=args.reseller,
                          customer_ip=args.customer_ip, customer_id=args.customer_id,
-                         model=args.model, path=args.path or "/v1/messages")
+                         model=args.model, path=args.path or "/v1/messages",
+                         attestation=args.attestation, method=args.method)
     run = _operator(config)
     configure_logging("error", "json")
     out = run(lambda ops: ops.explain(query))
@@ -629,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--limit", type=int, default=1000,
                     help="the newest N events (default 1000, at most 10000)")
     al.add_argument("--json", action="store_true", help='one JSON document {"events": [...]}')
+    av = aus.add_parser("verify", help="check a log file's hash chains (log.hash_chain): exit 0 "
+                                       "whole, 1 naming the first line removed or altered")
+    av.add_argument("file", help="the log file (JSON lines, as the gateway printed them)")
     au.set_defaults(fn=cmd_audit)
 
     e = with_config(sub.add_parser(
@@ -642,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--customer-id", help="the attested customer id")
     e.add_argument("--model", help="the requested model")
     e.add_argument("--path", default="/v1/messages", help="the request path")
+    e.add_argument("--method", default="POST", help="the request method (default POST)")
+    e.add_argument("--attestation", help="an X-Customer-Attestation value, judged now")
     json_flag(e)
     e.set_defaults(fn=cmd_explain)
 

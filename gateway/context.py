@@ -46,6 +46,7 @@ class RequestContext:
     customer_id: str | None = None
     customer_ip: str | None = None
     customer_country: str | None = None
+    attestation_sig: str | None = None
     model: str | None = None
     decision: str = "allow"
     rule: str | None = None
@@ -73,6 +74,7 @@ class RequestContext:
             "customer_id": self.customer_id,
             "customer_ip": self.customer_ip,
             "customer_country": self.customer_country,
+            "attestation_sig": self.attestation_sig,
             "model": self.model,
             "method": self.method,
             "path": self.path,

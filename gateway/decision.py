@@ -9,9 +9,12 @@ the live path reads the body: `authenticate_request` and `attest` run on the hea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.attestation import ATTESTATION_HEADER
+from gateway.attestation import parse_header as parse_signed_attestation
+from gateway.attestation import verify as verify_attestation
 from gateway.context import clip
 from gateway.errors import GatewayError, auth_error, permission_error
 from gateway.geo import GeoInfo
@@ -105,14 +108,35 @@ def loaded(policy: CompiledPolicy | None) -> CompiledPolicy:
 
 
 def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
-           customer_ip: str | None) -> Attestation:
+           customer_ip: str | None, signature: str | None = None, method: str = "POST",
+           path: str = "/v1/messages", now: float = 0.0) -> Attestation:
     """The customer attestation from its header values: 400 when malformed, 403 when the
-    key's reseller requires it (both X-Customer-Id and X-Customer-IP) and it is incomplete."""
+    key's reseller requires it (both X-Customer-Id and X-Customer-IP) and it is incomplete;
+    then its signature (`X-Customer-Attestation`, docs/architecture.md §13), verified whenever
+    present and required where the reseller says so: 403 `attestation_signature_*` otherwise.
+    `method` and `path` (normalised) are the request's, `now` the time it is judged at."""
     att = parse_attestation(customer_id, customer_ip)
     reseller = policy.doc.resellers.get(key.reseller)
-    if reseller is not None and reseller.require_customer:
+    required = reseller is not None and reseller.require_signed_attestation
+    if reseller is not None and (reseller.require_customer or required):
         require_customer(att)
-    return att
+    if signature is None:
+        if required:
+            raise permission_error("attestation_signature_required",
+                                    f"this reseller must sign the customer attestation "
+                                    f"({ATTESTATION_HEADER})")
+        return att
+    signed = parse_signed_attestation(signature)
+    pub = policy.attestation_keys.get(key.reseller)
+    if pub is None:
+        raise permission_error("attestation_signature_invalid",
+                               f"reseller {key.reseller!r} has no attestation key to verify "
+                               f"{ATTESTATION_HEADER} with")
+    if customer_id is None or customer_ip is None:
+        raise permission_error("attestation_signature_invalid",
+                               f"{ATTESTATION_HEADER} needs X-Customer-Id and X-Customer-IP")
+    verify_attestation(pub, signed, customer_id, customer_ip, method, path, now)
+    return replace(att, signature=signed.sig)
 
 
 def check_scopes(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, client: GeoInfo,

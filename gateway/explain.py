@@ -29,11 +29,14 @@ def _loc(geo: GeoResolver, ip: str) -> tuple[GeoInfo, dict[str, Any]]:
 def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None = None,
             reseller: str | None = None, customer_ip: str | None = None,
             customer_id: str | None = None, model: str | None = None,
-            path: str = "/v1/messages", key_id: str | None = None) -> dict[str, Any]:
+            path: str = "/v1/messages", key_id: str | None = None,
+            attestation: str | None = None, method: str = "POST") -> dict[str, Any]:
     """The decision for a request from `ip` with `key`, the key `key_id` (judged without its
-    secret) or as any key of `reseller`."""
+    secret) or as any key of `reseller`; `attestation` is an `X-Customer-Attestation` value,
+    judged now for `method` and `path`."""
     out: dict[str, Any] = {"request": {"ip": ip, "key_id": None, "reseller": reseller,
-                                       "customer_ip": customer_ip, "model": model, "path": path}}
+                                       "customer_ip": customer_ip, "model": model, "path": path,
+                                       "method": method}}
     policy: CompiledPolicy | None = pipeline.policy
     out["policy_version"] = policy.version if policy else None
     try:
@@ -79,9 +82,12 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
     res = policy.doc.resellers.get(reseller or "")
     out["identity"]["reseller_config"] = res.model_dump(mode="json") if res else None
     try:
-        att = attest(policy, rec, customer_id, customer_ip)
+        att = attest(policy, rec, customer_id, customer_ip, attestation, method, path,
+                     time.time())
     except GatewayError as err:
         return done(err.decision, err.status, err.code, "attestation", err.message)
+    out["attestation"] = {"customer_id": att.customer_id, "customer_ip": att.customer_ip,
+                          "attestation_sig": att.signature}
     cloc = None
     if att.customer_ip:
         cloc, out["customer"] = _loc(pipeline.geo, att.customer_ip)

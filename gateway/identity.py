@@ -121,6 +121,8 @@ class KeyRegistry:
 class Attestation:
     customer_id: str | None
     customer_ip: str | None
+    #: the verified `X-Customer-Attestation` signature (base64url), logged as `attestation_sig`
+    signature: str | None = None
 
 
 def parse_attestation(customer_id: str | None, customer_ip: str | None) -> Attestation:

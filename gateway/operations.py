@@ -66,6 +66,8 @@ class ExplainQuery:
     customer_id: str | None = None
     model: str | None = None
     path: str = "/v1/messages"
+    attestation: str | None = None  # an X-Customer-Attestation value
+    method: str = "POST"
 
 
 class Operations(Protocol):
@@ -195,7 +197,8 @@ class DirectOperations:
                     return explain(pipe, registry, query.ip, key=query.key,
                                    reseller=query.reseller, customer_ip=query.customer_ip,
                                    customer_id=query.customer_id, model=query.model,
-                                   path=query.path or "/v1/messages", key_id=query.key_id)
+                                   path=query.path or "/v1/messages", key_id=query.key_id,
+                                   attestation=query.attestation, method=query.method)
                 finally:
                     await parts.upstream.close()
             finally:
@@ -343,7 +346,8 @@ class AdminOperations:
         params = {k: v for k, v in (
             ("ip", query.ip), ("reseller", query.reseller), ("customer_ip", query.customer_ip),
             ("customer_id", query.customer_id), ("model", query.model), ("path", query.path),
-            ("key_id", query.key_id)) if v}
+            ("key_id", query.key_id), ("attestation", query.attestation),
+            ("method", query.method)) if v}
         # The full key goes in a header, never in the URL (access logs keep URLs).
         headers = {"x-explain-key": query.key} if query.key else None
         out: dict[str, Any] = await self._call("GET", "/admin/explain", params=params,

@@ -12,6 +12,7 @@ import time
 from aiohttp import web
 
 from gateway import metrics
+from gateway.attestation import ATTESTATION_HEADER
 from gateway.context import RequestContext, clip, new_request_id
 from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
 from gateway.errors import GatewayError, invalid_request
@@ -110,9 +111,12 @@ class Pipeline:
             if path == SELF_SERVICE_PATH and request.method == "GET":
                 return await self._self_service(ctx, policy, key)
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),
-                                 request.headers.get(parts.customer_ip_header))
+                                 request.headers.get(parts.customer_ip_header),
+                                 request.headers.get(ATTESTATION_HEADER), request.method, path,
+                                 time.time())
             ctx.customer_id = clip(attestation.customer_id)
             ctx.customer_ip = attestation.customer_ip
+            ctx.attestation_sig = attestation.signature
 
             body = await read_body(request, parts.max_body, self.bodies, parts.body_timeout_s)
             facts = judge_body(request.method, request.headers.get("content-type", ""), body,

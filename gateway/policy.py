@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.attestation import load_public_key
 from gateway.geo import ANONYMIZER_NAMES, GeoInfo
 from gateway.paths import PathGlobs, compile_path_globs
 from gateway.settings import ConfigError, GeoSettings, load_yaml, validation_error
@@ -130,11 +132,23 @@ class Reseller(_M):
     customer_limits: LimitSet | None = None
     # None, not an empty set: a policy without quotas keeps its canonical JSON
     quotas: Quotas | None = None
+    #: the reseller's Ed25519 public key (PEM SubjectPublicKeyInfo) for signed attestations
+    attestation_key: str | None = None
+    #: refuse this reseller's requests without a valid signed attestation (None: false, and
+    #: out of the canonical JSON like `quotas`)
+    require_signed_attestation: bool | None = None
 
     @field_validator("countries")
     @classmethod
     def _cc(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _countries(v)
+
+    @field_validator("attestation_key")
+    @classmethod
+    def _pem(cls, v: str | None) -> str | None:
+        if v is not None:
+            load_public_key(v)  # ValueError: a config error naming the field
+        return v
 
 
 class KeyLimitSet(LimitSet):
@@ -197,6 +211,11 @@ def validate_policy(raw: Any, source: str) -> PolicyDoc:
             raise ConfigError(source, f"{where}.reason", "a deny rule needs a reason code")
         if rule.action == "allow" and rule.mode == "shadow":
             raise ConfigError(source, f"{where}.mode", "shadow mode is for deny rules")
+    for name, res in doc.resellers.items():
+        if res.require_signed_attestation and res.attestation_key is None:
+            raise ConfigError(source, f"resellers.{name}.require_signed_attestation",
+                              f"needs resellers.{name}.attestation_key (the public key "
+                              "to verify with)")
     return doc
 
 
@@ -292,6 +311,8 @@ class CompiledPolicy:
     shadow_ids: frozenset[str] = field(default_factory=frozenset)
     #: some rule matches on the model: a request whose model cannot be read is refused
     model_rules: bool = False
+    #: resellers' attestation public keys, loaded once per policy version
+    attestation_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
 
 
 def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
@@ -314,6 +335,8 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
         reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
         shadow_ids=frozenset(r.id for r in doc.rules if r.mode == "shadow"),
         model_rules=any(r.match.model for r in doc.rules),
+        attestation_keys={n: load_public_key(r.attestation_key)
+                          for n, r in doc.resellers.items() if r.attestation_key},
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import structlog
 
 from gateway.context import RequestContext
+from gateway.hash_chain import HashChain
 from gateway.log import logger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -31,6 +32,37 @@ _METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.I
                   "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
 
 _stream: TextIO | None = None
+#: This process's hash chain (`log.hash_chain`): drawn once, kept across reconfigurations.
+_chain: HashChain | None = None
+
+
+def hash_chain() -> HashChain:
+    """This process's chain (created on first use)."""
+    global _chain
+    if _chain is None:
+        _chain = HashChain()
+    return _chain
+
+
+class _ChainedLogger:
+    """structlog's logger with `log.hash_chain`: takes the event dict the processors built,
+    seals it into the chain and writes it (docs/logs.md "Hash chain")."""
+
+    def __init__(self, stream: TextIO, chain: HashChain) -> None:
+        self._stream = stream
+        self._chain = chain
+
+    def msg(self, event: dict[str, Any]) -> None:
+        self._chain.write(event, self._stream, default=repr)
+        self._stream.flush()
+
+    debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+    log = msg
+
+
+def _pass_dict(_logger: Any, _method: str, event: Any) -> Any:
+    """The last processor with the chain: the event dict itself goes to `_ChainedLogger`."""
+    return (event,), {}
 
 
 def set_log_stream(stream: TextIO | None) -> None:
@@ -72,19 +104,26 @@ def _worker_field(worker: int | None) -> Any:
     return add_worker
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def configure_logging(level: str = "info", fmt: str = "json", chained: bool = False) -> None:
     """Configure structlog for the process (JSON lines on stdout, or console for local work).
 
     `level` filters diagnostic events only: request and audit lines print at every level.
-    Every line carries `worker` (GATEWAY_WORKER_ID in a worker process, else null)."""
+    Every line carries `worker` (GATEWAY_WORKER_ID in a worker process, else null).
+    `chained` (`log.hash_chain`, JSON only) seals every line into this process's hash chain."""
     renderer: Any
+    chain = hash_chain() if chained and fmt == "json" else None
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    elif chain is not None:
+        renderer = _pass_dict
     else:
         renderer = structlog.processors.JSONRenderer()
     global _writer
     worker = worker_id()
-    _writer = _RequestWriter(_stream, fmt, worker)
+    _writer = _RequestWriter(_stream, fmt, worker, chain)
+    stream = _stream or sys.stdout
+    factory: Any = (structlog.WriteLoggerFactory(file=stream) if chain is None
+                    else lambda *_args: _ChainedLogger(stream, chain))
     min_level = _LEVELS[level]
     processors: list[Any] = [
         _worker_field(worker),
@@ -98,7 +137,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=processors,
         # Calls below info stay no-ops; info ones reach the filter, which keeps audit lines.
         wrapper_class=structlog.make_filtering_bound_logger(min(min_level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=_stream or sys.stdout),
+        logger_factory=factory,
         cache_logger_on_first_use=False,  # reconfigured on SIGHUP and in tests
     )
 
@@ -107,10 +146,12 @@ class _RequestWriter:
     """The `request` line on the hot path: the same JSON structlog renders, written directly
     (structlog's processor chain costs about 5 times more per line)."""
 
-    __slots__ = ("_flush_pending", "_prefix", "_sec", "fast", "stream", "worker")
+    __slots__ = ("_flush_pending", "_prefix", "_sec", "chain", "fast", "stream", "worker")
 
-    def __init__(self, stream: TextIO | None, fmt: str, worker: int | None = None) -> None:
+    def __init__(self, stream: TextIO | None, fmt: str, worker: int | None = None,
+                 chain: HashChain | None = None) -> None:
         self.stream = stream
+        self.chain = chain
         self.worker = worker
         self.fast = fmt == "json"
         self._sec = -1
@@ -135,7 +176,10 @@ class _RequestWriter:
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
         stream = self.stream or sys.stdout
-        stream.write(json.dumps(fields) + "\n")
+        if self.chain is None:
+            stream.write(json.dumps(fields) + "\n")
+        else:
+            self.chain.write(fields, stream)
         if not self._flush_pending:
             # One flush per event-loop turn: lines stay timely, a burst costs one syscall.
             self._flush_pending = True

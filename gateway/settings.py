@@ -268,6 +268,15 @@ class CustomerSettings(_Model):
 class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    #: every line carries `chain_id`, `prev_hash` and `hash` (docs/logs.md "Hash chain")
+    hash_chain: bool = False
+
+    @field_validator("hash_chain")
+    @classmethod
+    def _json_only(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("format") == "console":
+            raise ValueError("needs log.format: json (the chain is over JSON lines)")
+        return v
 
 
 class ServerSettings(_Model):

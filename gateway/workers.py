@@ -34,7 +34,7 @@ def supervise(config_path: str, overrides: list[str], n: int) -> int:
         raise ConfigError(config.path, "store.url",
                           "--workers > 1 needs a shared store (redis://...); the embedded "
                           "memory:// store lives in one process")
-    configure_logging(s.log.level, s.log.format)
+    configure_logging(s.log.level, s.log.format, s.log.hash_chain)
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir, **{WORKERS_ENV: str(n)})
     cmd = [sys.executable, "-m", "gateway", "run", "--config", config_path]

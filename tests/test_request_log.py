@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.context import RequestContext
+from gateway.hash_chain import Verified, verify_lines
 from gateway.log import logger
 from gateway.request_log import (
     WORKER_ENV,
@@ -76,3 +77,32 @@ def test_level_filters_diagnostics_only(out: io.StringIO) -> None:
     log_request(_ctx())
     events = [json.loads(x)["event"] for x in out.getvalue().splitlines()]
     assert events == ["geo_database_missing", "request"]
+
+
+def test_hash_chain_seals_request_audit_and_other_lines_in_print_order(
+        out: io.StringIO) -> None:
+    """With the chain on, structlog events and the fast request line share one chain in the
+    order printed, filtered lines take no link, and the chain survives a reconfiguration."""
+    configure_logging("warning", "json", True)
+    logger().warning("geo_database_missing", path="x.mmdb")
+    logger().info("policy_loaded", version=1)  # filtered: never printed, never chained
+    log_request(_ctx())
+    logger().info("audit", action="key_issued", target="k1")
+    configure_logging("info", "json", True)  # a reload keeps the process's chain
+    logger().info("config_reloaded")
+    lines = out.getvalue().splitlines()
+    objs = [json.loads(x) for x in lines]
+    assert [o["event"] for o in objs] == ["geo_database_missing", "request", "audit",
+                                          "config_reloaded"]
+    assert len({o["chain_id"] for o in objs}) == 1
+    assert all(b["prev_hash"] == a["hash"] for a, b in zip(objs, objs[1:], strict=False))
+    assert verify_lines(lines) == Verified(4, 1)
+
+
+def test_hash_chain_off_adds_nothing(out: io.StringIO) -> None:
+    """Without the chain no line carries chain_id, prev_hash or hash."""
+    configure_logging("info", "json", False)
+    log_request(_ctx())
+    logger().info("audit", action="key_issued")
+    for line in out.getvalue().splitlines():
+        assert not {"chain_id", "prev_hash", "hash"} & set(json.loads(line))

@@ -28,7 +28,8 @@ HOP_BY_HOP = frozenset({
 # Request headers never forwarded: the client's credentials, our own attestation headers,
 # what aiohttp sets itself, and forwarding headers we rebuild.
 _DROP_REQUEST = frozenset({"host", "content-length", "x-api-key", "authorization",
-                           "x-forwarded-for", "forwarded", "x-real-ip", "accept-encoding"})
+                           "x-forwarded-for", "forwarded", "x-real-ip", "accept-encoding",
+                           "x-customer-attestation"})  # the reseller's signed claim: ours
 _DROP_RESPONSE = frozenset({"content-length", "content-encoding", "date", "server"})
 
 

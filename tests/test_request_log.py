@@ -4,6 +4,7 @@ format, and the level filter that never drops request or audit lines."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -95,7 +96,7 @@ def test_hash_chain_seals_request_audit_and_other_lines_in_print_order(
     assert [o["event"] for o in objs] == ["geo_database_missing", "request", "audit",
                                           "config_reloaded"]
     assert len({o["chain_id"] for o in objs}) == 1
-    assert all(b["prev_hash"] == a["hash"] for a, b in zip(objs, objs[1:], strict=False))
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(objs))
     assert verify_lines(lines) == Verified(4, 1)
 
 

@@ -25,7 +25,8 @@ MESSAGE = {"model": "claude-test-1", "max_tokens": 64,
            "messages": [{"role": "user", "content": "hi"}]}
 LOG_FIELDS = {
     "request_id", "client_ip", "peer_ip", "country", "asn", "anonymizer", "reseller", "key_id",
-    "customer_id", "customer_ip", "customer_country", "model", "method", "path", "decision",
+    "customer_id", "customer_ip", "customer_country", "attestation_sig", "model", "method",
+    "path", "decision",
     "rule", "reason", "shadow", "status", "upstream_status", "duration_ms", "upstream_ms",
     "input_tokens", "output_tokens",
 }

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from gateway.errors import GatewayError, permission_error
+from gateway.errors import GatewayError, attestation_refused
 
 #: The request header carrying the signed attestation.
 ATTESTATION_HEADER = "X-Customer-Attestation"
@@ -37,7 +37,7 @@ class SignedAttestation:
 
 
 def malformed(message: str) -> GatewayError:
-    return permission_error("attestation_signature_malformed", message)
+    return attestation_refused("malformed", message)
 
 
 def parse_header(value: str) -> SignedAttestation:
@@ -72,13 +72,13 @@ def verify(key: Ed25519PublicKey, att: SignedAttestation, customer_id: str, cust
     try:
         key.verify(att.signature, signed_message(customer_id, customer_ip, att.ts, method, path))
     except InvalidSignature:
-        raise permission_error("attestation_signature_invalid",
-                               "the customer attestation signature does not verify for this "
-                               "customer, address, time, method and path") from None
+        raise attestation_refused("invalid",
+                                  "the customer attestation signature does not verify for this "
+                                  "customer, address, time, method and path") from None
     if abs(now - int(att.ts)) > MAX_SKEW_S:
-        raise permission_error("attestation_signature_stale",
-                               f"the customer attestation is more than {MAX_SKEW_S} s from "
-                               "the gateway's clock")
+        raise attestation_refused("stale",
+                                  f"the customer attestation is more than {MAX_SKEW_S} s from "
+                                  "the gateway's clock")
 
 
 def load_public_key(pem: str) -> Ed25519PublicKey:

@@ -16,7 +16,7 @@ from gateway.attestation import ATTESTATION_HEADER
 from gateway.attestation import parse_header as parse_signed_attestation
 from gateway.attestation import verify as verify_attestation
 from gateway.context import clip
-from gateway.errors import GatewayError, auth_error, permission_error
+from gateway.errors import GatewayError, attestation_refused, auth_error, permission_error
 from gateway.geo import GeoInfo
 from gateway.identity import Attestation, KeyRegistry, parse_attestation, require_customer
 from gateway.limits import subjects_for
@@ -122,19 +122,19 @@ def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
         require_customer(att)
     if signature is None:
         if required:
-            raise permission_error("attestation_signature_required",
-                                    f"this reseller must sign the customer attestation "
-                                    f"({ATTESTATION_HEADER})")
+            raise attestation_refused("required",
+                                      f"this reseller must sign the customer attestation "
+                                      f"({ATTESTATION_HEADER})")
         return att
     signed = parse_signed_attestation(signature)
     pub = policy.attestation_keys.get(key.reseller)
     if pub is None:
-        raise permission_error("attestation_signature_invalid",
-                               f"reseller {key.reseller!r} has no attestation key to verify "
-                               f"{ATTESTATION_HEADER} with")
+        raise attestation_refused("invalid",
+                                  f"reseller {key.reseller!r} has no attestation key to verify "
+                                  f"{ATTESTATION_HEADER} with")
     if customer_id is None or customer_ip is None:
-        raise permission_error("attestation_signature_invalid",
-                               f"{ATTESTATION_HEADER} needs X-Customer-Id and X-Customer-IP")
+        raise attestation_refused("invalid",
+                                  f"{ATTESTATION_HEADER} needs X-Customer-Id and X-Customer-IP")
     verify_attestation(pub, signed, customer_id, customer_ip, method, path, now)
     return replace(att, signature=signed.sig)
 

@@ -61,3 +61,16 @@ def quota_exceeded(period: str, subject: str, dimension: str,
     return GatewayError(429, "rate_limit_error", QUOTA_CODES[period],
                         f"{period} quota exceeded: {dimension} ({subject})",
                         {"retry-after": str(retry_after_s)}, decision="rate_limited")
+
+
+#: The signed-attestation refusals (docs/architecture.md §5 "Signed attestation"), by kind:
+#: all 403 permission_error.
+ATTESTATION_CODES = {"required": "attestation_signature_required",
+                     "malformed": "attestation_signature_malformed",
+                     "invalid": "attestation_signature_invalid",
+                     "stale": "attestation_signature_stale"}
+
+
+def attestation_refused(kind: str, message: str) -> GatewayError:
+    """403 `attestation_signature_<kind>`: required, malformed, invalid or stale."""
+    return permission_error(ATTESTATION_CODES[kind], message)

@@ -3,7 +3,18 @@ gateway.responses, tested in tests/test_responses.py)."""
 
 from __future__ import annotations
 
-from gateway.errors import auth_error, invalid_request, permission_error, quota_exceeded
+from pathlib import Path
+
+from gateway.errors import (
+    ATTESTATION_CODES,
+    attestation_refused,
+    auth_error,
+    invalid_request,
+    permission_error,
+    quota_exceeded,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_constructors_set_status_type_and_decision() -> None:
@@ -28,3 +39,16 @@ def test_quota_refusals_are_429_with_retry_after() -> None:
     assert err.headers == {"retry-after": "42"}
     assert quota_exceeded("daily", "reseller", "output_tokens", 1).code == \
         "daily_quota_exceeded"
+
+
+def test_attestation_refusals_are_typed_403s_in_the_error_tables() -> None:
+    """Each signed-attestation refusal is a 403 permission_error deny whose code the README's
+    error table and docs/architecture.md both name."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Errors"):]
+    design = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for kind, code in ATTESTATION_CODES.items():
+        err = attestation_refused(kind, "m")
+        assert (err.status, err.type, err.code, err.decision) == (403, "permission_error",
+                                                                  code, "deny")
+        assert code in table and code in design

@@ -181,6 +181,21 @@ async def test_explain_judges_a_key_by_id(ops: Operations) -> None:
     assert unknown["decision"]["status"] == 401
 
 
+async def test_explain_judges_an_attestation_header(ops: Operations) -> None:
+    """The attestation header, method and path reach explain through both implementations: a
+    header from a reseller without an attestation key is refused at the attestation step."""
+    key_id = (await ops.issue_key({"reseller": "acme"})).key_id
+    query = ExplainQuery(ip=US_IP, key_id=key_id, customer_id="c1", customer_ip="192.0.2.20",
+                         attestation="v1;ts=1;sig=" + "A" * 86, method="POST")
+    out = await ops.explain(query)
+    assert (out["decision"]["stage"], out["decision"]["code"]) == (
+        "attestation", "attestation_signature_invalid")
+    assert out["request"]["method"] == "POST"
+    malformed = await ops.explain(ExplainQuery(ip=US_IP, key_id=key_id, customer_id="c1",
+                                               customer_ip="192.0.2.20", attestation="v1"))
+    assert malformed["decision"]["code"] == "attestation_signature_malformed"
+
+
 @pytest.mark.parametrize("kind", STORES)
 async def test_both_read_the_same(request: pytest.FixtureRequest, tmp_path: Path,
                                   upstream: FakeUpstream, kind: str) -> None:

@@ -37,9 +37,10 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 # The layer table, as data (module names relative to the `gateway` package).
 TABLE = (
     _group(0, "records", "errors context cancellation paths allocator lru"),
-    _group(1, "contract", "__init__ settings log store.base store.gcra"),
+    _group(1, "contract", "__init__ settings log store.base store.gcra store.ledger"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
-                        "store.redis.pooled store.redis.pipelined store.redis.store"),
+                        "store.redis.pooled store.redis.pipelined store.redis.store "
+                        "store.redis.usage"),
     _group(2, "stages", "client_ip geo identity policy limits usage"),
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",

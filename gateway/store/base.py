@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 from gateway.errors import StoreError
@@ -15,6 +16,12 @@ WINDOW_MS = 60_000.0
 DIMENSIONS = ("rpm", "itpm", "otpm", "concurrency")
 TOKEN_DIMENSIONS = DIMENSIONS[:3]  # the GCRA buckets (concurrency is counted in leases)
 AUDIT_MAXLEN = 100_000  # events the audit stream keeps (about: Redis trims approximately)
+# The usage ledger (docs/architecture.md §10, "The usage ledger").
+MODELS_PER_DAY = 50  # per reseller and UTC day; further models are counted as OTHER_MODEL
+OTHER_MODEL = "other"
+USAGE_RETENTION_DAYS = 400  # the default of `usage.retention_days`
+DAY_TOTAL_DAYS = 2  # a subject's day total is kept this many days from the start of its day
+MONTH_TOTAL_DAYS = 32  # a subject's month total, this many days from the start of its month
 
 
 @dataclass(slots=True)
@@ -112,9 +119,115 @@ class Settlement:
     output_actual: int
 
 
+@dataclass(frozen=True, slots=True)
+class UsageKey:
+    """One ledger cell: a key's use on one UTC day, for one attested customer and model."""
+
+    day: str  # "YYYY-MM-DD", UTC
+    reseller: str
+    key_id: str
+    customer_id: str | None  # the attested customer, None when none
+    model: str  # stored as given ("" too); the gateway passes "unknown" when none
+
+
+@dataclass(slots=True)
+class Tally:
+    """Requests and tokens counted (never negative)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.requests += other.requests
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.input_tokens or self.output_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """A ledger cell with its tally, as query_usage returns it (the JSON row of
+    docs/architecture.md §12 is `dataclasses.asdict` of it)."""
+
+    day: str
+    reseller: str
+    key_id: str
+    customer_id: str | None
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodUse:
+    """What a subject used in the current UTC day and in that day's month."""
+
+    day: Tally
+    month: Tally
+
+
+def check_day(day: str) -> date:
+    """The date of a "YYYY-MM-DD" ledger day; ValueError for anything else."""
+    if len(day) != 10:
+        raise ValueError(f"not a YYYY-MM-DD day: {day!r}")
+    return date.fromisoformat(day)
+
+
+def check_usage(tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
+    """ValueError unless every cell has a valid day and every count is a non-negative int
+    (the checks add_usage makes before it adds anything)."""
+    if isinstance(retention_days, bool) or not isinstance(retention_days, int) \
+            or retention_days < 1:
+        raise ValueError(f"retention_days must be a positive int, not {retention_days!r}")
+    for k, t in tallies.items():
+        check_day(k.day)
+        for n in (t.requests, t.input_tokens, t.output_tokens):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"usage counts are non-negative ints, not {n!r}")
+
+
+def _day_start(d: date) -> float:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
+
+
+def cell_expiry(day: str, retention_days: int) -> float:
+    """When a ledger cell of `day` expires (Unix seconds): `retention_days` whole days after
+    its day ended."""
+    return _day_start(check_day(day)) + (retention_days + 1) * 86_400
+
+
+def day_total_expiry(day: str) -> float:
+    """When the day totals of `day` expire: DAY_TOTAL_DAYS after the start of the day."""
+    return _day_start(check_day(day)) + DAY_TOTAL_DAYS * 86_400
+
+
+def month_total_expiry(day: str) -> float:
+    """When the month totals of the month of `day` expire: MONTH_TOTAL_DAYS after the start
+    of the month (at least a day after its end)."""
+    return _day_start(check_day(day).replace(day=1)) + MONTH_TOTAL_DAYS * 86_400
+
+
+def usage_subjects(k: UsageKey) -> tuple[str, str]:
+    """The subjects whose totals a cell adds to: "reseller:R" and "key:K"."""
+    return f"reseller:{k.reseller}", f"key:{k.key_id}"
+
+
 class StoreCallNotSent(StoreError):
     """A store call that failed before any of it left this process (no connection): unlike
     other failures, it cannot have been applied."""
+
+
+class UsageNotAdded(StoreError):
+    """add_usage's failure: `resellers` are those whose part was not added (the part of every
+    other reseller of the call was)."""
+
+    def __init__(self, message: str, resellers: Collection[str]) -> None:
+        super().__init__(message)
+        self.resellers = frozenset(resellers)
 
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -220,6 +333,41 @@ class Store(abc.ABC):
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` events whose `time` is at or after `since` (all when None),
         oldest first, each exactly as appended."""
+
+    # usage ledger (docs/architecture.md §10, "The usage ledger") ---------------------------
+    @abc.abstractmethod
+    async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
+        """Adds to the ledger and to the per-subject day/month totals (subjects: the reseller
+        and the key of each cell; the month of a cell is its day's month). All-or-nothing per
+        reseller; a StoreError means that reseller's part was not added (the caller keeps the
+        tally and retries next flush), even when the call timed out after it was sent (the
+        store then makes sure the lost call never applies, or discounts it from the retry
+        that holds it). The StoreError is a UsageNotAdded naming the resellers not added.
+
+        Bounds: per reseller and day at most MODELS_PER_DAY models are counted under their
+        name, in the order they first arrive; a cell of any further model is counted as
+        OTHER_MODEL (a model already counted stays under its name). A cell of day D is kept
+        `retention_days` whole days after D ends (a cell already past it is not kept); the
+        day totals of D until DAY_TOTAL_DAYS after D starts, the month totals of D's month
+        until MONTH_TOTAL_DAYS after it starts. Cells with an all-zero tally are ignored.
+        ValueError (nothing added) for a malformed day or a negative or non-int count. One
+        round trip per reseller (and one per new reseller and day per process for the
+        day's index) on Redis."""
+
+    @abc.abstractmethod
+    async def period_use(self, subjects: Mapping[str, Collection[str]],
+                         day: str) -> dict[str, PeriodUse]:
+        """For each reseller R (mapping key) and its key ids: the totals of day `day` and of
+        its month, keyed "reseller:R" and "key:K"; zeros for a subject with no use. One round
+        trip per reseller at most (on Redis Cluster, per slot)."""
+
+    @abc.abstractmethod
+    async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,
+                          key_id: str | None = None,
+                          customer_id: str | None = None) -> list[UsageRow]:
+        """Ledger cells of the days in [since_day, until_day] (inclusive) matching the
+        filters, at full granularity (day, reseller, key, customer, model), sorted by those
+        (no customer first); grouping is the caller's. ValueError for a malformed day."""
 
 
 def gcra_cost(limit: int, cost: int) -> int:

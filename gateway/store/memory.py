@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from gateway.errors import StoreError
@@ -14,15 +15,26 @@ from gateway.store.base import (
     AdmitResult,
     EventHandler,
     KeyRecord,
+    PeriodUse,
     Settlement,
     Store,
     StoredPolicy,
     Subject,
+    Tally,
+    UsageKey,
+    UsageNotAdded,
+    UsageRow,
+    check_usage,
 )
 from gateway.store.gcra import Limiter
+from gateway.store.ledger import Ledger
 from gateway.store.state_file import StateFile, StateFileError, dump_state
 
 __all__ = ["MemoryStore", "StateFileError"]
+
+# Additions appended to `<state_file>.usage` before it is rewritten as one snapshot: about an
+# hour of flushes once a second.
+USAGE_COMPACT_LINES = 3600
 
 
 class MemoryStore(Store):
@@ -30,14 +42,18 @@ class MemoryStore(Store):
 
     With `state_file`, keys (and their last use), the keys epoch and the policy are written to
     that file atomically on every change, before the change is published, and loaded at
-    construction; the audit stream is appended to `<state_file>.audit` (JSON lines). A change
-    that cannot be written raises StoreError and is not kept. Limits state (buckets, leases)
-    stays in memory. A state file that cannot be read is a StateFileError, never a reset.
+    construction; the audit stream is appended to `<state_file>.audit` and each addition to
+    the usage ledger to `<state_file>.usage` (JSON lines). A change that cannot be written
+    raises StoreError and is not kept. Limits state (buckets, leases) stays in memory. A
+    state file that cannot be read is a StateFileError, never a reset. The usage ledger
+    (ledger.py) is pruned by its retention as it is added to.
 
     Admissions, settlements and leases are `limiter`'s (gcra.py; the factory builds one per
     store, as does a store constructed without one)."""
 
     in_process = True
+    #: Additions appended to the usage file before it is rewritten as one snapshot.
+    usage_compact_lines: int = USAGE_COMPACT_LINES
 
     def __init__(self, state_file: str | None = None, limiter: Limiter | None = None) -> None:
         self.keys: dict[str, KeyRecord] = {}
@@ -49,6 +65,7 @@ class MemoryStore(Store):
         self.state_file = state_file
         self._file: StateFile | None = None
         self._write_lock = asyncio.Lock()  # one change written at a time, in order
+        self.ledger = Ledger()
         if state_file is not None:
             self._file = StateFile(state_file)
             state = self._file.open(self.audit_maxlen)
@@ -56,6 +73,7 @@ class MemoryStore(Store):
             self.keys_epoch, self.policy = state.keys_epoch, state.policy
             if state.audit:
                 self._audit = deque(state.audit)
+            self.ledger = state.ledger
 
     async def _save(self) -> None:
         """Write the state file (with `_write_lock` held); StoreError when it fails."""
@@ -180,3 +198,30 @@ class MemoryStore(Store):
                 out.append(json.loads(json.dumps(event)))
         out.reverse()
         return out
+
+    # usage ledger -------------------------------------------------------------------------
+    async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
+        check_usage(tallies, retention_days)
+        async with self._write_lock:
+            now = time.time()
+            cells = self.ledger.plan(tallies, now)
+            if not cells:
+                return
+            if self._file is not None:
+                try:
+                    await self._file.append_usage(cells, retention_days, now)
+                except StoreError as exc:
+                    raise UsageNotAdded(str(exc), {k.reseller for k, _ in cells}) from exc
+            self.ledger.commit(cells, retention_days, now)
+            if self._file is not None and self._file.usage_lines > self.usage_compact_lines:
+                await self._file.compact_usage(self.ledger.snapshot())
+
+    async def period_use(self, subjects: Mapping[str, Collection[str]],
+                         day: str) -> dict[str, PeriodUse]:
+        return self.ledger.period_use(subjects, day, time.time())
+
+    async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,
+                          key_id: str | None = None,
+                          customer_id: str | None = None) -> list[UsageRow]:
+        return self.ledger.query(since_day, until_day, reseller, key_id, customer_id,
+                                 time.time())

@@ -1,6 +1,7 @@
 """The embedded store's state file: keys, the keys epoch and the policy as one JSON document
-replaced atomically on every change, the audit stream as JSON lines beside it
-(`<file>.audit`), and a lock (`<file>.lock`) that makes one process its owner."""
+replaced atomically on every change, the audit stream and the usage ledger's additions as
+JSON lines beside it (`<file>.audit`, `<file>.usage`), and a lock (`<file>.lock`) that makes
+one process its owner."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.errors import StoreError
-from gateway.store.base import KeyRecord, StoredPolicy
+from gateway.store.base import KeyRecord, StoredPolicy, Tally, UsageKey
+from gateway.store.ledger import Ledger
 
 STATE_FORMAT = "gateway-state"
 
@@ -33,6 +35,7 @@ class State:
     keys_epoch: int = 0
     policy: StoredPolicy | None = None
     audit: list[dict[str, Any]] = field(default_factory=list)
+    ledger: Ledger = field(default_factory=Ledger)
 
 
 def dump_state(keys: dict[str, KeyRecord], used: dict[str, float], keys_epoch: int,
@@ -110,6 +113,8 @@ class StateFile:
         self.path = path
         self.audit_path = path + ".audit"
         self.audit_lines = 0  # lines in the audit file: compacted when far past the bound
+        self.usage_path = path + ".usage"
+        self.usage_lines = 0  # additions since the usage file's snapshot
         self._lock_fd: int | None = None
 
     def open(self, audit_maxlen: int) -> State:
@@ -164,6 +169,7 @@ class StateFile:
             except ValueError as exc:
                 raise self._bad(str(exc)) from None
         state.audit = self._read_audit(audit_maxlen)
+        state.ledger = self._read_usage()
         return state
 
     def _bad(self, reason: str) -> StateFileError:
@@ -199,6 +205,63 @@ class StateFile:
             self.audit_lines = len(events)
         return events
 
+    def _read_usage(self) -> Ledger:
+        """The ledger of the usage file: its snapshot line (if any), then each addition
+        replayed at the time it was made; a line cut short by a crash is dropped."""
+        path = self.usage_path
+        ledger = Ledger()
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError:
+            return ledger
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"usage file {path}: cannot read: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        tail = lines.pop()  # "" after a final newline; else an addition cut short by a crash
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                if "snapshot" in entry:
+                    ledger.load(entry["snapshot"])
+                else:
+                    ledger.commit(_cells(entry["cells"]), int(entry["retention_days"]),
+                                  float(entry["t"]))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise StateFileError(f"usage file {path}: line {n} is malformed; fix it or "
+                                     "move it away (the gateway never resets it)") from None
+        ledger.prune(time.time())
+        self.usage_lines = len(lines)
+        if tail:
+            try:  # a snapshot of what the whole lines hold (the next append would join it)
+                write_atomic(path, json.dumps({"snapshot": ledger.snapshot()}) + "\n")
+            except OSError as exc:
+                raise StateFileError(f"usage file {path}: cannot write: "
+                                     f"{exc.strerror or exc}") from None
+            self.usage_lines = 0
+        return ledger
+
+    async def append_usage(self, cells: list[tuple[UsageKey, Tally]], retention_days: int,
+                           now: float) -> None:
+        """Append one addition to the ledger (fsynced); StoreError when it cannot."""
+        line = json.dumps({"t": now, "retention_days": retention_days, "cells": [
+            [k.day, k.reseller, k.key_id, k.customer_id, k.model,
+             t.requests, t.input_tokens, t.output_tokens] for k, t in cells]}) + "\n"
+        try:
+            await asyncio.to_thread(_append_line, self.usage_path, line)
+        except OSError as exc:
+            raise StoreError(f"cannot write the usage file: {exc.strerror or exc}") from None
+        self.usage_lines += 1
+
+    async def compact_usage(self, snapshot: dict[str, Any]) -> None:
+        """Rewrite the usage file as one snapshot of the ledger (`Ledger.snapshot`)."""
+        try:
+            await asyncio.to_thread(write_atomic, self.usage_path,
+                                    json.dumps({"snapshot": snapshot}) + "\n")
+        except OSError:
+            return  # the longer file is still valid; a later addition tries again
+        self.usage_lines = 0
+
     async def save(self, text: str) -> None:
         """Replace the state with `text` (a `dump_state`); StoreError when it cannot."""
         try:
@@ -221,3 +284,13 @@ class StateFile:
         except OSError:
             return  # the longer file is still valid; a later append tries again
         self.audit_lines = len(events)
+
+
+def _cells(rows: list[list[Any]]) -> list[tuple[UsageKey, Tally]]:
+    """The cells of an addition line (as `append_usage` writes them)."""
+    out = []
+    for day, reseller, key_id, customer_id, model, req, inp, outp in rows:
+        out.append((UsageKey(str(day), str(reseller), str(key_id),
+                             None if customer_id is None else str(customer_id), str(model)),
+                    Tally(int(req), int(inp), int(outp))))
+    return out

@@ -1,12 +1,16 @@
-"""The embedded store's state file: parsing, the audit file's cut-short line and compaction."""
+"""The embedded store's state file: parsing, the audit and usage files' cut-short lines and
+compaction, the ledger across a restart, and an addition that cannot be written."""
 
 from __future__ import annotations
 
 import json
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gateway.store.base import MODELS_PER_DAY, OTHER_MODEL, Tally, UsageKey, UsageNotAdded
 from gateway.store.memory import MemoryStore
 from gateway.store.state_file import StateFile, StateFileError, dump_state, parse_state
 
@@ -59,3 +63,93 @@ async def test_audit_file_is_compacted_to_the_bound(tmp_path: Path) -> None:
     events = await again.list_audit(None, 100)
     await again.close()
     assert [e["time"] for e in events][-3:] == [5.0, 6.0, 7.0]
+
+
+# --- the usage file ---------------------------------------------------------------------------
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def _cell(key_id: str = "k1", model: str = "m") -> UsageKey:
+    return UsageKey(_today(), "acme", key_id, None, model)
+
+
+async def test_the_ledger_survives_a_restart(tmp_path: Path) -> None:
+    """Additions to the ledger are in the usage file: a store opened on it afterwards answers
+    the same cells and totals, and keeps the models-per-day bound."""
+    path = str(tmp_path / "state.json")
+    store = MemoryStore(path)
+    await store.add_usage({_cell(model=f"m{i}"): Tally(1, 2, 3)
+                           for i in range(MODELS_PER_DAY)}, 400)
+    await store.add_usage({_cell("k2"): Tally(4, 5, 6)}, 400)
+    rows = await store.query_usage(_today(), _today())
+    use = await store.period_use({"acme": ["k1", "k2"]}, _today())
+    await store.close()
+    again = MemoryStore(path)
+    assert await again.query_usage(_today(), _today()) == rows
+    assert await again.period_use({"acme": ["k1", "k2"]}, _today()) == use
+    await again.add_usage({_cell(model="late"): Tally(1)}, 400)
+    late = await again.query_usage(_today(), _today(), key_id="k1")
+    assert {r.model for r in late} == {f"m{i}" for i in range(MODELS_PER_DAY)} | {OTHER_MODEL}
+    await again.close()
+
+
+async def test_the_usage_file_is_compacted_to_a_snapshot(tmp_path: Path) -> None:
+    """Past `usage_compact_lines` additions the usage file is rewritten as one snapshot line,
+    from which a restart loads the same ledger."""
+    path = str(tmp_path / "state.json")
+    store = MemoryStore(path)
+    store.usage_compact_lines = 3
+    for i in range(10):
+        await store.add_usage({_cell(f"k{i % 4}"): Tally(1, i, 0)}, 400)
+    rows = await store.query_usage(_today(), _today())
+    await store.close()
+    lines = (tmp_path / "state.json.usage").read_text().splitlines()
+    assert len(lines) <= 4 and any("snapshot" in json.loads(line) for line in lines)
+    again = MemoryStore(path)
+    assert await again.query_usage(_today(), _today()) == rows
+    assert sum(r.requests for r in rows) == 10
+    await again.close()
+
+
+def test_usage_line_cut_short_by_a_crash_is_dropped(tmp_path: Path) -> None:
+    """A usage file whose last line was cut short loads the whole lines and is rewritten as
+    their snapshot, so the next addition starts on a line of its own."""
+    usage = tmp_path / "state.json.usage"
+    whole = json.dumps({"t": 1e9, "retention_days": 400, "cells": [
+        [_today(), "acme", "k1", None, "m", 1, 2, 3]]})
+    usage.write_text(whole + "\n" + whole[:20])
+    f = StateFile(str(tmp_path / "state.json"))
+    state = f.open(100)
+    f.close()
+    assert [r.requests for r in state.ledger.query(_today(), _today(), None, None, None,
+                                                   1e9)] == [1]
+    text = usage.read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 1
+
+
+def test_malformed_usage_line_is_a_startup_error(tmp_path: Path) -> None:
+    """A usage line that is not an addition or a snapshot is a StateFileError naming it."""
+    (tmp_path / "state.json.usage").write_text('{"t": 1, "cells": []}\n{"t": 1}\n')
+    with pytest.raises(StateFileError, match=r"usage file .* line 1"):
+        StateFile(str(tmp_path / "state.json")).open(100)
+
+
+async def test_an_addition_that_cannot_be_written_is_not_kept(tmp_path: Path) -> None:
+    """When the usage file cannot be written, add_usage raises UsageNotAdded naming the
+    resellers and the ledger holds none of the addition."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    store = MemoryStore(str(folder / "state.json"))
+    for p in folder.iterdir():
+        p.unlink()
+    os.rmdir(folder)
+    beta = UsageKey(_today(), "beta", "k9", None, "m")
+    with pytest.raises(UsageNotAdded, match="usage file") as caught:
+        await store.add_usage({_cell(): Tally(1), beta: Tally(1)}, 400)
+    assert caught.value.resellers == {"acme", "beta"}
+    assert await store.query_usage(_today(), _today()) == []
+    assert (await store.period_use({"acme": []}, _today()))["reseller:acme"].month == Tally()
+    await store.close()

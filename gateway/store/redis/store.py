@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -27,17 +28,41 @@ from gateway.store.base import (
     Bucket,
     EventHandler,
     KeyRecord,
+    PeriodUse,
     Settlement,
     Store,
+    StoreCallNotSent,
     StoredPolicy,
     Subject,
+    Tally,
+    UsageKey,
+    UsageNotAdded,
+    UsageRow,
+    cell_expiry,
+    check_day,
+    check_usage,
     gcra_cost,
 )
+from gateway.store.ledger import row_order
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import FAILURES, PooledRunner
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
+from gateway.store.redis.usage import (
+    InDoubt,
+    UsageLayout,
+    decode_cells,
+    decode_tallies,
+    keep_in_doubt,
+    new_add_id,
+    totals_fields,
+)
 
 T = TypeVar("T")
+U = TypeVar("U")
+
+
+def _chunks(items: list[U], size: int) -> list[list[U]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _raw(reply: Any) -> Any:
@@ -77,6 +102,8 @@ class RedisStore(Store):
     _RENEW = lua("renew.lua")
     _PUT_POLICY = lua("put_policy.lua")
     _PUT_KEY = lua("put_key.lua")
+    _ADD_USAGE = lua("add_usage.lua")
+    _USAGE_PAGE = 500  # commands per pipeline of query_usage
 
     def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0, *,
                  pooled: PooledRunner | None = None,
@@ -96,6 +123,12 @@ class RedisStore(Store):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
+        self.usage = UsageLayout(key_prefix)
+        # Per reseller: its additions whose call failed but may have been applied
+        # (add_usage.lua resolves them with the next one), and one addition at a time.
+        self._in_doubt: dict[str, list[InDoubt]] = {}
+        self._usage_locks: dict[str, asyncio.Lock] = {}
+        self._indexed: set[tuple[str, str, int]] = set()  # (day, reseller, expire-at) indexed
 
     async def _cmd(self, awaitable: Awaitable[Any], decode: Callable[[Any], T] = _raw) -> T:
         """One plain command over the pooled client (its deadline and error mapping)."""
@@ -287,6 +320,118 @@ class RedisStore(Store):
             keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
             if keys:
                 await self._run(self._RENEW, keys, [lease_id, ttl_ms], runner=self.pooled)
+
+    # usage ledger (usage.py: the layout) -------------------------------------------------
+    def _pipeline(self) -> Any:
+        return self.pooled.client.pipeline(transaction=False)
+
+    async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
+        check_usage(tallies, retention_days)
+        groups: dict[str, list[tuple[UsageKey, Tally]]] = {}
+        for k, t in tallies.items():
+            if t:
+                groups.setdefault(k.reseller, []).append(
+                    (k, Tally(t.requests, t.input_tokens, t.output_tokens)))
+        results = await asyncio.gather(
+            *(self._add_usage(r, cells, retention_days) for r, cells in groups.items()),
+            return_exceptions=True)
+        failed: list[str] = []
+        first: StoreError | None = None
+        for r, res in zip(groups, results, strict=True):
+            if isinstance(res, StoreError):
+                failed.append(r)
+                first = first or res
+            elif isinstance(res, BaseException):
+                raise res
+        if first is not None:
+            raise UsageNotAdded(str(first), failed) from first
+
+    async def _add_usage(self, reseller: str, cells: list[tuple[UsageKey, Tally]],
+                         retention_days: int) -> None:
+        """One reseller's part: its days indexed (once per process), then one script."""
+        lock = self._usage_locks.setdefault(reseller, asyncio.Lock())
+        async with lock:  # one addition of a reseller at a time: its doubts are resolved in order
+            await self._index_usage(reseller, {k.day for k, _ in cells}, retention_days)
+            in_doubt = self._in_doubt.get(reseller, [])
+            add_id = new_add_id()
+            keys, args = self.usage.add_call(reseller, cells, in_doubt, add_id, retention_days)
+            try:
+                await self._run(self._ADD_USAGE, keys, args, runner=self.pooled)
+            except StoreCallNotSent:
+                raise
+            except StoreError:
+                self._in_doubt[reseller] = keep_in_doubt(in_doubt, InDoubt(add_id, cells),
+                                                         time.time())
+                raise
+            self._in_doubt.pop(reseller, None)
+
+    async def _index_usage(self, reseller: str, days: Collection[str],
+                           retention_days: int) -> None:
+        now = time.time()
+        todo = [(d, int(cell_expiry(d, retention_days))) for d in sorted(days)]
+        todo = [(d, e) for d, e in todo if e > now and (d, reseller, e) not in self._indexed]
+        if not todo:
+            return
+        pipe = self._pipeline()
+        for day, expires in todo:
+            pipe.sadd(self.usage.index(day), reseller)
+            pipe.expireat(self.usage.index(day), expires)
+        await self._cmd(pipe.execute())
+        if len(self._indexed) > 100_000:
+            self._indexed.clear()
+        self._indexed.update((d, reseller, e) for d, e in todo)
+
+    async def period_use(self, subjects: Mapping[str, Collection[str]],
+                         day: str) -> dict[str, PeriodUse]:
+        check_day(day)
+        if not subjects:
+            return {}
+        pipe = self._pipeline()
+        order: list[list[str]] = []
+        for reseller, key_ids in subjects.items():
+            names = [f"reseller:{reseller}", *(f"key:{k}" for k in key_ids)]
+            fields = totals_fields(names)
+            pipe.hmget(self.usage.day_totals(reseller, day), fields)
+            pipe.hmget(self.usage.month_totals(reseller, day), fields)
+            order.append(names)
+        replies: list[Any] = await self._cmd(pipe.execute())
+        out: dict[str, PeriodUse] = {}
+        for i, names in enumerate(order):
+            pairs = zip(decode_tallies(replies[2 * i]), decode_tallies(replies[2 * i + 1]),
+                        strict=True)
+            for name, (d, m) in zip(names, pairs, strict=True):
+                out[name] = PeriodUse(d, m)
+        return out
+
+    async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,
+                          key_id: str | None = None,
+                          customer_id: str | None = None) -> list[UsageRow]:
+        since, until = check_day(since_day), check_day(until_day)
+        days = [(since + timedelta(days=n)).isoformat()
+                for n in range((until - since).days + 1)]
+        pairs: list[tuple[str, str]] = []
+        if reseller is not None:
+            pairs = [(d, reseller) for d in days]
+        else:
+            for chunk in _chunks(days, self._USAGE_PAGE):
+                pipe = self._pipeline()
+                for d in chunk:
+                    pipe.smembers(self.usage.index(d))
+                members: list[Any] = await self._cmd(pipe.execute())
+                pairs += [(d, m.decode()) for d, ms in zip(chunk, members, strict=True)
+                          for m in sorted(ms)]
+        rows: list[UsageRow] = []
+        for chunk2 in _chunks(pairs, self._USAGE_PAGE):
+            pipe = self._pipeline()
+            for d, r in chunk2:
+                pipe.hgetall(self.usage.cells(r, d))
+            raws: list[Any] = await self._cmd(pipe.execute())
+            for (d, r), raw in zip(chunk2, raws, strict=True):
+                rows += [row for row in decode_cells(d, r, raw)
+                         if (key_id is None or row.key_id == key_id)
+                         and (customer_id is None or row.customer_id == customer_id)]
+        rows.sort(key=row_order)
+        return rows
 
     # audit stream -------------------------------------------------------------------------
     # One Stream key, `<prefix>audit` (one slot in Cluster), each entry one field `e`: the

@@ -1,6 +1,6 @@
-"""The store operations of the `gateway` command (keys, policy, audit, explain) behind one
-interface, with two implementations: on the store directly, and through a running gateway's
-admin API (the embedded store lives in that process). One error type for both."""
+"""The store operations of the `gateway` command (keys, policy, audit, explain, usage) behind
+one interface, with two implementations: on the store directly, and through a running
+gateway's admin API (the embedded store lives in that process). One error type for both."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gateway.settings import ConfigError, load_yaml
 if TYPE_CHECKING:
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
+    from gateway.usage_report import UsageQuery
 
 
 class OperationError(Exception):
@@ -102,6 +103,10 @@ class Operations(Protocol):
 
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """The decision trace for `query` (gateway.explain's document)."""
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        """The usage ledger's report for `query`: {"rows": [...], "totals": {...}}
+        (gateway.usage_report)."""
 
 
 class DirectOperations:
@@ -207,6 +212,19 @@ class DirectOperations:
                     await parts.upstream.close()
             finally:
                 geo.close()
+
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        from gateway.usage_report import report
+
+        with _mapped():
+            try:
+                rows = await self.store.query_usage(query.since_day, query.until_day,
+                                                    query.reseller, query.key_id,
+                                                    query.customer_id)
+            except ValueError as exc:  # a malformed day
+                raise OperationError(400, str(exc)) from None
+        return report(rows, query)
 
 
 @contextmanager
@@ -330,4 +348,8 @@ class AdminOperations:
         headers = {"x-explain-key": query.key} if query.key else None
         out: dict[str, Any] = await self._call("GET", "/admin/explain", params=params,
                                                headers=headers)
+        return out
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        out: dict[str, Any] = await self._call("GET", "/admin/usage", params=query.params())
         return out

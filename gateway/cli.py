@@ -67,8 +67,8 @@ def _iso(ts: Any) -> str:
     return (iso_time(ts) or "-") if isinstance(ts, int | float) else "-"
 
 
-def _print(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def _print(obj: Any, sort_keys: bool = True) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 # --- run / check-config -----------------------------------------------------------------------
@@ -501,7 +501,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     configure_logging("error", "json")
     out = run(lambda ops: ops.usage(query))
     if args.json:
-        _print(out)
+        _print(out, sort_keys=False)  # the rows' fields in their documented order
     elif args.csv:
         _print_usage_csv(out["rows"])
     else:

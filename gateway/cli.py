@@ -263,8 +263,8 @@ def _quota_spec(pairs: list[tuple[str, int | None]] | None) -> dict[str, int | N
     return None if not pairs else dict(pairs)
 
 
-def _quota_text(quotas: dict[str, Any] | None) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted((quotas or {}).items()))
+def _quota_text(quotas: dict[str, Any] | None, sep: str = " ") -> str:
+    return sep.join(f"{k}={v}" for k, v in sorted((quotas or {}).items()))
 
 
 def _print_key(r: dict[str, Any]) -> None:
@@ -344,13 +344,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             _print(rows)
         else:
+            quotas = [_quota_text(r.get("quotas"), ",") or "-" for r in rows]
+            width = max([len(q) + 2 for q in quotas] + [8])
             print(f"{'KEY_ID':<18}{'RESELLER':<14}{'STATUS':<9}{'NAME':<16}{'LAST_USED':<22}"
-                  f"{'EXPIRES':<22}QUOTAS")
-            for r in rows:
+                  f"{'QUOTAS':<{width}}EXPIRES")
+            for r, q in zip(rows, quotas, strict=True):
                 exp_s = _iso(r["expires_at"]) if r.get("expires_at") else "-"
                 print(f"{r['key_id']:<18}{r['reseller']:<14}{r['status']:<9}"
                       f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}"
-                      f"{exp_s:<22}{_quota_text(r.get('quotas')) or '-'}".rstrip())
+                      f"{q:<{width}}{exp_s}")
         return 0
     if args.keys_cmd == "show":
         rec = run(lambda ops: ops.show_key(args.key_id))

@@ -498,7 +498,8 @@ async def test_keys_quota_option_sets_shows_and_clears(tmp_path: Path,
         assert json.loads(updated.stdout)["quotas"] == {"daily.requests": 3,
                                                         "monthly.requests": 9}
         listed = await _cli("keys", "list", config=cfg)
-        assert listed.stdout.splitlines()[1].endswith("daily.requests=3 monthly.requests=9")
+        assert listed.stdout.splitlines()[1].split()[-2:] == [
+            "daily.requests=3,monthly.requests=9", "-"]
         events = json.loads((await _cli("audit", "list", "--json", config=cfg)).stdout)
         assert events["events"][-1]["changes"]["quotas"] == {
             "from": {"daily.output_tokens": 500, "monthly.requests": 9},

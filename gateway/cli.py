@@ -344,11 +344,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             _print(rows)
         else:
-            quotas = [_quota_text(r.get("quotas"), ",") or "-" for r in rows]
-            width = max([len(q) + 2 for q in quotas] + [8])
+            quota_cells = [_quota_text(r.get("quotas"), ",") or "-" for r in rows]
+            width = max([len(q) + 2 for q in quota_cells] + [8])
             print(f"{'KEY_ID':<18}{'RESELLER':<14}{'STATUS':<9}{'NAME':<16}{'LAST_USED':<22}"
                   f"{'QUOTAS':<{width}}EXPIRES")
-            for r, q in zip(rows, quotas, strict=True):
+            for r, q in zip(rows, quota_cells, strict=True):
                 exp_s = _iso(r["expires_at"]) if r.get("expires_at") else "-"
                 print(f"{r['key_id']:<18}{r['reseller']:<14}{r['status']:<9}"
                       f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}"

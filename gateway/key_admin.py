@@ -12,15 +12,11 @@ from typing import Any
 from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
 from gateway.paths import compile_path_globs
-from gateway.policy import glob_list
+from gateway.policy import QUOTA_DIMENSIONS, QUOTA_PERIODS, glob_list
 from gateway.store.base import DIMENSIONS, KeyRecord, Store
 
 #: A key's own limits: the limit dimensions of the store.
 LIMIT_FIELDS = DIMENSIONS
-#: A key's own quotas are keyed "<period>.<dimension>" (the policy's quotas, flattened).
-QUOTA_PERIODS = ("daily", "monthly")
-QUOTA_DIMENSIONS = ("requests", "input_tokens", "output_tokens")
-QUOTA_NAMES = tuple(f"{p}.{d}" for p in QUOTA_PERIODS for d in QUOTA_DIMENSIONS)
 #: Fields `update_key` may change (the reseller never changes: issue a new key).
 UPDATE_FIELDS = ("name", "models", "paths", "countries", "expires_at", "quotas",
                  *LIMIT_FIELDS)
@@ -122,8 +118,9 @@ def _limit(field: str, v: Any) -> int:
 
 
 def quota_name(name: str) -> str:
-    """`name` if it is a quota's ("daily.output_tokens"); KeyOpError 400 naming the field and
-    what is wrong with it (the period, the dimension) otherwise."""
+    """`name` if it names a quota, "<period>.<dimension>" as policy.QUOTA_NAMES does
+    ("daily.output_tokens"); KeyOpError 400 naming the field and what is wrong with it (the
+    period, the dimension) otherwise."""
     period, dot, dimension = name.partition(".")
     shown = f"quotas.{name[:64]}"
     if not dot or period not in QUOTA_PERIODS:

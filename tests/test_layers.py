@@ -41,7 +41,8 @@ TABLE = (
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store "
                         "store.redis.usage"),
-    _group(2, "stages", "client_ip geo identity policy limits usage"),
+    _group(2, "stages", "client_ip geo identity policy limits usage ledger quotas "
+                        "self_service"),
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit usage_report request_log metrics "
                       "listeners", never="stores"),

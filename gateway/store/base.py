@@ -152,8 +152,9 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """A ledger cell with its tally, as query_usage returns it (the JSON row of
-    docs/architecture.md §12 is `dataclasses.asdict` of it)."""
+    """A ledger cell with its tally, as query_usage returns it; its JSON row is
+    `dataclasses.asdict` of it (day, reseller, key_id, customer_id, model, requests,
+    input_tokens, output_tokens)."""
 
     day: str
     reseller: str
@@ -353,9 +354,9 @@ class Store(abc.ABC):
         `retention_days` whole days after D ends (a cell already past it is not kept); the
         day totals of D until DAY_TOTAL_DAYS after D starts, the month totals of D's month
         until MONTH_TOTAL_DAYS after it starts. Cells with an all-zero tally are ignored.
-        ValueError (nothing added) for a malformed day or a negative or non-int count. One
-        round trip per reseller (and one per new reseller and day per process for the
-        day's index) on Redis."""
+        ValueError (nothing added) for a malformed day or a negative or non-int count. On
+        Redis, one round trip per reseller (one more for a reseller's first addition of a
+        day in this process, and one after a failed addition, to settle it)."""
 
     @abc.abstractmethod
     async def period_use(self, subjects: Mapping[str, Collection[str]],

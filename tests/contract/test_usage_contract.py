@@ -20,10 +20,13 @@ from gateway.store.base import (
 )
 
 RETAIN = 400
+# One date for the whole module: a run across midnight (UTC) still names the same days, all
+# well within their expiry.
+TODAY = datetime.now(UTC).date()
 
 
 def _today() -> date:
-    return datetime.now(UTC).date()
+    return TODAY
 
 
 def _day(offset: int = 0) -> str:

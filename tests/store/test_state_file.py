@@ -68,8 +68,11 @@ async def test_audit_file_is_compacted_to_the_bound(tmp_path: Path) -> None:
 # --- the usage file ---------------------------------------------------------------------------
 
 
+TODAY = datetime.now(UTC).date().isoformat()  # one day for the module, across midnight too
+
+
 def _today() -> str:
-    return datetime.now(UTC).date().isoformat()
+    return TODAY
 
 
 def _cell(key_id: str = "k1", model: str = "m") -> UsageKey:

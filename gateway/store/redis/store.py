@@ -3,7 +3,8 @@ over an injected transport (runner.py). Single node, Sentinel or Cluster.
 
 Layout under `key_prefix` (P): P{meta} (keys_epoch, policy_version), P{meta}:policy,
 P{meta}:keys (key id → record JSON), P{meta}:last_used, the channel Pevents, and limit state
-under P{r:<reseller>}:... so one request's limits live on one Cluster shard.
+under P{r:<reseller>}:... so one request's limits live on one Cluster shard; the usage ledger
+under P{r:<reseller>}:usage:... and P{usage}:... (usage.py holds its layout).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import timedelta
 from importlib import resources
@@ -48,12 +50,14 @@ from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import FAILURES, PooledRunner
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
 from gateway.store.redis.usage import (
+    ADDS_TTL_S,
+    Cells,
     InDoubt,
     UsageLayout,
     decode_cells,
     decode_tallies,
-    keep_in_doubt,
-    new_add_id,
+    hold,
+    subtract,
     totals_fields,
 )
 
@@ -103,6 +107,7 @@ class RedisStore(Store):
     _PUT_POLICY = lua("put_policy.lua")
     _PUT_KEY = lua("put_key.lua")
     _ADD_USAGE = lua("add_usage.lua")
+    _RESOLVE_USAGE = lua("resolve_usage.lua")
     _USAGE_PAGE = 500  # commands per pipeline of query_usage
 
     def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0, *,
@@ -124,9 +129,13 @@ class RedisStore(Store):
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
         self.usage = UsageLayout(key_prefix)
-        # Per reseller: its additions whose call failed but may have been applied
-        # (add_usage.lua resolves them with the next one), and one addition at a time.
-        self._in_doubt: dict[str, list[InDoubt]] = {}
+        # Per reseller: the last addition whose call failed but may have been applied
+        # (settled by resolve_usage.lua before the next), the cells found applied that the
+        # caller still holds, and one addition at a time. Additions are numbered per store.
+        self._instance = uuid.uuid4().hex[:16]
+        self._additions = 0
+        self._in_doubt: dict[str, InDoubt] = {}
+        self._held: dict[str, dict[UsageKey, Tally]] = {}
         self._usage_locks: dict[str, asyncio.Lock] = {}
         self._indexed: set[tuple[str, str, int]] = set()  # (day, reseller, expire-at) indexed
 
@@ -327,7 +336,7 @@ class RedisStore(Store):
 
     async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
         check_usage(tallies, retention_days)
-        groups: dict[str, list[tuple[UsageKey, Tally]]] = {}
+        groups: dict[str, Cells] = {}
         for k, t in tallies.items():
             if t:
                 groups.setdefault(k.reseller, []).append(
@@ -346,24 +355,36 @@ class RedisStore(Store):
         if first is not None:
             raise UsageNotAdded(str(first), failed) from first
 
-    async def _add_usage(self, reseller: str, cells: list[tuple[UsageKey, Tally]],
-                         retention_days: int) -> None:
-        """One reseller's part: its days indexed (once per process), then one script."""
+    async def _add_usage(self, reseller: str, cells: Cells, retention_days: int) -> None:
+        """One reseller's part: the last addition in doubt settled first (only after a
+        failure), its days indexed (once per process), then one script. Of the caller's
+        cells, what an addition found applied already counted (`_held`) is not sent again."""
         lock = self._usage_locks.setdefault(reseller, asyncio.Lock())
-        async with lock:  # one addition of a reseller at a time: its doubts are resolved in order
-            await self._index_usage(reseller, {k.day for k, _ in cells}, retention_days)
-            in_doubt = self._in_doubt.get(reseller, [])
-            add_id = new_add_id()
-            keys, args = self.usage.add_call(reseller, cells, in_doubt, add_id, retention_days)
-            try:
-                await self._run(self._ADD_USAGE, keys, args, runner=self.pooled)
-            except StoreCallNotSent:
-                raise
-            except StoreError:
-                self._in_doubt[reseller] = keep_in_doubt(in_doubt, InDoubt(add_id, cells),
-                                                         time.time())
-                raise
-            self._in_doubt.pop(reseller, None)
+        async with lock:  # one addition of a reseller at a time: numbers rise in order
+            doubt = self._in_doubt.get(reseller)
+            if doubt is not None:
+                applied = await self._run(
+                    self._RESOLVE_USAGE, [self.usage.additions(reseller, self._instance)],
+                    [doubt.number, ADDS_TTL_S], decode=int, runner=self.pooled)
+                del self._in_doubt[reseller]
+                if applied:
+                    hold(self._held.setdefault(reseller, {}), doubt.cells)
+            held = self._held.get(reseller)
+            send = subtract(cells, held) if held else cells
+            if send:
+                await self._index_usage(reseller, {k.day for k, _ in send}, retention_days)
+                self._additions += 1
+                number = self._additions
+                keys, args = self.usage.add_call(reseller, self._instance, number, send,
+                                                 retention_days)
+                try:
+                    await self._run(self._ADD_USAGE, keys, args, runner=self.pooled)
+                except StoreCallNotSent:
+                    raise
+                except BaseException:  # a timeout, an error reply, a cancelled flush
+                    self._in_doubt[reseller] = InDoubt(number, send)
+                    raise
+            self._held.pop(reseller, None)  # the caller drops its tally: all of it is counted
 
     async def _index_usage(self, reseller: str, days: Collection[str],
                            retention_days: int) -> None:

@@ -1,21 +1,20 @@
 """The usage ledger's Redis layout: key names, the arguments of lua/add_usage.lua, the
-bookkeeping of additions in doubt, and the decoding of cells and totals (pure; the store's
+arithmetic of additions in doubt, and the decoding of cells and totals (pure; the store's
 methods in store.py do the I/O).
 
 Under `key_prefix` P, per reseller R (hash tag {r:R}) and UTC day D (month M = D[:7]):
 P{r:R}:usage:D (cells: 'r:'/'i:'/'o:' + JSON [key id, customer id, model]),
 P{r:R}:usage:D:models (the models counted under their name), P{r:R}:usage:total:d:D and
-P{r:R}:usage:total:m:M ('r:'/'i:'/'o:' + subject), P{r:R}:usage:add:<id> (an addition's
-marker); and P{usage}:resellers:D, the resellers with cells on D (a slot of its own).
+P{r:R}:usage:total:m:M ('r:'/'i:'/'o:' + subject), P{r:R}:usage:adds:<instance> (the
+highest addition numbers of one store instance, applied and cancelled); and
+P{usage}:resellers:D, the resellers with cells on D (a slot of its own).
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.store.base import (
@@ -29,14 +28,9 @@ from gateway.store.base import (
     month_total_expiry,
 )
 
-MARKER_TTL_S = 86_400  # how long an addition's marker says whether it was applied
-MAX_IN_DOUBT = 16  # additions in doubt kept per reseller (oldest dropped past it)
+ADDS_TTL_S = 7 * 86_400  # an instance's additions hash outlives its last addition this long
 LETTERS = ("r:", "i:", "o:")
-
-
-def cell_id(k: UsageKey) -> str:
-    """A cell as the caller named it (before the models bound): day, key, customer, model."""
-    return json.dumps([k.day, k.key_id, k.customer_id, k.model])
+Cells = list[tuple[UsageKey, Tally]]
 
 
 def cell_field(key_id: str, customer_id: str | None, model: str) -> str:
@@ -44,13 +38,33 @@ def cell_field(key_id: str, customer_id: str | None, model: str) -> str:
     return json.dumps([key_id, customer_id, model])
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class InDoubt:
-    """An addition whose call failed after it may have reached Redis: its id and cells."""
+    """An addition whose call failed after it may have reached Redis: its number and the
+    cells it sent."""
 
-    add_id: str
-    cells: list[tuple[UsageKey, Tally]]
-    at: float = field(default_factory=time.time)
+    number: int
+    cells: Cells
+
+
+def subtract(cells: Cells, held: Mapping[UsageKey, Tally]) -> Cells:
+    """`cells` less what of them is already counted (`held`), never below zero; cells left
+    with nothing are dropped."""
+    out: Cells = []
+    for k, t in cells:
+        h = held.get(k)
+        if h is not None:
+            t = Tally(max(0, t.requests - h.requests), max(0, t.input_tokens - h.input_tokens),
+                      max(0, t.output_tokens - h.output_tokens))
+        if t:
+            out.append((k, t))
+    return out
+
+
+def hold(held: dict[UsageKey, Tally], cells: Cells) -> None:
+    """Add `cells` (an addition found applied) to what is already counted."""
+    for k, t in cells:
+        held.setdefault(k, Tally()).add(t)
 
 
 class UsageLayout:
@@ -71,52 +85,35 @@ class UsageLayout:
     def month_totals(self, reseller: str, day: str) -> str:
         return f"{self.tag(reseller)}:total:m:{day[:7]}"
 
-    def marker(self, reseller: str, add_id: str) -> str:
-        return f"{self.tag(reseller)}:add:{add_id}"
+    def additions(self, reseller: str, instance: str) -> str:
+        return f"{self.tag(reseller)}:adds:{instance}"
 
     def index(self, day: str) -> str:
         return f"{self.prefix}{{usage}}:resellers:{day}"
 
-    def add_call(self, reseller: str, cells: Sequence[tuple[UsageKey, Tally]],
-                 in_doubt: Sequence[InDoubt], add_id: str,
+    def add_call(self, reseller: str, instance: str, number: int,
+                 cells: Sequence[tuple[UsageKey, Tally]],
                  retention_days: int) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of add_usage.lua for one reseller's `cells` (all-zero ones already
-        dropped), with the additions still `in_doubt` (oldest first)."""
+        """KEYS and ARGV of add_usage.lua: addition `number` of store `instance`, of one
+        reseller's `cells` (all-zero ones already dropped)."""
         days: dict[str, int] = {}
         for k, _ in cells:
             days.setdefault(k.day, len(days) + 1)
-        keys = [self.marker(reseller, add_id), *(self.marker(reseller, p.add_id)
-                                                 for p in in_doubt)]
-        args: list[Any] = [MARKER_TTL_S, len(in_doubt), len(days), f"reseller:{reseller}",
+        keys = [self.additions(reseller, instance)]
+        args: list[Any] = [number, ADDS_TTL_S, len(days), f"reseller:{reseller}",
                            MODELS_PER_DAY, OTHER_MODEL]
         for day in days:
             keys += [self.cells(reseller, day), self.cells(reseller, day) + ":models",
                      self.day_totals(reseller, day), self.month_totals(reseller, day)]
             args += [int(cell_expiry(day, retention_days)), int(day_total_expiry(day)),
                      int(month_total_expiry(day))]
-        for p in in_doubt:
-            args.append(len(p.cells))
-            for k, t in p.cells:
-                args += [cell_id(k), t.requests, t.input_tokens, t.output_tokens]
         args.append(len(cells))
         for k, t in cells:
-            args += [days[k.day], f"key:{k.key_id}", cell_id(k), k.model,
+            args += [days[k.day], f"key:{k.key_id}", k.model,
                      cell_field(k.key_id, k.customer_id, k.model),
                      cell_field(k.key_id, k.customer_id, OTHER_MODEL),
                      t.requests, t.input_tokens, t.output_tokens]
         return keys, args
-
-
-def new_add_id() -> str:
-    return uuid.uuid4().hex
-
-
-def keep_in_doubt(in_doubt: list[InDoubt], failed: InDoubt, now: float) -> list[InDoubt]:
-    """The additions in doubt after `failed` (whose call may have been applied) joins them:
-    those past half the marker's life, or beyond MAX_IN_DOUBT, are dropped (their markers
-    could be gone by the time a later addition looks)."""
-    kept = [p for p in in_doubt if now - p.at < MARKER_TTL_S / 2] + [failed]
-    return kept[-MAX_IN_DOUBT:]
 
 
 def _text(b: Any) -> str:

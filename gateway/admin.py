@@ -281,6 +281,7 @@ async def usage_view(request: web.Request) -> web.Response:
         query = parse_query(request.query, time.time())
     except ValueError as exc:
         raise admin_error(400, str(exc)) from None
+    query = query.within(request.app[BACKEND].config.settings.usage.retention_days)
     rows = await request.app[BACKEND].store.query_usage(
         query.since_day, query.until_day, query.reseller, query.key_id, query.customer_id)
     return web.json_response(report(rows, query))

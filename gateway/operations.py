@@ -219,9 +219,10 @@ class DirectOperations:
 
         with _mapped():
             try:
-                rows = await self.store.query_usage(query.since_day, query.until_day,
-                                                    query.reseller, query.key_id,
-                                                    query.customer_id)
+                read = query.within(self.config.settings.usage.retention_days)
+                rows = await self.store.query_usage(read.since_day, read.until_day,
+                                                    read.reseller, read.key_id,
+                                                    read.customer_id)
             except ValueError as exc:  # a malformed day
                 raise OperationError(400, str(exc)) from None
         return report(rows, query)

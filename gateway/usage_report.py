@@ -6,8 +6,8 @@ CSV (docs/architecture.md §12)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.audit import parse_since
@@ -41,6 +41,13 @@ class UsageQuery:
     key_id: str | None = None
     customer_id: str | None = None
     by: str | None = None
+
+    def within(self, retention_days: int) -> UsageQuery:
+        """The query with its first day no earlier than the oldest day a ledger keeping
+        `retention_days` days can hold (the store reads no day it would find empty)."""
+        oldest = (date.fromisoformat(self.until_day)
+                  - timedelta(days=retention_days)).isoformat()
+        return self if self.since_day >= oldest else replace(self, since_day=oldest)
 
     def params(self) -> dict[str, str]:
         """The query as GET /admin/usage parameters (`since` as the day it starts)."""

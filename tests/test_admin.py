@@ -118,19 +118,19 @@ async def test_usage_answers_the_ledger_with_its_filters(tmp_path: Path,
     parameters as filters and grouping, and `since` as a day range; a bad parameter is a 400
     naming it."""
     async with running_gateway(tmp_path, upstream.url) as gw:
-        today = utc_day(time.time())
+        today, old = utc_day(time.time()), utc_day(time.time() - 30 * 86400)
         await gw.service.store.add_usage({
             UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
             UsageKey(today, "direct", "kd", None, "gpt-4"): Tally(1, 10, 100),
-            UsageKey("2020-01-01", "acme", "ka", "c1", "claude-x"): Tally(5, 5, 5)}, 100_000)
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(5, 5, 5)}, 400)
         status, body = await gw.admin("GET", "/admin/usage")
         assert status == 200, body
         assert body["totals"] == {"requests": 3, "input_tokens": 30, "output_tokens": 300}
         assert [list(r) for r in body["rows"]] == [list(FIELDS)] * 2
-        status, body = await gw.admin("GET", "/admin/usage?since=2020-01-01&key=ka&by=day")
+        status, body = await gw.admin("GET", f"/admin/usage?since={old}&key=ka&by=day")
         assert status == 200, body
         assert [(r["day"], r["reseller"], r["key_id"], r["model"], r["requests"])
-                for r in body["rows"]] == [("2020-01-01", "acme", "ka", None, 5),
+                for r in body["rows"]] == [(old, "acme", "ka", None, 5),
                                            (today, "acme", "ka", None, 2)]
         status, body = await gw.admin("GET", "/admin/usage?by=weekly")
         assert status == 400 and "by 'weekly'" in body["error"]["message"]

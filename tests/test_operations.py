@@ -190,11 +190,11 @@ async def test_explain_judges_a_key_by_id(ops: Operations) -> None:
     assert unknown["decision"]["status"] == 401
 
 
-def _ledger(today: str) -> dict[UsageKey, Tally]:
+def _ledger(today: str, old: str) -> dict[UsageKey, Tally]:
     return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
             UsageKey(today, "acme", "kb", None, "claude-x"): Tally(1, 10, 100),
             UsageKey(today, "direct", "kd", "c1", "gpt-4"): Tally(4, 40, 400),
-            UsageKey("2020-01-01", "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
 
 
 @pytest.mark.parametrize("kind", STORES)
@@ -204,15 +204,15 @@ async def test_usage_reads_the_ledger_alike(request: pytest.FixtureRequest, tmp_
     same query: the day range, the filters and the grouping; a malformed day is 400."""
     async with running_gateway(tmp_path, upstream.url, **_store_section(request, kind)) as gw, \
             _operations("direct", kind, gw) as direct, _operations("admin", kind, gw) as admin:
-        today = utc_day(time.time())
-        await gw.service.store.add_usage(_ledger(today), 100_000)
-        everything = UsageQuery("2019-12-31", today)
+        today, old = utc_day(time.time()), utc_day(time.time() - 30 * 86400)
+        await gw.service.store.add_usage(_ledger(today, old), 400)
+        everything = UsageQuery("1970-01-01", today)  # from the oldest day kept
         for ops in (direct, admin):
             out = await ops.usage(everything)
             assert out["totals"] == {"requests": 15, "input_tokens": 150,
                                      "output_tokens": 1500}
             assert [(r["day"], r["key_id"]) for r in out["rows"]] == [
-                ("2020-01-01", "ka"), (today, "ka"), (today, "kb"), (today, "kd")]
+                (old, "ka"), (today, "ka"), (today, "kb"), (today, "kd")]
             recent = await ops.usage(UsageQuery(today, today, reseller="acme", by="model"))
             assert recent["rows"] == [{
                 "day": None, "reseller": "acme", "key_id": None, "customer_id": None,

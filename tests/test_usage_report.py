@@ -142,3 +142,11 @@ def test_no_cells_is_no_rows_and_zero_totals() -> None:
 def test_utc_day_of_a_unix_time() -> None:
     """A Unix time's UTC day, whatever the local zone."""
     assert utc_day(NOW) == TODAY and utc_day(0) == "1970-01-01"
+
+
+def test_within_starts_no_earlier_than_the_retention() -> None:
+    """A range reaching past what a ledger keeps starts at its oldest day; a shorter one is
+    unchanged."""
+    query = UsageQuery("1970-01-01", TODAY, reseller="acme", by="day")
+    assert query.within(400) == UsageQuery("2025-10-28", TODAY, reseller="acme", by="day")
+    assert _q().within(400) == _q()

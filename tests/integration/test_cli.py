@@ -420,11 +420,11 @@ async def test_every_log_line_names_its_worker(tmp_path: Path, upstream: FakeUps
     assert all("worker" in x for x in proc.lines)
 
 
-def _seed_ledger(today: str) -> dict[UsageKey, Tally]:
+def _seed_ledger(today: str, old: str) -> dict[UsageKey, Tally]:
     return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
             UsageKey(today, "acme", "kb", None, "gpt-4"): Tally(1, 10, 100),
             UsageKey(today, "direct", "kd", "c1", "claude-x"): Tally(4, 40, 400),
-            UsageKey("2020-01-01", "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -440,18 +440,19 @@ async def test_usage_prints_a_table_json_and_csv(
     cfg = tmp_path / "gateway.yaml"
     async with running_gateway(tmp_path, upstream.url, **store) as gw:
         today = datetime.now(UTC).strftime("%Y-%m-%d")
-        await gw.service.store.add_usage(_seed_ledger(today), 100_000)
-        table, as_json, as_csv, by_model, old, bad = await asyncio.gather(
+        old = datetime.fromtimestamp(time.time() - 30 * 86400, UTC).strftime("%Y-%m-%d")
+        await gw.service.store.add_usage(_seed_ledger(today, old), 400)
+        table, as_json, as_csv, by_model, since_old, bad = await asyncio.gather(
             _cli("usage", "--by", "customer", config=cfg),
             _cli("usage", "--json", config=cfg),
             _cli("usage", "--csv", "--reseller", "acme", "--by", "day", "--since",
-                 "2019-12-31", config=cfg),
-            _cli("usage", "--key", "ka", "--by", "model", "--since", "2020-01-01", "--json",
+                 "60d", config=cfg),
+            _cli("usage", "--key", "ka", "--by", "model", "--since", old, "--json",
                  config=cfg),
-            _cli("usage", "--since", "2020-01-01", "--customer", "c1", "--by", "day",
+            _cli("usage", "--since", old, "--customer", "c1", "--by", "day",
                  config=cfg),
             _cli("usage", "--since", "last week", config=cfg))
-    for out in (table, as_json, as_csv, by_model, old):
+    for out in (table, as_json, as_csv, by_model, since_old):
         assert out.returncode == 0, (out.args, out.stderr)
     assert table.stdout.splitlines()[1:] == [
         "RESELLER  CUSTOMER  REQUESTS  INPUT_TOKENS  OUTPUT_TOKENS",
@@ -468,13 +469,13 @@ async def test_usage_prints_a_table_json_and_csv(
         ("ka", "c1", "claude-x"), ("kb", None, "gpt-4"), ("kd", "c1", "claude-x")}
     assert as_csv.stdout.splitlines() == [
         "day,reseller,key_id,customer_id,model,requests,input_tokens,output_tokens",
-        "2020-01-01,acme,,,,8,80,800", f"{today},acme,,,,3,30,300"]
+        f"{old},acme,,,,8,80,800", f"{today},acme,,,,3,30,300"]
     assert json.loads(by_model.stdout)["rows"] == [{
         "day": None, "reseller": "acme", "key_id": "ka", "customer_id": None,
         "model": "claude-x", "requests": 10, "input_tokens": 100, "output_tokens": 1000}]
-    assert old.stdout.splitlines()[0] == f"usage 2020-01-01 to {today} (UTC days)"
-    assert [line.split()[:3] for line in old.stdout.splitlines()[2:]] == [
-        ["2020-01-01", "c1", "8"], [today, "c1", "6"], ["TOTAL", "14", "140"]]
+    assert since_old.stdout.splitlines()[0] == f"usage {old} to {today} (UTC days)"
+    assert [line.split()[:3] for line in since_old.stdout.splitlines()[2:]] == [
+        [old, "c1", "8"], [today, "c1", "6"], ["TOTAL", "14", "140"]]
     assert bad.returncode == 2 and "since 'last week'" in bad.stderr
 
 

@@ -213,7 +213,6 @@ class DirectOperations:
             finally:
                 geo.close()
 
-
     async def usage(self, query: UsageQuery) -> dict[str, Any]:
         from gateway.usage_report import report
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import parse_limit, parse_since, record_policy_applied
+from gateway.audit import parse_limit, parse_since
 from gateway.context import new_request_id
 from gateway.errors import GatewayError, StoreError
 from gateway.explain import explain
@@ -31,10 +31,11 @@ from gateway.key_admin import (
     with_iso_times,
 )
 from gateway.log import logger
+from gateway.operations import policy_from_text, store_policy
 from gateway.pipeline import Pipeline
-from gateway.policy import canonical, require_databases, validate_policy
+from gateway.policy import canonical
 from gateway.responses import render
-from gateway.settings import ConfigError, LoadedConfig, load_yaml
+from gateway.settings import ConfigError, LoadedConfig
 from gateway.store.base import Store
 from gateway.usage_report import parse_query, report
 
@@ -237,10 +238,7 @@ async def policy_put(request: web.Request) -> web.Response:
     svc = request.app[BACKEND]
     text = await request.text()
     try:
-        raw = load_yaml(text, "request body")  # duplicate keys refused, as in policy files
-        doc = validate_policy(raw, "request body")
-        # A rule on a database this gateway lacks would never fire: refuse it, keep the live one.
-        require_databases(doc, svc.config.settings.geo, "request body")
+        doc = policy_from_text(text, svc.config)
     except ConfigError as exc:
         raise admin_error(400, str(exc), "invalid_policy", tuple(
             {"field": p.field, "reason": p.reason} for p in exc.problems)) from None
@@ -249,14 +247,11 @@ async def policy_put(request: web.Request) -> web.Response:
     expected = request.query.get("expected_version")
     if expected and not expected.isdigit():
         raise admin_error(400, "expected_version must be a policy version number")
-    before = await svc.store.get_policy()  # for the audit of reseller status changes
     try:
-        version = await svc.store.put_policy(canonical(doc), _actor(request),
-                                             int(expected) if expected else None)
+        version = await store_policy(svc.store, doc, _actor(request),
+                                     int(expected) if expected else None)
     except ValueError as exc:
         raise admin_error(409, str(exc), "version_conflict") from None
-    await record_policy_applied(svc.store, _actor(request), version,
-                                before.doc if before else None, canonical(doc))
     return web.json_response({"version": version})
 
 

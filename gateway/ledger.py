@@ -30,9 +30,16 @@ UNKNOWN_MODEL = "unknown"
 FLUSH_INTERVAL_S = 1.0
 
 
+_last_day: tuple[int, str] = (-1, "")
+
+
 def utc_day(now: float) -> str:
-    """The UTC day of Unix time `now`, "YYYY-MM-DD"."""
-    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%d")
+    """The UTC day of Unix time `now`, "YYYY-MM-DD" (formatted once per day seen last)."""
+    global _last_day
+    n = int(now // 86_400)
+    if _last_day[0] != n:
+        _last_day = (n, datetime.fromtimestamp(n * 86_400, tz=UTC).strftime("%Y-%m-%d"))
+    return _last_day[1]
 
 
 def key_subject(key_id: str) -> str:

@@ -19,6 +19,7 @@ from gateway.errors import StoreError
 from gateway.settings import ConfigError, load_yaml
 
 if TYPE_CHECKING:
+    from gateway.policy import PolicyDoc
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
     from gateway.usage_report import UsageQuery
@@ -153,23 +154,15 @@ class DirectOperations:
         return LivePolicy(stored.version, stored.applied_at, stored.actor, json.loads(stored.doc))
 
     async def put_policy(self, text: str, expected_version: int | None) -> int:
-        from gateway.policy import canonical, require_databases, validate_policy
-
-        try:  # the admin API's checks, with its source name
-            doc = validate_policy(load_yaml(text, "request body"), "request body")
-            require_databases(doc, self.config.settings.geo, "request body")
+        try:
+            doc = policy_from_text(text, self.config)
         except ConfigError as exc:
             raise OperationError(400, str(exc)) from None
         with _mapped():
-            before = await self.store.get_policy()
             try:
-                version = await self.store.put_policy(canonical(doc), self.actor,
-                                                      expected_version)
+                return await store_policy(self.store, doc, self.actor, expected_version)
             except ValueError as exc:
                 raise OperationError(409, str(exc)) from None
-            await record_policy_applied(self.store, self.actor, version,
-                                        before.doc if before else None, canonical(doc))
-        return version
 
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
         try:
@@ -225,6 +218,31 @@ class DirectOperations:
             except ValueError as exc:  # a malformed day
                 raise OperationError(400, str(exc)) from None
         return report(rows, query)
+
+
+def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:
+    """A policy sent to be applied (YAML or JSON; duplicate keys refused, as in policy files),
+    validated as a policy file is, and refused if a rule needs a geo database this gateway
+    lacks (it would never fire). ConfigError names every problem."""
+    from gateway.policy import require_databases, validate_policy
+
+    doc = validate_policy(load_yaml(text, "request body"), "request body")
+    require_databases(doc, config.settings.geo, "request body")
+    return doc
+
+
+async def store_policy(store: Store, doc: PolicyDoc, actor: str,
+                       expected_version: int | None) -> int:
+    """Store `doc` as the live policy if the live version is still `expected_version` (None:
+    whatever it is; ValueError otherwise), and audit it with the resellers whose status it
+    changes. The new version."""
+    from gateway.policy import canonical
+
+    before = await store.get_policy()
+    version = await store.put_policy(canonical(doc), actor, expected_version)
+    await record_policy_applied(store, actor, version, before.doc if before else None,
+                                canonical(doc))
+    return version
 
 
 @contextmanager

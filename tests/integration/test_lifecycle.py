@@ -28,10 +28,12 @@ async def test_stream_longer_than_read_timeout_survives_reload(tmp_path: Path,
                                                                upstream: FakeUpstream) -> None:
     """A stream running across a reload, and for longer than upstream.read_timeout_s after it,
     completes whole; the retired upstream session is closed once that stream has ended."""
-    upstream.chunks = 12
-    upstream.event_delay_s = 0.3  # ~5 s of stream, each gap well under the read timeout
+    # ~4.5 s of stream against a 3 s read timeout: each 0.3 s gap stays far under the timeout
+    # even when a loaded machine stalls the loop for a second or two.
+    upstream.chunks = 15
+    upstream.event_delay_s = 0.3
     async with running_gateway(tmp_path, upstream.url, OPEN_POLICY,
-                               upstream={"read_timeout_s": 1}) as gw:
+                               upstream={"read_timeout_s": 3}) as gw:
         _, key = await gw.issue_key("direct")
         old_session = gw.service.pipeline.snapshot.parts.upstream.session
         reloaded = asyncio.Event()

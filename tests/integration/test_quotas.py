@@ -362,3 +362,30 @@ async def test_self_service_answers_and_consumes_nothing(
         bad = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
         status, body = await ask(bad)
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_quota_costs_one_read_per_subject_not_one_per_request(
+        tmp_path: Path, upstream: FakeUpstream, redis_server_session: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first request of a key with a quota reads its use once (one extra round trip on
+    this instance); every later request makes only its admission round trip before it is
+    forwarded, and the settlement after."""
+    import gateway.app
+
+    monkeypatch.setattr(gateway.app, "LAST_USED_FLUSH_S", 3600.0)  # no background writes
+    monkeypatch.setattr(gateway.app, "FLUSH_INTERVAL_S", 3600.0)
+    store = {"url": redis_server_session.url, "key_prefix": _prefix(), "sync_interval_s": 60}
+    policy = _policy(key={"daily": {"requests": 100}})
+    async with running_gateway(tmp_path, upstream.url, policy, store=store) as gw, \
+            aiohttp.ClientSession() as s:
+        _, key = await _issue(gw, "direct")
+        redis_store: Any = gw.service.store
+        epoch, _ = await redis_store.versions()
+        await poll(lambda: gw.service.registry.epoch == epoch, timeout=10.0)
+        start = redis_store.round_trips
+        for expected in (3, 2, 2):  # read + admit + settle, then admit + settle
+            before = redis_store.round_trips
+            assert (await _post(s, gw, key, _anthropic()))[0] == 200
+            await poll(lambda b=before, n=expected: redis_store.round_trips - b == n,
+                       timeout=10.0)
+        assert redis_store.round_trips - start == 7

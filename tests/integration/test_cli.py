@@ -512,3 +512,39 @@ async def test_keys_quota_option_sets_shows_and_clears(tmp_path: Path,
         assert [b.returncode for b in bad] == [2, 2]
         assert "unknown period 'weekly'" in bad[0].stderr
         assert "quotas.daily.requests" in bad[1].stderr
+
+
+async def test_usage_counts_forwarded_requests_never_refused_ones(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """End to end on the embedded store: a key issued with `--quota daily.requests=2` gets
+    two answers and a 429 daily_quota_exceeded with retry-after; once the instance has
+    flushed, `gateway usage` counts the two forwarded requests with the tokens their request
+    lines report, and never the refused one."""
+    cfg = tmp_path / "gateway.yaml"
+    async with running_gateway(tmp_path, upstream.url,
+                               admin_listen=f"127.0.0.1:{free_port()}") as gw:
+        issued = await _cli("keys", "issue", "--reseller", "direct", "--quota",
+                            "daily.requests=2", "--json", config=cfg)
+        assert issued.returncode == 0, issued.stderr
+        key_id, key = json.loads(issued.stdout)["key_id"], json.loads(issued.stdout)["key"]
+        answers = [await send(gw.url, key) for _ in range(3)]
+        assert [(status, code_of(body)) for status, body, _ in answers] == [
+            (200, None), (200, None), (429, "daily_quota_exceeded")]
+        assert int(answers[2][2]["retry-after"]) >= 1
+        lines = [x for x in gw.logs.requests() if x["key_id"] == key_id]
+        forwarded = [x for x in lines if x["status"] == 200]
+        assert len(forwarded) == 2 and len(lines) == 3
+
+        async def flushed() -> dict[str, Any] | None:
+            out = await _cli("usage", "--key", key_id, "--json", config=cfg)
+            assert out.returncode == 0, out.stderr
+            doc: dict[str, Any] = json.loads(out.stdout)
+            return doc if doc["totals"]["requests"] >= 2 else None  # both flushed
+
+        doc = await poll(flushed, timeout=15, interval=0.2)
+    assert doc["totals"] == {
+        "requests": 2,
+        "input_tokens": sum(x["input_tokens"] for x in forwarded),
+        "output_tokens": sum(x["output_tokens"] for x in forwarded)}
+    assert [(r["reseller"], r["key_id"], r["customer_id"], r["model"]) for r in doc["rows"]] \
+        == [("direct", key_id, None, "claude-test-1")]

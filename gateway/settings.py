@@ -399,10 +399,10 @@ def ca_file_problem(ca_file: str | None) -> str | None:
         return None
     try:
         ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:  # an OSError too: first
+        return f"{ca_file} holds no PEM certificate"
     except OSError as exc:
         return f"cannot read {ca_file}: {(exc.strerror or str(exc)).lower()}"
-    except ssl.SSLError:
-        return f"{ca_file} holds no PEM certificate"
     return None
 
 

@@ -263,6 +263,7 @@ class GatewayService:
         contexts) the background loops."""
         for listener in self._listeners:
             listener.stop_accepting()
+            listener.close_pending()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -277,6 +277,15 @@ class _Connection(asyncio.Protocol):
         else:
             self._tail = buf[-2:]
 
+    def close_if_pending(self) -> None:
+        """Abort the connection if it still waits for its PROXY header (aiohttp never saw
+        it, so closing aiohttp's server does not close it)."""
+        transport = self.transport
+        if self._inner is None and self._pp is not None and transport is not None:
+            self._proxy_done()
+            self._cancel_timer()
+            transport.abort()
+
     def _head_timed_out(self) -> None:
         self._timer = None
         transport = self.transport
@@ -429,6 +438,11 @@ class Listener:
         self._closed = True
         self._pause()
         self.close_sockets()
+
+    def close_pending(self) -> None:
+        """Close the connections still waiting for their PROXY header (at shutdown)."""
+        for conn in list(self.connections):
+            conn.close_if_pending()
 
     def close_sockets(self) -> None:
         for sock in self._socks:

@@ -140,3 +140,20 @@ def test_proxy_protocol_trusts_its_networks() -> None:
     assert pp.trusts(("fd00::1", 5, 0, 0))
     assert not pp.trusts(("11.1.2.3", 5))
     assert not pp.trusts("/run/gw.sock") and not pp.trusts(None)
+
+
+async def test_close_pending_closes_a_connection_waiting_for_its_header() -> None:
+    """A connection still waiting for its PROXY header is closed by close_pending (aiohttp's
+    server does not know it) and released."""
+    async with _listening(proxy_protocol=PP) as (listener, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PROXY TCP4 ")
+        await writer.drain()
+        await poll(lambda: len(listener.connections) == 1)
+        listener.close_pending()
+        try:
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        await poll(lambda: not listener.connections)

@@ -305,6 +305,13 @@ class ServerSettings(_Model):
     max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
 
 
+class UsageSettings(_Model):
+    """The usage ledger (docs/architecture.md §12)."""
+
+    #: UTC days the ledger keeps each day's cells
+    retention_days: int = Field(default=400, gt=0)
+
+
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9090"
@@ -323,6 +330,7 @@ class Settings(_Model):
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
 
     @field_validator("policy_source")
     @classmethod

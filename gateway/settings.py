@@ -253,6 +253,11 @@ class ClientIPSettings(_Model):
     proxy_protocol_from: list[str] = Field(default_factory=list)
     proxy_protocol_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
+    @field_validator("proxy_protocol", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
     @field_validator("trusted_proxies", "proxy_protocol_from")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:

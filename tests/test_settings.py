@@ -259,6 +259,13 @@ def test_proxy_protocol_and_egress_defaults(tmp_path: Path) -> None:
     assert (s.upstream.ca_file, s.upstream.trust_env) == (None, False)
 
 
+def test_bare_yaml_off_turns_the_proxy_protocol_off(tmp_path: Path) -> None:
+    """`proxy_protocol: off` unquoted (YAML 1.1 reads it as false) means off."""
+    path = _write(tmp_path / "pp.yaml", "geo: {country_db: C.mmdb}\nclient_ip: "
+                  "{proxy_protocol: off}\n")
+    assert _load(path).settings.client_ip.proxy_protocol == "off"
+
+
 @pytest.mark.parametrize(("client_ip", "field", "reason"), [
     ("{proxy_protocol: v2}", "client_ip",
      "proxy_protocol: v2 needs proxy_protocol_from (the load balancers' networks)"),

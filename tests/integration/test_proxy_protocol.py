@@ -197,7 +197,7 @@ async def test_reload_applies_to_new_connections(tmp_path: Path,
         _, key = await gw.issue_key("direct")
         assert await exchange(gw.service.proxy_port, request(key)) == b""
         cfg = tmp_path / "gateway.yaml"
-        cfg.write_text(cfg.read_text().replace("proxy_protocol: any", "proxy_protocol: 'off'"))
+        cfg.write_text(cfg.read_text().replace("proxy_protocol: any", "proxy_protocol: off"))
         status, body = await gw.admin("POST", "/admin/reload")
         assert status == 200, body
         out = await exchange(gw.service.proxy_port, request(key))

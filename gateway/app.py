@@ -21,7 +21,7 @@ from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
 from gateway.ledger import FLUSH_INTERVAL_S, Ledger
 from gateway.limits import Limits
-from gateway.listeners import Listener
+from gateway.listeners import Listener, ProxyProtocol
 from gateway.log import logger
 from gateway.loops import CleanupContext, Loops
 from gateway.pipeline import Pipeline
@@ -122,7 +122,8 @@ class GatewayService:
         proxy.cleanup_ctx.extend(self._background_loops())
         admin = build_admin_app(self)
         try:
-            self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections)
+            self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections,
+                                                ProxyProtocol.of(s.client_ip))
             # The admin listener has its own socket and no cap: probes answer while the proxy
             # port is saturated.
             self.admin_port = await self._serve(admin, s.admin_listen, None)
@@ -135,7 +136,8 @@ class GatewayService:
                       policy_version=self.policy_version)
 
     async def _serve(self, app: web.Application, hostport: str,
-                     max_connections: int | None) -> int:
+                     max_connections: int | None,
+                     proxy_protocol: ProxyProtocol | None = None) -> int:
         host, port = parse_hostport(hostport)
         srv = self.config.settings.server
         # keepalive_timeout is aiohttp's idle timeout; shutdown_timeout only bounds closing
@@ -149,7 +151,8 @@ class GatewayService:
         assert runner.server is not None
         listener = Listener(runner.server, host, port, backlog=1024,
                             reuse_port=self.reuse_port, max_connections=max_connections,
-                            header_timeout_s=srv.header_timeout_s)
+                            header_timeout_s=srv.header_timeout_s,
+                            proxy_protocol=proxy_protocol)
         self._runners.append(runner)
         try:
             bound = await listener.start()
@@ -263,6 +266,7 @@ class GatewayService:
         contexts) the background loops."""
         for listener in self._listeners:
             listener.stop_accepting()
+            listener.close_pending()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -357,6 +361,8 @@ class GatewayService:
             snap, parts=build_config_parts(new), geo=new_geo or snap.geo)
         self.limits.family = s.limits_headers
         self.ledger.retention_days = s.usage.retention_days
+        if self._listeners:  # the first is the proxy listener; new connections follow
+            self._listeners[0].proxy_protocol = ProxyProtocol.of(s.client_ip)
         # Requests in flight keep the old upstream session (and a replaced geo resolver) until
         # the last of them ends (see `_handle`); `stop` closes them if the service stops first.
         self._retired.append(snap.parts.upstream)

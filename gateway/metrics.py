@@ -59,6 +59,9 @@ CACHE = Counter("gateway_cache_lookups_total", "In-process cache lookups",
 POLICY_FILE_DIFFERS = Gauge("gateway_policy_file_differs",
                             "1 while policy_file differs from the live policy (as last read: "
                             "at start and on SIGHUP), else 0", multiprocess_mode="max")
+PROXY_PROTOCOL_REJECTED = Counter(
+    "gateway_proxy_protocol_rejected_total",
+    "Connections closed for their PROXY protocol header, by reason", ["reason"])
 STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
                  multiprocess_mode="min")
 
@@ -154,6 +157,12 @@ def flush(inflight: int, store_errors: int) -> None:
     if store_errors > _flushed_store_errors:
         STORE_ERRORS.inc(store_errors - _flushed_store_errors)
     _flushed_store_errors = store_errors
+
+
+def proxy_protocol_rejected(reason: str) -> None:
+    """Count a connection closed for its PROXY header (rare: counted at once, not tallied);
+    `reason` is one of gateway.proxy_protocol.REASONS."""
+    child(PROXY_PROTOCOL_REJECTED, reason).inc()
 
 
 def country_label(country: str | None) -> str:

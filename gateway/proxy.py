@@ -3,6 +3,7 @@ the answer back chunk by chunk as it arrives."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,8 +79,8 @@ class Upstream:
     """One pooled keep-alive connector to the upstream, the credential, the timeouts."""
 
     def __init__(self, url: str, api_key: str, auth_header: str, connect_timeout_s: float,
-                 read_timeout_s: float, max_connections: int, drop_headers: frozenset[str]
-                 ) -> None:
+                 read_timeout_s: float, max_connections: int, drop_headers: frozenset[str],
+                 *, ca_file: str | None = None, trust_env: bool = False) -> None:
         self.url = url
         self.auth_name = "x-api-key" if auth_header == "x-api-key" else "Authorization"
         self.auth_value = api_key if auth_header == "x-api-key" else f"Bearer {api_key}"
@@ -87,9 +88,14 @@ class Upstream:
                                              sock_read=read_timeout_s)
         self.drop = _DROP_REQUEST | HOP_BY_HOP | drop_headers
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60,
-                                           ttl_dns_cache=60),
+            # ca_file: the upstream's certificate is verified against that CA (a private
+            # CA, a TLS-inspecting corporate proxy) instead of the system's; trust_env: egress
+            # through HTTPS_PROXY / NO_PROXY (docs/architecture.md §3).
+            connector=aiohttp.TCPConnector(
+                limit=max_connections, keepalive_timeout=60, ttl_dns_cache=60,
+                ssl=ssl.create_default_context(cafile=ca_file) if ca_file else True),
             timeout=self.timeout,
+            trust_env=trust_env,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )

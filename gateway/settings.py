@@ -9,13 +9,22 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -191,6 +200,10 @@ def redact_url(url: str) -> str:
 
 class UpstreamSettings(_Model):
     url: str = "https://api.anthropic.com"
+    # Egress (docs/architecture.md §3): a CA bundle the upstream's certificate is verified
+    # against instead of the system's; trust_env: HTTPS_PROXY / NO_PROXY from the environment.
+    ca_file: str | None = None
+    trust_env: bool = False
     api_key_env: str = "UPSTREAM_API_KEY"
     auth_header: Literal["x-api-key", "authorization"] = "x-api-key"
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -234,8 +247,18 @@ class ClientIPSettings(_Model):
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     header: str = "X-Forwarded-For"
     recursive: bool = True
+    # PROXY protocol on the proxy listener (docs/architecture.md §2): off, or the versions
+    # accepted from the peers in proxy_protocol_from, within proxy_protocol_timeout_s.
+    proxy_protocol: Literal["off", "v1", "v2", "any"] = "off"
+    proxy_protocol_from: list[str] = Field(default_factory=list)
+    proxy_protocol_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
-    @field_validator("trusted_proxies")
+    @field_validator("proxy_protocol", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("trusted_proxies", "proxy_protocol_from")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
         for cidr in v:
@@ -244,6 +267,13 @@ class ClientIPSettings(_Model):
             except ValueError as exc:
                 raise ValueError(f"not an IP network: {cidr!r}") from exc
         return v
+
+    @model_validator(mode="after")
+    def _proxy_protocol_peers(self) -> ClientIPSettings:
+        if self.proxy_protocol != "off" and not self.proxy_protocol_from:
+            raise ValueError(f"proxy_protocol: {self.proxy_protocol} needs proxy_protocol_from "
+                             "(the load balancers' networks)")
+        return self
 
 
 class GeoSettings(_Model):
@@ -350,6 +380,11 @@ class Settings(_Model):
                 out.append(("client_ip.trusted_proxies",
                             f"{cidr} trusts every peer: any client can choose the address it "
                             "is located and limited by (X-Forwarded-For)"))
+        for cidr in self.client_ip.proxy_protocol_from:
+            if ipaddress.ip_network(cidr, strict=False).prefixlen == 0:
+                out.append(("client_ip.proxy_protocol_from",
+                            f"{cidr} trusts every peer: any client can choose the address it "
+                            "is located and limited by (PROXY protocol)"))
         return out
 
 
@@ -378,6 +413,19 @@ class LoadedConfig(BaseModel):
 
     def __repr__(self) -> str:
         return f"LoadedConfig(path={self.path!r})"
+
+
+def ca_file_problem(ca_file: str | None) -> str | None:
+    """Why `ca_file` cannot verify the upstream (unreadable, no PEM certificate), or None."""
+    if not ca_file:
+        return None
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:  # an OSError too: first
+        return f"{ca_file} holds no PEM certificate"
+    except OSError as exc:
+        return f"cannot read {ca_file}: {(exc.strerror or str(exc)).lower()}"
+    return None
 
 
 def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
@@ -445,6 +493,9 @@ def load_settings(
     clash = settings.listen_clash()
     if clash:
         errors.append(ConfigError(path, "admin_listen", clash))
+    ca_problem = ca_file_problem(settings.upstream.ca_file)
+    if ca_problem:
+        errors.append(ConfigError(path, "upstream.ca_file", ca_problem))
     secrets = {}
     for field, var in (
         ("upstream.api_key_env", settings.upstream.api_key_env),
@@ -508,4 +559,7 @@ def _resolve_paths(path: str, s: Settings) -> Settings:
         }
     )
     policy_file = resolve_relative(path, s.policy_file) if s.policy_file else None
-    return s.model_copy(update={"geo": geo, "policy_file": policy_file})
+    upstream = s.upstream
+    if upstream.ca_file:
+        upstream = upstream.model_copy(update={"ca_file": resolve_relative(path, upstream.ca_file)})
+    return s.model_copy(update={"geo": geo, "policy_file": policy_file, "upstream": upstream})

@@ -36,6 +36,7 @@ def build_config_parts(config: LoadedConfig) -> ConfigParts:
             s.upstream.url, config.secrets.upstream_api_key, s.upstream.auth_header,
             s.upstream.connect_timeout_s, s.upstream.read_timeout_s, s.upstream.max_connections,
             frozenset({s.customer.id_header.lower(), s.customer.ip_header.lower()}),
+            ca_file=s.upstream.ca_file, trust_env=s.upstream.trust_env,
         ),
         customer_id_header=s.customer.id_header,
         customer_ip_header=s.customer.ip_header,

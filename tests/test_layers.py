@@ -36,7 +36,8 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 
 # The layer table, as data (module names relative to the `gateway` package).
 TABLE = (
-    _group(0, "records", "errors context cancellation paths allocator lru hash_chain"),
+    _group(0, "records", "errors context cancellation paths allocator lru hash_chain "
+                         "proxy_protocol"),
     _group(1, "contract", "__init__ settings log store.base store.gcra store.ledger"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store "

@@ -118,3 +118,13 @@ def test_record_request_refused_before_the_upstream_observes_no_upstream() -> No
     assert _delta(before[0], after[0]) == {("deny", "no_api_key", "none", "unknown"): 1.0}
     assert all(_delta(b, a) == {} for b, a in zip(before[1:], after[1:], strict=True))
     assert [b - a for a, b in zip(seen, _observed(), strict=True)] == [1, 0, 0]
+
+
+def test_proxy_protocol_rejections_count_by_reason() -> None:
+    """proxy_protocol_rejected adds one to gateway_proxy_protocol_rejected_total{reason} at
+    once, and the family is exposed."""
+    fam = metrics.PROXY_PROTOCOL_REJECTED
+    before = fam.labels("untrusted")._value.get()
+    metrics.proxy_protocol_rejected("untrusted")
+    assert fam.labels("untrusted")._value.get() == before + 1
+    assert b'gateway_proxy_protocol_rejected_total{reason="untrusted"}' in metrics.render()

@@ -248,6 +248,70 @@ def test_trust_everyone_is_a_warning(tmp_path: Path) -> None:
     assert _load(CONFIG).warnings == ()
 
 
+# --- PROXY protocol and egress (client_ip.proxy_protocol*, upstream.ca_file, trust_env) -----
+
+
+def test_proxy_protocol_and_egress_defaults(tmp_path: Path) -> None:
+    """By default the PROXY protocol is off, the system CAs verify the upstream and the proxy
+    variables of the environment are ignored."""
+    s = _load(_write(tmp_path / "min.yaml", "geo: {country_db: Country.mmdb}\n")).settings
+    assert (s.client_ip.proxy_protocol, s.client_ip.proxy_protocol_from) == ("off", [])
+    assert s.client_ip.proxy_protocol_timeout_s == 5
+    assert (s.upstream.ca_file, s.upstream.trust_env) == (None, False)
+
+
+def test_bare_yaml_off_turns_the_proxy_protocol_off(tmp_path: Path) -> None:
+    """`proxy_protocol: off` unquoted (YAML 1.1 reads it as false) means off."""
+    path = _write(tmp_path / "pp.yaml", "geo: {country_db: C.mmdb}\nclient_ip: "
+                  "{proxy_protocol: off}\n")
+    assert _load(path).settings.client_ip.proxy_protocol == "off"
+
+
+@pytest.mark.parametrize(("client_ip", "field", "reason"), [
+    ("{proxy_protocol: v2}", "client_ip",
+     "proxy_protocol: v2 needs proxy_protocol_from (the load balancers' networks)"),
+    ("{proxy_protocol: v3, proxy_protocol_from: [10.0.0.0/8]}", "client_ip.proxy_protocol",
+     "Input should be 'off', 'v1', 'v2' or 'any'"),
+    ("{proxy_protocol: any, proxy_protocol_from: [10.0.0.300/8]}",
+     "client_ip.proxy_protocol_from", "not an IP network: '10.0.0.300/8'"),
+    ("{proxy_protocol: any, proxy_protocol_from: [10.0.0.0/8], proxy_protocol_timeout_s: 0}",
+     "client_ip.proxy_protocol_timeout_s", "Input should be greater than 0"),
+])
+def test_bad_proxy_protocol_settings(tmp_path: Path, client_ip: str, field: str,
+                                     reason: str) -> None:
+    """A PROXY protocol without the peers it is accepted from, an unknown mode, a bad network
+    or a zero timeout is a config error naming the field."""
+    path = _write(tmp_path / "pp.yaml", f"geo: {{country_db: C.mmdb}}\nclient_ip: {client_ip}\n")
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    assert (info.value.field, info.value.reason) == (field, reason)
+
+
+def test_proxy_protocol_from_everyone_is_a_warning(tmp_path: Path) -> None:
+    """proxy_protocol_from 0.0.0.0/0 loads, with a warning that any client picks its address."""
+    path = _write(tmp_path / "pp.yaml", "geo: {country_db: C.mmdb}\nclient_ip: "
+                  "{proxy_protocol: v2, proxy_protocol_from: [0.0.0.0/0]}\n")
+    assert _load(path).warnings == (
+        f"{path}: client_ip.proxy_protocol_from: 0.0.0.0/0 trusts every peer: any client can "
+        "choose the address it is located and limited by (PROXY protocol)",)
+
+
+def test_upstream_ca_file_resolves_and_is_checked(tmp_path: Path) -> None:
+    """upstream.ca_file resolves against the config's directory; a missing file or one with
+    no PEM certificate is a config error naming upstream.ca_file."""
+    path = _write(tmp_path / "c.yaml", "geo: {country_db: C.mmdb}\n"
+                  "upstream: {ca_file: missing-ca.pem, trust_env: true}\n")
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    assert info.value.field == "upstream.ca_file"
+    assert info.value.reason == (f"cannot read {tmp_path / 'missing-ca.pem'}: "
+                                 "no such file or directory")
+    _write(tmp_path / "junk.pem", "not a certificate\n")
+    with pytest.raises(ConfigError) as info:
+        _load(path, ["upstream.ca_file=junk.pem"])
+    assert info.value.reason == f"{tmp_path / 'junk.pem'} holds no PEM certificate"
+
+
 def test_missing_file() -> None:
     """A config file that does not exist is named with the reason."""
     path = BAD / "does_not_exist.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -124,8 +125,10 @@ class FakeUpstream:
       carries the input and cache counts, as the current API does.
     """
 
-    def __init__(self) -> None:
-        """Create a stopped upstream; call `start()` or use `async with`."""
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Create a stopped upstream; call `start()` or use `async with`. With `ssl_context`
+        it speaks HTTPS (`url` is then https://...)."""
+        self.ssl_context = ssl_context
         self.input_tokens = 25
         self.output_tokens = 12
         self.cache_read_input_tokens = 0
@@ -166,7 +169,7 @@ class FakeUpstream:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind(("127.0.0.1", 0))
-            site = web.SockSite(runner, sock)
+            site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
             await site.start()
         except BaseException:
             sock.close()
@@ -174,7 +177,8 @@ class FakeUpstream:
             raise
         self._runner = runner
         self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
 
     async def close(self) -> None:
         """Stop listening; handlers still running (e.g. held streams) are cancelled within ~1 s."""

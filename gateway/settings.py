@@ -280,6 +280,18 @@ class ServerSettings(_Model):
     max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry spans per proxy request (docs/architecture.md §7); needs the `otel` extra.
+    Read at start (a reload does not change them)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "none"] = "otlp"
+    # None: the exporter's own default / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.
+    otlp_endpoint: str | None = None
+    service_name: str = "model-gateway"
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9090"
@@ -298,6 +310,7 @@ class Settings(_Model):
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @field_validator("policy_source")
     @classmethod

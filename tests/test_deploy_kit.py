@@ -119,7 +119,7 @@ def _pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
 def test_merge_follows_strategic_merge_for_named_lists() -> None:
     """A patch's container merges into the base container of its name, a new container is
     added, maps merge key by key and an unkeyed list is replaced."""
-    base = {"spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]}],
+    base: dict[str, Any] = {"spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]}],
                      "tags": [1, 2]}}
     patch = {"spec": {"containers": [{"name": "a", "args": ["2"]}, {"name": "b"}],
                       "tags": [3]}}

@@ -292,6 +292,13 @@ class TracingSettings(_Model):
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
 
+class UsageSettings(_Model):
+    """The usage ledger (docs/architecture.md §12)."""
+
+    #: UTC days the ledger keeps each day's cells
+    retention_days: int = Field(default=400, gt=0)
+
+
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9090"
@@ -311,6 +318,7 @@ class Settings(_Model):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
 
     @field_validator("policy_source")
     @classmethod

@@ -3,7 +3,7 @@ gateway.responses, tested in tests/test_responses.py)."""
 
 from __future__ import annotations
 
-from gateway.errors import auth_error, invalid_request, permission_error
+from gateway.errors import auth_error, invalid_request, permission_error, quota_exceeded
 
 
 def test_constructors_set_status_type_and_decision() -> None:
@@ -18,3 +18,13 @@ def test_constructors_set_status_type_and_decision() -> None:
                                                       "error")
     assert str(a) == "bad key"
     assert a.key_id is None and a.reseller is None
+
+
+def test_quota_refusals_are_429_with_retry_after() -> None:
+    """quota_exceeded is a 429 rate_limit_error with the period's code and retry-after."""
+    err = quota_exceeded("monthly", "key", "requests", 42)
+    assert (err.status, err.type, err.code, err.decision) == (
+        429, "rate_limit_error", "monthly_quota_exceeded", "rate_limited")
+    assert err.headers == {"retry-after": "42"}
+    assert quota_exceeded("daily", "reseller", "output_tokens", 1).code == \
+        "daily_quota_exceeded"

@@ -258,6 +258,10 @@ class GatewayService:
         except TimeoutError:
             logger().error("shutdown_incomplete", reason="closing the store timed out")
         self.geo.close()
+        if self.pipeline.tracer is not None:  # export the spans still buffered, briefly
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.to_thread(self.pipeline.tracer.shutdown)
         logger().info("shutdown_complete")
         self._stopping.set()
 

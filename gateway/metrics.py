@@ -8,6 +8,7 @@ With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR before any worke
 from __future__ import annotations
 
 import os
+import platform
 from bisect import bisect_left
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,12 @@ POLICY_FILE_DIFFERS = Gauge("gateway_policy_file_differs",
 PROXY_PROTOCOL_REJECTED = Counter(
     "gateway_proxy_protocol_rejected_total",
     "Connections closed for their PROXY protocol header, by reason", ["reason"])
+MODEL_REQUESTS = Counter("gateway_model_requests_total",
+                         "Requests by model and decision; models past the first "
+                         "MODEL_LABELS_MAX the upstream accepted count as `other`",
+                         ["model", "decision"])
+BUILD_INFO = Gauge("gateway_build_info", "Always 1; the labels name the running build",
+                   ["version", "python", "implementation"], multiprocess_mode="max")
 STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
                  multiprocess_mode="min")
 
@@ -135,6 +142,7 @@ class _Count:
 
 
 requests = _Count(REQUESTS)
+model_requests = _Count(MODEL_REQUESTS)
 shadow = _Count(SHADOW)
 upstream_responses = _Count(UPSTREAM_RESPONSES)
 tokens = _Count(TOKENS)
@@ -149,8 +157,9 @@ def flush(inflight: int, store_errors: int) -> None:
     """Move the hot-path tallies into the Prometheus families: at every scrape, and once a
     second (with --workers, the other workers' samples are at most that old)."""
     global _flushed_store_errors
-    for c in (requests, shadow, upstream_responses, tokens):
+    for c in (requests, model_requests, shadow, upstream_responses, tokens):
         c.flush()
+    _build_info()
     for h in (request_duration, upstream_duration, upstream_ttfb, store_duration):
         h.flush()
     INFLIGHT.set(inflight)
@@ -163,6 +172,34 @@ def proxy_protocol_rejected(reason: str) -> None:
     """Count a connection closed for its PROXY header (rare: counted at once, not tallied);
     `reason` is one of gateway.proxy_protocol.REASONS."""
     child(PROXY_PROTOCOL_REJECTED, reason).inc()
+
+
+def _build_info() -> None:
+    from gateway import __version__
+
+    child(BUILD_INFO, __version__, platform.python_version(),
+          platform.python_implementation().lower()).set(1)
+
+
+#: At most this many distinct model labels per process (plus `other` and `none`).
+MODEL_LABELS_MAX = 32
+#: Models the upstream accepted (answered below 400), in the order first seen: a model
+#: enters only then, so made-up names cannot fill the set (the upstream refuses them).
+_models: set[str] = set()
+
+
+def model_label(model: str | None, upstream_status: int | None) -> str:
+    """The model label: `none` when the request named no model; the model once the upstream
+    accepted it and while fewer than MODEL_LABELS_MAX are known; else `other`."""
+    if not model:
+        return "none"
+    if model in _models:
+        return model
+    if (upstream_status is not None and upstream_status < 400
+            and len(_models) < MODEL_LABELS_MAX and len(model) <= 128):
+        _models.add(model)
+        return model
+    return "other"
 
 
 def country_label(country: str | None) -> str:
@@ -192,6 +229,7 @@ def record_request(ctx: RequestContext, fwd: Forwarded | None, duration_s: float
     request_duration.observe(duration_s)
     reseller = reseller_label(ctx.reseller, known_resellers)
     requests.inc((ctx.decision, ctx.reason or "", reseller, country_label(ctx.country)))
+    model_requests.inc((model_label(ctx.model, ctx.upstream_status), ctx.decision))
     for rule in ctx.shadow:
         shadow.inc((rule,))
     if ctx.input_tokens:

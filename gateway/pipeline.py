@@ -11,7 +11,7 @@ import time
 
 from aiohttp import web
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.attestation import ATTESTATION_HEADER
 from gateway.context import RequestContext, clip, new_request_id
 from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
@@ -53,6 +53,8 @@ class Pipeline:
         self.bodies = BodyBudget(snapshot.parts.config.settings.server.max_inflight_body_bytes)
         #: set when shutdown cuts the requests still running (logged with reason `shutdown`)
         self.shutting_down = False
+        #: None unless tracing.enabled (then opentelemetry is imported): one `if` per hook
+        self.tracer = tracing.from_config(snapshot.parts.config)
 
     @property
     def policy(self) -> CompiledPolicy | None:
@@ -80,15 +82,20 @@ class Pipeline:
         admission: Admission | None = None
         forwarded: Forwarded | None = None
         body: Body | None = None
+        trace: tracing.RequestTrace | None = None
         held: tuple[str, str] | None = None  # (reseller, key id) counted by a quota check
         try:
             ctx.peer_ip = peer = parts.ip.normalize(peer)
             peer_trusted = parts.ip.is_trusted(peer)
+            if self.tracer is not None:
+                trace = self.tracer.start(request.headers, peer_trusted, ctx.started)
             resolved = parts.ip.resolve(peer, request.headers.getall(parts.ip.header, []))
             supplied = request.headers.get("x-request-id")
             ctx.request_id = (supplied if peer_trusted and supplied and
                               _REQUEST_ID.match(supplied) else new_request_id())
             ctx.client_ip = resolved.client_ip
+            if trace is not None:
+                trace.mark("client_ip")
             try:
                 path, query = normalize_target(request.raw_path)
             except ValueError as exc:
@@ -100,6 +107,8 @@ class Pipeline:
             client_loc = snap.geo.lookup(resolved.client_ip)
             ctx.country, ctx.asn = client_loc.country, client_loc.asn
             ctx.anonymizer = list(client_loc.anonymizer)
+            if trace is not None:
+                trace.mark("geo")
 
             # Authenticate and judge the attestation from the headers before anything is
             # spent on the body (§6); the rest of the decision once the model is known.
@@ -117,6 +126,8 @@ class Pipeline:
             ctx.customer_id = clip(attestation.customer_id)
             ctx.customer_ip = attestation.customer_ip
             ctx.attestation_sig = attestation.signature
+            if trace is not None:
+                trace.mark("auth")
 
             body = await read_body(request, parts.max_body, self.bodies, parts.body_timeout_s)
             facts = judge_body(request.method, request.headers.get("content-type", ""), body,
@@ -124,6 +135,8 @@ class Pipeline:
                                policy.doc.limits.default_max_output_tokens)
             body.judged(self.bodies)  # the parsed copies are gone: hold the bytes only
             ctx.model, ctx.stream = clip(facts.model), facts.stream
+            if trace is not None:
+                trace.mark("body")
 
             customer_loc: GeoInfo | None = None
             if attestation.customer_ip is not None:
@@ -134,6 +147,8 @@ class Pipeline:
                              facts.model, path)
             ctx.shadow = verdict.shadow
             ctx.rule = verdict.rule
+            if trace is not None:
+                trace.mark("decision")
             if verdict.error is not None:
                 ctx.reason = verdict.reason
                 raise verdict.error
@@ -151,10 +166,14 @@ class Pipeline:
             admission, limit_headers = await self.limits.admit(
                 verdict.subjects, facts.input_estimate, facts.max_output_tokens,
                 self.limits.family_for(path))
+            if trace is not None:
+                trace.mark("admit")
             headers = parts.upstream.request_headers(
                 request.headers, peer, peer_trusted, ctx.request_id,
                 body_rewritten=body.inflated or facts.add_include_usage)
             limit_headers["x-request-id"] = ctx.request_id
+            if trace is not None:
+                trace.inject(headers)
             forwarded = Forwarded()
             target = f"{path}?{query}" if query else path
             # The forward stage holds the only reference to the body, and drops it (and its
@@ -165,6 +184,8 @@ class Pipeline:
                 strip_usage=facts.add_include_usage,
                 on_sent=lambda: sent_body.release(self.bodies))
             ctx.status = resp.status
+            if trace is not None:
+                trace.mark("forward")
             return resp
         except GatewayError as err:
             if err.key_id is not None:
@@ -204,7 +225,7 @@ class Pipeline:
         finally:
             if body is not None:
                 body.release(self.bodies)
-            self._finish(ctx, admission, forwarded, snap, held)
+            self._finish(ctx, admission, forwarded, snap, held, trace)
 
     async def _self_service(self, ctx: RequestContext, policy: CompiledPolicy,
                             key: KeyRecord) -> web.StreamResponse:
@@ -218,7 +239,8 @@ class Pipeline:
 
     def _finish(self, ctx: RequestContext, admission: Admission | None,
                 forwarded: Forwarded | None, snap: Snapshot,
-                held: tuple[str, str] | None = None) -> None:
+                held: tuple[str, str] | None = None,
+                trace: tracing.RequestTrace | None = None) -> None:
         self.inflight -= 1
         if forwarded is not None:
             forwarded.to_context(ctx)
@@ -231,8 +253,12 @@ class Pipeline:
             self.ledger.release(*held)
         if admission is not None:
             self.limits.settle(admission, *settlement(admission, forwarded))
+            if trace is not None:
+                trace.mark("settle")
         duration = time.perf_counter() - ctx.started
         ctx.duration_ms = round(duration * 1000.0, 3)
         policy = snap.policy  # the request's own snapshot labels it
         metrics.record_request(ctx, forwarded, duration, policy.doc.resellers if policy else ())
         log_request(ctx)
+        if trace is not None:
+            trace.finish(ctx)

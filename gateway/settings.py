@@ -319,6 +319,18 @@ class ServerSettings(_Model):
     max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry spans per proxy request (docs/architecture.md §7); needs the `otel` extra.
+    Read at start (a reload does not change them)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "none"] = "otlp"
+    # None: the exporter's own default / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.
+    otlp_endpoint: str | None = None
+    service_name: str = "model-gateway"
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
 class UsageSettings(_Model):
     """The usage ledger (docs/architecture.md §12)."""
 
@@ -344,6 +356,7 @@ class Settings(_Model):
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
 
     @field_validator("policy_source")

@@ -34,6 +34,7 @@ NO_UNITS = {
 #: Test files at the top of tests/ that check the repository as a whole, not one module.
 NOT_A_MODULE = {
     "test_filename_matching.py",  # this check
+    "test_deploy_kit.py",  # the Kubernetes kit under deploy/ renders and is consistent
     "test_layers.py",  # imports follow the layer table, across the package
     "test_packaging.py",  # extras, the Dockerfile and the lock files
     "test_properties.py",  # property tests across every pure parser (client_ip, paths, ...)

@@ -128,3 +128,43 @@ def test_proxy_protocol_rejections_count_by_reason() -> None:
     metrics.proxy_protocol_rejected("untrusted")
     assert fam.labels("untrusted")._value.get() == before + 1
     assert b'gateway_proxy_protocol_rejected_total{reason="untrusted"}' in metrics.render()
+
+
+def test_model_label_admits_only_models_the_upstream_accepted_up_to_the_bound() -> None:
+    """A model becomes its own label once the upstream answered it below 400, up to
+    MODEL_LABELS_MAX; a refused or surplus model is `other`, no model `none`."""
+    saved = set(metrics._models)
+    metrics._models.clear()
+    try:
+        assert metrics.model_label(None, 200) == "none"
+        assert metrics.model_label("made-up", 404) == "other"
+        assert metrics.model_label("made-up", None) == "other"
+        assert metrics.model_label("claude-x", 200) == "claude-x"
+        assert metrics.model_label("claude-x", 403) == "claude-x"  # known now: stays itself
+        for i in range(metrics.MODEL_LABELS_MAX - 1):
+            assert metrics.model_label(f"m{i}", 200) == f"m{i}"
+        assert metrics.model_label("one-too-many", 200) == "other"
+        assert len(metrics._models) == metrics.MODEL_LABELS_MAX
+    finally:
+        metrics._models.clear()
+        metrics._models.update(saved)
+
+
+def test_build_info_and_model_requests_are_exported() -> None:
+    """After a flush the exposition has gateway_build_info 1 with the version and Python
+    version, and a finished request is counted by model and decision."""
+    import platform
+
+    from gateway import __version__
+
+    ctx = RequestContext(request_id="r", peer_ip="127.0.0.1", method="POST",
+                         path="/v1/messages", started=0.0)
+    ctx.model, ctx.upstream_status = "claude-test-1", 200
+    before = metrics.MODEL_REQUESTS.labels("claude-test-1", "allow")._value.get()
+    record_request(ctx, None, 0.01, ())
+    metrics.flush(0, 0)
+    text = metrics.render().decode()
+    assert (f'gateway_build_info{{implementation="{platform.python_implementation().lower()}",'
+            f'python="{platform.python_version()}",version="{__version__}"}} 1.0') in text
+    after = metrics.MODEL_REQUESTS.labels("claude-test-1", "allow")._value.get()
+    assert after == before + 1

@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import socket
+import ssl
 from typing import Any, cast
 
 from aiohttp import web
@@ -119,12 +120,19 @@ class Listener:
 
     `max_connections`: at the cap the listener stops accepting (new connections wait in the
     kernel backlog, then are refused once it is full) and resumes below it. `stop_accepting`
-    closes the listening sockets for good; open connections are left alone."""
+    closes the listening sockets for good; open connections are left alone.
+
+    `ssl_context`: serve TLS with this context (gateway.tls.ServerTLS.context: one context
+    for the listener's life, which moves each handshake onto the certificate in service). The
+    handshake must complete within `header_timeout_s` (the connection is counted, and its head
+    deadline starts, once it has)."""
 
     def __init__(self, server: web.Server, host: str, port: int, *, backlog: int = 1024,
                  reuse_port: bool = False, max_connections: int | None = None,
-                 header_timeout_s: float | None = None) -> None:
+                 header_timeout_s: float | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.server = server
+        self.ssl_context = ssl_context
         self.host = host
         self.port = port
         self.backlog = backlog
@@ -174,7 +182,8 @@ class Listener:
             # Serve a duplicate of each socket: closing it stops accepting while the original
             # keeps the socket listening (and its backlog filling).
             servers = [await loop.create_server(lambda: _Connection(self), sock=sock.dup(),
-                                                backlog=self.backlog, start_serving=False)
+                                                backlog=self.backlog, start_serving=False,
+                                                **self._tls_args())
                        for sock in self._socks]
         finally:
             self._resuming = False
@@ -187,6 +196,11 @@ class Listener:
             if srv not in self._serving:
                 break  # paused again while starting
             await srv.start_serving()
+
+    def _tls_args(self) -> dict[str, Any]:
+        if self.ssl_context is None:
+            return {}
+        return {"ssl": self.ssl_context, "ssl_handshake_timeout": self.header_timeout_s or 60.0}
 
     def _below_cap(self) -> bool:
         cap = self.max_connections

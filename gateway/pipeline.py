@@ -13,7 +13,14 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.context import RequestContext, clip, new_request_id
-from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
+from gateway.decision import (
+    KeyScopes,
+    attest,
+    authenticate_request,
+    check_client_cert,
+    decide,
+    loaded,
+)
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, extract_key
@@ -26,6 +33,7 @@ from gateway.request_body import Body, BodyBudget, judge_body, read_body
 from gateway.request_log import log_request
 from gateway.responses import render
 from gateway.snapshot import Snapshot
+from gateway.tls import peer_cert_sha256
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -98,6 +106,9 @@ class Pipeline:
                 time.time())
             ctx.key_id, ctx.reseller = key.key_id, key.reseller
             policy = loaded(snap.policy)
+            # The connection's client certificate matters only to a reseller bound to some.
+            check_client_cert(policy, key, peer_cert_sha256(request.transport)
+                              if policy.client_certs else None)
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),
                                  request.headers.get(parts.customer_ip_header))
             ctx.customer_id = clip(attestation.customer_id)

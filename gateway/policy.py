@@ -17,6 +17,21 @@ from gateway.paths import PathGlobs, compile_path_globs
 from gateway.settings import ConfigError, GeoSettings, load_yaml, validation_error
 
 _CC = re.compile(r"^[A-Z]{2}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SHA256_COLONS = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){31}")
+
+
+def normalize_fingerprint(value: str) -> str:
+    """A certificate fingerprint as the policy keeps it: SHA-256 of the DER certificate in
+    lowercase hex. Colon-separated pairs (`openssl x509 -fingerprint -sha256`: `AB:CD:…`)
+    and upper case are accepted; anything else is a ValueError."""
+    v = value.strip().lower()
+    if _SHA256_HEX.fullmatch(v):
+        return v
+    if _SHA256_COLONS.fullmatch(v):
+        return v.replace(":", "")
+    raise ValueError(f"{value[:100]!r} is not a SHA-256 certificate fingerprint (64 hex "
+                     "digits, or 32 colon-separated pairs)")
 
 
 class _M(BaseModel):
@@ -89,11 +104,29 @@ class Reseller(_M):
     require_customer: bool = False
     limits: LimitSet = Field(default_factory=LimitSet)
     customer_limits: LimitSet | None = None
+    #: the reseller's keys are accepted only on a connection that presented one of these
+    #: client certificates (SHA-256 of the DER certificate, kept in lowercase hex)
+    client_cert_sha256: list[str] | None = None
 
     @field_validator("countries")
     @classmethod
     def _cc(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _countries(v)
+
+    @field_validator("client_cert_sha256")
+    @classmethod
+    def _fingerprints(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("an empty list would refuse every key of the reseller; omit "
+                             "the field for no binding")
+        out: list[str] = []
+        for fp in v:
+            norm = normalize_fingerprint(fp)
+            if norm not in out:
+                out.append(norm)
+        return out
 
 
 class DefaultLimits(_M):
@@ -245,6 +278,8 @@ class CompiledPolicy:
     shadow_ids: frozenset[str] = field(default_factory=frozenset)
     #: some rule matches on the model: a request whose model cannot be read is refused
     model_rules: bool = False
+    #: resellers bound to client certificates: their fingerprints (docs/architecture.md §5)
+    client_certs: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
@@ -267,6 +302,8 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
         reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
         shadow_ids=frozenset(r.id for r in doc.rules if r.mode == "shadow"),
         model_rules=any(r.match.model for r in doc.rules),
+        client_certs={n: frozenset(r.client_cert_sha256) for n, r in doc.resellers.items()
+                      if r.client_cert_sha256},
     )
 
 

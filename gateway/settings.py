@@ -280,8 +280,29 @@ class ServerSettings(_Model):
     max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
 
 
+class TLSSettings(_Model):
+    """TLS on the proxy listener (docs/architecture.md §3): the certificate and key (PEM),
+    reloaded on SIGHUP and when the files change; optionally the CA whose client certificates
+    the listener asks for (`require_client_cert`: refuse a handshake without one)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
+    reload_interval_s: float = Field(default=10.0, gt=0)  # how often to look at the files
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _needs_ca(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("client_ca_file"):
+            raise ValueError("require_client_cert: true needs a client_ca_file (the CA that "
+                             "signs the client certificates)")
+        return v
+
+
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
+    tls: TLSSettings | None = None  # TLS on the proxy listener (none: plain HTTP)
     admin_listen: str = "127.0.0.1:9090"
     admin_token_env: str = "GATEWAY_ADMIN_TOKEN"
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
@@ -491,4 +512,9 @@ def _resolve_paths(path: str, s: Settings) -> Settings:
         }
     )
     policy_file = resolve_relative(path, s.policy_file) if s.policy_file else None
-    return s.model_copy(update={"geo": geo, "policy_file": policy_file})
+    tls = None if s.tls is None else s.tls.model_copy(update={
+        "cert_file": resolve_relative(path, s.tls.cert_file),
+        "key_file": resolve_relative(path, s.tls.key_file),
+        "client_ca_file": (resolve_relative(path, s.tls.client_ca_file)
+                           if s.tls.client_ca_file else None)})
+    return s.model_copy(update={"geo": geo, "policy_file": policy_file, "tls": tls})

@@ -43,7 +43,7 @@ TABLE = (
                         "store.redis.usage"),
     _group(2, "stages", "client_ip geo identity policy limits usage"),
     _group(3, "store_factory", "store"),
-    _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",
+    _group(3, "edge", "proxy request_body responses audit request_log metrics listeners tls",
            never="stores"),
     _group(4, "pipeline", "decision snapshot pipeline explain key_admin", never="stores"),
     _group(5, "composition", "app sync status loops admin operations workers", never="stores"),

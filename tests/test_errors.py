@@ -3,7 +3,13 @@ gateway.responses, tested in tests/test_responses.py)."""
 
 from __future__ import annotations
 
-from gateway.errors import auth_error, invalid_request, permission_error
+from gateway.errors import (
+    CLIENT_CERTIFICATE_CODES,
+    auth_error,
+    client_certificate_error,
+    invalid_request,
+    permission_error,
+)
 
 
 def test_constructors_set_status_type_and_decision() -> None:
@@ -18,3 +24,13 @@ def test_constructors_set_status_type_and_decision() -> None:
                                                       "error")
     assert str(a) == "bad key"
     assert a.key_id is None and a.reseller is None
+
+
+def test_client_certificate_refusals_are_403_permission_errors() -> None:
+    """Both client-certificate codes are 403 permission_error denials."""
+    for code in CLIENT_CERTIFICATE_CODES:
+        err = client_certificate_error(code, "no")
+        assert (err.status, err.type, err.code, err.decision) == (
+            403, "permission_error", code, "deny")
+    assert CLIENT_CERTIFICATE_CODES == ("client_certificate_required",
+                                        "client_certificate_mismatch")

@@ -112,10 +112,36 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
 
 def load_tls(tls: TLSSettings, source: str) -> LoadedTLS:
     """Build the server context of `tls` (blocking: file reads). Raises ConfigError naming
-    `source` (the config file) and the field: a file missing or unreadable, no PEM
-    certificate in `cert_file`, no usable key in `key_file` (an encrypted one included), a
-    key that does not match the certificate, no usable CA in `client_ca_file`."""
+    `source` (the config file) and the field, with every problem found: a file missing or
+    unreadable, no PEM certificate in `cert_file`, no usable key in `key_file` (an encrypted
+    one included), a key that does not match the certificate, no usable CA in
+    `client_ca_file`."""
     stamp = file_stamp(tls)  # before reading: a change while reading is seen next time
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    errors: list[ConfigError] = []
+    served = ""
+    try:
+        served = _load_pair(ctx, tls, source)
+    except ConfigError as exc:
+        errors.append(exc)
+    if tls.client_ca_file is not None:
+        try:
+            _load_client_ca(ctx, tls.client_ca_file, source)
+        except ConfigError as exc:
+            errors.append(exc)
+        # Asked for on every handshake; required only with require_client_cert. A presented
+        # certificate must chain to this CA, or the handshake fails.
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if errors:
+        raise ConfigError.of(errors)
+    return LoadedTLS(tls, ctx, stamp, served)
+
+
+def _load_pair(ctx: ssl.SSLContext, tls: TLSSettings, source: str) -> str:
+    """Load the certificate chain and its key into `ctx`; the served certificate's
+    fingerprint."""
     cert_text = _read(tls.cert_file, source, "tls.cert_file")
     blocks = _PEM_CERT.findall(cert_text)
     if not blocks:
@@ -129,12 +155,8 @@ def load_tls(tls: TLSSettings, source: str) -> LoadedTLS:
                           f"certificate ({_ssl_reason(exc)})") from None
     served = cert_sha256(ssl.PEM_cert_to_DER_cert(blocks[0]))
     key_text = _read(tls.key_file, source, "tls.key_file")
-    kind = _PEM_KEY.search(key_text)
-    if kind is None:
+    if _PEM_KEY.search(key_text) is None:
         raise ConfigError(source, "tls.key_file", f"{tls.key_file}: no PEM private key in it")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
     try:
         ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_no_passphrase)
     except _EncryptedKey:
@@ -149,19 +171,18 @@ def load_tls(tls: TLSSettings, source: str) -> LoadedTLS:
             exc.strerror or str(exc))
         raise ConfigError(source, "tls.key_file", f"{tls.key_file}: not a usable private "
                           f"key ({reason})") from None
-    if tls.client_ca_file is not None:
-        _read(tls.client_ca_file, source, "tls.client_ca_file")
-        try:
-            ctx.load_verify_locations(cafile=tls.client_ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            reason = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else (
-                exc.strerror or str(exc))
-            raise ConfigError(source, "tls.client_ca_file", f"{tls.client_ca_file}: no "
-                              f"usable CA certificate ({reason})") from None
-        # Asked for on every handshake; required only with require_client_cert. A presented
-        # certificate must chain to this CA, or the handshake fails.
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    return LoadedTLS(tls, ctx, stamp, served)
+    return served
+
+
+def _load_client_ca(ctx: ssl.SSLContext, path: str, source: str) -> None:
+    _read(path, source, "tls.client_ca_file")
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        reason = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else (
+            exc.strerror or str(exc))
+        raise ConfigError(source, "tls.client_ca_file", f"{path}: no usable CA certificate "
+                          f"({reason})") from None
 
 
 class ServerTLS:

@@ -20,6 +20,7 @@ from gateway.cancellation import cancel_and_wait
 from gateway.errors import StoreError
 from gateway.geo import GeoResolver, open_geo
 from gateway.identity import KeyRegistry
+from gateway.ledger import FLUSH_INTERVAL_S, Ledger
 from gateway.limits import Limits
 from gateway.listeners import Listener
 from gateway.log import logger
@@ -71,8 +72,10 @@ class GatewayService:
         self.limits = Limits(self.store, s.store.on_error,
                              s.store.fallback_instances * worker_count(environ), s.limits_headers,
                              observe_admission=metrics.store_duration.observe)
+        #: usage tallies, flushed to the store's ledger once a second (§12)
+        self.ledger = Ledger(self.store, s.usage.retention_days)
         self.pipeline = Pipeline(Snapshot(build_config_parts(config), geo, self.registry),
-                                 self.limits)
+                                 self.limits, self.ledger)
         self.sync = SnapshotSync(self.pipeline, self.store, self.limits)
         self.loops = Loops()
         self._cache_tallies = CacheTallies()
@@ -283,6 +286,10 @@ class GatewayService:
         for part in retired:
             await _close(part)
         await self.pipeline.snapshot.parts.upstream.close()
+        # After the drain: what the requests of this instance used and was not yet flushed.
+        await self.ledger.close()
+        if self.ledger.pending():
+            logger().error("usage_not_flushed", cells=len(self.ledger.pending()))
         try:
             await self.registry.flush_last_used()
         except StoreError:
@@ -368,6 +375,7 @@ class GatewayService:
         self.limits.family = s.limits_headers
         if new_tls is not None and self.tls is not None:
             self.tls.install(new_tls, new.path)  # new handshakes; open connections keep theirs
+        self.ledger.retention_days = s.usage.retention_days
         # Requests in flight keep the old upstream session (and a replaced geo resolver) until
         # the last of them ends (see `_handle`); `stop` closes them if the service stops first.
         self._retired.append(snap.parts.upstream)
@@ -402,6 +410,7 @@ class GatewayService:
             self.loops.every("last-used-flush", lambda: LAST_USED_FLUSH_S, self._flush_step),
             self.loops.every("metrics-flush", lambda: 1.0, self._metrics_step),
             *watch,
+            self.loops.every("usage-flush", lambda: FLUSH_INTERVAL_S, self.ledger.flush_step),
         ]
 
     async def _geo_step(self) -> None:

@@ -60,3 +60,16 @@ CLIENT_CERTIFICATE_CODES = ("client_certificate_required", "client_certificate_m
 
 def invalid_request(code: str | None, message: str, decision: str = "deny") -> GatewayError:
     return GatewayError(400, "invalid_request_error", code, message, decision=decision)
+
+
+#: The quota refusals' codes, by period (docs/architecture.md §12).
+QUOTA_CODES = {"daily": "daily_quota_exceeded", "monthly": "monthly_quota_exceeded"}
+
+
+def quota_exceeded(period: str, subject: str, dimension: str,
+                   retry_after_s: int) -> GatewayError:
+    """429 `daily_quota_exceeded` / `monthly_quota_exceeded`, with `retry-after` until the
+    next UTC period."""
+    return GatewayError(429, "rate_limit_error", QUOTA_CODES[period],
+                        f"{period} quota exceeded: {dimension} ({subject})",
+                        {"retry-after": str(retry_after_s)}, decision="rate_limited")

@@ -1,6 +1,6 @@
-"""The store operations of the `gateway` command (keys, policy, audit, explain) behind one
-interface, with two implementations: on the store directly, and through a running gateway's
-admin API (the embedded store lives in that process). One error type for both."""
+"""The store operations of the `gateway` command (keys, policy, audit, explain, usage) behind
+one interface, with two implementations: on the store directly, and through a running
+gateway's admin API (the embedded store lives in that process). One error type for both."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.policy import PolicyDoc
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
+    from gateway.usage_report import UsageQuery
 
 
 class OperationError(Exception):
@@ -105,6 +106,10 @@ class Operations(Protocol):
 
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """The decision trace for `query` (gateway.explain's document)."""
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        """The usage ledger's report for `query`: {"rows": [...], "totals": {...}}
+        (gateway.usage_report)."""
 
 
 class DirectOperations:
@@ -208,6 +213,19 @@ class DirectOperations:
                     await parts.upstream.close()
             finally:
                 geo.close()
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        from gateway.usage_report import report
+
+        with _mapped():
+            try:
+                read = query.within(self.config.settings.usage.retention_days)
+                rows = await self.store.query_usage(read.since_day, read.until_day,
+                                                    read.reseller, read.key_id,
+                                                    read.customer_id)
+            except ValueError as exc:  # a malformed day
+                raise OperationError(400, str(exc)) from None
+        return report(rows, query)
 
 
 def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:
@@ -356,4 +374,8 @@ class AdminOperations:
         headers = {"x-explain-key": query.key} if query.key else None
         out: dict[str, Any] = await self._call("GET", "/admin/explain", params=params,
                                                headers=headers)
+        return out
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        out: dict[str, Any] = await self._call("GET", "/admin/usage", params=query.params())
         return out

@@ -24,15 +24,20 @@ from gateway.decision import (
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, extract_key
+from gateway.ledger import Ledger, key_subject, reseller_subject
 from gateway.limits import Admission, Limits, settlement
 from gateway.log import logger
 from gateway.paths import normalize_target
 from gateway.policy import CompiledPolicy
 from gateway.proxy import Forwarded
+from gateway.quotas import check as check_quotas
+from gateway.quotas import effective_quotas
 from gateway.request_body import Body, BodyBudget, judge_body, read_body
 from gateway.request_log import log_request
 from gateway.responses import render
+from gateway.self_service import SELF_SERVICE_PATH, SELF_SERVICE_REASON, describe_key
 from gateway.snapshot import Snapshot
+from gateway.store.base import KeyRecord
 from gateway.tls import peer_cert_sha256
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -43,10 +48,13 @@ _RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class Pipeline:
     """Serves the proxy listener; every request ends in exactly one `request` log line."""
 
-    def __init__(self, snapshot: Snapshot, limits: Limits) -> None:
+    def __init__(self, snapshot: Snapshot, limits: Limits, ledger: Ledger | None = None) -> None:
         #: What requests are judged against; replaced whole (never patched) on every change.
         self.snapshot = snapshot
         self.limits = limits
+        #: usage tallies and quota use (docs/architecture.md §12)
+        self.ledger = ledger if ledger is not None else Ledger(
+            limits.store, snapshot.parts.config.settings.usage.retention_days)
         self.scopes = KeyScopes()
         self.inflight = 0
         self.bodies = BodyBudget(snapshot.parts.config.settings.server.max_inflight_body_bytes)
@@ -79,6 +87,7 @@ class Pipeline:
         admission: Admission | None = None
         forwarded: Forwarded | None = None
         body: Body | None = None
+        held: tuple[str, str] | None = None  # (reseller, key id) counted by a quota check
         try:
             ctx.peer_ip = peer = parts.ip.normalize(peer)
             peer_trusted = parts.ip.is_trusted(peer)
@@ -109,6 +118,8 @@ class Pipeline:
             # The connection's client certificate matters only to a reseller bound to some.
             check_client_cert(policy, key, peer_cert_sha256(request.transport)
                               if policy.client_certs else None)
+            if path == SELF_SERVICE_PATH and request.method == "GET":
+                return await self._self_service(ctx, policy, key)
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),
                                  request.headers.get(parts.customer_ip_header))
             ctx.customer_id = clip(attestation.customer_id)
@@ -133,6 +144,16 @@ class Pipeline:
             if verdict.error is not None:
                 ctx.reason = verdict.reason
                 raise verdict.error
+
+            quotas = effective_quotas(policy, key)
+            if quotas:  # §12: after the decision, before the rate limits
+                if not self.ledger.known(key.reseller, key.key_id):
+                    await self.ledger.watch(key.reseller, key.key_id)
+                now = time.time()
+                check_quotas(quotas, self.ledger.used(key_subject(key.key_id), now),
+                             self.ledger.used(reseller_subject(key.reseller), now), now)
+                self.ledger.hold(key.reseller, key.key_id)
+                held = (key.reseller, key.key_id)
 
             admission, limit_headers = await self.limits.admit(
                 verdict.subjects, facts.input_estimate, facts.max_output_tokens,
@@ -190,13 +211,31 @@ class Pipeline:
         finally:
             if body is not None:
                 body.release(self.bodies)
-            self._finish(ctx, admission, forwarded, snap)
+            self._finish(ctx, admission, forwarded, snap, held)
+
+    async def _self_service(self, ctx: RequestContext, policy: CompiledPolicy,
+                            key: KeyRecord) -> web.StreamResponse:
+        """GET /v1/gateway/key: what the key may do and has left; never forwarded, no limit
+        consumed (docs/architecture.md §12)."""
+        if not self.ledger.known(key.reseller, key.key_id):
+            await self.ledger.watch(key.reseller, key.key_id)
+        answer = describe_key(policy, key, self.ledger, time.time())
+        ctx.reason, ctx.status = SELF_SERVICE_REASON, 200
+        return web.json_response(answer, headers={"x-request-id": ctx.request_id})
 
     def _finish(self, ctx: RequestContext, admission: Admission | None,
-                forwarded: Forwarded | None, snap: Snapshot) -> None:
+                forwarded: Forwarded | None, snap: Snapshot,
+                held: tuple[str, str] | None = None) -> None:
         self.inflight -= 1
         if forwarded is not None:
             forwarded.to_context(ctx)
+            if (forwarded.upstream_status is not None and ctx.key_id is not None
+                    and ctx.reseller is not None):
+                # §12: every request the upstream answered, with the usage it reported
+                self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
+                                   ctx.input_tokens, ctx.output_tokens, time.time())
+        if held is not None:
+            self.ledger.release(*held)
         if admission is not None:
             self.limits.settle(admission, *settlement(admission, forwarded))
         duration = time.perf_counter() - ctx.started

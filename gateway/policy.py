@@ -55,6 +55,45 @@ class LimitSet(_M):
     concurrency: int | None = Field(default=None, ge=0)
 
 
+class QuotaSet(_M):
+    """What a subject may use in one UTC calendar period (docs/architecture.md §12); a
+    dimension left out is not limited."""
+
+    requests: int | None = Field(default=None, ge=0)
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+
+
+class Quotas(_M):
+    """`quotas: {daily: {...}, monthly: {...}}` on a reseller, or on `limits.key` (the default
+    of every key)."""
+
+    daily: QuotaSet = Field(default_factory=QuotaSet)
+    monthly: QuotaSet = Field(default_factory=QuotaSet)
+
+    def flat(self) -> dict[str, int]:
+        """The quotas set, keyed as a key record keeps them: "daily.requests", ..."""
+        out: dict[str, int] = {}
+        for period in QUOTA_PERIODS:
+            qs: QuotaSet = getattr(self, period)
+            for dim in QUOTA_DIMENSIONS:
+                v = getattr(qs, dim)
+                if v is not None:
+                    out[f"{period}.{dim}"] = v
+        return out
+
+
+def flat_quotas(q: Quotas | None) -> dict[str, int]:
+    """`q.flat()`, or no quotas for None."""
+    return {} if q is None else q.flat()
+
+
+#: The quota periods and dimensions; a key record's `quotas` are keyed "<period>.<dimension>".
+QUOTA_PERIODS = ("daily", "monthly")
+QUOTA_DIMENSIONS = ("requests", "input_tokens", "output_tokens")
+QUOTA_NAMES = tuple(f"{p}.{d}" for p in QUOTA_PERIODS for d in QUOTA_DIMENSIONS)
+
+
 class Match(_M):
     country: list[str] | None = None
     not_country: list[str] | None = None
@@ -107,6 +146,8 @@ class Reseller(_M):
     #: the reseller's keys are accepted only on a connection that presented one of these
     #: client certificates (SHA-256 of the DER certificate, kept in lowercase hex)
     client_cert_sha256: list[str] | None = None
+    # None, not an empty set: a policy without quotas keeps its canonical JSON
+    quotas: Quotas | None = None
 
     @field_validator("countries")
     @classmethod
@@ -129,8 +170,14 @@ class Reseller(_M):
         return out
 
 
+class KeyLimitSet(LimitSet):
+    """`limits.key`: the per-minute limits of every key, and its default quotas."""
+
+    quotas: Quotas | None = None
+
+
 class DefaultLimits(_M):
-    key: LimitSet = Field(default_factory=LimitSet)
+    key: KeyLimitSet = Field(default_factory=KeyLimitSet)
     reseller: LimitSet = Field(default_factory=LimitSet)
     customer: LimitSet = Field(default_factory=LimitSet)
     #: output reserved for a request that sends no `max_tokens` (docs/architecture.md §8)

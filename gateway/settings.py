@@ -298,6 +298,11 @@ class TLSSettings(_Model):
             raise ValueError("require_client_cert: true needs a client_ca_file (the CA that "
                              "signs the client certificates)")
         return v
+class UsageSettings(_Model):
+    """The usage ledger (docs/architecture.md §12)."""
+
+    #: UTC days the ledger keeps each day's cells
+    retention_days: int = Field(default=400, gt=0)
 
 
 class Settings(_Model):
@@ -319,6 +324,7 @@ class Settings(_Model):
     shutdown_drain_s: float = Field(default=5.0, ge=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log: LogSettings = Field(default_factory=LogSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
 
     @field_validator("policy_source")
     @classmethod

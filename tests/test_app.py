@@ -36,11 +36,12 @@ async def test_a_started_service_is_ready_with_every_check(tmp_path: Path,
 
 async def test_background_loops_run_while_the_service_runs(tmp_path: Path,
                                                            upstream: FakeUpstream) -> None:
-    """The sync, geo, flush and metrics loops run from start to stop, and end with it."""
+    """The sync, geo, flush, metrics and usage-flush loops run from start to stop, and end
+    with it."""
     async with running_gateway(tmp_path, upstream.url) as gw:
         tasks = list(gw.service.loops.tasks)
         assert sorted(t.get_name() for t in tasks) == [
-            "geo-reload", "last-used-flush", "metrics-flush", "store-sync"]
+            "geo-reload", "last-used-flush", "metrics-flush", "store-sync", "usage-flush"]
         assert not any(t.done() for t in tasks)
     assert gw.service.loops.tasks == []
     assert all(t.done() for t in tasks)

@@ -9,6 +9,7 @@ from gateway.errors import (
     client_certificate_error,
     invalid_request,
     permission_error,
+    quota_exceeded,
 )
 
 
@@ -34,3 +35,13 @@ def test_client_certificate_refusals_are_403_permission_errors() -> None:
             403, "permission_error", code, "deny")
     assert CLIENT_CERTIFICATE_CODES == ("client_certificate_required",
                                         "client_certificate_mismatch")
+
+
+def test_quota_refusals_are_429_with_retry_after() -> None:
+    """quota_exceeded is a 429 rate_limit_error with the period's code and retry-after."""
+    err = quota_exceeded("monthly", "key", "requests", 42)
+    assert (err.status, err.type, err.code, err.decision) == (
+        429, "rate_limit_error", "monthly_quota_exceeded", "rate_limited")
+    assert err.headers == {"retry-after": "42"}
+    assert quota_exceeded("daily", "reseller", "output_tokens", 1).code == \
+        "daily_quota_exceeded"

@@ -12,9 +12,11 @@ from gateway.geo import UNKNOWN, GeoInfo
 from gateway.policy import (
     RuleDecision,
     RuleFacts,
+    canonical,
     compile_policy,
     country_allowed,
     evaluate_rules,
+    flat_quotas,
     glob_list,
     load_policy_file,
     path_glob_list,
@@ -147,6 +149,48 @@ def test_validate_policy_errors(raw: dict[str, Any], field: str, reason: str) ->
     assert err.field == field
     assert reason in err.reason
     assert SRC in str(err) and field in str(err) and reason in str(err)
+
+
+BAD_POLICIES = REPO / "tests" / "fixtures" / "bad_config" / "policies"
+
+
+@pytest.mark.parametrize(("name", "field", "reason"), [
+    ("negative_quota.yaml", "resellers.acme.quotas.daily.requests",
+     "greater than or equal to 0"),
+    ("unknown_quota_period.yaml", "limits.key.quotas.weekly", "unknown field"),
+    ("quota_not_integer.yaml", "limits.key.quotas.monthly.output_tokens", "valid integer"),
+    ("reseller_default_quotas.yaml", "limits.reseller.quotas", "unknown field"),
+])
+def test_bad_quota_policy_fixture(name: str, field: str, reason: str) -> None:
+    """A policy file with a bad quota is a config error naming the file, the field path and
+    the reason."""
+    path = str(BAD_POLICIES / name)
+    with pytest.raises(ConfigError) as info:
+        load_policy_file(path)
+    assert (info.value.file, info.value.field) == (path, field)
+    assert reason in info.value.reason
+
+
+def test_quotas_parse_on_resellers_and_key_defaults() -> None:
+    """`resellers.R.quotas` and `limits.key.quotas` parse into daily and monthly sets, flat as
+    a key record keeps them; the key default keeps its per-minute limits beside them."""
+    doc = validate_policy({"resellers": {"acme": {"quotas": {
+        "daily": {"requests": 0}, "monthly": {"input_tokens": 5, "output_tokens": 7}}}},
+        "limits": {"key": {"rpm": 3, "quotas": {"daily": {"output_tokens": 9}}}}}, SRC)
+    assert doc.resellers["acme"].quotas is not None
+    assert doc.resellers["acme"].quotas.flat() == {
+        "daily.requests": 0, "monthly.input_tokens": 5, "monthly.output_tokens": 7}
+    assert flat_quotas(doc.limits.key.quotas) == {"daily.output_tokens": 9}
+    assert doc.limits.key.rpm == 3
+    assert flat_quotas(validate_policy({}, SRC).limits.key.quotas) == {}
+
+
+def test_a_policy_without_quotas_keeps_its_canonical_form() -> None:
+    """Quotas left out are not written into the canonical JSON, so a policy stored before
+    quotas existed compares equal to the same file read now."""
+    doc = validate_policy({"resellers": {"acme": {"limits": {"rpm": 5}}},
+                           "limits": {"key": {"rpm": 3}}}, SRC)
+    assert "quotas" not in canonical(doc)
 
 
 def test_validate_policy_rule_without_id_is_named_by_index() -> None:

@@ -152,6 +152,7 @@ BAD_CONFIGS = [
     ("not_yaml.yaml", "", "not valid YAML: while parsing a flow sequence expected ',' or ']', "
                           "but got ':' (line 5, column 9)"),
     ("not_mapping.yaml", "", "top level must be a mapping"),
+    ("bad_retention_days.yaml", "usage.retention_days", "greater than 0"),
     ("no_country_db.yaml", "geo.country_db", "required field is missing"),
     ("duplicate_key.yaml", "upstream.url", "duplicate key at line 5 (first at line 3)"),
     ("listen_equals_admin.yaml", "admin_listen",

@@ -36,6 +36,9 @@ class KeyRecord:
     paths: list[str] = field(default_factory=list)
     countries: list[str] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)
+    #: the key's own quotas, "daily.requests" ... "monthly.output_tokens" (over the policy's
+    #: `limits.key.quotas`); absent in records written before quotas existed
+    quotas: dict[str, int] = field(default_factory=dict)
     expires_at: float | None = None
     status: str = "active"
     created_at: float = 0.0

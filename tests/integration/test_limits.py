@@ -403,6 +403,7 @@ async def test_one_round_trip_per_admitted_request_none_when_denied(
     import gateway.app
 
     monkeypatch.setattr(gateway.app, "LAST_USED_FLUSH_S", 3600.0)  # no background writes
+    monkeypatch.setattr(gateway.app, "FLUSH_INTERVAL_S", 3600.0)  # nor usage flushes
     store = {"url": redis_server_session.url, "key_prefix": _prefix(), "sync_interval_s": 60}
     upstream.hold_stream = asyncio.Event()
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,

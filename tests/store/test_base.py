@@ -48,3 +48,14 @@ def test_gcra_cost_is_capped_at_the_whole_bucket() -> None:
 def test_a_call_not_sent_is_a_store_error() -> None:
     """StoreCallNotSent is caught wherever a StoreError is."""
     assert issubclass(StoreCallNotSent, StoreError)
+
+
+def test_key_record_quotas_round_trip_and_old_records_still_load() -> None:
+    """A key's quotas survive the JSON form; a record stored before quotas existed loads with
+    none."""
+    rec = _rec()
+    rec.quotas = {"daily.output_tokens": 500}
+    assert KeyRecord.from_json(rec.to_json()).quotas == {"daily.output_tokens": 500}
+    old = json.loads(_rec().to_json())
+    del old["quotas"]
+    assert KeyRecord.from_json(json.dumps(old)).quotas == {}

@@ -287,12 +287,16 @@ async def explain_view(request: web.Request) -> web.Response:
     q = request.query
     if "ip" not in q:
         raise admin_error(400, "ip is required")
-    out = explain(svc.pipeline, svc.pipeline.registry, q["ip"],
-                  key=request.headers.get("x-explain-key") or q.get("key"),
-                  key_id=q.get("key_id"), reseller=q.get("reseller"),
-                  customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
-                  model=q.get("model"), path=q.get("path", "/v1/messages"),
-                  attestation=q.get("attestation"), method=q.get("method", "POST"))
+    try:
+        out = explain(svc.pipeline, svc.pipeline.registry, q["ip"],
+                      key=request.headers.get("x-explain-key") or q.get("key"),
+                      key_id=q.get("key_id"), reseller=q.get("reseller"),
+                      customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),
+                      model=q.get("model"), path=q.get("path", "/v1/messages"),
+                      attestation=q.get("attestation"), method=q.get("method", "POST"),
+                      client_cert_sha256=q.get("client_cert_sha256"))
+    except ValueError as exc:  # a malformed client_cert_sha256
+        raise admin_error(400, f"client_cert_sha256: {exc}") from None
     return web.json_response(out)
 
 

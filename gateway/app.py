@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import signal
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -40,6 +41,7 @@ from gateway.snapshot import Snapshot, build_config_parts
 from gateway.status import CacheTallies, publish_gauges, readiness
 from gateway.store import StateFileError, Store, loaded_state, memory_state_file, open_store
 from gateway.sync import SnapshotSync
+from gateway.tls import LoadedTLS, ServerTLS, load_tls
 from gateway.workers import worker_count
 
 LAST_USED_FLUSH_S = 10.0
@@ -57,6 +59,9 @@ class GatewayService:
         s = config.settings
         configure_logging(s.log.level, s.log.format, s.log.hash_chain)
         _log_warnings(config)
+        # TLS on the proxy listener: one context for the listener's life, whose certificate
+        # is swapped on reload and when the files change (gateway/tls.py).
+        self.tls = None if s.tls is None else ServerTLS.open(s.tls, config.path)
         geo = open_geo(s.geo, config.path)
         try:
             self.store: Store = open_store(s.store.url, s.store.key_prefix, s.store.timeout_s)
@@ -123,7 +128,8 @@ class GatewayService:
         admin = build_admin_app(self)
         try:
             self.proxy_port = await self._serve(proxy, s.listen, s.server.max_connections,
-                                                ProxyProtocol.of(s.client_ip))
+                                                ProxyProtocol.of(s.client_ip),
+                                                self.tls.context if self.tls else None)
             # The admin listener has its own socket and no cap: probes answer while the proxy
             # port is saturated.
             self.admin_port = await self._serve(admin, s.admin_listen, None)
@@ -137,7 +143,8 @@ class GatewayService:
 
     async def _serve(self, app: web.Application, hostport: str,
                      max_connections: int | None,
-                     proxy_protocol: ProxyProtocol | None = None) -> int:
+                     proxy_protocol: ProxyProtocol | None = None,
+                     ssl_context: ssl.SSLContext | None = None) -> int:
         host, port = parse_hostport(hostport)
         srv = self.config.settings.server
         # keepalive_timeout is aiohttp's idle timeout; shutdown_timeout only bounds closing
@@ -152,7 +159,7 @@ class GatewayService:
         listener = Listener(runner.server, host, port, backlog=1024,
                             reuse_port=self.reuse_port, max_connections=max_connections,
                             header_timeout_s=srv.header_timeout_s,
-                            proxy_protocol=proxy_protocol)
+                            proxy_protocol=proxy_protocol, ssl_context=ssl_context)
         self._runners.append(runner)
         try:
             bound = await listener.start()
@@ -343,6 +350,17 @@ class GatewayService:
             old.settings, f)]
         if s.store != old.settings.store:
             fixed.append("store")
+        # The certificate files are read again (a bad pair refuses the reload and the one in
+        # service stays); turning TLS on or off needs a restart.
+        new_tls: LoadedTLS | None = None
+        if (s.tls is None) != (old.settings.tls is None):
+            fixed.append("tls")
+        elif s.tls is not None:
+            try:
+                new_tls = await asyncio.to_thread(load_tls, s.tls, new.path)
+            except ConfigError as exc:
+                logger().error("config_reload_failed", path=new.path, reason=str(exc))
+                return False
         policy = self.pipeline.snapshot.policy
         try:
             if policy is not None:  # the live policy must keep every database it needs
@@ -364,6 +382,8 @@ class GatewayService:
         self.pipeline.snapshot = dataclasses.replace(
             snap, parts=build_config_parts(new), geo=new_geo or snap.geo)
         self.limits.family = s.limits_headers
+        if new_tls is not None and self.tls is not None:
+            self.tls.install(new_tls, new.path)  # new handshakes; open connections keep theirs
         self.ledger.retention_days = s.usage.retention_days
         if self._listeners:  # the first is the proxy listener; new connections follow
             self._listeners[0].proxy_protocol = ProxyProtocol.of(s.client_ip)
@@ -391,12 +411,16 @@ class GatewayService:
     def _background_loops(self) -> list[CleanupContext]:
         """The loops that run while the proxy application runs (its cleanup contexts)."""
         sync_s = self.config.settings.store.sync_interval_s  # a store change needs a restart
+        tls = self.tls
+        watch = [] if tls is None else [self.loops.every(
+            "tls-watch", lambda: tls.current.settings.reload_interval_s, tls.check)]
         return [
             self.loops.every("store-sync", lambda: sync_s, self.sync.sync_step),
             self.loops.every("geo-reload", lambda: self.config.settings.geo.reload_interval_s,
                              self._geo_step),
             self.loops.every("last-used-flush", lambda: LAST_USED_FLUSH_S, self._flush_step),
             self.loops.every("metrics-flush", lambda: 1.0, self._metrics_step),
+            *watch,
             self.loops.every("usage-flush", lambda: FLUSH_INTERVAL_S, self.ledger.flush_step),
         ]
 

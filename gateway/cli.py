@@ -76,9 +76,11 @@ def _print(obj: Any, sort_keys: bool = True) -> None:
 def _preflight(config: LoadedConfig) -> None:
     """What `run` checks before it serves, and all that `check-config` checks: the geo
     databases open (and are no demo data unless allowed), the policy file is valid and names
-    no database the config lacks. Raises one ConfigError with every problem found."""
+    no database the config lacks, the TLS files make a certificate and key that match. Raises
+    one ConfigError with every problem found."""
     from gateway.geo import open_geo
     from gateway.policy import load_policy_file, require_databases
+    from gateway.tls import load_tls
 
     s = config.settings
     errors = []
@@ -86,6 +88,11 @@ def _preflight(config: LoadedConfig) -> None:
         open_geo(s.geo, config.path, 0).close()
     except ConfigError as exc:
         errors.append(exc)
+    if s.tls is not None:
+        try:
+            load_tls(s.tls, config.path)
+        except ConfigError as exc:
+            errors.append(exc)
     if s.policy_file:
         try:
             require_databases(load_policy_file(s.policy_file), s.geo, s.policy_file)
@@ -234,6 +241,14 @@ def _limit_arg(value: str) -> int | None:
     return n
 
 
+def _fingerprint(value: str) -> str:
+    """`explain --client-cert-sha256`: a SHA-256 certificate fingerprint, normalised."""
+    from gateway.policy import normalize_fingerprint
+
+    try:
+        return normalize_fingerprint(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 def _quota_arg(value: str) -> tuple[str, int | None]:
     """A `--quota PERIOD.DIMENSION=N` option: (name, N); an empty N or `default` is None (the
     key's own quota is removed: the policy's `limits.key.quotas` applies)."""
@@ -574,7 +589,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     query = ExplainQuery(ip=args.ip, key=key, key_id=args.key_id, reseller=args.reseller,
                          customer_ip=args.customer_ip, customer_id=args.customer_id,
                          model=args.model, path=args.path or "/v1/messages",
-                         attestation=args.attestation, method=args.method)
+                         attestation=args.attestation, method=args.method,
+                         client_cert_sha256=args.client_cert_sha256)
     run = _operator(config)
     configure_logging("error", "json")
     out = run(lambda ops: ops.explain(query))
@@ -598,6 +614,9 @@ def _print_trace(out: dict[str, Any]) -> None:
     if ident:
         print(f"identity key {ident.get('key_id')} reseller {ident.get('reseller')} "
               f"{ident.get('error', '')}")
+    cert = (out.get("request") or {}).get("client_cert_sha256")
+    if cert:
+        print(f"client certificate sha256 {cert}")
     for step in out.get("rules") or []:
         mark = "MATCH" if step["matched"] else "no   "
         why = f"on {step['matched_on']}" if step["matched"] else f"({step['failed_field']})"
@@ -785,6 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--path", default="/v1/messages", help="the request path")
     e.add_argument("--method", default="POST", help="the request method (default POST)")
     e.add_argument("--attestation", help="an X-Customer-Attestation value, judged now")
+    e.add_argument("--client-cert-sha256", type=_fingerprint, metavar="SHA256",
+                   help="the connection presented this client certificate (SHA-256 of the "
+                        "DER certificate; AB:CD:… accepted)")
     json_flag(e)
     e.set_defaults(fn=cmd_explain)
 

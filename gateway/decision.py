@@ -3,7 +3,8 @@
 Pure: no I/O. The caller extracts the inputs first (the presented key, the attestation header
 values, the model from the body, the geo records, the normalised path) and gets back the same
 verdict whether it is the live pipeline or `explain` (CLI and admin). The steps are split where
-the live path reads the body: `authenticate_request` and `attest` run on the headers alone,
+the live path reads the body: `authenticate_request`, `check_client_cert` (the connection's
+client certificate is an input, as its fingerprint) and `attest` run on the headers alone,
 `decide` once the model is known.
 """
 
@@ -16,7 +17,13 @@ from gateway.attestation import ATTESTATION_HEADER
 from gateway.attestation import parse_header as parse_signed_attestation
 from gateway.attestation import verify as verify_attestation
 from gateway.context import clip
-from gateway.errors import GatewayError, attestation_refused, auth_error, permission_error
+from gateway.errors import (
+    GatewayError,
+    attestation_refused,
+    auth_error,
+    client_certificate_error,
+    permission_error,
+)
 from gateway.geo import GeoInfo
 from gateway.identity import Attestation, KeyRegistry, parse_attestation, require_customer
 from gateway.limits import subjects_for
@@ -105,6 +112,24 @@ def loaded(policy: CompiledPolicy | None) -> CompiledPolicy:
     if policy is None:
         raise GatewayError(503, "overloaded_error", "policy_unavailable", "no policy loaded yet")
     return policy
+
+
+def check_client_cert(policy: CompiledPolicy, key: KeyRecord, cert_sha256: str | None) -> None:
+    """A key of a reseller bound to client certificates (`client_cert_sha256`) is accepted only
+    on a connection that presented one of them: 403 `client_certificate_required` without a
+    client certificate, `client_certificate_mismatch` with another. `cert_sha256` is the
+    fingerprint of the connection's verified client certificate (None: none presented)."""
+    bound = policy.client_certs.get(key.reseller)
+    if bound is None:
+        return
+    if cert_sha256 is None:
+        raise client_certificate_error(
+            "client_certificate_required",
+            f"keys of reseller {key.reseller!r} need a client certificate bound to it")
+    if cert_sha256 not in bound:
+        raise client_certificate_error(
+            "client_certificate_mismatch",
+            f"the client certificate is not one bound to reseller {key.reseller!r}")
 
 
 def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,

@@ -46,6 +46,18 @@ def permission_error(code: str, message: str) -> GatewayError:
     return GatewayError(403, "permission_error", code, message, decision="deny")
 
 
+def client_certificate_error(code: str, message: str) -> GatewayError:
+    """403 for a key of a reseller bound to client certificates (docs/architecture.md §6):
+    `client_certificate_required` (the connection presented none) or
+    `client_certificate_mismatch` (it presented another)."""
+    assert code in CLIENT_CERTIFICATE_CODES
+    return permission_error(code, message)
+
+
+#: The refusals of a key used without one of its reseller's client certificates.
+CLIENT_CERTIFICATE_CODES = ("client_certificate_required", "client_certificate_mismatch")
+
+
 def invalid_request(code: str | None, message: str, decision: str = "deny") -> GatewayError:
     return GatewayError(400, "invalid_request_error", code, message, decision=decision)
 

@@ -6,14 +6,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway.decision import attest, authenticate_request, decide, key_by_id, loaded
+from gateway.decision import (
+    attest,
+    authenticate_request,
+    check_client_cert,
+    decide,
+    key_by_id,
+    loaded,
+)
 from gateway.errors import GatewayError
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry
 from gateway.key_admin import iso_time
 from gateway.paths import normalize_target
 from gateway.pipeline import Pipeline
-from gateway.policy import CompiledPolicy
+from gateway.policy import CompiledPolicy, normalize_fingerprint
 from gateway.store.base import KeyRecord
 
 
@@ -30,13 +37,16 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
             reseller: str | None = None, customer_ip: str | None = None,
             customer_id: str | None = None, model: str | None = None,
             path: str = "/v1/messages", key_id: str | None = None,
-            attestation: str | None = None, method: str = "POST") -> dict[str, Any]:
+            attestation: str | None = None, method: str = "POST",
+            client_cert_sha256: str | None = None) -> dict[str, Any]:
     """The decision for a request from `ip` with `key`, the key `key_id` (judged without its
-    secret) or as any key of `reseller`; `attestation` is an `X-Customer-Attestation` value,
-    judged now for `method` and `path`."""
+    secret) or as any key of `reseller`, on a connection that presented the client
+    certificate of fingerprint `client_cert_sha256` (None: none; malformed: ValueError);
+    `attestation` is an `X-Customer-Attestation` value, judged now for `method` and `path`."""
+    cert = normalize_fingerprint(client_cert_sha256) if client_cert_sha256 else None
     out: dict[str, Any] = {"request": {"ip": ip, "key_id": None, "reseller": reseller,
                                        "customer_ip": customer_ip, "model": model, "path": path,
-                                       "method": method}}
+                                       "method": method, "client_cert_sha256": cert}}
     policy: CompiledPolicy | None = pipeline.policy
     out["policy_version"] = policy.version if policy else None
     try:
@@ -81,6 +91,10 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
         return done("error", err.status, err.code, "policy", err.message)
     res = policy.doc.resellers.get(reseller or "")
     out["identity"]["reseller_config"] = res.model_dump(mode="json") if res else None
+    try:
+        check_client_cert(policy, rec, cert)
+    except GatewayError as err:
+        return done(err.decision, err.status, err.code, "identity", err.message)
     try:
         att = attest(policy, rec, customer_id, customer_ip, attestation, method, path,
                      time.time())

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -333,15 +334,22 @@ class Listener:
 
     `max_connections`: at the cap the listener stops accepting (new connections wait in the
     kernel backlog, then are refused once it is full) and resumes below it. `stop_accepting`
-    closes the listening sockets for good; open connections are left alone."""
+    closes the listening sockets for good; open connections are left alone.
+
+    `ssl_context`: serve TLS with this context (gateway.tls.ServerTLS.context: one context
+    for the listener's life, which moves each handshake onto the certificate in service). The
+    handshake must complete within `header_timeout_s` (the connection is counted, and its head
+    deadline starts, once it has)."""
 
     def __init__(self, server: web.Server, host: str, port: int, *, backlog: int = 1024,
                  reuse_port: bool = False, max_connections: int | None = None,
                  header_timeout_s: float | None = None,
-                 proxy_protocol: ProxyProtocol | None = None) -> None:
+                 proxy_protocol: ProxyProtocol | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.server = server
         #: read at each accept: replacing it (a reload) applies to new connections
         self.proxy_protocol = proxy_protocol
+        self.ssl_context = ssl_context
         self.host = host
         self.port = port
         self.backlog = backlog
@@ -391,7 +399,8 @@ class Listener:
             # Serve a duplicate of each socket: closing it stops accepting while the original
             # keeps the socket listening (and its backlog filling).
             servers = [await loop.create_server(lambda: _Connection(self), sock=sock.dup(),
-                                                backlog=self.backlog, start_serving=False)
+                                                backlog=self.backlog, start_serving=False,
+                                                **self._tls_args())
                        for sock in self._socks]
         finally:
             self._resuming = False
@@ -404,6 +413,11 @@ class Listener:
             if srv not in self._serving:
                 break  # paused again while starting
             await srv.start_serving()
+
+    def _tls_args(self) -> dict[str, Any]:
+        if self.ssl_context is None:
+            return {}
+        return {"ssl": self.ssl_context, "ssl_handshake_timeout": self.header_timeout_s or 60.0}
 
     def _below_cap(self) -> bool:
         cap = self.max_connections

@@ -69,6 +69,8 @@ class ExplainQuery:
     path: str = "/v1/messages"
     attestation: str | None = None  # an X-Customer-Attestation value
     method: str = "POST"
+    #: the client certificate the connection presented (SHA-256 fingerprint), if any
+    client_cert_sha256: str | None = None
 
 
 class Operations(Protocol):
@@ -183,10 +185,15 @@ class DirectOperations:
         from gateway.identity import KeyRegistry
         from gateway.limits import Limits
         from gateway.pipeline import Pipeline
-        from gateway.policy import compile_policy, validate_policy
+        from gateway.policy import compile_policy, normalize_fingerprint, validate_policy
         from gateway.snapshot import Snapshot, build_config_parts
 
         s = self.config.settings
+        if query.client_cert_sha256:
+            try:
+                normalize_fingerprint(query.client_cert_sha256)
+            except ValueError as exc:
+                raise OperationError(400, f"client_cert_sha256: {exc}") from None
         with _mapped():
             geo = open_geo(s.geo, self.config.path, 0)
             registry = KeyRegistry(self.store)
@@ -203,7 +210,8 @@ class DirectOperations:
                                    reseller=query.reseller, customer_ip=query.customer_ip,
                                    customer_id=query.customer_id, model=query.model,
                                    path=query.path or "/v1/messages", key_id=query.key_id,
-                                   attestation=query.attestation, method=query.method)
+                                   attestation=query.attestation, method=query.method,
+                                   client_cert_sha256=query.client_cert_sha256)
                 finally:
                     await parts.upstream.close()
             finally:
@@ -365,7 +373,7 @@ class AdminOperations:
             ("ip", query.ip), ("reseller", query.reseller), ("customer_ip", query.customer_ip),
             ("customer_id", query.customer_id), ("model", query.model), ("path", query.path),
             ("key_id", query.key_id), ("attestation", query.attestation),
-            ("method", query.method)) if v}
+            ("method", query.method), ("client_cert_sha256", query.client_cert_sha256)) if v}
         # The full key goes in a header, never in the URL (access logs keep URLs).
         headers = {"x-explain-key": query.key} if query.key else None
         out: dict[str, Any] = await self._call("GET", "/admin/explain", params=params,

@@ -14,7 +14,14 @@ from aiohttp import web
 from gateway import metrics, tracing
 from gateway.attestation import ATTESTATION_HEADER
 from gateway.context import RequestContext, clip, new_request_id
-from gateway.decision import KeyScopes, attest, authenticate_request, decide, loaded
+from gateway.decision import (
+    KeyScopes,
+    attest,
+    authenticate_request,
+    check_client_cert,
+    decide,
+    loaded,
+)
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, extract_key
@@ -32,6 +39,7 @@ from gateway.responses import render
 from gateway.self_service import SELF_SERVICE_PATH, SELF_SERVICE_REASON, describe_key
 from gateway.snapshot import Snapshot
 from gateway.store.base import KeyRecord
+from gateway.tls import peer_cert_sha256
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -117,6 +125,9 @@ class Pipeline:
                 time.time())
             ctx.key_id, ctx.reseller = key.key_id, key.reseller
             policy = loaded(snap.policy)
+            # The connection's client certificate matters only to a reseller bound to some.
+            check_client_cert(policy, key, peer_cert_sha256(request.transport)
+                              if policy.client_certs else None)
             if path == SELF_SERVICE_PATH and request.method == "GET":
                 return await self._self_service(ctx, policy, key)
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),

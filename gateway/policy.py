@@ -19,6 +19,21 @@ from gateway.paths import PathGlobs, compile_path_globs
 from gateway.settings import ConfigError, GeoSettings, load_yaml, validation_error
 
 _CC = re.compile(r"^[A-Z]{2}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SHA256_COLONS = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){31}")
+
+
+def normalize_fingerprint(value: str) -> str:
+    """A certificate fingerprint as the policy keeps it: SHA-256 of the DER certificate in
+    lowercase hex. Colon-separated pairs (`openssl x509 -fingerprint -sha256`: `AB:CD:…`)
+    and upper case are accepted; anything else is a ValueError."""
+    v = value.strip().lower()
+    if _SHA256_HEX.fullmatch(v):
+        return v
+    if _SHA256_COLONS.fullmatch(v):
+        return v.replace(":", "")
+    raise ValueError(f"{value[:100]!r} is not a SHA-256 certificate fingerprint (64 hex "
+                     "digits, or 32 colon-separated pairs)")
 
 
 class _M(BaseModel):
@@ -130,6 +145,9 @@ class Reseller(_M):
     require_customer: bool = False
     limits: LimitSet = Field(default_factory=LimitSet)
     customer_limits: LimitSet | None = None
+    #: the reseller's keys are accepted only on a connection that presented one of these
+    #: client certificates (SHA-256 of the DER certificate, kept in lowercase hex)
+    client_cert_sha256: list[str] | None = None
     # None, not an empty set: a policy without quotas keeps its canonical JSON
     quotas: Quotas | None = None
     #: the reseller's Ed25519 public key (PEM SubjectPublicKeyInfo) for signed attestations
@@ -149,6 +167,21 @@ class Reseller(_M):
         if v is not None:
             load_public_key(v)  # ValueError: a config error naming the field
         return v
+
+    @field_validator("client_cert_sha256")
+    @classmethod
+    def _fingerprints(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("an empty list would refuse every key of the reseller; omit "
+                             "the field for no binding")
+        out: list[str] = []
+        for fp in v:
+            norm = normalize_fingerprint(fp)
+            if norm not in out:
+                out.append(norm)
+        return out
 
 
 class KeyLimitSet(LimitSet):
@@ -313,6 +346,8 @@ class CompiledPolicy:
     model_rules: bool = False
     #: resellers' attestation public keys, loaded once per policy version
     attestation_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    #: resellers bound to client certificates: their fingerprints (docs/architecture.md §5)
+    client_certs: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
@@ -337,6 +372,8 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
         model_rules=any(r.match.model for r in doc.rules),
         attestation_keys={n: load_public_key(r.attestation_key)
                           for n, r in doc.resellers.items() if r.attestation_key},
+        client_certs={n: frozenset(r.client_cert_sha256) for n, r in doc.resellers.items()
+                      if r.client_cert_sha256},
     )
 
 

@@ -331,6 +331,26 @@ class TracingSettings(_Model):
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
 
+class TLSSettings(_Model):
+    """TLS on the proxy listener (docs/architecture.md §3): the certificate and key (PEM),
+    reloaded on SIGHUP and when the files change; optionally the CA whose client certificates
+    the listener asks for (`require_client_cert`: refuse a handshake without one)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
+    reload_interval_s: float = Field(default=10.0, gt=0)  # how often to look at the files
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _needs_ca(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("client_ca_file"):
+            raise ValueError("require_client_cert: true needs a client_ca_file (the CA that "
+                             "signs the client certificates)")
+        return v
+
+
 class UsageSettings(_Model):
     """The usage ledger (docs/architecture.md §12)."""
 
@@ -340,6 +360,7 @@ class UsageSettings(_Model):
 
 class Settings(_Model):
     listen: str = "0.0.0.0:8080"
+    tls: TLSSettings | None = None  # TLS on the proxy listener (none: plain HTTP)
     admin_listen: str = "127.0.0.1:9090"
     admin_token_env: str = "GATEWAY_ADMIN_TOKEN"
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
@@ -506,6 +527,12 @@ def load_settings(
     clash = settings.listen_clash()
     if clash:
         errors.append(ConfigError(path, "admin_listen", clash))
+    if settings.tls is not None and settings.client_ip.proxy_protocol != "off":
+        # The PROXY header comes in clear before the TLS handshake; this listener reads it
+        # above TLS, so the two together would fail every handshake: refuse, not break.
+        errors.append(ConfigError(path, "client_ip.proxy_protocol", (
+            "cannot be used with tls: end TLS at the load balancer that sends the PROXY "
+            "header, or turn one of them off")))
     ca_problem = ca_file_problem(settings.upstream.ca_file)
     if ca_problem:
         errors.append(ConfigError(path, "upstream.ca_file", ca_problem))
@@ -575,4 +602,10 @@ def _resolve_paths(path: str, s: Settings) -> Settings:
     upstream = s.upstream
     if upstream.ca_file:
         upstream = upstream.model_copy(update={"ca_file": resolve_relative(path, upstream.ca_file)})
-    return s.model_copy(update={"geo": geo, "policy_file": policy_file, "upstream": upstream})
+    tls = None if s.tls is None else s.tls.model_copy(update={
+        "cert_file": resolve_relative(path, s.tls.cert_file),
+        "key_file": resolve_relative(path, s.tls.key_file),
+        "client_ca_file": (resolve_relative(path, s.tls.client_ca_file)
+                           if s.tls.client_ca_file else None)})
+    return s.model_copy(update={"geo": geo, "policy_file": policy_file, "upstream": upstream,
+                                "tls": tls})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.decision import _NO_PATH, KeyScopes, attest, decide
+from gateway.decision import _NO_PATH, KeyScopes, attest, check_client_cert, decide
 from gateway.errors import GatewayError
 from gateway.geo import GeoInfo
 from gateway.policy import CompiledPolicy, compile_policy, validate_policy
@@ -83,3 +83,35 @@ def test_decide_judges_rules_then_scopes_then_names_the_subjects() -> None:
     assert ok.shadow == ["hosting-providers"]
     assert {f"{s.kind}:{s.ident}" for s in ok.subjects} >= {"key:k4", "customer:c1"}
     assert ok.trace is not None and ok.trace[0]["rule"] == "restricted-regions"
+
+
+def _bound_policy() -> CompiledPolicy:
+    doc = dict(DEFAULT_POLICY)
+    doc["resellers"] = {**DEFAULT_POLICY.get("resellers", {}),
+                        "r": {"client_cert_sha256": ["aa" * 32, "bb" * 32]}}
+    return compile_policy(validate_policy(doc, "test"), 1)
+
+
+def test_a_key_of_a_bound_reseller_needs_one_of_its_client_certificates() -> None:
+    """A key of a reseller bound to client certificates is refused without one (403
+    client_certificate_required) and with another (403 client_certificate_mismatch), and
+    passes with any of its own."""
+    policy, key = _bound_policy(), _rec()
+    for presented, code in ((None, "client_certificate_required"),
+                            ("cc" * 32, "client_certificate_mismatch")):
+        with pytest.raises(GatewayError) as refused:
+            check_client_cert(policy, key, presented)
+        err = refused.value
+        assert (err.status, err.type, err.code, err.decision) == (
+            403, "permission_error", code, "deny")
+    check_client_cert(policy, key, "aa" * 32)
+    check_client_cert(policy, key, "bb" * 32)
+
+
+def test_a_reseller_without_a_binding_needs_no_client_certificate() -> None:
+    """A reseller with no `client_cert_sha256` takes its keys with or without a client
+    certificate."""
+    policy = _policy()
+    assert policy.client_certs == {}
+    check_client_cert(policy, _rec(), None)
+    check_client_cert(policy, _rec(), "cc" * 32)

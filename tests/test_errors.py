@@ -7,8 +7,10 @@ from pathlib import Path
 
 from gateway.errors import (
     ATTESTATION_CODES,
+    CLIENT_CERTIFICATE_CODES,
     attestation_refused,
     auth_error,
+    client_certificate_error,
     invalid_request,
     permission_error,
     quota_exceeded,
@@ -29,6 +31,16 @@ def test_constructors_set_status_type_and_decision() -> None:
                                                       "error")
     assert str(a) == "bad key"
     assert a.key_id is None and a.reseller is None
+
+
+def test_client_certificate_refusals_are_403_permission_errors() -> None:
+    """Both client-certificate codes are 403 permission_error denials."""
+    for code in CLIENT_CERTIFICATE_CODES:
+        err = client_certificate_error(code, "no")
+        assert (err.status, err.type, err.code, err.decision) == (
+            403, "permission_error", code, "deny")
+    assert CLIENT_CERTIFICATE_CODES == ("client_certificate_required",
+                                        "client_certificate_mismatch")
 
 
 def test_quota_refusals_are_429_with_retry_after() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from gateway.explain import explain
-from tests.support.gateway import running_gateway
+from tests.support.gateway import DEFAULT_POLICY, running_gateway
 from tests.support.upstream import FakeUpstream
 
 
@@ -31,3 +33,29 @@ async def test_explain_traces_allow_scope_denial_unknown_key_and_bad_path(
         assert by_id["decision"]["decision"] == "allow"
         bad = explain(pipe, reg, "192.0.2.1", key=key, path="/v1/../../x")["decision"]
         assert (bad["status"], bad["code"], bad["stage"]) == (400, "invalid_path", "path")
+
+
+async def test_explain_judges_the_client_certificate_given(tmp_path: Path,
+                                                           upstream: FakeUpstream) -> None:
+    """For a reseller bound to client certificates, explain without a fingerprint says 403
+    client_certificate_required, with another one client_certificate_mismatch, with its own
+    (in openssl's colon form too) allow; a malformed fingerprint is a ValueError."""
+    bound = "ab" * 32
+    policy = {**DEFAULT_POLICY, "resellers": {
+        **DEFAULT_POLICY["resellers"], "direct": {
+            **DEFAULT_POLICY["resellers"]["direct"], "client_cert_sha256": [bound]}}}
+    async with running_gateway(tmp_path, upstream.url, policy) as gw:
+        key_id, _ = await gw.issue_key()
+        pipe, reg = gw.service.pipeline, gw.service.registry
+        for cert, code in ((None, "client_certificate_required"),
+                           ("cd" * 32, "client_certificate_mismatch")):
+            out = explain(pipe, reg, "192.0.2.1", key_id=key_id, client_cert_sha256=cert)
+            assert (out["decision"]["status"], out["decision"]["code"],
+                    out["decision"]["stage"]) == (403, code, "identity")
+        colons = ":".join(["AB"] * 32)
+        ok = explain(pipe, reg, "192.0.2.1", key_id=key_id, client_cert_sha256=colons)
+        assert ok["decision"]["decision"] == "allow"
+        assert ok["request"]["client_cert_sha256"] == bound
+        assert ok["identity"]["reseller_config"]["client_cert_sha256"] == [bound]
+        with pytest.raises(ValueError, match="not a SHA-256 certificate fingerprint"):
+            explain(pipe, reg, "192.0.2.1", key_id=key_id, client_cert_sha256="xyz")

@@ -46,7 +46,7 @@ TABLE = (
                         "self_service attestation"),
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit usage_report request_log metrics "
-                      "listeners tracing", never="stores"),
+                      "listeners tracing tls", never="stores"),
     _group(4, "pipeline", "decision snapshot pipeline explain key_admin", never="stores"),
     _group(5, "composition", "app sync status loops admin operations workers", never="stores"),
     _group(6, "entry", "cli __main__"),

@@ -1,19 +1,23 @@
-"""Unit tests for gateway.listeners: the listener serves an aiohttp server, answers a request
-head that never completes with a 408, and counts its connections (small in-process tests)."""
+"""Unit tests for gateway.listeners: the listener serves an aiohttp server (over TLS too),
+answers a request head that never completes with a 408, and counts its connections (small
+in-process tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from aiohttp import web
 
 from gateway.listeners import Listener, ProxyProtocol, _timeout_response
 from gateway.proxy_protocol import v2_header
 from gateway.settings import ClientIPSettings
+from tests.support.certs import TestCA
 from tests.support.gateway import poll
 
 
@@ -156,4 +160,22 @@ async def test_close_pending_closes_a_connection_waiting_for_its_header() -> Non
         except ConnectionResetError:
             pass
         writer.close()
+async def test_a_tls_listener_serves_https_and_bounds_the_handshake(tmp_path: Path) -> None:
+    """With an SSL context the listener serves HTTPS (and counts the connection once its
+    handshake is done); a connection that never starts its handshake is closed after the
+    header timeout."""
+    ca = TestCA(tmp_path)
+    server_cert = ca.issue("server")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(server_cert.cert_file, server_cert.key_file)
+    async with _listening(header_timeout_s=0.3, ssl_context=ctx) as (listener, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       ssl=ca.client_context())
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"hello")
+        raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(raw_reader.read(), 30) == b""  # closed, nothing said
+        raw_writer.close()
         await poll(lambda: not listener.connections)

@@ -205,6 +205,24 @@ async def test_explain_judges_an_attestation_header(ops: Operations) -> None:
     assert malformed["decision"]["code"] == "attestation_signature_malformed"
 
 
+async def test_explain_judges_the_client_certificate(ops: Operations) -> None:
+    """For a reseller bound to client certificates, explain with its certificate's fingerprint
+    (colon form accepted) allows and with another says client_certificate_mismatch; a
+    malformed fingerprint is refused with 400."""
+    bound = {**DEFAULT_POLICY, "resellers": {**DEFAULT_POLICY["resellers"], "direct": {
+        **DEFAULT_POLICY["resellers"]["direct"], "client_cert_sha256": ["ab" * 32]}}}
+    version = await ops.put_policy(yaml.safe_dump(bound), 1)
+    key_id = (await ops.issue_key({"reseller": "direct"})).key_id
+    mine = ExplainQuery(ip=US_IP, key_id=key_id, client_cert_sha256=":".join(["AB"] * 32))
+    out = await ops.explain(mine)
+    assert out["policy_version"] == version and out["decision"]["decision"] == "allow"
+    other = await ops.explain(ExplainQuery(ip=US_IP, key_id=key_id,
+                                           client_cert_sha256="cd" * 32))
+    assert (other["decision"]["status"], other["decision"]["code"]) == (
+        403, "client_certificate_mismatch")
+    status, message = await _status(ops.explain(ExplainQuery(
+        ip=US_IP, key_id=key_id, client_cert_sha256="not-a-fingerprint")))
+    assert status == 400 and "client_cert_sha256" in message
 def _ledger(today: str, old: str) -> dict[UsageKey, Tally]:
     return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
             UsageKey(today, "acme", "kb", None, "claude-x"): Tally(1, 10, 100),

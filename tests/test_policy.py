@@ -509,3 +509,35 @@ def test_policy_validate_cli_needs_no_secrets(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "rules[restricted-regions].match.country" in bad.stderr
     assert "CHN" in bad.stderr
+
+
+FP = "ab" * 32
+
+
+def test_client_cert_fingerprints_are_normalised_and_compiled() -> None:
+    """`client_cert_sha256` keeps lowercase hex: colon-separated upper case (openssl's form)
+    and upper-case hex are normalised, duplicates dropped; only bound resellers compile."""
+    colons = ":".join(["AB"] * 32)
+    doc = validate_policy({"resellers": {
+        "bound": {"client_cert_sha256": [colons, FP.upper(), "cd" * 32]},
+        "free": {}}}, SRC)
+    assert doc.resellers["bound"].client_cert_sha256 == [FP, "cd" * 32]
+    assert doc.resellers["free"].client_cert_sha256 is None
+    compiled = compile_policy(doc, 1)
+    assert compiled.client_certs == {"bound": frozenset({FP, "cd" * 32})}
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    (["ab" * 31], "is not a SHA-256 certificate fingerprint"),
+    (["zz" * 32], "is not a SHA-256 certificate fingerprint"),
+    ([":".join(["ab"] * 31) + ":"], "is not a SHA-256 certificate fingerprint"),
+    ([], "an empty list would refuse every key"),
+    ("ab" * 32, "valid list"),
+])
+def test_a_bad_client_cert_fingerprint_is_named(value: Any, reason: str) -> None:
+    """A value that is not a SHA-256 fingerprint, or an empty list, is a policy error naming
+    the reseller's field."""
+    with pytest.raises(ConfigError) as err:
+        validate_policy({"resellers": {"acme": {"client_cert_sha256": value}}}, SRC)
+    assert err.value.field.startswith("resellers.acme.client_cert_sha256")
+    assert reason in err.value.reason

@@ -96,6 +96,39 @@ def test_minimal_config_names_only_the_country_database(tmp_path: Path) -> None:
     assert s.geo.max_age_days == 35
 
 
+def test_tls_is_off_by_default_and_its_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    """Without a tls section the proxy listener speaks plain HTTP; its files resolve against
+    the config's folder, and the watch interval defaults to 10 s."""
+    assert _load(_write(tmp_path / "a.yaml", "geo: {country_db: C.mmdb}\n")).settings.tls is None
+    s = _load(_write(tmp_path / "b.yaml", "geo: {country_db: C.mmdb}\n"
+                     "tls: {cert_file: certs/tls.crt, key_file: /abs/tls.key, "
+                     "client_ca_file: ca.crt}\n")).settings
+    assert s.tls is not None
+    assert s.tls.cert_file == str(tmp_path / "certs" / "tls.crt")
+    assert s.tls.key_file == "/abs/tls.key"
+    assert s.tls.client_ca_file == str(tmp_path / "ca.crt")
+    assert (s.tls.require_client_cert, s.tls.reload_interval_s) == (False, 10.0)
+
+
+@pytest.mark.parametrize(("tls", "field", "reason"), [
+    ("{key_file: k.pem}", "tls.cert_file", "required field is missing"),
+    ("{cert_file: c.pem}", "tls.key_file", "required field is missing"),
+    ("{cert_file: c.pem, key_file: k.pem, require_client_cert: true}",
+     "tls.require_client_cert", "needs a client_ca_file"),
+    ("{cert_file: c.pem, key_file: k.pem, reload_interval_s: 0}", "tls.reload_interval_s",
+     "greater than 0"),
+    ("{cert_file: c.pem, key_file: k.pem, ciphers: x}", "tls.ciphers", "unknown field"),
+])
+def test_a_bad_tls_section_names_its_field(tmp_path: Path, tls: str, field: str,
+                                           reason: str) -> None:
+    """A tls section without its files, requiring client certificates without a CA to check
+    them, or with a bad or unknown field is refused naming the field."""
+    path = _write(tmp_path / "gw.yaml", f"geo: {{country_db: C.mmdb}}\ntls: {tls}\n")
+    with pytest.raises(ConfigError) as err:
+        _load(path)
+    assert err.value.field == field and reason in err.value.reason
+
+
 def test_empty_file_names_the_missing_country_database(tmp_path: Path) -> None:
     """An empty config is an error naming geo.country_db, never a bundled database."""
     with pytest.raises(ConfigError) as info:
@@ -121,6 +154,7 @@ BAD_CONFIGS = [
     ("not_mapping.yaml", "", "top level must be a mapping"),
     ("bad_retention_days.yaml", "usage.retention_days", "greater than 0"),
     ("hash_chain_console.yaml", "log.hash_chain", "needs log.format: json"),
+    ("tls_with_proxy_protocol.yaml", "client_ip.proxy_protocol", "cannot be used with tls"),
     ("no_country_db.yaml", "geo.country_db", "required field is missing"),
     ("duplicate_key.yaml", "upstream.url", "duplicate key at line 5 (first at line 3)"),
     ("listen_equals_admin.yaml", "admin_listen",

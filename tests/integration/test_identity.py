@@ -180,11 +180,12 @@ async def test_keys_list_show_rotate_via_cli_and_admin_api(
         status, _ = await gw.admin("GET", "/admin/keys/0000000000000000")
         assert status == 404
 
-        # Rotate one key with the CLI and another through the admin API, 1 s overlap each;
-        # each old secret is checked right after its own rotation, inside the overlap.
+        # Rotate one key with the CLI and another through the admin API, 5 s overlap each (a
+        # CLI process can take seconds to start on a loaded machine); each old secret is
+        # checked right after its own rotation, inside the overlap.
         await _until([gw], cli_key["key"], (200, None), timeout=FLEET_S)
         out = await asyncio.to_thread(run_cli, "keys", "rotate", cli_key["key_id"],
-                                      "--overlap", "1", "--json", config=cfg)
+                                      "--overlap", "5", "--json", config=cfg)
         assert out.returncode == 0, out.stderr
         new_cli = json.loads(out.stdout)
         assert new_cli["key_id"] == cli_key["key_id"] and new_cli["key"] != cli_key["key"]
@@ -194,14 +195,14 @@ async def test_keys_list_show_rotate_via_cli_and_admin_api(
         _, direct_key = await gw.issue_key("direct")
         await _until([gw], direct_key, (200, None), timeout=FLEET_S)
         status, rotated = await gw.admin("POST", f"/admin/keys/{_kid(direct_key)}/rotate",
-                                         json={"overlap_s": 1})
+                                         json={"overlap_s": 5})
         assert status == 200, rotated
         assert rotated["key_id"] == _kid(direct_key) and rotated["key"] != direct_key
         await _until([gw], rotated["key"], (200, None), timeout=FLEET_S)
         assert await _status(gw, direct_key) == (200, None)
 
         for old, new in ((cli_key["key"], new_cli["key"]), (direct_key, rotated["key"])):
-            await _until([gw], old, (401, "invalid_api_key"), timeout=10)
+            await _until([gw], old, (401, "invalid_api_key"), timeout=30)
             assert await _status(gw, new) == (200, None)
         actions = {(a["action"], a["target"]) for a in gw.logs.events("audit")}
         assert ("key_rotated", _kid(direct_key)) in actions

@@ -6,7 +6,9 @@ the relaying reseller's keys are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,9 @@ from gateway.screening import (
 )
 from gateway.settings import ConfigError
 from gateway.store.base import ScreeningTally, ScreeningWindow
+from tests.support.cli import run_cli
 from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway
+from tests.support.redis_server import free_port
 from tests.support.upstream import FakeUpstream
 
 H = 500_000  # an hour number (Unix time // 3600)
@@ -249,7 +253,8 @@ async def test_report_flags_the_relay_and_not_the_honest_reseller(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """After the traffic mix GET /admin/report flags the relaying reseller with its reasons,
     not the honest one; the alert line is printed once per signal (shadow: no suspension)."""
-    async with running_gateway(tmp_path, upstream.url, _mix_policy()) as gw:
+    async with running_gateway(tmp_path, upstream.url, _mix_policy(),
+                               admin_listen=f"127.0.0.1:{free_port()}") as gw:
         _, relay_key = await gw.issue_key("relay")
         _, honest_key = await gw.issue_key("honest")
         statuses = await send_mix(gw.url, relay_key, RELAY_EGRESS, relay_mix())
@@ -270,6 +275,16 @@ async def test_report_flags_the_relay_and_not_the_honest_reseller(
         assert {"country": "CN", "requests": 3} in relay["top_customer_countries"]
         assert relay["top_client_asns"][0] == {"asn": 64500, "name": "Demo Cloud US",
                                                "requests": len(relay_mix())}
+        cfg = tmp_path / "gateway.yaml"
+        listed = await asyncio.to_thread(run_cli, "report", "resellers", "--json", config=cfg)
+        assert listed.returncode == 0, listed.stderr
+        assert _flags(json.loads(listed.stdout), "relay") >= _flags(report, "relay")
+        table = await asyncio.to_thread(run_cli, "report", "reseller", "relay", config=cfg)
+        assert table.returncode == 0, table.stderr
+        assert "FLAG  restricted_customer_share" in table.stdout
+        assert "customer countries:" in table.stdout and "CN 3" in table.stdout
+        missing = await asyncio.to_thread(run_cli, "report", "reseller", "nobody", config=cfg)
+        assert missing.returncode == 1 and "nobody" in missing.stderr
         status, one = await gw.admin("GET", "/admin/report/honest?since=1h")
         assert status == 200 and [r["reseller"] for r in one["resellers"]] == ["honest"]
         assert one["since"] == "1h"

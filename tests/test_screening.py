@@ -327,3 +327,20 @@ async def test_suspend_in_enforce_mode_refuses_the_relay_keys(
         changed = [e for e in audit["events"] if e["action"] == "reseller_status_changed"]
         assert [(e["target"], e["status"], e["actor"]) for e in changed] == [
             ("relay", "suspended", "screening")]
+
+
+def test_policy_file_documents_the_screening_defaults() -> None:
+    """The commented `screening:` block of config/policy.yaml validates and holds exactly the
+    defaults."""
+    import yaml
+
+    from gateway.policy import SCREENING_DEFAULTS
+    from tests.support.gateway import REPO
+
+    text = (REPO / "config" / "policy.yaml").read_text()
+    block = text[text.index("# screening:"):]
+    doc = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in block.splitlines()))
+    s = Screening.model_validate(doc["screening"])
+    assert {n: s.limits(n) for n in SIGNALS} == SCREENING_DEFAULTS
+    assert (s.window, s.actions.flag, s.actions.mode) == ("24h", "alert", "shadow")

@@ -260,6 +260,8 @@ class Demo:
         print("  " + out_b.decode().rstrip().replace(str(broken), "broken.yaml")
               .replace("\n", "\n  "))
 
+        await self.quotas()
+
         _h("8. The audit trail: every administrative change, kept in the store")
         _, out = await self.cli("audit", "list")
         print("  " + out.rstrip().replace("\n", "\n  "))
@@ -329,6 +331,26 @@ class Demo:
         finally:
             await client.close()
         return codes
+
+    async def quotas(self) -> None:
+        _h("7c. A daily quota runs out; the usage ledger (forwarded requests only)")
+        quota = await self.issue("--reseller", "acme", "--name", "trial",
+                                 "--quota", "daily.requests=2")
+        for i in range(3):
+            await self.ask(f"trial key (daily.requests=2), request {i + 1}", quota,
+                           "192.0.2.16", customer=("cust-42", "192.0.2.50"))
+        # Instances add their tallies to the ledger once a second: wait for this one's.
+        kid = quota.split("_")[1]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            _, out = await self.cli("usage", "--key", kid, "--json", show=False)
+            if json.loads(out)["totals"]["requests"] >= 2:
+                break
+            await asyncio.sleep(0.2)
+        for args in (("usage", "--since", "24h"), ("usage", "--by", "customer"),
+                     ("usage", "--key", kid, "--csv")):
+            _, out = await self.cli(*args)
+            print("  " + out.rstrip().replace("\n", "\n  "))
 
     async def raw(self, label: str, method: str, target: str, headers: dict[str, str],
                   body: bytes = b"", hang_up_after: bytes | None = None) -> None:

@@ -346,6 +346,8 @@ class ScreeningTallies:
         self.actor = actor
         self._pending: dict[tuple[str, int], ScreeningTally] = {}
         self._restricted: tuple[int, frozenset[str]] = (-1, frozenset())
+        # (reseller, signal) -> flagged when this instance last judged it
+        self._flagged: dict[tuple[str, str], bool] = {}
         #: flushes the store refused (tallies dropped); for tests and diagnostics
         self.flush_errors = 0
 
@@ -409,8 +411,13 @@ class ScreeningTallies:
                     flagged = s["state"] == "flag"
                     metrics.child(metrics.SCREENING_FLAGGED, r, s["name"]).set(
                         1 if flagged else 0)
-                    if not await self.store.screening_mark(r, s["name"], flagged,
-                                                           hours * 3600):
+                    # The store's mark only on a change seen here: no round trip per signal
+                    # and flush while nothing changes.
+                    if self._flagged.get((r, s["name"]), False) == flagged:
+                        continue
+                    won = await self.store.screening_mark(r, s["name"], flagged, hours * 3600)
+                    self._flagged[(r, s["name"])] = flagged
+                    if not won:
                         continue
                     logger().warning("screening_alert", reseller=r, signal=s["name"],
                                      value=s["value"], threshold=s["threshold"],

@@ -223,6 +223,24 @@ async def test_explain_judges_the_client_certificate(ops: Operations) -> None:
     status, message = await _status(ops.explain(ExplainQuery(
         ip=US_IP, key_id=key_id, client_cert_sha256="not-a-fingerprint")))
     assert status == 400 and "client_cert_sha256" in message
+
+
+async def test_report_of_resellers_without_traffic(ops: Operations) -> None:
+    """The screening report lists every reseller of the policy with all eight signals ok; one
+    reseller alone by name; 404 for an unknown reseller, 400 for a bad since."""
+    report = await ops.report(None, None)
+    assert report["since"] == "24h" and report["window_seconds"] == 86400
+    assert [r["reseller"] for r in report["resellers"]] == ["acme", "direct"]
+    for r in report["resellers"]:
+        assert r["requests"] == 0 and not r["flagged"] and len(r["signals"]) == 8
+        assert {s["state"] for s in r["signals"]} == {"ok"}
+        assert r["activity_hours"] == [0] * 24
+    one = await ops.report("2h", "acme")
+    assert [r["reseller"] for r in one["resellers"]] == ["acme"] and one["since"] == "2h"
+    assert (await _status(ops.report(None, "nobody")))[0] == 404
+    assert (await _status(ops.report("soon", None)))[0] == 400
+
+
 def _ledger(today: str, old: str) -> dict[UsageKey, Tally]:
     return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
             UsageKey(today, "acme", "kb", None, "claude-x"): Tally(1, 10, 100),

@@ -37,6 +37,7 @@ from gateway.operations import policy_from_text, store_policy
 from gateway.pipeline import Pipeline
 from gateway.policy import canonical
 from gateway.responses import render
+from gateway.screening import build_report
 from gateway.settings import ConfigError, LoadedConfig
 from gateway.store.base import Store
 
@@ -282,6 +283,23 @@ async def explain_view(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+async def report_view(request: web.Request) -> web.Response:
+    """GET /admin/report[/{reseller}]?since=24h: the reseller screening report
+    (docs/architecture.md §15); 404 for a reseller the live policy does not have."""
+    svc = request.app[BACKEND]
+    reseller = request.match_info.get("reseller")
+    await svc.pipeline.screening.flush()  # this instance's latest tallies too
+    try:
+        out = await build_report(svc.store, svc.pipeline.snapshot.policy,
+                                 request.query.get("since"), reseller)
+    except ValueError as exc:
+        raise admin_error(400, str(exc)) from None
+    except KeyError:
+        raise admin_error(404, f"no reseller {str(reseller)[:64]!r} in the live policy",
+                          "not_found") from None
+    return web.json_response(out)
+
+
 async def reload_view(request: web.Request) -> web.Response:
     if not await request.app[BACKEND].reload():
         raise admin_error(400, "the config file was refused and the running config stays "
@@ -346,6 +364,8 @@ def build_admin_app(backend: AdminBackend) -> web.Application:
     r.add_get("/admin/explain", explain_view)
     r.add_get("/admin/audit", audit_view)
     r.add_post("/admin/reload", reload_view)
+    r.add_get("/admin/report", report_view)
+    r.add_get("/admin/report/{reseller}", report_view)
     for path in UI_FILES:
         r.add_get(path, ui_view)
     return app

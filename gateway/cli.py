@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo.
+"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, report.
 
 Exit codes: 0 success; 1 failure (store or gateway unreachable, unknown key, a request explain
 would refuse) or a difference found (policy apply --dry-run); 2 usage or config error
@@ -433,6 +433,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- report -----------------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`report resellers` / `report reseller R`: the screening report (architecture §15)."""
+    from gateway.request_log import configure_logging, set_log_stream
+    from gateway.screening import format_report
+
+    config = _load_admin(args)
+    run = _operator(config)
+    set_log_stream(sys.stderr)  # stdout is the report alone
+    configure_logging("error", "json")
+    reseller = args.reseller if args.report_cmd == "reseller" else None
+    out = run(lambda ops: ops.report(args.since, reseller))
+    if args.json:
+        _print(out)
+    else:
+        print(format_report(out))
+    return 0
+
+
 # --- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -542,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                "error. `gateway COMMAND --help` describes a command.")
     p.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="{run,check-config,keys,policy,audit,explain,"
-                                               "geo}")
+                                               "geo,report}")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help="config file (YAML)")
@@ -630,6 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the newest N events (default 1000, at most 10000)")
     al.add_argument("--json", action="store_true", help='one JSON document {"events": [...]}')
     au.set_defaults(fn=cmd_audit)
+
+    rp, rps = group("report", "reseller screening reports (signals per reseller)", "report_cmd")
+    for name, text in (("resellers", "every reseller's signals and breakdowns"),
+                       ("reseller", "one reseller's signals and breakdowns")):
+        rr = with_config(rps.add_parser(name, help=text))
+        if name == "reseller":
+            rr.add_argument("reseller", help="the reseller's name in the policy")
+        rr.add_argument("--since", help="whole hours or days back, 1h to 7d (default: the "
+                                        "policy's screening.window, 24h)")
+        json_flag(rr)
+    rp.set_defaults(fn=cmd_report)
 
     e = with_config(sub.add_parser(
         "explain", help="trace the decision for a request (exit 0 allowed, 1 refused)"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 
 from gateway.errors import StoreError
@@ -99,6 +99,8 @@ class Ledger:
         self._flushing: asyncio.Future[None] | None = None
         #: flushes (adds or reads) the store refused; for tests and diagnostics
         self.flush_errors = 0
+        #: more tallies sent by every flush, after the usage (reseller screening, §15)
+        self.flush_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # --- the hot path ---------------------------------------------------------------------
     def record(self, reseller: str, key_id: str, customer_id: str | None, model: str | None,
@@ -193,6 +195,8 @@ class Ledger:
                 await self._read({r: sorted(k) for r, k in self._watched.items()},
                                  utc_day(now))
             self._prune(utc_day(now))
+            for hook in self.flush_hooks:
+                await hook()
 
     async def _add(self, batch: dict[UsageKey, Tally]) -> None:
         failed: Collection[str] = ()

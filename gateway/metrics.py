@@ -61,6 +61,10 @@ POLICY_FILE_DIFFERS = Gauge("gateway_policy_file_differs",
                             "at start and on SIGHUP), else 0", multiprocess_mode="max")
 STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
                  multiprocess_mode="min")
+SCREENING_FLAGGED = Gauge("gateway_screening_flagged",
+                          "1 while a reseller's screening signal is in state flag, else 0 "
+                          "(configured resellers only)", ["reseller", "signal"],
+                          multiprocess_mode="max")
 
 
 def render() -> bytes:

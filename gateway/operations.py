@@ -104,6 +104,10 @@ class Operations(Protocol):
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """The decision trace for `query` (gateway.explain's document)."""
 
+    async def report(self, since: str | None, reseller: str | None) -> dict[str, Any]:
+        """The reseller screening report (docs/architecture.md §15), of every reseller or
+        of `reseller` alone (404 when the live policy has none such; 400 for a bad since)."""
+
 
 class DirectOperations:
     """The operations on a started store, through gateway.key_admin (as the admin API does them).
@@ -167,6 +171,22 @@ class DirectOperations:
         with _mapped():
             events = await self.store.list_audit(since, limit)
         return [key_admin.with_iso_times(e, ("time",)) for e in events]
+
+    async def report(self, since: str | None, reseller: str | None) -> dict[str, Any]:
+        from gateway.policy import compile_policy, validate_policy
+        from gateway.screening import build_report
+
+        with _mapped():
+            stored = await self.store.get_policy()
+            policy = None if stored is None else compile_policy(
+                validate_policy(json.loads(stored.doc), "store"), stored.version)
+            try:
+                return await build_report(self.store, policy, since, reseller)
+            except ValueError as exc:
+                raise OperationError(400, str(exc)) from None
+            except KeyError:
+                raise OperationError(404, f"no reseller {str(reseller)[:64]!r} in the "
+                                          "live policy") from None
 
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """Judged by a pipeline built here from the config and the stored keys and policy,
@@ -348,4 +368,10 @@ class AdminOperations:
         headers = {"x-explain-key": query.key} if query.key else None
         out: dict[str, Any] = await self._call("GET", "/admin/explain", params=params,
                                                headers=headers)
+        return out
+
+    async def report(self, since: str | None, reseller: str | None) -> dict[str, Any]:
+        path = "/admin/report" + ("/" + quote(reseller, safe="") if reseller else "")
+        out: dict[str, Any] = await self._call("GET", path,
+                                               params={"since": since} if since else None)
         return out

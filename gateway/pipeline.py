@@ -28,6 +28,7 @@ from gateway.quotas import effective_quotas
 from gateway.request_body import Body, BodyBudget, judge_body, read_body
 from gateway.request_log import log_request
 from gateway.responses import render
+from gateway.screening import ScreeningTallies
 from gateway.self_service import SELF_SERVICE_PATH, SELF_SERVICE_REASON, describe_key
 from gateway.snapshot import Snapshot
 from gateway.store.base import KeyRecord
@@ -47,6 +48,9 @@ class Pipeline:
         #: usage tallies and quota use (docs/architecture.md §12)
         self.ledger = ledger if ledger is not None else Ledger(
             limits.store, snapshot.parts.config.settings.usage.retention_days)
+        #: reseller screening tallies, sent by the ledger's flush (docs/architecture.md §15)
+        self.screening = ScreeningTallies(limits.store, lambda: self.snapshot.policy)
+        self.ledger.flush_hooks.append(self.screening.flush)
         self.scopes = KeyScopes()
         self.inflight = 0
         self.bodies = BodyBudget(snapshot.parts.config.settings.server.max_inflight_body_bytes)
@@ -231,4 +235,5 @@ class Pipeline:
         ctx.duration_ms = round(duration * 1000.0, 3)
         policy = snap.policy  # the request's own snapshot labels it
         metrics.record_request(ctx, forwarded, duration, policy.doc.resellers if policy else ())
+        self.screening.record(ctx, snap.geo)
         log_request(ctx)

@@ -151,12 +151,122 @@ class DefaultLimits(_M):
     default_max_output_tokens: int = Field(default=4096, gt=0)
 
 
+#: The screening signals (docs/architecture.md §15), in report order, with their default
+#: (threshold, watch). Share signals are fractions 0-1; count signals a count N; denial_spike
+#: a multiple k of the window's hourly mean.
+SCREENING_DEFAULTS: dict[str, tuple[float, float]] = {
+    "restricted_customer_share": (0.05, 0.01),
+    "anonymizer_customer_share": (0.25, 0.10),
+    "invalid_customer_ip_share": (0.05, 0.01),
+    "customer_country_hopping": (4, 3),
+    "shared_customer_ip": (10, 5),
+    "activity_hours_mismatch": (0.5, 0.3),
+    "egress_spread": (6, 4),
+    "denial_spike": (5.0, 3.0),
+}
+SHARE_SIGNALS = frozenset({"restricted_customer_share", "anonymizer_customer_share",
+                           "invalid_customer_ip_share", "activity_hours_mismatch"})
+COUNT_SIGNALS = frozenset({"customer_country_hopping", "shared_customer_ip", "egress_spread"})
+_WINDOW = re.compile(r"^(\d+)([hd])$")
+MAX_SCREENING_HOURS = 7 * 24
+
+
+class SignalLimits(_M):
+    """`screening.<signal>`: flag at value >= threshold, watch at value >= watch."""
+
+    threshold: float | None = Field(default=None, gt=0)
+    watch: float | None = Field(default=None, gt=0)
+
+
+class ScreeningActions(_M):
+    """`screening.actions`: what a transition to `flag` does (docs/architecture.md §15)."""
+
+    flag: Literal["alert", "suspend"] = "alert"
+    mode: Literal["shadow", "enforce"] = "shadow"
+
+
+class Screening(_M):
+    """The policy's `screening:` section: the sliding window, per-signal limits, actions."""
+
+    window: str = "24h"
+    restricted_customer_share: SignalLimits = Field(default_factory=SignalLimits)
+    anonymizer_customer_share: SignalLimits = Field(default_factory=SignalLimits)
+    invalid_customer_ip_share: SignalLimits = Field(default_factory=SignalLimits)
+    customer_country_hopping: SignalLimits = Field(default_factory=SignalLimits)
+    shared_customer_ip: SignalLimits = Field(default_factory=SignalLimits)
+    activity_hours_mismatch: SignalLimits = Field(default_factory=SignalLimits)
+    egress_spread: SignalLimits = Field(default_factory=SignalLimits)
+    denial_spike: SignalLimits = Field(default_factory=SignalLimits)
+    actions: ScreeningActions = Field(default_factory=ScreeningActions)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        m = _WINDOW.match(v) if isinstance(v, str) else None
+        if m is None:
+            raise ValueError("a window is whole hours or days, e.g. 24h or 7d")
+        hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+        if not 1 <= hours <= MAX_SCREENING_HOURS:
+            raise ValueError(f"a window is 1h to {MAX_SCREENING_HOURS}h")
+        return v
+
+    @property
+    def window_hours(self) -> int:
+        """The window in whole hours."""
+        m = _WINDOW.match(self.window)
+        assert m is not None
+        return int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+
+    def limits(self, signal: str) -> tuple[float, float]:
+        """(threshold, watch) of `signal`, the policy's or the default."""
+        given: SignalLimits = getattr(self, signal)
+        threshold, watch = SCREENING_DEFAULTS[signal]
+        if given.threshold is not None:
+            threshold = given.threshold
+            watch = min(watch, threshold) if given.watch is None else watch
+        if given.watch is not None:
+            watch = given.watch
+        return threshold, watch
+
+
+DEFAULT_SCREENING = Screening()
+
+
+def _check_screening(s: Screening, source: str) -> None:
+    """Share thresholds are fractions; counts are whole; watch never above threshold."""
+    errors: list[ConfigError] = []
+    for name in SCREENING_DEFAULTS:
+        given: SignalLimits = getattr(s, name)
+        threshold, watch = s.limits(name)
+        where = f"screening.{name}"
+        for fld, v in (("threshold", given.threshold), ("watch", given.watch)):
+            if v is None:
+                continue
+            if name in SHARE_SIGNALS and v > 1:
+                errors.append(ConfigError(source, f"{where}.{fld}",
+                                          "a share is a fraction from 0 to 1"))
+            if name in COUNT_SIGNALS and v != int(v):
+                errors.append(ConfigError(source, f"{where}.{fld}", "a count is whole"))
+        if watch > threshold:
+            errors.append(ConfigError(source, f"{where}.watch",
+                                      f"watch {watch:g} is above threshold {threshold:g}"))
+    if errors:
+        raise ConfigError.of(errors)
+
+
 class PolicyDoc(_M):
     version: Literal[1] = 1
     default_action: Literal["allow", "deny"] = "allow"
     rules: list[Rule] = Field(default_factory=list)
     resellers: dict[str, Reseller] = Field(default_factory=dict)
     limits: DefaultLimits = Field(default_factory=DefaultLimits)
+    # None, not the defaults: a policy without screening keeps its canonical JSON
+    screening: Screening | None = None
+
+    @property
+    def screening_or_default(self) -> Screening:
+        """The `screening:` section, or the defaults when the policy has none."""
+        return self.screening if self.screening is not None else DEFAULT_SCREENING
 
 
 def _loc(loc: tuple[int | str, ...], raw: Any) -> str:
@@ -197,6 +307,8 @@ def validate_policy(raw: Any, source: str) -> PolicyDoc:
             raise ConfigError(source, f"{where}.reason", "a deny rule needs a reason code")
         if rule.action == "allow" and rule.mode == "shadow":
             raise ConfigError(source, f"{where}.mode", "shadow mode is for deny rules")
+    if doc.screening is not None:
+        _check_screening(doc.screening, source)
     return doc
 
 

@@ -40,13 +40,13 @@ TABLE = (
     _group(1, "contract", "__init__ settings log store.base store.gcra store.ledger"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store "
-                        "store.redis.usage"),
+                        "store.redis.usage store.redis.screening"),
     _group(2, "stages", "client_ip geo identity policy limits usage ledger quotas "
                         "self_service"),
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",
            never="stores"),
-    _group(4, "pipeline", "decision snapshot pipeline explain key_admin", never="stores"),
+    _group(4, "pipeline", "decision snapshot pipeline explain key_admin screening", never="stores"),
     _group(5, "composition", "app sync status loops admin operations workers", never="stores"),
     _group(6, "entry", "cli __main__"),
 )

@@ -220,6 +220,66 @@ def usage_subjects(k: UsageKey) -> tuple[str, str]:
     return f"reseller:{k.reseller}", f"key:{k.key_id}"
 
 
+#: members a screening sketch or pair set keeps per reseller and hour (the embedded store's
+#: distinct counts are exact up to it; pair sets everywhere stop growing at it)
+SCREENING_SET_CAP = 4096
+#: the pair sets of a screening bucket (docs/architecture.md §15)
+SCREENING_PAIRS = ("cc", "ip", "kc", "ka")
+
+
+@dataclass(slots=True)
+class ScreeningTally:
+    """What one instance saw of one reseller in one UTC hour, for screening: counters to add,
+    customer ids (a distinct-count sketch), members of the pair sets ("cc": customer and
+    country, "ip": customer address and id, "kc"/"ka": key and connecting country / ASN) and
+    ASN names."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    customers: set[str] = field(default_factory=set)
+    pairs: dict[str, set[str]] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def pair(self, kind: str, member: str) -> None:
+        self.pairs.setdefault(kind, set()).add(member)
+
+    def merge(self, other: ScreeningTally) -> None:
+        """Add `other` into this one (a failed flush handing its tallies back)."""
+        for k, v in other.counts.items():
+            self.count(k, v)
+        self.customers |= other.customers
+        for kind, ms in other.pairs.items():
+            self.pairs.setdefault(kind, set()).update(ms)
+        self.names.update(other.names)
+
+
+@dataclass(slots=True)
+class ScreeningWindow:
+    """One reseller's screening data over a range of hours: the counters per hour (hour =
+    Unix time // 3600; hours without data absent), distinct customer ids (an estimate on
+    Redis), the union of the pair sets, and ASN names."""
+
+    hours: dict[int, dict[str, int]] = field(default_factory=dict)
+    customers: int = 0
+    pairs: dict[str, set[str]] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def check_screening(tallies: Mapping[tuple[str, int], ScreeningTally], keep_hours: int) -> None:
+    """ValueError for a negative count, a non-int hour or a keep_hours below 1."""
+    if keep_hours < 1:
+        raise ValueError("keep_hours must be at least 1")
+    for (reseller, hour), t in tallies.items():
+        if not isinstance(hour, int) or not reseller:
+            raise ValueError(f"bad screening bucket {(reseller, hour)!r}")
+        if any(not isinstance(v, int) or v < 0 for v in t.counts.values()):
+            raise ValueError("screening counts are non-negative ints")
+        if any(k not in SCREENING_PAIRS for k in t.pairs):
+            raise ValueError(f"screening pair sets are {', '.join(SCREENING_PAIRS)}")
+
+
 class StoreCallNotSent(StoreError):
     """A store call that failed before any of it left this process (no connection): unlike
     other failures, it cannot have been applied."""
@@ -364,6 +424,31 @@ class Store(abc.ABC):
         """For each reseller R (mapping key) and its key ids: the totals of day `day` and of
         its month, keyed "reseller:R" and "key:K"; zeros for a subject with no use. One round
         trip per reseller at most (on Redis Cluster, per slot)."""
+
+    # reseller screening (docs/architecture.md §15) -------------------------------------------
+    @abc.abstractmethod
+    async def add_screening(self, tallies: Mapping[tuple[str, int], ScreeningTally],
+                            keep_hours: int) -> None:
+        """Add screening tallies per (reseller, UTC hour): counters summed, customer ids into
+        the hour's distinct-count sketch (Redis: HyperLogLog; embedded: an exact set of at
+        most SCREENING_SET_CAP), pair-set members added while the set holds fewer than
+        SCREENING_SET_CAP, names set. A bucket is kept `keep_hours` hours after its hour
+        ends. Best effort: a StoreError means some part may be missing (the caller may drop
+        it). ValueError for malformed tallies (nothing added). On Redis one round trip per
+        reseller."""
+
+    @abc.abstractmethod
+    async def screening_window(self, resellers: Collection[str], first_hour: int,
+                               last_hour: int) -> dict[str, ScreeningWindow]:
+        """Every reseller's data of the hours [first_hour, last_hour] still kept (an empty
+        window for one without). One round trip per reseller at most."""
+
+    @abc.abstractmethod
+    async def screening_mark(self, reseller: str, signal: str, flagged: bool,
+                             ttl_s: int) -> bool:
+        """The cross-instance flag of one signal: `flagged` sets it if not set (kept `ttl_s`)
+        and answers True only for the call that set it (the transition); not `flagged`
+        clears it and answers False."""
 
     @abc.abstractmethod
     async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,

@@ -11,11 +11,14 @@ from typing import Any
 
 from gateway.errors import StoreError
 from gateway.store.base import (
+    SCREENING_SET_CAP,
     AdmitRequest,
     AdmitResult,
     EventHandler,
     KeyRecord,
     PeriodUse,
+    ScreeningTally,
+    ScreeningWindow,
     Settlement,
     Store,
     StoredPolicy,
@@ -24,6 +27,7 @@ from gateway.store.base import (
     UsageKey,
     UsageNotAdded,
     UsageRow,
+    check_screening,
     check_usage,
 )
 from gateway.store.gcra import Limiter
@@ -66,6 +70,9 @@ class MemoryStore(Store):
         self._file: StateFile | None = None
         self._write_lock = asyncio.Lock()  # one change written at a time, in order
         self.ledger = Ledger()
+        # (reseller, hour) -> (expires at, the bucket); (reseller, signal) -> expires at
+        self._screening: dict[tuple[str, int], tuple[float, ScreeningTally]] = {}
+        self._screening_marks: dict[tuple[str, str], float] = {}
         if state_file is not None:
             self._file = StateFile(state_file)
             state = self._file.open(self.audit_maxlen)
@@ -219,6 +226,64 @@ class MemoryStore(Store):
     async def period_use(self, subjects: Mapping[str, Collection[str]],
                          day: str) -> dict[str, PeriodUse]:
         return self.ledger.period_use(subjects, day, time.time())
+
+    # reseller screening: in memory only (a restart forgets the window) -------------------
+    async def add_screening(self, tallies: Mapping[tuple[str, int], ScreeningTally],
+                            keep_hours: int) -> None:
+        check_screening(tallies, keep_hours)
+        now = time.time()
+        for k in [k for k, (exp, _) in self._screening.items() if exp <= now]:
+            del self._screening[k]
+        for m in [m for m, exp in self._screening_marks.items() if exp <= now]:
+            del self._screening_marks[m]
+        for (reseller, hour), t in tallies.items():
+            expires = (hour + 1 + keep_hours) * 3600.0
+            if expires <= now:
+                continue
+            _, have = self._screening.get((reseller, hour), (expires, ScreeningTally()))
+            for name, n in t.counts.items():
+                have.count(name, n)
+            room = SCREENING_SET_CAP - len(have.customers)
+            have.customers.update(sorted(t.customers - have.customers)[:max(0, room)])
+            for kind, members in t.pairs.items():
+                into = have.pairs.setdefault(kind, set())
+                room = SCREENING_SET_CAP - len(into)
+                into.update(sorted(members - into)[:max(0, room)])
+            have.names.update(t.names)
+            self._screening[(reseller, hour)] = (expires, have)
+
+    async def screening_window(self, resellers: Collection[str], first_hour: int,
+                               last_hour: int) -> dict[str, ScreeningWindow]:
+        now = time.time()
+        out: dict[str, ScreeningWindow] = {}
+        for r in resellers:
+            w = out[r] = ScreeningWindow()
+            customers: set[str] = set()
+            for hour in range(first_hour, last_hour + 1):
+                got = self._screening.get((r, hour))
+                if got is None or got[0] <= now:
+                    continue
+                t = got[1]
+                w.hours[hour] = dict(t.counts)
+                customers |= t.customers
+                for kind, members in t.pairs.items():
+                    w.pairs.setdefault(kind, set()).update(members)
+                w.names.update(t.names)
+            w.customers = len(customers)
+        return out
+
+    async def screening_mark(self, reseller: str, signal: str, flagged: bool,
+                             ttl_s: int) -> bool:
+        k = (reseller, signal)
+        if not flagged:
+            self._screening_marks.pop(k, None)
+            return False
+        now = time.time()
+        exp = self._screening_marks.get(k)
+        if exp is not None and exp > now:
+            return False
+        self._screening_marks[k] = now + ttl_s
+        return True
 
     async def query_usage(self, since_day: str, until_day: str, reseller: str | None = None,
                           key_id: str | None = None,

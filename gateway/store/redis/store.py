@@ -23,6 +23,7 @@ from gateway.errors import StoreError
 from gateway.log import logger
 from gateway.store.base import (
     DIMENSIONS,
+    SCREENING_SET_CAP,
     TOKEN_DIMENSIONS,
     WINDOW_MS,
     AdmitRequest,
@@ -31,6 +32,8 @@ from gateway.store.base import (
     EventHandler,
     KeyRecord,
     PeriodUse,
+    ScreeningTally,
+    ScreeningWindow,
     Settlement,
     Store,
     StoreCallNotSent,
@@ -42,6 +45,7 @@ from gateway.store.base import (
     UsageRow,
     cell_expiry,
     check_day,
+    check_screening,
     check_usage,
     gcra_cost,
 )
@@ -49,6 +53,7 @@ from gateway.store.ledger import row_order
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import FAILURES, PooledRunner
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
+from gateway.store.redis.screening import ScreeningLayout, decode_window
 from gateway.store.redis.usage import (
     ADDS_TTL_S,
     Cells,
@@ -108,6 +113,7 @@ class RedisStore(Store):
     _PUT_KEY = lua("put_key.lua")
     _ADD_USAGE = lua("add_usage.lua")
     _RESOLVE_USAGE = lua("resolve_usage.lua")
+    _ADD_SCREENING = lua("add_screening.lua")
     _USAGE_PAGE = 500  # commands per pipeline of query_usage
 
     def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0, *,
@@ -129,6 +135,7 @@ class RedisStore(Store):
         self._closed = False
         self.round_trips = 0  # commands sent; tests count them per request
         self.usage = UsageLayout(key_prefix)
+        self.screening = ScreeningLayout(key_prefix)
         # Per reseller: the last addition whose call failed but may have been applied
         # (settled by resolve_usage.lua before the next), the cells found applied that the
         # caller still holds, and one addition at a time. Additions are numbered per store.
@@ -453,6 +460,54 @@ class RedisStore(Store):
                          and (customer_id is None or row.customer_id == customer_id)]
         rows.sort(key=row_order)
         return rows
+
+    # reseller screening (screening.py: the layout) ----------------------------------------
+    async def add_screening(self, tallies: Mapping[tuple[str, int], ScreeningTally],
+                            keep_hours: int) -> None:
+        check_screening(tallies, keep_hours)
+        groups: dict[str, dict[int, ScreeningTally]] = {}
+        for (reseller, hour), t in tallies.items():
+            groups.setdefault(reseller, {})[hour] = t
+        results = await asyncio.gather(*(
+            self._run(self._ADD_SCREENING,
+                      *self.screening.add_call(r, hours, SCREENING_SET_CAP, keep_hours),
+                      runner=self.pooled)
+            for r, hours in groups.items()), return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+
+    async def screening_window(self, resellers: Collection[str], first_hour: int,
+                               last_hour: int) -> dict[str, ScreeningWindow]:
+        hours = list(range(first_hour, last_hour + 1))
+
+        async def one(reseller: str) -> ScreeningWindow:
+            pipe = self._pipeline()
+            sketches = []
+            for hour in hours:
+                c, u, n, *sets = self.screening.hour_keys(reseller, hour)
+                pipe.hgetall(c)
+                pipe.hgetall(n)
+                for k in sets:
+                    pipe.smembers(k)
+                sketches.append(u)
+            pipe.execute_command("PFCOUNT", *sketches)  # one slot: the hash tag
+            replies: list[Any] = await self._cmd(pipe.execute())
+            return decode_window(hours, replies[:-1], replies[-1])
+
+        names = list(resellers)
+        if not hours:
+            return {r: ScreeningWindow() for r in names}
+        got = await asyncio.gather(*(one(r) for r in names))
+        return dict(zip(names, got, strict=True))
+
+    async def screening_mark(self, reseller: str, signal: str, flagged: bool,
+                             ttl_s: int) -> bool:
+        key = self.screening.mark(reseller, signal)
+        if not flagged:
+            await self._cmd(self.pooled.client.delete(key))
+            return False
+        return bool(await self._cmd(self.pooled.client.set(key, "1", nx=True, ex=ttl_s)))
 
     # audit stream -------------------------------------------------------------------------
     # One Stream key, `<prefix>audit` (one slot in Cluster), each entry one field `e`: the

@@ -1,0 +1,436 @@
+"""Reseller screening (docs/architecture.md §15): per reseller, over a sliding window of UTC
+hours, eight signals of whether it relays customers it should not; the `screening_alert`
+line and the suspension they may trigger; and the report.
+
+The hot path (`Screening.record`, every request with a known reseller, allowed or denied)
+only touches dicts: one tally per (reseller, hour). The usage ledger's once-a-second flush
+calls `Screening.flush`: one `Store.add_screening` for all tallies, then the resellers it
+flushed are judged (one `screening_window` read each) and their transitions acted on. The
+signal computations are pure functions of a `ScreeningWindow` (`compute_signals`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections.abc import Callable, Collection, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from gateway import metrics
+from gateway.audit import record_policy_applied
+from gateway.errors import StoreError
+from gateway.log import logger
+from gateway.policy import (
+    COUNT_SIGNALS,
+    SCREENING_DEFAULTS,
+    CompiledPolicy,
+    Screening,
+    canonical,
+    validate_policy,
+)
+from gateway.store.base import ScreeningTally, ScreeningWindow, Store
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.geo import GeoResolver
+
+SIGNALS = tuple(SCREENING_DEFAULTS)
+
+#: One sentence per signal (docs/architecture.md §15; the report repeats it).
+MEANINGS = {
+    "restricted_customer_share": "Share of attested-customer requests denied by a "
+    "restricted-region rule: the reseller does not screen its customers.",
+    "anonymizer_customer_share": "Share of attested-customer requests whose customer address "
+    "is a VPN, Tor exit, proxy or hosting provider.",
+    "invalid_customer_ip_share": "Share of attested-customer requests whose customer address "
+    "is private, reserved, documentation, bogon, or the reseller's own egress address.",
+    "customer_country_hopping": "The most countries one customer was attested from in the "
+    "window.",
+    "shared_customer_ip": "The most distinct customer ids attested on one customer address "
+    "in the window.",
+    "activity_hours_mismatch": "Share of attested-customer requests made outside 07:00-23:00 "
+    "local time of the customer's country.",
+    "egress_spread": "The most connecting countries or ASNs one key was used from in the "
+    "window.",
+    "denial_spike": "Denials in the current hour as a multiple of the window's hourly mean "
+    "(0 below 10 denials).",
+}
+
+#: Anonymizer flags that count for `anonymizer_customer_share`.
+ANONYMIZER_FLAGS = frozenset({"vpn", "tor", "public_proxy", "residential_proxy", "hosting"})
+#: Denials below this in the current hour never make a `denial_spike`.
+SPIKE_MIN_DENIALS = 10
+#: In-hours of `activity_hours_mismatch`, local time: [07:00, 23:00).
+DAY_START, DAY_END = 7, 23
+TOP_N = 10
+SEP = "\x1f"  # between the two parts of a pair-set member
+
+# Country -> standard UTC offset in hours (no daylight saving; one zone per country, for the
+# largest countries the zone of the capital or of most people). An approximation: the report
+# judges hours of activity, and an hour or two off does not turn day into night.
+UTC_OFFSETS: dict[str, float] = {
+    "US": -5, "CA": -5, "MX": -6, "BR": -3, "AR": -3, "CL": -4, "CO": -5, "PE": -5,
+    "VE": -4, "EC": -5, "BO": -4, "UY": -3, "PY": -4, "CU": -5, "DO": -4, "GT": -6,
+    "CR": -6, "PA": -5, "JM": -5, "GB": 0, "IE": 0, "PT": 0, "IS": 0, "ES": 1, "FR": 1,
+    "DE": 1, "NL": 1, "BE": 1, "LU": 1, "CH": 1, "AT": 1, "IT": 1, "DK": 1, "NO": 1,
+    "SE": 1, "PL": 1, "CZ": 1, "SK": 1, "HU": 1, "SI": 1, "HR": 1, "RS": 1, "BA": 1,
+    "AL": 1, "MK": 1, "MT": 1, "FI": 2, "EE": 2, "LV": 2, "LT": 2, "UA": 2, "RO": 2,
+    "BG": 2, "GR": 2, "CY": 2, "MD": 2, "IL": 2, "PS": 2, "LB": 2, "JO": 3, "SY": 3,
+    "EG": 2, "LY": 2, "ZA": 2, "ZW": 2, "ZM": 2, "MZ": 2, "TR": 3, "RU": 3, "BY": 3,
+    "SA": 3, "IQ": 3, "KW": 3, "QA": 3, "BH": 3, "YE": 3, "KE": 3, "ET": 3, "TZ": 3,
+    "UG": 3, "SO": 3, "IR": 3.5, "AE": 4, "OM": 4, "AZ": 4, "GE": 4, "AM": 4, "AF": 4.5,
+    "PK": 5, "UZ": 5, "TJ": 5, "TM": 5, "KZ": 5, "IN": 5.5, "LK": 5.5, "NP": 5.75,
+    "BD": 6, "KG": 6, "MM": 6.5, "TH": 7, "VN": 7, "LA": 7, "KH": 7, "ID": 7, "CN": 8,
+    "HK": 8, "MO": 8, "TW": 8, "SG": 8, "MY": 8, "PH": 8, "MN": 8, "BN": 8, "KP": 9,
+    "KR": 9, "JP": 9, "AU": 10, "PG": 10, "NZ": 12, "FJ": 12, "MA": 1, "DZ": 1, "TN": 1,
+    "NG": 1, "CM": 1, "AO": 1, "CD": 1, "GH": 0, "CI": 0, "SN": 0, "ML": 0, "SD": 2,
+    "RW": 2, "NA": 2, "BW": 2, "MG": 3,
+}
+
+_DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in (
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "3fff::/20"))
+
+
+def invalid_customer_ip(customer_ip: str, client_ip: str | None) -> bool:
+    """A customer address no real customer has: not a global unicast address (private,
+    loopback, link-local, reserved, shared, multicast, unspecified, bogon), a documentation
+    range, unparsable, or the reseller's own egress (the connecting client) address."""
+    try:
+        ip = ipaddress.ip_address(customer_ip)
+    except ValueError:
+        return True
+    if customer_ip == client_ip:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (not ip.is_global or ip.is_multicast
+            or any(ip in n for n in _DOCUMENTATION if n.version == ip.version))
+
+
+def local_hour(now: float, country: str | None) -> int | None:
+    """The hour 0-23 at `now` in `country` per UTC_OFFSETS; None for a country not in it."""
+    off = UTC_OFFSETS.get(country or "")
+    if off is None:
+        return None
+    return int(((now / 3600.0) + off) % 24)
+
+
+def restricted_rules(policy: CompiledPolicy) -> frozenset[str]:
+    """Ids of the enforced deny rules that match on country: a restricted-region rule."""
+    return frozenset(r.id for r in policy.doc.rules if r.action == "deny"
+                     and r.mode == "enforce"
+                     and (r.match.country is not None or r.match.not_country is not None))
+
+
+# --- recording -------------------------------------------------------------------------------
+
+def tally_request(t: ScreeningTally, ctx: RequestContext, customer_flags: Collection[str],
+                  restricted: Collection[str], now: float) -> None:
+    """Add one request (allowed or denied) of a known reseller to its hour's tally."""
+    t.count("req")
+    denied = ctx.decision == "deny"
+    if denied:
+        t.count("den")
+    t.count(f"asn:{ctx.asn or 0}")
+    if ctx.key_id is not None:
+        t.pair("kc", f"{ctx.key_id}{SEP}{ctx.country or '??'}")
+        t.pair("ka", f"{ctx.key_id}{SEP}{ctx.asn or 0}")
+    hour_country = ctx.country
+    if ctx.customer_ip is not None:
+        t.count("att")
+        cc = ctx.customer_country
+        hour_country = cc or ctx.country
+        t.count(f"cc:{cc or '??'}")
+        who = ctx.customer_id or ctx.customer_ip
+        t.customers.add(who)
+        t.pair("cc", f"{who}{SEP}{cc or '??'}")
+        if ctx.customer_id is not None:
+            t.pair("ip", f"{ctx.customer_ip}{SEP}{ctx.customer_id}")
+        if denied and (ctx.reason == "country_not_allowed" or ctx.rule in restricted):
+            t.count("rst")
+        if ANONYMIZER_FLAGS.intersection(customer_flags):
+            t.count("anon")
+        if invalid_customer_ip(ctx.customer_ip, ctx.client_ip):
+            t.count("inv")
+        lh = local_hour(now, cc)
+        if lh is not None:
+            t.count("lt")
+            if not DAY_START <= lh < DAY_END:
+                t.count("off")
+    h = local_hour(now, hour_country)
+    t.count(f"h:{int(now // 3600) % 24 if h is None else h}")
+
+
+# --- the signals (pure) -------------------------------------------------------------------
+
+def _sum(w: ScreeningWindow, name: str) -> int:
+    return sum(c.get(name, 0) for c in w.hours.values())
+
+
+def _max_group(members: Collection[str]) -> int:
+    """The largest number of distinct second parts of one first part."""
+    groups: dict[str, set[str]] = {}
+    for m in members:
+        a, _, b = m.partition(SEP)
+        groups.setdefault(a, set()).add(b)
+    return max((len(v) for v in groups.values()), default=0)
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole > 0 else 0.0
+
+
+def signal_values(w: ScreeningWindow, current_hour: int, window_hours: int) -> dict[str, float]:
+    """Each signal's value over window `w` (whose last hour is `current_hour`)."""
+    att = _sum(w, "att")
+    den = _sum(w, "den")
+    last = w.hours.get(current_hour, {}).get("den", 0)
+    spike = 0.0
+    if last >= SPIKE_MIN_DENIALS and den > 0:
+        spike = round(last / (den / max(1, window_hours)), 4)
+    return {
+        "restricted_customer_share": _share(_sum(w, "rst"), att),
+        "anonymizer_customer_share": _share(_sum(w, "anon"), att),
+        "invalid_customer_ip_share": _share(_sum(w, "inv"), att),
+        "customer_country_hopping": _max_group(w.pairs.get("cc", ())),
+        "shared_customer_ip": _max_group(w.pairs.get("ip", ())),
+        "activity_hours_mismatch": _share(_sum(w, "off"), _sum(w, "lt")),
+        "egress_spread": max(_max_group(w.pairs.get("kc", ())),
+                             _max_group(w.pairs.get("ka", ()))),
+        "denial_spike": spike,
+    }
+
+
+def state_of(value: float, threshold: float, watch: float) -> str:
+    """`flag` at value >= threshold, `watch` at value >= watch, else `ok`; 0 is always ok
+    (no traffic never flags)."""
+    if value <= 0:
+        return "ok"
+    if value >= threshold:
+        return "flag"
+    return "watch" if value >= watch else "ok"
+
+
+def _num(signal: str, v: float) -> float | int:
+    return int(v) if signal in COUNT_SIGNALS else v
+
+
+def compute_signals(w: ScreeningWindow, current_hour: int, window_hours: int,
+                    screening: Screening) -> list[dict[str, Any]]:
+    """All eight signals of `w`, in report order: name, value, threshold, watch, state,
+    meaning."""
+    values = signal_values(w, current_hour, window_hours)
+    out = []
+    for name in SIGNALS:
+        threshold, watch = screening.limits(name)
+        v = values[name]
+        out.append({"name": name, "value": _num(name, v), "threshold": _num(name, threshold),
+                    "watch": _num(name, watch), "state": state_of(v, threshold, watch),
+                    "meaning": MEANINGS[name]})
+    return out
+
+
+def _top(w: ScreeningWindow, prefix: str) -> list[tuple[str, int]]:
+    totals: dict[str, int] = {}
+    for counts in w.hours.values():
+        for k, n in counts.items():
+            if k.startswith(prefix):
+                totals[k[len(prefix):]] = totals.get(k[len(prefix):], 0) + n
+    return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_N]
+
+
+def reseller_report(reseller: str, status: str, w: ScreeningWindow, current_hour: int,
+                    window_hours: int, screening: Screening) -> dict[str, Any]:
+    """One reseller's entry of the report (docs/architecture.md §15, the binding shape)."""
+    signals = compute_signals(w, current_hour, window_hours, screening)
+    asns = []
+    for asn, n in _top(w, "asn:"):
+        number = int(asn) if asn.isdigit() else 0
+        asns.append({"asn": number, "name": w.names.get(asn) or "unknown", "requests": n})
+    hours = [0] * 24
+    for counts in w.hours.values():
+        for h in range(24):
+            hours[h] += counts.get(f"h:{h}", 0)
+    return {
+        "reseller": reseller, "status": status,
+        "requests": _sum(w, "req"), "denied": _sum(w, "den"), "customers": w.customers,
+        "flagged": any(s["state"] == "flag" for s in signals),
+        "signals": signals,
+        "top_customer_countries": [{"country": c, "requests": n} for c, n in _top(w, "cc:")],
+        "top_client_asns": asns,
+        "activity_hours": hours,
+    }
+
+
+def since_hours(since: str | None, screening: Screening) -> int:
+    """The hours a report covers: `since` (e.g. `24h`, `2d`, whole hours) or the window;
+    ValueError for anything else."""
+    if since is None:
+        return screening.window_hours
+    try:
+        return Screening(window=since).window_hours
+    except ValueError:
+        raise ValueError(f"since {since!r}: whole hours or days, 1h to 7d (e.g. 24h)"
+                         ) from None
+
+
+async def build_report(store: Store, policy: CompiledPolicy | None, since: str | None = None,
+                       reseller: str | None = None,
+                       now: float | None = None) -> dict[str, Any]:
+    """The report of every reseller of `policy` (or of `reseller` alone: KeyError when the
+    policy has no such reseller). ValueError for a bad `since`."""
+    now = time.time() if now is None else now
+    screening = policy.doc.screening_or_default if policy is not None else Screening()
+    hours = since_hours(since, screening)
+    resellers = policy.doc.resellers if policy is not None else {}
+    names = sorted(resellers)
+    if reseller is not None:
+        if reseller not in resellers:
+            raise KeyError(reseller)
+        names = [reseller]
+    current = int(now // 3600)
+    windows = await store.screening_window(names, current - hours + 1, current)
+    return {
+        "since": f"{hours}h", "window_seconds": hours * 3600,
+        "generated_at": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "resellers": [reseller_report(r, resellers[r].status, windows[r], current, hours,
+                                      screening) for r in names],
+    }
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as tables for people: one line per reseller, then per reseller its
+    signals that are not `ok`."""
+    lines = [f"Reseller screening, last {report['since']} (generated {report['generated_at']})",
+             f"{'RESELLER':<20} {'STATUS':<10} {'REQUESTS':>9} {'DENIED':>7} {'CUSTOMERS':>9}"
+             "  FLAGGED"]
+    for r in report["resellers"]:
+        flagged = ", ".join(s["name"] for s in r["signals"] if s["state"] == "flag")
+        lines.append(f"{r['reseller']:<20} {r['status']:<10} {r['requests']:>9} "
+                     f"{r['denied']:>7} {r['customers']:>9}  {flagged or '-'}")
+    for r in report["resellers"]:
+        lines += ["", f"{r['reseller']}: signals"]
+        for s in r["signals"]:
+            lines.append(f"  {s['state'].upper():<5} {s['name']:<26} {s['value']:>8g} "
+                         f"(threshold {s['threshold']:g}, watch {s['watch']:g})  "
+                         f"{s['meaning'] if s['state'] != 'ok' else ''}".rstrip())
+        countries = ", ".join(f"{c['country']} {c['requests']}"
+                              for c in r["top_customer_countries"])
+        asns = ", ".join(f"AS{a['asn']} {a['name']} {a['requests']}"
+                         for a in r["top_client_asns"])
+        lines.append(f"  customer countries: {countries or '-'}")
+        lines.append(f"  client networks: {asns or '-'}")
+    return "\n".join(lines)
+
+
+# --- the in-process part ------------------------------------------------------------------
+
+class ScreeningTallies:
+    """This instance's screening tallies, added to the store by the ledger's flush, and the
+    judgement of the resellers flushed (alerts, suspension, the gauge)."""
+
+    def __init__(self, store: Store, policy: Callable[[], CompiledPolicy | None],
+                 actor: str = "screening") -> None:
+        self.store = store
+        self.policy = policy
+        self.actor = actor
+        self._pending: dict[tuple[str, int], ScreeningTally] = {}
+        self._restricted: tuple[int, frozenset[str]] = (-1, frozenset())
+        #: flushes the store refused (tallies dropped); for tests and diagnostics
+        self.flush_errors = 0
+
+    def record(self, ctx: RequestContext, geo: GeoResolver) -> None:
+        """The hot path: count one ended request of a known reseller."""
+        if ctx.reseller is None:
+            return
+        policy = self.policy()
+        if policy is None:
+            return
+        if self._restricted[0] != policy.version:
+            self._restricted = (policy.version, restricted_rules(policy))
+        now = time.time()
+        key = (ctx.reseller, int(now // 3600))
+        t = self._pending.get(key)
+        if t is None:
+            t = self._pending[key] = ScreeningTally()
+        flags = geo.lookup(ctx.customer_ip).anonymizer if ctx.customer_ip else ()
+        if ctx.asn is not None and str(ctx.asn) not in t.names:
+            org = geo.lookup(ctx.client_ip).asn_org if ctx.client_ip else None
+            if org:
+                t.names[str(ctx.asn)] = org[:100]
+        tally_request(t, ctx, flags, self._restricted[1], now)
+
+    async def flush(self) -> None:
+        """Add the pending tallies (one `add_screening`), then judge the resellers added."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        policy = self.policy()
+        screening = policy.doc.screening_or_default if policy is not None else Screening()
+        try:
+            await self.store.add_screening(batch, screening.window_hours)
+        except StoreError:
+            self.flush_errors += 1  # best effort: screening tallies are not retried
+            return
+        except ValueError as exc:
+            logger().error("screening_flush_failed", reason=str(exc)[:200])
+            return
+        if policy is not None:
+            await self.judge(policy, {r for r, _ in batch})
+
+    async def judge(self, policy: CompiledPolicy, resellers: Collection[str]) -> None:
+        """Compute the signals of `resellers` (those of the policy), set the gauge, and act
+        on each transition to `flag` (one instance wins it: Store.screening_mark)."""
+        screening = policy.doc.screening_or_default
+        known = [r for r in sorted(resellers) if r in policy.doc.resellers]
+        if not known:
+            return
+        now = time.time()
+        current = int(now // 3600)
+        hours = screening.window_hours
+        try:
+            windows = await self.store.screening_window(known, current - hours + 1, current)
+            for r in known:
+                suspend = False
+                for s in compute_signals(windows[r], current, hours, screening):
+                    flagged = s["state"] == "flag"
+                    metrics.child(metrics.SCREENING_FLAGGED, r, s["name"]).set(
+                        1 if flagged else 0)
+                    if not await self.store.screening_mark(r, s["name"], flagged,
+                                                           hours * 3600):
+                        continue
+                    logger().warning("screening_alert", reseller=r, signal=s["name"],
+                                     value=s["value"], threshold=s["threshold"],
+                                     action=screening.actions.flag,
+                                     mode=screening.actions.mode)
+                    suspend = True
+                if (suspend and screening.actions.flag == "suspend"
+                        and screening.actions.mode == "enforce"):
+                    await suspend_reseller(self.store, r, self.actor)
+        except StoreError:
+            self.flush_errors += 1
+
+
+async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
+    """Set `reseller`'s status to suspended in the stored policy (a new version, audited as
+    `reseller_status_changed`); False when it is not there or already suspended."""
+    for _ in range(3):  # another writer moved the version on: read again
+        stored = await store.get_policy()
+        if stored is None:
+            return False
+        raw = json.loads(stored.doc)
+        entry = raw.get("resellers", {}).get(reseller)
+        if not isinstance(entry, dict) or entry.get("status") == "suspended":
+            return False
+        entry["status"] = "suspended"
+        new = canonical(validate_policy(raw, "store"))
+        try:
+            version = await store.put_policy(new, actor, stored.version)
+        except ValueError:
+            continue
+        await record_policy_applied(store, actor, version, stored.doc, new)
+        logger().warning("screening_suspended", reseller=reseller)
+        return True
+    return False

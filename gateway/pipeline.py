@@ -235,5 +235,5 @@ class Pipeline:
         ctx.duration_ms = round(duration * 1000.0, 3)
         policy = snap.policy  # the request's own snapshot labels it
         metrics.record_request(ctx, forwarded, duration, policy.doc.resellers if policy else ())
-        self.screening.record(ctx, snap.geo)
+        self.screening.record(ctx, snap)
         log_request(ctx)

@@ -34,7 +34,7 @@ from gateway.store.base import ScreeningTally, ScreeningWindow, Store
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
-    from gateway.geo import GeoResolver
+    from gateway.snapshot import Snapshot
 
 SIGNALS = tuple(SCREENING_DEFAULTS)
 
@@ -51,7 +51,7 @@ MEANINGS = {
     "shared_customer_ip": "The most distinct customer ids attested on one customer address "
     "in the window.",
     "activity_hours_mismatch": "Share of attested-customer requests made outside 07:00-23:00 "
-    "local time of the customer's country.",
+    "local time of the customer's country (0 until traffic is seen in 6 hours of the window).",
     "egress_spread": "The most connecting countries or ASNs one key was used from in the "
     "window.",
     "denial_spike": "Denials in the current hour as a multiple of the window's hourly mean "
@@ -62,6 +62,9 @@ MEANINGS = {
 ANONYMIZER_FLAGS = frozenset({"vpn", "tor", "public_proxy", "residential_proxy", "hosting"})
 #: Denials below this in the current hour never make a `denial_spike`.
 SPIKE_MIN_DENIALS = 10
+#: `activity_hours_mismatch` is 0 until the window has traffic in this many distinct hours (a
+#: burst says nothing about a daily rhythm).
+ACTIVITY_MIN_HOURS = 6
 #: In-hours of `activity_hours_mismatch`, local time: [07:00, 23:00).
 DAY_START, DAY_END = 7, 23
 TOP_N = 10
@@ -93,10 +96,12 @@ _DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in (
     "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "3fff::/20"))
 
 
-def invalid_customer_ip(customer_ip: str, client_ip: str | None) -> bool:
-    """A customer address no real customer has: not a global unicast address (private,
-    loopback, link-local, reserved, shared, multicast, unspecified, bogon), a documentation
-    range, unparsable, or the reseller's own egress (the connecting client) address."""
+def invalid_customer_ip(customer_ip: str, client_ip: str | None,
+                        documentation_ok: bool = False) -> bool:
+    """A customer address no real customer has: unparsable, the reseller's own egress (the
+    connecting client) address, a documentation range (unless `documentation_ok`: the demo
+    geo databases place countries there), or any other address that is not global unicast
+    (private, loopback, link-local, shared, reserved, multicast, unspecified: bogons)."""
     try:
         ip = ipaddress.ip_address(customer_ip)
     except ValueError:
@@ -105,8 +110,9 @@ def invalid_customer_ip(customer_ip: str, client_ip: str | None) -> bool:
         return True
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return (not ip.is_global or ip.is_multicast
-            or any(ip in n for n in _DOCUMENTATION if n.version == ip.version))
+    if any(ip in n for n in _DOCUMENTATION if n.version == ip.version):
+        return not documentation_ok
+    return not ip.is_global or ip.is_multicast
 
 
 def local_hour(now: float, country: str | None) -> int | None:
@@ -127,7 +133,8 @@ def restricted_rules(policy: CompiledPolicy) -> frozenset[str]:
 # --- recording -------------------------------------------------------------------------------
 
 def tally_request(t: ScreeningTally, ctx: RequestContext, customer_flags: Collection[str],
-                  restricted: Collection[str], now: float) -> None:
+                  restricted: Collection[str], now: float,
+                  documentation_ok: bool = False) -> None:
     """Add one request (allowed or denied) of a known reseller to its hour's tally."""
     t.count("req")
     denied = ctx.decision == "deny"
@@ -152,7 +159,7 @@ def tally_request(t: ScreeningTally, ctx: RequestContext, customer_flags: Collec
             t.count("rst")
         if ANONYMIZER_FLAGS.intersection(customer_flags):
             t.count("anon")
-        if invalid_customer_ip(ctx.customer_ip, ctx.client_ip):
+        if invalid_customer_ip(ctx.customer_ip, ctx.client_ip, documentation_ok):
             t.count("inv")
         lh = local_hour(now, cc)
         if lh is not None:
@@ -196,7 +203,8 @@ def signal_values(w: ScreeningWindow, current_hour: int, window_hours: int) -> d
         "invalid_customer_ip_share": _share(_sum(w, "inv"), att),
         "customer_country_hopping": _max_group(w.pairs.get("cc", ())),
         "shared_customer_ip": _max_group(w.pairs.get("ip", ())),
-        "activity_hours_mismatch": _share(_sum(w, "off"), _sum(w, "lt")),
+        "activity_hours_mismatch": _share(_sum(w, "off"), _sum(w, "lt"))
+        if sum(1 for c in w.hours.values() if c.get("lt")) >= ACTIVITY_MIN_HOURS else 0.0,
         "egress_spread": max(_max_group(w.pairs.get("kc", ())),
                              _max_group(w.pairs.get("ka", ()))),
         "denial_spike": spike,
@@ -341,8 +349,9 @@ class ScreeningTallies:
         #: flushes the store refused (tallies dropped); for tests and diagnostics
         self.flush_errors = 0
 
-    def record(self, ctx: RequestContext, geo: GeoResolver) -> None:
-        """The hot path: count one ended request of a known reseller."""
+    def record(self, ctx: RequestContext, snap: Snapshot) -> None:
+        """The hot path: count one ended request of a known reseller (judged against the
+        request's own snapshot)."""
         if ctx.reseller is None:
             return
         policy = self.policy()
@@ -355,12 +364,14 @@ class ScreeningTallies:
         t = self._pending.get(key)
         if t is None:
             t = self._pending[key] = ScreeningTally()
+        geo = snap.geo
         flags = geo.lookup(ctx.customer_ip).anonymizer if ctx.customer_ip else ()
         if ctx.asn is not None and str(ctx.asn) not in t.names:
             org = geo.lookup(ctx.client_ip).asn_org if ctx.client_ip else None
             if org:
                 t.names[str(ctx.asn)] = org[:100]
-        tally_request(t, ctx, flags, self._restricted[1], now)
+        tally_request(t, ctx, flags, self._restricted[1], now,
+                      snap.parts.config.settings.geo.allow_demo_databases)
 
     async def flush(self) -> None:
         """Add the pending tallies (one `add_screening`), then judge the resellers added."""

@@ -181,6 +181,22 @@ async def test_explain_judges_a_key_by_id(ops: Operations) -> None:
     assert unknown["decision"]["status"] == 401
 
 
+async def test_report_of_resellers_without_traffic(ops: Operations) -> None:
+    """The screening report lists every reseller of the policy with all eight signals ok; one
+    reseller alone by name; 404 for an unknown reseller, 400 for a bad since."""
+    report = await ops.report(None, None)
+    assert report["since"] == "24h" and report["window_seconds"] == 86400
+    assert [r["reseller"] for r in report["resellers"]] == ["acme", "direct"]
+    for r in report["resellers"]:
+        assert r["requests"] == 0 and not r["flagged"] and len(r["signals"]) == 8
+        assert {s["state"] for s in r["signals"]} == {"ok"}
+        assert r["activity_hours"] == [0] * 24
+    one = await ops.report("2h", "acme")
+    assert [r["reseller"] for r in one["resellers"]] == ["acme"] and one["since"] == "2h"
+    assert (await _status(ops.report(None, "nobody")))[0] == 404
+    assert (await _status(ops.report("soon", None)))[0] == 400
+
+
 @pytest.mark.parametrize("kind", STORES)
 async def test_both_read_the_same(request: pytest.FixtureRequest, tmp_path: Path,
                                   upstream: FakeUpstream, kind: str) -> None:

@@ -20,7 +20,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support.cli import send
-from tests.support.gateway import DEFAULT_POLICY, RunningGateway, running_gateway
+from tests.support.gateway import ADMIN_TOKEN, DEFAULT_POLICY, RunningGateway, running_gateway
 from tests.support.upstream import FakeUpstream
 
 WAIT_S = 30.0  # a generous deadline for the page to load and draw on a loaded machine
@@ -130,6 +130,60 @@ def _severe_console(chrome: WebDriver) -> list[str]:
     """Console errors of the page (a CSP violation of its own files would be one)."""
     return [str(e.get("message")) for e in chrome.get_log("browser")
             if e.get("level") == "SEVERE" and "/admin/report" not in str(e.get("message"))]
+
+
+async def test_the_page_shows_the_flagged_reseller_and_its_reasons(
+        tmp_path: Path, upstream: FakeUpstream, browser: WebDriver) -> None:
+    """In chromium, /admin/ui with the admin token typed into its password field shows every
+    reseller in a table with `relay` flagged for restricted_customer_share and `honest` not,
+    relay's signals with value, threshold, state and meaning, and its breakdowns as SVG
+    charts; the token never reaches the address bar."""
+    async with running_gateway(tmp_path, upstream.url, _policy()) as gw:
+        await _traffic(gw)
+        await _flagged_in_report(gw)
+        url = gw.admin_url + "/admin/ui"
+        await asyncio.to_thread(_open, browser, url)
+        before = await asyncio.to_thread(_rows, browser, "table#resellers tbody tr")
+        assert before == []  # nothing before the token
+        await asyncio.to_thread(_give_token, browser, ADMIN_TOKEN)
+        await asyncio.to_thread(_wait_for, browser, "the reseller table", lambda d: len(
+            d.find_elements(By.CSS_SELECTOR, "table#resellers tbody tr")) >= 4)
+        rows = {r[0]: r for r in await asyncio.to_thread(
+            _rows, browser, "table#resellers tbody tr")}
+        assert set(rows) >= {"relay", "honest", "acme", "direct"}
+        # reseller, status, requests, denied, customers, state, flagged signals
+        assert rows["relay"][1:6] == ["active", "12", "12", "4", "flag"], rows["relay"]
+        assert "restricted_customer_share" in rows["relay"][6].split(", ")
+        assert rows["honest"][5] != "flag" and rows["honest"][6] == "", rows["honest"]
+
+        # The flagged reseller comes first and its details are shown at once.
+        await asyncio.to_thread(_wait_for, browser, "relay's signals", lambda d: d.find_element(
+            By.ID, "detail-title").text.startswith("Reseller relay"))
+        signals = {r[0]: r for r in await asyncio.to_thread(
+            _rows, browser, "table#signals tbody tr")}
+        assert len(signals) == 8
+        reason = signals["restricted_customer_share"]
+        assert reason[1] == "1" and reason[4] == "flag", reason
+        assert float(reason[2]) <= 1 and "restricted-region" in reason[5], reason
+        charts = await asyncio.to_thread(lambda: {
+            f.get_attribute("id"): f.find_elements(By.CSS_SELECTOR, "svg .bar text")
+            for f in browser.find_elements(By.CSS_SELECTOR, "#detail figure")})
+        countries = [t.text for t in charts["chart-countries"]]
+        assert {"KP", "CN", "IR"} <= set(countries), countries
+        assert any("AS64500" in t.text for t in charts["chart-asns"])
+        assert await asyncio.to_thread(lambda: len(browser.find_elements(
+            By.CSS_SELECTOR, "#chart-hours svg .bar rect")) == 24)
+
+        # Clicking the honest reseller shows it unflagged.
+        await asyncio.to_thread(lambda: browser.find_element(
+            By.CSS_SELECTOR, "tr[data-reseller=honest] button").click())
+        await asyncio.to_thread(_wait_for, browser, "honest's signals", lambda d: d.find_element(
+            By.ID, "detail-title").text.startswith("Reseller honest"))
+        states = [r[4] for r in await asyncio.to_thread(_rows, browser, "table#signals tbody tr")]
+        assert len(states) == 8 and "flag" not in states, states
+
+        assert await asyncio.to_thread(lambda: browser.current_url) == url
+        assert await asyncio.to_thread(_severe_console, browser) == []
 
 
 async def test_a_wrong_token_shows_an_error_and_no_data(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
@@ -40,6 +41,7 @@ from gateway.responses import render
 from gateway.screening import build_report
 from gateway.settings import ConfigError, LoadedConfig
 from gateway.store.base import Store
+from gateway.usage_report import parse_query, report
 
 
 class AdminBackend(Protocol):
@@ -270,6 +272,20 @@ async def audit_view(request: web.Request) -> web.Response:
     return web.json_response({"events": [with_iso_times(e, ("time",)) for e in events]})
 
 
+async def usage_view(request: web.Request) -> web.Response:
+    """?since= (7d, 24h, an ISO 8601 date; default 7d) &reseller= &key= (a key id)
+    &customer= &by= (day, model, customer): the usage ledger as {"rows": [...],
+    "totals": {...}} (gateway/usage_report.py)."""
+    try:
+        query = parse_query(request.query, time.time())
+    except ValueError as exc:
+        raise admin_error(400, str(exc)) from None
+    query = query.within(request.app[BACKEND].config.settings.usage.retention_days)
+    rows = await request.app[BACKEND].store.query_usage(
+        query.since_day, query.until_day, query.reseller, query.key_id, query.customer_id)
+    return web.json_response(report(rows, query))
+
+
 async def explain_view(request: web.Request) -> web.Response:
     svc = request.app[BACKEND]
     q = request.query
@@ -363,6 +379,7 @@ def build_admin_app(backend: AdminBackend) -> web.Application:
     r.add_put("/admin/policy", policy_put)
     r.add_get("/admin/explain", explain_view)
     r.add_get("/admin/audit", audit_view)
+    r.add_get("/admin/usage", usage_view)
     r.add_post("/admin/reload", reload_view)
     r.add_get("/admin/report", report_view)
     r.add_get("/admin/report/{reseller}", report_view)

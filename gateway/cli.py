@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check-config, keys, policy, audit, explain, geo, report.
+"""The `gateway` command: run, check-config, keys, policy, audit, explain, usage, geo, report.
 
 Exit codes: 0 success; 1 failure (store or gateway unreachable, unknown key, a request explain
 would refuse) or a difference found (policy apply --dry-run); 2 usage or config error
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import difflib
 import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -20,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from gateway import __version__
-from gateway.key_admin import LIMIT_FIELDS
+from gateway.key_admin import LIMIT_FIELDS, KeyOpError, quota_name
 from gateway.operations import (
     AdminOperations,
     ExplainQuery,
@@ -65,8 +67,8 @@ def _iso(ts: Any) -> str:
     return (iso_time(ts) or "-") if isinstance(ts, int | float) else "-"
 
 
-def _print(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def _print(obj: Any, sort_keys: bool = True) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 # --- run / check-config -----------------------------------------------------------------------
@@ -231,6 +233,40 @@ def _limit_arg(value: str) -> int | None:
     return n
 
 
+def _quota_arg(value: str) -> tuple[str, int | None]:
+    """A `--quota PERIOD.DIMENSION=N` option: (name, N); an empty N or `default` is None (the
+    key's own quota is removed: the policy's `limits.key.quotas` applies)."""
+    name, eq, raw = value.partition("=")
+    name, raw = name.strip(), raw.strip()
+    if not eq:
+        raise argparse.ArgumentTypeError(f"{value!r}: use PERIOD.DIMENSION=N, e.g. "
+                                         "daily.output_tokens=100000")
+    try:
+        quota_name(name)
+    except KeyOpError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if raw == "" or raw.lower() == "default":
+        return name, None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"quotas.{name}: a non-negative integer, or "
+                                         "'default' (or nothing) to remove it")
+    return name, n
+
+
+def _quota_spec(pairs: list[tuple[str, int | None]] | None) -> dict[str, int | None] | None:
+    """The `quotas` field of an issue or update from the repeated `--quota` options (the
+    last of a name wins); None when there was none."""
+    return None if not pairs else dict(pairs)
+
+
+def _quota_text(quotas: dict[str, Any] | None, sep: str = " ") -> str:
+    return sep.join(f"{k}={v}" for k, v in sorted((quotas or {}).items()))
+
+
 def _print_key(r: dict[str, Any]) -> None:
     """One key for people: scopes, limits and times (ISO 8601, UTC)."""
     limits = r.get("limits") or {}
@@ -242,6 +278,7 @@ def _print_key(r: dict[str, Any]) -> None:
         ("countries", ", ".join(r.get("countries") or []) or "any (the reseller's)"),
         ("limits", " ".join(f"{k}={limits[k]}" for k in sorted(limits)) or
          "the policy's defaults"),
+        ("quotas", _quota_text(r.get("quotas")) or "the policy's defaults"),
         ("expires", _iso(r.get("expires_at")) if r.get("expires_at") else "never"),
         ("created", _iso(r.get("created_at"))), ("updated", _iso(r.get("updated_at"))),
         ("last used", _iso(r.get("last_used_at"))),
@@ -265,6 +302,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         exp = _expires(args.expires)
         if exp is not None:
             spec["expires_at"] = exp
+        quotas = _quota_spec(args.quota)
+        if quotas is not None:
+            spec["quotas"] = quotas
         issued = run(lambda ops: ops.issue_key(spec))
         if args.json:
             _print({"key_id": issued.key_id, "key": issued.key})
@@ -286,10 +326,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.expires is not None:
             changes["expires_at"] = (None if args.expires.strip().lower() in ("never", "none")
                                      else _expires(args.expires))
+        quotas = _quota_spec(args.quota)
+        if quotas is not None:
+            changes["quotas"] = quotas
         if not changes:
             _fail("nothing to update: give at least one of --name --models --paths "
-                  "--countries " + " ".join(f"--{f}" for f in LIMIT_FIELDS) + " --expires",
-                  EXIT_USAGE)
+                  "--countries " + " ".join(f"--{f}" for f in LIMIT_FIELDS) +
+                  " --quota --expires", EXIT_USAGE)
         rec = run(lambda ops: ops.update_key(args.key_id, changes))
         if args.json:
             _print(rec)
@@ -301,12 +344,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.json:
             _print(rows)
         else:
+            quota_cells = [_quota_text(r.get("quotas"), ",") or "-" for r in rows]
+            width = max([len(q) + 2 for q in quota_cells] + [8])
             print(f"{'KEY_ID':<18}{'RESELLER':<14}{'STATUS':<9}{'NAME':<16}{'LAST_USED':<22}"
-                  "EXPIRES")
-            for r in rows:
+                  f"{'QUOTAS':<{width}}EXPIRES")
+            for r, q in zip(rows, quota_cells, strict=True):
                 exp_s = _iso(r["expires_at"]) if r.get("expires_at") else "-"
                 print(f"{r['key_id']:<18}{r['reseller']:<14}{r['status']:<9}"
-                      f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}{exp_s}")
+                      f"{(r.get('name') or '-'):<16}{_iso(r.get('last_used_at')):<22}"
+                      f"{q:<{width}}{exp_s}")
         return 0
     if args.keys_cmd == "show":
         rec = run(lambda ops: ops.show_key(args.key_id))
@@ -453,6 +499,67 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- usage ------------------------------------------------------------------------------------
+
+#: The table's column titles, by row field.
+_USAGE_TITLES = {"day": "DAY", "reseller": "RESELLER", "key_id": "KEY_ID",
+                 "customer_id": "CUSTOMER", "model": "MODEL", "requests": "REQUESTS",
+                 "input_tokens": "INPUT_TOKENS", "output_tokens": "OUTPUT_TOKENS"}
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from gateway.request_log import configure_logging
+    from gateway.usage_report import parse_query
+
+    config = _load_admin(args)
+    params = {k: v for k, v in (("since", args.since), ("by", args.by),
+                                ("reseller", args.reseller), ("key", args.key),
+                                ("customer", args.customer)) if v is not None}
+    try:
+        query = parse_query(params, time.time())
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    run = _operator(config)
+    configure_logging("error", "json")
+    out = run(lambda ops: ops.usage(query))
+    if args.json:
+        _print(out, sort_keys=False)  # the rows' fields in their documented order
+    elif args.csv:
+        _print_usage_csv(out["rows"])
+    else:
+        _print_usage_table(out, query.since_day, query.until_day)
+    return 0
+
+
+def _print_usage_csv(rows: list[dict[str, Any]]) -> None:
+    """One header line of the eight fields, then a line per row; null is empty."""
+    from gateway.usage_report import FIELDS
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(FIELDS)
+    for r in rows:
+        w.writerow(["" if r[f] is None else r[f] for f in FIELDS])
+
+
+def _print_usage_table(out: dict[str, Any], since_day: str, until_day: str) -> None:
+    """A table for people: the columns that hold a value in some row (a column summed over
+    is left out), the counts right-aligned, and a TOTAL line."""
+    from gateway.usage_report import COUNTS, FIELDS
+
+    rows: list[dict[str, Any]] = out["rows"]
+    shown = [f for f in FIELDS[:5] if any(r[f] is not None for r in rows)] + list(COUNTS)
+    cells = [[_USAGE_TITLES[f] for f in shown]]
+    cells += [["-" if r[f] is None else str(r[f]) for f in shown] for r in rows]
+    idents = len(shown) - len(COUNTS)  # none when there is no row: the totals alone
+    cells.append(["TOTAL", *[""] * (idents - 1)][:idents]
+                 + [str(out["totals"][c]) for c in COUNTS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
+    print(f"usage {since_day} to {until_day} (UTC days)")
+    for line in cells:
+        print("  ".join(v.rjust(w) if f in COUNTS else v.ljust(w)
+                        for f, v, w in zip(shown, line, widths, strict=True)).rstrip())
+
+
 # --- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -562,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                "error. `gateway COMMAND --help` describes a command.")
     p.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="{run,check-config,keys,policy,audit,explain,"
-                                               "geo,report}")
+                                               "usage,geo,report}")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", default=DEFAULT_CONFIG, help="config file (YAML)")
@@ -598,9 +705,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "('*' stays within one segment, '**' spans segments)" + clear)
         sp.add_argument("--countries", help="comma-separated ISO codes (and 'unknown')" + clear)
 
+    def quota(sp: argparse.ArgumentParser, clear: str = "") -> None:
+        sp.add_argument("--quota", action="append", type=_quota_arg,
+                        metavar="PERIOD.DIMENSION=N",
+                        help="the key's own quota (repeatable), e.g. daily.output_tokens=100000"
+                             "; periods daily, monthly; dimensions requests, input_tokens, "
+                             "output_tokens" + clear)
+
     scopes(ki)
     for f in LIMIT_FIELDS:
         ki.add_argument(f"--{f}", type=int, help=f"the key's own {f} limit")
+    quota(ki)
     ki.add_argument("--expires", help="30d, 12h, or an ISO 8601 time (in the future)")
     json_flag(ki)
     ku = with_config(ks.add_parser(
@@ -612,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in LIMIT_FIELDS:
         ku.add_argument(f"--{f}", type=_limit_arg, default=_UNSET,
                         help=f"the key's own {f} limit; 'default' = the policy's")
+    quota(ku, "; daily.requests=default (or =) removes it: the policy's default applies")
     ku.add_argument("--expires", help="30d, 12h, an ISO 8601 time, or 'never'")
     json_flag(ku)
     kl = with_config(ks.add_parser("list", help="every key (no secrets), oldest first"))
@@ -675,6 +791,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--path", default="/v1/messages", help="the request path")
     json_flag(e)
     e.set_defaults(fn=cmd_explain)
+
+    u = with_config(sub.add_parser(
+        "usage", help="the usage ledger: requests and tokens by day, key, customer, model",
+        description="The usage ledger (forwarded requests only, UTC days): one row per day, "
+                    "reseller, key, customer and model, or grouped with --by; a table, "
+                    "--json or --csv."))
+    u.add_argument("--since", help="7d, 24h, an ISO 8601 date or Unix seconds: from that UTC "
+                                   "day to today (default 7d)")
+    u.add_argument("--reseller", help="only this reseller's use")
+    u.add_argument("--key", metavar="KEY_ID", help="only this key's use (a key id)")
+    u.add_argument("--customer", help="only this attested customer id's use")
+    u.add_argument("--by", choices=("day", "model", "customer"),
+                   help="sum per day, per model, or per customer (of its reseller); the "
+                        "fields summed over are null")
+    fmt = u.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help='one JSON document {"rows": [...], "totals": {...}}')
+    fmt.add_argument("--csv", action="store_true", help="CSV: a header line, then the rows")
+    u.set_defaults(fn=cmd_usage)
 
     g, gs = group("geo", "geo databases: lookup", "geo_cmd")
     gl = with_config(gs.add_parser("lookup", help="what the gateway knows about an address"))

@@ -250,6 +250,12 @@ class GeoResolver:
         cache.put(ip, info)
         return info
 
+    def peek(self, ip: str) -> GeoInfo:
+        """What `lookup` answers, left out of the cache statistics (a second reader of an
+        address the request already looked up: reseller screening)."""
+        hit = self._cache.get(ip)
+        return hit if hit is not None else self._lookup(ip)
+
     def explain(self, ip: str) -> dict[str, Any]:
         """Per database, for `gateway geo lookup` and explain: its path, type and build, the
         typed record of `ip` (`typed_record`) and the prefix length of its network; `record`

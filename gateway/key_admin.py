@@ -12,13 +12,14 @@ from typing import Any
 from gateway.audit import record_audit
 from gateway.identity import hash_secret, new_key
 from gateway.paths import compile_path_globs
-from gateway.policy import glob_list
+from gateway.policy import QUOTA_DIMENSIONS, QUOTA_PERIODS, glob_list
 from gateway.store.base import DIMENSIONS, KeyRecord, Store
 
 #: A key's own limits: the limit dimensions of the store.
 LIMIT_FIELDS = DIMENSIONS
 #: Fields `update_key` may change (the reseller never changes: issue a new key).
-UPDATE_FIELDS = ("name", "models", "paths", "countries", "expires_at", *LIMIT_FIELDS)
+UPDATE_FIELDS = ("name", "models", "paths", "countries", "expires_at", "quotas",
+                 *LIMIT_FIELDS)
 #: Unix-time fields of a key as shown; each is also shown as `<field>_iso` (ISO 8601, UTC).
 TIME_FIELDS = ("expires_at", "created_at", "updated_at", "last_used_at", "prev_valid_until")
 
@@ -116,6 +117,41 @@ def _limit(field: str, v: Any) -> int:
     return v
 
 
+def quota_name(name: str) -> str:
+    """`name` if it names a quota, "<period>.<dimension>" as policy.QUOTA_NAMES does
+    ("daily.output_tokens"); KeyOpError 400 naming the field and what is wrong with it (the
+    period, the dimension) otherwise."""
+    period, dot, dimension = name.partition(".")
+    shown = f"quotas.{name[:64]}"
+    if not dot or period not in QUOTA_PERIODS:
+        raise KeyOpError(400, f"{shown}: unknown period {period[:64]!r} (a quota is "
+                              f"<period>.<dimension>; periods: {', '.join(QUOTA_PERIODS)})")
+    if dimension not in QUOTA_DIMENSIONS:
+        raise KeyOpError(400, f"{shown}: unknown dimension {dimension[:64]!r} (dimensions: "
+                              f"{', '.join(QUOTA_DIMENSIONS)})")
+    return name
+
+
+def _quota_value(name: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise KeyOpError(400, f"quotas.{name}: must be a non-negative integer")
+    return v
+
+
+def _quotas(value: Any, clearing: bool) -> dict[str, int | None]:
+    """A key's own quotas from an object {"daily.output_tokens": N, ...}. With `clearing`
+    (an update) a null value removes that quota (the policy's default applies again)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise KeyOpError(400, "quotas must be an object like {\"daily.output_tokens\": 1000}")
+    out: dict[str, int | None] = {}
+    for name, v in value.items():
+        quota_name(str(name))
+        out[name] = None if v is None and clearing else _quota_value(name, v)
+    return out
+
+
 def _expires(v: Any, now: float) -> float:
     if not isinstance(v, int | float) or isinstance(v, bool):
         raise KeyOpError(400, "expires_at must be a Unix time in seconds")
@@ -153,7 +189,7 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
     if not isinstance(reseller, str) or not reseller:
         raise KeyOpError(400, "reseller is required")
     known = {"reseller", "name", "models", "paths", "countries", "expires_at", "limits",
-             *LIMIT_FIELDS}
+             "quotas", *LIMIT_FIELDS}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise KeyOpError(400, f"unknown field(s): {', '.join(unknown)}")
@@ -172,25 +208,30 @@ async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[Key
     name = _name(spec.get("name"))
     paths = _paths(spec.get("paths"))
     models = _models(spec.get("models"))
+    quotas = {k: v for k, v in sorted(_quotas(spec.get("quotas"), clearing=False).items())
+              if v is not None}
     await _known_reseller(store, reseller)
     key_id, secret, full = new_key()
     rec = KeyRecord(
         key_id=key_id, reseller=reseller, secret_hash=hash_secret(secret), name=name,
-        models=models, paths=paths, countries=countries, limits=limits,
+        models=models, paths=paths, countries=countries, limits=limits, quotas=quotas,
         expires_at=expires_at, created_at=now, updated_at=now,
     )
     await store.put_key(rec)
-    await record_audit(store, actor, "key_issued", key_id, reseller=reseller)
+    await record_audit(store, actor, "key_issued", key_id, reseller=reseller,
+                       **({"quotas": quotas} if quotas else {}))
     return rec, full
 
 
 async def update_key(store: Store, key_id: str, changes: dict[str, Any], actor: str
                      ) -> dict[str, Any]:
     """Change an active key's name, scopes (models, paths, countries), limits (rpm, itpm,
-    otpm, concurrency) or expiry, validated as `issue_key` validates them; null clears a
-    field (no scope, the policy's default limit, no expiry). Every instance applies it
-    through the same change event as a revocation. Audited as `key_updated` with the changed
-    fields; returns the key as shown."""
+    otpm, concurrency), quotas or expiry, validated as `issue_key` validates them; null
+    clears a field (no scope, the policy's default limit, no expiry). `quotas` is merged into
+    the key's own: {"daily.requests": 100} sets that one, {"daily.requests": null} removes
+    it, `"quotas": null` removes them all (the policy's `limits.key.quotas` apply again).
+    Every instance applies it through the same change event as a revocation. Audited as
+    `key_updated` with the changed fields; returns the key as shown."""
     if not changes:
         raise KeyOpError(400, f"nothing to update: give one of {', '.join(UPDATE_FIELDS)}")
     unknown = sorted(set(changes) - set(UPDATE_FIELDS))
@@ -211,11 +252,21 @@ async def update_key(store: Store, key_id: str, changes: dict[str, Any], actor: 
             new[f] = _name(v)
         elif f == "expires_at":
             new[f] = None if v is None else _expires(v, now)
+        elif f == "quotas":
+            new[f] = _quotas(v, clearing=True) if v is not None else None
         else:
             new[f] = None if v is None else _limit(f, v)
     rec = await _get(store, key_id)
     if rec.status != "active":
         raise KeyOpError(409, f"key {key_id} is {rec.status}")
+    if "quotas" in new:
+        quotas = {} if new["quotas"] is None else dict(rec.quotas)
+        for name, q in (new["quotas"] or {}).items():
+            if q is None:
+                quotas.pop(name, None)
+            else:
+                quotas[name] = q
+        new["quotas"] = dict(sorted(quotas.items()))
     diff: dict[str, dict[str, Any]] = {}
     for f, v in new.items():
         old = rec.limits.get(f) if f in LIMIT_FIELDS else getattr(rec, f)

@@ -1,6 +1,6 @@
-"""The store operations of the `gateway` command (keys, policy, audit, explain) behind one
-interface, with two implementations: on the store directly, and through a running gateway's
-admin API (the embedded store lives in that process). One error type for both."""
+"""The store operations of the `gateway` command (keys, policy, audit, explain, usage) behind
+one interface, with two implementations: on the store directly, and through a running
+gateway's admin API (the embedded store lives in that process). One error type for both."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.policy import PolicyDoc
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
+    from gateway.usage_report import UsageQuery
 
 
 class OperationError(Exception):
@@ -107,6 +108,10 @@ class Operations(Protocol):
     async def report(self, since: str | None, reseller: str | None) -> dict[str, Any]:
         """The reseller screening report (docs/architecture.md §15), of every reseller or
         of `reseller` alone (404 when the live policy has none such; 400 for a bad since)."""
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        """The usage ledger's report for `query`: {"rows": [...], "totals": {...}}
+        (gateway.usage_report)."""
 
 
 class DirectOperations:
@@ -220,6 +225,19 @@ class DirectOperations:
                     await parts.upstream.close()
             finally:
                 geo.close()
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        from gateway.usage_report import report
+
+        with _mapped():
+            try:
+                read = query.within(self.config.settings.usage.retention_days)
+                rows = await self.store.query_usage(read.since_day, read.until_day,
+                                                    read.reseller, read.key_id,
+                                                    read.customer_id)
+            except ValueError as exc:  # a malformed day
+                raise OperationError(400, str(exc)) from None
+        return report(rows, query)
 
 
 def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:
@@ -374,4 +392,8 @@ class AdminOperations:
         path = "/admin/report" + ("/" + quote(reseller, safe="") if reseller else "")
         out: dict[str, Any] = await self._call("GET", path,
                                                params={"since": since} if since else None)
+        return out
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        out: dict[str, Any] = await self._call("GET", "/admin/usage", params=query.params())
         return out

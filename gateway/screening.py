@@ -365,9 +365,9 @@ class ScreeningTallies:
         if t is None:
             t = self._pending[key] = ScreeningTally()
         geo = snap.geo
-        flags = geo.lookup(ctx.customer_ip).anonymizer if ctx.customer_ip else ()
+        flags = geo.peek(ctx.customer_ip).anonymizer if ctx.customer_ip else ()
         if ctx.asn is not None and str(ctx.asn) not in t.names:
-            org = geo.lookup(ctx.client_ip).asn_org if ctx.client_ip else None
+            org = geo.peek(ctx.client_ip).asn_org if ctx.client_ip else None
             if org:
                 t.names[str(ctx.asn)] = org[:100]
         tally_request(t, ctx, flags, self._restricted[1], now,

@@ -4,11 +4,14 @@ a gateway running in-process."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import aiohttp
 
 from gateway.admin import SERVER_HEADER
+from gateway.store.base import Tally, UsageKey
+from gateway.usage_report import FIELDS, utc_day
 from tests.support.gateway import running_gateway
 from tests.support.upstream import FakeUpstream
 
@@ -66,6 +69,12 @@ async def test_every_admin_error_has_the_one_body_and_a_request_id(
                  ("PUT", "/admin/policy?expected_version=99", 409, "invalid_request_error",
                   "version_conflict"),
                  ("PUT", "/admin/policy?expected_version=x", 400, "invalid_request_error",
+                  "invalid_request"),
+                 ("GET", "/admin/usage?since=soon", 400, "invalid_request_error",
+                  "invalid_request"),
+                 ("GET", "/admin/usage?by=week", 400, "invalid_request_error",
+                  "invalid_request"),
+                 ("GET", "/admin/usage?key_id=k", 400, "invalid_request_error",
                   "invalid_request")]
         for method, path, status, type_, code in cases:
             async with s.request(method, gw.admin_url + path, data="{}"
@@ -101,3 +110,27 @@ async def test_an_invalid_policy_lists_every_problem_in_the_one_body(
         assert all(p["reason"].startswith("needs geo.") for p in body["error"]["errors"])
         assert body["error"]["message"].count("\n") == 1
         assert gw.service.policy_version == 1
+
+
+async def test_usage_answers_the_ledger_with_its_filters(tmp_path: Path,
+                                                         upstream: FakeUpstream) -> None:
+    """GET /admin/usage reports the ledger: rows with all eight fields, totals, the query
+    parameters as filters and grouping, and `since` as a day range; a bad parameter is a 400
+    naming it."""
+    async with running_gateway(tmp_path, upstream.url) as gw:
+        today, old = utc_day(time.time()), utc_day(time.time() - 30 * 86400)
+        await gw.service.store.add_usage({
+            UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
+            UsageKey(today, "direct", "kd", None, "gpt-4"): Tally(1, 10, 100),
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(5, 5, 5)}, 400)
+        status, body = await gw.admin("GET", "/admin/usage")
+        assert status == 200, body
+        assert body["totals"] == {"requests": 3, "input_tokens": 30, "output_tokens": 300}
+        assert [list(r) for r in body["rows"]] == [list(FIELDS)] * 2
+        status, body = await gw.admin("GET", f"/admin/usage?since={old}&key=ka&by=day")
+        assert status == 200, body
+        assert [(r["day"], r["reseller"], r["key_id"], r["model"], r["requests"])
+                for r in body["rows"]] == [(old, "acme", "ka", None, 5),
+                                           (today, "acme", "ka", None, 2)]
+        status, body = await gw.admin("GET", "/admin/usage?by=weekly")
+        assert status == 400 and "by 'weekly'" in body["error"]["message"]

@@ -16,6 +16,9 @@ from gateway.cli import (
     _expires,
     _iso,
     _limit_arg,
+    _print_usage_csv,
+    _print_usage_table,
+    _quota_arg,
     admin_operations,
     build_parser,
     main,
@@ -105,3 +108,76 @@ def test_key_limit_options_are_the_store_dimensions() -> None:
     defaults = [x for f in DIMENSIONS for x in (f"--{f}", "default")]
     update = parser.parse_args(["keys", "update", "k", *defaults])
     assert [getattr(update, f) for f in DIMENSIONS] == [None] * len(DIMENSIONS)
+
+
+def test_quota_arg_is_a_name_and_a_count_or_default() -> None:
+    """`--quota daily.output_tokens=N` is (name, N); an empty N or `default` removes the
+    key's own quota (None)."""
+    assert _quota_arg("daily.output_tokens=100") == ("daily.output_tokens", 100)
+    assert _quota_arg(" monthly.requests = 0 ") == ("monthly.requests", 0)
+    assert _quota_arg("daily.requests=") == ("daily.requests", None)
+    assert _quota_arg("daily.requests=Default") == ("daily.requests", None)
+
+
+@pytest.mark.parametrize(("value", "named"), [
+    ("daily.requests", "PERIOD.DIMENSION=N"), ("weekly.requests=1", "unknown period"),
+    ("daily.tokens=1", "unknown dimension"), ("daily.requests=-1", "non-negative"),
+    ("daily.requests=1.5", "non-negative"), ("daily.requests=none", "non-negative"),
+])
+def test_a_bad_quota_option_names_what_is_wrong(value: str, named: str) -> None:
+    """A missing `=`, an unknown period or dimension, or a value that is no count is an
+    argparse error saying which."""
+    with pytest.raises(argparse.ArgumentTypeError, match=named):
+        _quota_arg(value)
+
+
+def test_quota_options_repeat_on_issue_and_update() -> None:
+    """`--quota` is repeatable on `keys issue` and `keys update`; `usage` takes its filters,
+    `--by` and one output format."""
+    parser = build_parser()
+    issue = parser.parse_args(["keys", "issue", "--reseller", "r", "--quota",
+                               "daily.requests=5", "--quota", "monthly.output_tokens=9"])
+    assert issue.quota == [("daily.requests", 5), ("monthly.output_tokens", 9)]
+    update = parser.parse_args(["keys", "update", "k", "--quota", "daily.requests="])
+    assert update.quota == [("daily.requests", None)]
+    usage = parser.parse_args(["usage", "--since", "24h", "--reseller", "acme", "--key",
+                               "k1", "--customer", "c1", "--by", "model", "--csv"])
+    assert (usage.since, usage.reseller, usage.key, usage.customer, usage.by, usage.csv,
+            usage.json) == ("24h", "acme", "k1", "c1", "model", True, False)
+    for bad in (["usage", "--by", "week"], ["usage", "--json", "--csv"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+REPORT = {"rows": [
+    {"day": "2026-12-01", "reseller": None, "key_id": None, "customer_id": None,
+     "model": None, "requests": 3, "input_tokens": 30, "output_tokens": 1200},
+    {"day": "2026-12-02", "reseller": None, "key_id": None, "customer_id": None,
+     "model": None, "requests": 12, "input_tokens": 7, "output_tokens": 5}],
+    "totals": {"requests": 15, "input_tokens": 37, "output_tokens": 1205}}
+
+
+def test_usage_table_shows_the_grouped_columns_and_a_total(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The table leaves out the columns summed over, right-aligns the counts and ends with
+    a TOTAL line."""
+    _print_usage_table(REPORT, "2026-11-25", "2026-12-02")
+    assert capsys.readouterr().out.splitlines() == [
+        "usage 2026-11-25 to 2026-12-02 (UTC days)",
+        "DAY         REQUESTS  INPUT_TOKENS  OUTPUT_TOKENS",
+        "2026-12-01         3            30           1200",
+        "2026-12-02        12             7              5",
+        "TOTAL             15            37           1205"]
+    _print_usage_table({"rows": [], "totals": dict.fromkeys(
+        ("requests", "input_tokens", "output_tokens"), 0)}, "2026-12-02", "2026-12-02")
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "REQUESTS  INPUT_TOKENS  OUTPUT_TOKENS", "       0             0              0"]
+
+
+def test_usage_csv_has_all_eight_fields_and_empty_nulls(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CSV: a header of the eight fields, one line per row, null as an empty cell."""
+    _print_usage_csv(REPORT["rows"])
+    assert capsys.readouterr().out.splitlines() == [
+        "day,reseller,key_id,customer_id,model,requests,input_tokens,output_tokens",
+        "2026-12-01,,,,,3,30,1200", "2026-12-02,,,,,12,7,5"]

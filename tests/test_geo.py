@@ -201,3 +201,22 @@ def test_typed_record_raises_address_not_found_with_its_network() -> None:
         geo.close()
         demo.reader.close()
     assert isinstance(rec, geoip2.models.ASN) and rec.autonomous_system_number == 64500
+
+
+def test_peek_answers_as_lookup_without_counting() -> None:
+    """peek gives lookup's answer for a cached and an uncached address and leaves the cache
+    statistics alone."""
+    from gateway.geo import GeoResolver
+    from tests.support.gateway import REPO
+
+    demo = REPO / "geo" / "demo"
+    geo = GeoResolver(str(demo / "Demo-Country.mmdb"), str(demo / "Demo-ASN.mmdb"),
+                      str(demo / "Demo-Anonymous-IP.mmdb"), allow_demo=True)
+    try:
+        first = geo.lookup("203.0.113.1")
+        counts = (geo.cache_hits, geo.cache_misses)
+        assert geo.peek("203.0.113.1") == first and first.anonymizer == ("vpn",)
+        assert geo.peek("192.0.2.1").asn_org == "Demo Cloud US"
+        assert (geo.cache_hits, geo.cache_misses) == counts
+    finally:
+        geo.close()

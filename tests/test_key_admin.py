@@ -140,3 +140,63 @@ async def test_every_limit_dimension_is_a_key_limit() -> None:
     assert rec.limits == own
     shown = await update_key(store, rec.key_id, dict.fromkeys(DIMENSIONS), "alice")
     assert shown["limits"] == {}
+
+
+async def test_a_key_has_its_own_quotas_from_issue() -> None:
+    """`quotas` at issue are stored on the key, shown, and named in the issue's audit event."""
+    store = await _store()
+    rec, _ = await issue_key(store, {"reseller": "acme", "quotas": {
+        "monthly.requests": 1000, "daily.output_tokens": 0}}, "alice")
+    assert rec.quotas == {"daily.output_tokens": 0, "monthly.requests": 1000}
+    stored = await store.get_key(rec.key_id)
+    assert stored is not None and stored.quotas == rec.quotas
+    assert show(rec)["quotas"] == rec.quotas
+    issued = (await store.list_audit(None, 10))[-1]
+    assert issued["action"] == "key_issued" and issued["quotas"] == rec.quotas
+
+
+@pytest.mark.parametrize(("quotas", "named"), [
+    ({"weekly.requests": 1}, "quotas.weekly.requests: unknown period 'weekly'"),
+    ({"requests": 1}, "quotas.requests: unknown period 'requests'"),
+    ({"daily.tokens": 1}, "quotas.daily.tokens: unknown dimension 'tokens'"),
+    ({"daily.requests": -1}, "quotas.daily.requests: must be a non-negative integer"),
+    ({"daily.requests": 1.5}, "quotas.daily.requests: must be a non-negative integer"),
+    ({"daily.requests": "10"}, "quotas.daily.requests: must be a non-negative integer"),
+    ({"daily.requests": True}, "quotas.daily.requests: must be a non-negative integer"),
+    ({"daily.requests": None}, "quotas.daily.requests: must be a non-negative integer"),
+    (["daily.requests"], "quotas must be an object"),
+])
+async def test_bad_quotas_are_a_400_naming_the_field(quotas: object, named: str) -> None:
+    """An unknown period or dimension, or a value that is no non-negative integer, is refused
+    at issue and at update with a 400 naming the quota; nothing is stored."""
+    store = await _store()
+    with pytest.raises(KeyOpError) as err:
+        await issue_key(store, {"reseller": "acme", "quotas": quotas}, "alice")
+    assert err.value.status == 400 and named in str(err.value)
+    assert await store.list_keys() == []
+    rec, _ = await issue_key(store, {"reseller": "acme"}, "alice")
+    if quotas != {"daily.requests": None}:  # null clears at update (next test)
+        with pytest.raises(KeyOpError) as err:
+            await update_key(store, rec.key_id, {"quotas": quotas}, "alice")
+        assert err.value.status == 400 and named in str(err.value)
+
+
+async def test_update_merges_quotas_null_removes_one_and_all() -> None:
+    """An update sets the quotas it names and keeps the others; a null quota removes it; a
+    null `quotas` removes them all. Each change is audited with from/to."""
+    store = await _store()
+    rec, _ = await issue_key(store, {"reseller": "acme", "quotas": {"daily.requests": 5}},
+                             "alice")
+    shown = await update_key(store, rec.key_id, {"quotas": {"monthly.input_tokens": 7}},
+                             "bob")
+    assert shown["quotas"] == {"daily.requests": 5, "monthly.input_tokens": 7}
+    shown = await update_key(store, rec.key_id, {"quotas": {"daily.requests": None}}, "bob")
+    assert shown["quotas"] == {"monthly.input_tokens": 7}
+    event = (await store.list_audit(None, 10))[-1]
+    assert event["action"] == "key_updated" and event["fields"] == ["quotas"]
+    assert event["changes"]["quotas"] == {
+        "from": {"daily.requests": 5, "monthly.input_tokens": 7},
+        "to": {"monthly.input_tokens": 7}}
+    assert (await update_key(store, rec.key_id, {"quotas": None}, "bob"))["quotas"] == {}
+    stored = await store.get_key(rec.key_id)
+    assert stored is not None and stored.quotas == {}

@@ -44,8 +44,8 @@ TABLE = (
     _group(2, "stages", "client_ip geo identity policy limits usage ledger quotas "
                         "self_service"),
     _group(3, "store_factory", "store"),
-    _group(3, "edge", "proxy request_body responses audit request_log metrics listeners",
-           never="stores"),
+    _group(3, "edge", "proxy request_body responses audit usage_report request_log metrics "
+                      "listeners", never="stores"),
     _group(4, "pipeline", "decision snapshot pipeline explain key_admin screening", never="stores"),
     _group(5, "composition", "app sync status loops admin operations workers", never="stores"),
     _group(6, "entry", "cli __main__"),

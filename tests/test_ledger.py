@@ -176,3 +176,19 @@ async def test_watch_reads_a_subject_once(store: MemoryStore) -> None:
     await ledger.watch("acme", "k1")
     assert ledger.known("acme", "k1")
     assert ledger.used(reseller_subject("acme"), now).day == _t(3, 30, 9)
+
+
+async def test_flush_hooks_run_after_the_usage_is_added(store: MemoryStore) -> None:
+    """Every flush runs the flush hooks (screening's tallies) once, after the usage add."""
+    ledger = Ledger(store, 400)
+    seen: list[int] = []
+
+    async def hook() -> None:
+        day = utc_day(time.time())
+        seen.append(sum(r.requests for r in await store.query_usage(day, day)))
+
+    ledger.flush_hooks.append(hook)
+    ledger.record("acme", "k1", None, "m1", 1, 1, time.time())
+    await ledger.flush()
+    await ledger.flush()
+    assert seen == [1, 1]

@@ -25,6 +25,8 @@ from gateway.operations import (
     direct_operations,
 )
 from gateway.settings import load_settings
+from gateway.store.base import Tally, UsageKey
+from gateway.usage_report import UsageQuery, utc_day
 from tests.support.gateway import (
     ADMIN_TOKEN,
     DEFAULT_POLICY,
@@ -100,6 +102,9 @@ async def test_issue_show_and_list_a_key(ops: Operations) -> None:
 async def test_refusals_have_the_same_status(ops: Operations) -> None:
     """Bad input is 400, an unknown key 404, a change to a revoked key 409."""
     assert (await _status(ops.issue_key({"reseller": "nobody"})))[0] == 400
+    status, message = await _status(ops.issue_key({"reseller": "direct",
+                                                   "quotas": {"weekly.requests": 1}}))
+    assert status == 400 and "quotas.weekly.requests" in message
     status, message = await _status(ops.issue_key({"reseller": "direct", "models": ["x["]}))
     assert status == 400 and "unbalanced" in message
     status, message = await _status(ops.issue_key({"reseller": "direct",
@@ -116,12 +121,16 @@ async def test_refusals_have_the_same_status(ops: Operations) -> None:
 
 
 async def test_update_sets_and_clears_fields(ops: Operations) -> None:
-    """An update returns the key as shown; null clears a limit back to the policy's."""
-    key_id = (await ops.issue_key({"reseller": "direct", "rpm": 5, "itpm": 9})).key_id
+    """An update returns the key as shown; null clears a limit back to the policy's; quotas
+merge into the key's own."""
+    key_id = (await ops.issue_key({"reseller": "direct", "rpm": 5, "itpm": 9,
+                                   "quotas": {"daily.requests": 3}})).key_id
     shown = await ops.update_key(key_id, {"models": "gpt-*, claude-*", "rpm": None,
-                                          "countries": ["us"]})
+                                          "countries": ["us"],
+                                          "quotas": {"monthly.output_tokens": 50}})
     assert shown["models"] == ["gpt-*", "claude-*"] and shown["countries"] == ["US"]
     assert shown["limits"] == {"itpm": 9}
+    assert shown["quotas"] == {"daily.requests": 3, "monthly.output_tokens": 50}
     assert await ops.show_key(key_id) == {**shown, "last_used_at": None,
                                           "last_used_at_iso": None}
 
@@ -195,6 +204,43 @@ async def test_report_of_resellers_without_traffic(ops: Operations) -> None:
     assert [r["reseller"] for r in one["resellers"]] == ["acme"] and one["since"] == "2h"
     assert (await _status(ops.report(None, "nobody")))[0] == 404
     assert (await _status(ops.report("soon", None)))[0] == 400
+
+
+def _ledger(today: str, old: str) -> dict[UsageKey, Tally]:
+    return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
+            UsageKey(today, "acme", "kb", None, "claude-x"): Tally(1, 10, 100),
+            UsageKey(today, "direct", "kd", "c1", "gpt-4"): Tally(4, 40, 400),
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
+
+
+@pytest.mark.parametrize("kind", STORES)
+async def test_usage_reads_the_ledger_alike(request: pytest.FixtureRequest, tmp_path: Path,
+                                            upstream: FakeUpstream, kind: str) -> None:
+    """Both implementations report the same rows and totals of the store's ledger for the
+    same query: the day range, the filters and the grouping; a malformed day is 400."""
+    async with running_gateway(tmp_path, upstream.url, **_store_section(request, kind)) as gw, \
+            _operations("direct", kind, gw) as direct, _operations("admin", kind, gw) as admin:
+        today, old = utc_day(time.time()), utc_day(time.time() - 30 * 86400)
+        await gw.service.store.add_usage(_ledger(today, old), 400)
+        everything = UsageQuery("1970-01-01", today)  # from the oldest day kept
+        for ops in (direct, admin):
+            out = await ops.usage(everything)
+            assert out["totals"] == {"requests": 15, "input_tokens": 150,
+                                     "output_tokens": 1500}
+            assert [(r["day"], r["key_id"]) for r in out["rows"]] == [
+                (old, "ka"), (today, "ka"), (today, "kb"), (today, "kd")]
+            recent = await ops.usage(UsageQuery(today, today, reseller="acme", by="model"))
+            assert recent["rows"] == [{
+                "day": None, "reseller": "acme", "key_id": None, "customer_id": None,
+                "model": "claude-x", "requests": 3, "input_tokens": 30,
+                "output_tokens": 300}]
+            by_customer = await ops.usage(UsageQuery(today, today, customer_id="c1",
+                                                     by="customer"))
+            assert [(r["reseller"], r["customer_id"], r["requests"])
+                    for r in by_customer["rows"]] == [("acme", "c1", 2), ("direct", "c1", 4)]
+            assert (await _status(ops.usage(UsageQuery("yesterday", today))))[0] == 400
+        for query in (everything, UsageQuery(today, today, key_id="ka", by="day")):
+            assert await direct.usage(query) == await admin.usage(query)
 
 
 @pytest.mark.parametrize("kind", STORES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from gateway.settings import ConfigError
 from gateway.store.base import ScreeningTally, ScreeningWindow
 from tests.support.cli import run_cli
 from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway
-from tests.support.redis_server import free_port
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
 H = 500_000  # an hour number (Unix time // 3600)
@@ -249,12 +250,24 @@ def _flags(report: dict[str, Any], reseller: str) -> set[str]:
     return {s["name"] for s in entry["signals"] if s["state"] == "flag"}
 
 
+def _store(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
+    if kind == "memory":
+        return {}
+    redis: RedisServer = request.getfixturevalue("redis_server_session")
+    return {"store": {"url": redis.url, "key_prefix": f"scr-{uuid.uuid4().hex[:8]}:",
+                      "sync_interval_s": 0.2}}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_report_flags_the_relay_and_not_the_honest_reseller(
-        tmp_path: Path, upstream: FakeUpstream) -> None:
+        request: pytest.FixtureRequest, kind: str, tmp_path: Path,
+        upstream: FakeUpstream) -> None:
     """After the traffic mix GET /admin/report flags the relaying reseller with its reasons,
-    not the honest one; the alert line is printed once per signal (shadow: no suspension)."""
+    not the honest one; the alert line is printed once per signal (shadow: no suspension);
+    the CLI prints the same report; the gauge shows the flags."""
     async with running_gateway(tmp_path, upstream.url, _mix_policy(),
-                               admin_listen=f"127.0.0.1:{free_port()}") as gw:
+                               admin_listen=f"127.0.0.1:{free_port()}",
+                               **_store(request, kind)) as gw:
         _, relay_key = await gw.issue_key("relay")
         _, honest_key = await gw.issue_key("honest")
         statuses = await send_mix(gw.url, relay_key, RELAY_EGRESS, relay_mix())
@@ -304,6 +317,12 @@ async def test_report_flags_the_relay_and_not_the_honest_reseller(
         assert all(a["value"] >= a["threshold"] for a in alerts)
         status, live = await gw.admin("GET", "/admin/policy")
         assert live["policy"]["resellers"]["relay"]["status"] == "active"
+        async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert ('gateway_screening_flagged{reseller="relay",signal="shared_customer_ip"} 1.0'
+                in text)
+        assert ('gateway_screening_flagged{reseller="honest",signal="shared_customer_ip"} 0.0'
+                in text)
 
 
 async def test_suspend_in_enforce_mode_refuses_the_relay_keys(
@@ -327,3 +346,20 @@ async def test_suspend_in_enforce_mode_refuses_the_relay_keys(
         changed = [e for e in audit["events"] if e["action"] == "reseller_status_changed"]
         assert [(e["target"], e["status"], e["actor"]) for e in changed] == [
             ("relay", "suspended", "screening")]
+
+
+def test_policy_file_documents_the_screening_defaults() -> None:
+    """The commented `screening:` block of config/policy.yaml validates and holds exactly the
+    defaults."""
+    import yaml
+
+    from gateway.policy import SCREENING_DEFAULTS
+    from tests.support.gateway import REPO
+
+    text = (REPO / "config" / "policy.yaml").read_text()
+    block = text[text.index("# screening:"):]
+    doc = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in block.splitlines()))
+    s = Screening.model_validate(doc["screening"])
+    assert {n: s.limits(n) for n in SIGNALS} == SCREENING_DEFAULTS
+    assert (s.window, s.actions.flag, s.actions.mode) == ("24h", "alert", "shadow")

@@ -2,7 +2,8 @@
 
 Starts the stand-in model API, starts `gateway run --config config/gateway.yaml` pointed at it,
 issues reseller keys with the CLI, sends requests with the official `anthropic` SDK through a
-trusted proxy from several countries, and prints what happened, log lines included.
+trusted proxy from several countries, and prints what happened, log lines included. It ends
+with reseller screening: a relaying reseller and an honest one, then the report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import anthropic  # the `demo` extra: without it `make demo` says so and exits 2
+import yaml
 
 from tests.support.standin import FakeUpstream
 
@@ -258,9 +260,97 @@ class Demo:
         print("  " + out_b.decode().rstrip().replace(str(broken), "broken.yaml")
               .replace("\n", "\n  "))
 
+        await self.quotas()
+
         _h("8. The audit trail: every administrative change, kept in the store")
         _, out = await self.cli("audit", "list")
         print("  " + out.rstrip().replace("\n", "\n  "))
+
+        await self.screening()
+
+    async def screening(self) -> None:
+        """Two more resellers: relayco relays restricted-region customers through an allowed
+        US datacenter, fairco serves honest customers; then the screening report."""
+        _h("8b. Reseller screening: a relaying reseller and an honest one, then the report")
+        policy = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
+        for name in ("relayco", "fairco"):
+            policy["resellers"][name] = {"status": "active", "require_customer": True}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "policy.yaml"
+            path.write_text(yaml.safe_dump(policy))
+            _, out = await self.cli("policy", "apply", str(path))
+        print("  " + out.rstrip().replace("\n", "\n  "))
+        relay = await self.issue("--reseller", "relayco", "--name", "relay-dc")
+        fair = await self.issue("--reseller", "fairco", "--name", "fair-prod")
+        await asyncio.sleep(1.0)  # the policy reaches the gateway within a second
+        mix = relay_mix("192.0.2.1")
+        print(f"  relayco from 192.0.2.1 (US datacenter, AS64500): {len(mix)} requests: CN "
+              "and KP customers, VPN and Tor customers, 12 customer ids on one address, a "
+              "private and its own egress address as 'customer', one customer in 5 countries")
+        relay_codes = await self.burst(relay, "192.0.2.1", mix)
+        print(f"      ⇒ statuses {sorted(relay_codes.items())}")
+        fair_mix = [(f"fair-{i}", ip) for i, ip in enumerate(
+            ("192.0.2.2", "192.0.2.34", "192.0.2.50", "192.0.2.66"))] * 3
+        print(f"  fairco from 192.0.2.17 (GB): {len(fair_mix)} requests of 4 customers in "
+              "US, DE, JP and FR, each always from its own address")
+        fair_codes = await self.burst(fair, "192.0.2.17", fair_mix)
+        print(f"      ⇒ statuses {sorted(fair_codes.items())}")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the tallies reach the store within a second
+            code, out = await self.cli("report", "resellers", "--json", show=False)
+            doc = json.loads(out) if code == 0 else {"resellers": []}
+            if any(r["reseller"] == "relayco" and r["flagged"] for r in doc["resellers"]):
+                break
+            await asyncio.sleep(0.3)
+        _, out = await self.cli("report", "resellers")
+        print("  " + out.rstrip().replace("\n", "\n  "))
+        alerts = [x for x in self.logs if x.get("event") == "screening_alert"]
+        print("\n  screening_alert lines (once per transition to flag; mode shadow: alert "
+              "only):")
+        for a in alerts:
+            print(f"    {a['reseller']}: {a['signal']} = {a['value']} "
+                  f"(threshold {a['threshold']})")
+
+    async def burst(self, key: str, egress: str,
+                    mix: list[tuple[str, str]]) -> dict[int, int]:
+        """One SDK request per (customer id, customer ip), quietly; count per status."""
+        client = anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0,
+                                          default_headers={"X-Forwarded-For": egress})
+        codes: dict[int, int] = {}
+        try:
+            for cid, cip in mix:
+                try:
+                    await client.messages.create(
+                        model="claude-demo-1", max_tokens=16,
+                        messages=[{"role": "user", "content": "Hello"}],
+                        extra_headers={"X-Customer-Id": cid, "X-Customer-IP": cip})
+                    code = 200
+                except anthropic.APIStatusError as exc:
+                    code = exc.status_code
+                codes[code] = codes.get(code, 0) + 1
+        finally:
+            await client.close()
+        return codes
+
+    async def quotas(self) -> None:
+        _h("7c. A daily quota runs out; the usage ledger (forwarded requests only)")
+        quota = await self.issue("--reseller", "acme", "--name", "trial",
+                                 "--quota", "daily.requests=2")
+        for i in range(3):
+            await self.ask(f"trial key (daily.requests=2), request {i + 1}", quota,
+                           "192.0.2.16", customer=("cust-42", "192.0.2.50"))
+        # Instances add their tallies to the ledger once a second: wait for this one's.
+        kid = quota.split("_")[1]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            _, out = await self.cli("usage", "--key", kid, "--json", show=False)
+            if json.loads(out)["totals"]["requests"] >= 2:
+                break
+            await asyncio.sleep(0.2)
+        for args in (("usage", "--since", "24h"), ("usage", "--by", "customer"),
+                     ("usage", "--key", kid, "--csv")):
+            _, out = await self.cli(*args)
+            print("  " + out.rstrip().replace("\n", "\n  "))
 
     async def raw(self, label: str, method: str, target: str, headers: dict[str, str],
                   body: bytes = b"", hang_up_after: bytes | None = None) -> None:
@@ -334,6 +424,18 @@ class Demo:
             print(json.dumps(reqs[1] if len(reqs) > 1 else reqs[0], indent=None))
         others = sorted({x["event"] for x in self.logs} - {"request", "audit"})
         print(f"\nother events: {', '.join(others)}")
+
+
+def relay_mix(egress: str) -> list[tuple[str, str]]:
+    """(customer id, customer ip) of a reseller relaying what it should refuse (demo geo
+    data: 198.51.100.x restricted regions, 203.0.113.x anonymizers, 192.0.2.x clean)."""
+    mix = [(f"cn-{i}", "198.51.100.2") for i in range(3)] + [("kp-1", "198.51.100.50")]
+    mix += [("vpn-1", "203.0.113.2"), ("tor-1", "203.0.113.18")]
+    mix += [(f"shared-{i}", "192.0.2.35") for i in range(12)]
+    mix += [("priv-1", "10.0.0.5"), ("self-1", egress)]
+    mix += [("hopper", ip) for ip in ("192.0.2.3", "192.0.2.18", "192.0.2.36", "192.0.2.51",
+                                      "192.0.2.67")]
+    return mix
 
 
 def run_demo() -> int:

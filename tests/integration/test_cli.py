@@ -10,13 +10,15 @@ import json
 import re
 import subprocess
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from gateway import __version__
+from gateway.store.base import Tally, UsageKey
 from tests.support.cli import GatewayProcess, cli_env, code_of, run_cli, send
 from tests.support.gateway import (
     DEFAULT_POLICY,
@@ -416,3 +418,133 @@ async def test_every_log_line_names_its_worker(tmp_path: Path, upstream: FakeUps
         requests = await poll(lambda: proc.events("request"), timeout=10)
         assert all(x["worker"] in (0, 1) for x in requests)
     assert all("worker" in x for x in proc.lines)
+
+
+def _seed_ledger(today: str, old: str) -> dict[UsageKey, Tally]:
+    return {UsageKey(today, "acme", "ka", "c1", "claude-x"): Tally(2, 20, 200),
+            UsageKey(today, "acme", "kb", None, "gpt-4"): Tally(1, 10, 100),
+            UsageKey(today, "direct", "kd", "c1", "claude-x"): Tally(4, 40, 400),
+            UsageKey(old, "acme", "ka", "c1", "claude-x"): Tally(8, 80, 800)}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_usage_prints_a_table_json_and_csv(
+        request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream,
+        kind: str) -> None:
+    """`gateway usage` (on Redis directly; on the embedded store through the admin API) prints
+    a table with a TOTAL line by default, exactly one JSON document with --json (every row
+    with all eight fields) and CSV with --csv, for the filters, --since and --by given; a
+    bad option exits 2."""
+    store = {"admin_listen": f"127.0.0.1:{free_port()}"} if kind == "memory" else {
+        "store": _store(request.getfixturevalue("redis_server"))}
+    cfg = tmp_path / "gateway.yaml"
+    async with running_gateway(tmp_path, upstream.url, **store) as gw:
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        old = datetime.fromtimestamp(time.time() - 30 * 86400, UTC).strftime("%Y-%m-%d")
+        await gw.service.store.add_usage(_seed_ledger(today, old), 400)
+        table, as_json, as_csv, by_model, since_old, bad = await asyncio.gather(
+            _cli("usage", "--by", "customer", config=cfg),
+            _cli("usage", "--json", config=cfg),
+            _cli("usage", "--csv", "--reseller", "acme", "--by", "day", "--since",
+                 "60d", config=cfg),
+            _cli("usage", "--key", "ka", "--by", "model", "--since", old, "--json",
+                 config=cfg),
+            _cli("usage", "--since", old, "--customer", "c1", "--by", "day",
+                 config=cfg),
+            _cli("usage", "--since", "last week", config=cfg))
+    for out in (table, as_json, as_csv, by_model, since_old):
+        assert out.returncode == 0, (out.args, out.stderr)
+    assert table.stdout.splitlines()[1:] == [
+        "RESELLER  CUSTOMER  REQUESTS  INPUT_TOKENS  OUTPUT_TOKENS",
+        "acme      -                1            10            100",
+        "acme      c1               2            20            200",
+        "direct    c1               4            40            400",
+        "TOTAL                      7            70            700"]
+    doc = json.loads(as_json.stdout)
+    assert doc["totals"] == {"requests": 7, "input_tokens": 70, "output_tokens": 700}
+    assert [list(r) for r in doc["rows"]] == [[
+        "day", "reseller", "key_id", "customer_id", "model", "requests", "input_tokens",
+        "output_tokens"]] * 3
+    assert {(r["key_id"], r["customer_id"], r["model"]) for r in doc["rows"]} == {
+        ("ka", "c1", "claude-x"), ("kb", None, "gpt-4"), ("kd", "c1", "claude-x")}
+    assert as_csv.stdout.splitlines() == [
+        "day,reseller,key_id,customer_id,model,requests,input_tokens,output_tokens",
+        f"{old},acme,,,,8,80,800", f"{today},acme,,,,3,30,300"]
+    assert json.loads(by_model.stdout)["rows"] == [{
+        "day": None, "reseller": "acme", "key_id": "ka", "customer_id": None,
+        "model": "claude-x", "requests": 10, "input_tokens": 100, "output_tokens": 1000}]
+    assert since_old.stdout.splitlines()[0] == f"usage {old} to {today} (UTC days)"
+    assert [line.split()[:3] for line in since_old.stdout.splitlines()[2:]] == [
+        [old, "c1", "8"], [today, "c1", "6"], ["TOTAL", "14", "140"]]
+    assert bad.returncode == 2 and "since 'last week'" in bad.stderr
+
+
+async def test_keys_quota_option_sets_shows_and_clears(tmp_path: Path,
+                                                       upstream: FakeUpstream) -> None:
+    """`keys issue|update --quota` sets a key's own quotas (repeatable), `keys show` and
+    `keys list` print them, an empty value removes one, the change is audited; a bad quota
+    exits 2 naming it."""
+    cfg = tmp_path / "gateway.yaml"
+    async with running_gateway(tmp_path, upstream.url, admin_listen=f"127.0.0.1:{free_port()}"):
+        issued = await _cli("keys", "issue", "--reseller", "direct", "--quota",
+                            "daily.output_tokens=500", "--quota", "monthly.requests=9",
+                            "--json", config=cfg)
+        assert issued.returncode == 0, issued.stderr
+        key_id = json.loads(issued.stdout)["key_id"]
+        shown = await _cli("keys", "show", key_id, config=cfg)
+        assert "quotas:      daily.output_tokens=500 monthly.requests=9" in shown.stdout
+        updated = await _cli("keys", "update", key_id, "--quota", "daily.output_tokens=",
+                             "--quota", "daily.requests=3", "--json", config=cfg)
+        assert updated.returncode == 0, updated.stderr
+        assert json.loads(updated.stdout)["quotas"] == {"daily.requests": 3,
+                                                        "monthly.requests": 9}
+        listed = await _cli("keys", "list", config=cfg)
+        assert listed.stdout.splitlines()[1].split()[-2:] == [
+            "daily.requests=3,monthly.requests=9", "-"]
+        events = json.loads((await _cli("audit", "list", "--json", config=cfg)).stdout)
+        assert events["events"][-1]["changes"]["quotas"] == {
+            "from": {"daily.output_tokens": 500, "monthly.requests": 9},
+            "to": {"daily.requests": 3, "monthly.requests": 9}}
+        bad = await asyncio.gather(
+            _cli("keys", "update", key_id, "--quota", "weekly.requests=1", config=cfg),
+            _cli("keys", "issue", "--reseller", "direct", "--quota", "daily.requests=-2",
+                 config=cfg))
+        assert [b.returncode for b in bad] == [2, 2]
+        assert "unknown period 'weekly'" in bad[0].stderr
+        assert "quotas.daily.requests" in bad[1].stderr
+
+
+async def test_usage_counts_forwarded_requests_never_refused_ones(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """End to end on the embedded store: a key issued with `--quota daily.requests=2` gets
+    two answers and a 429 daily_quota_exceeded with retry-after; once the instance has
+    flushed, `gateway usage` counts the two forwarded requests with the tokens their request
+    lines report, and never the refused one."""
+    cfg = tmp_path / "gateway.yaml"
+    async with running_gateway(tmp_path, upstream.url,
+                               admin_listen=f"127.0.0.1:{free_port()}") as gw:
+        issued = await _cli("keys", "issue", "--reseller", "direct", "--quota",
+                            "daily.requests=2", "--json", config=cfg)
+        assert issued.returncode == 0, issued.stderr
+        key_id, key = json.loads(issued.stdout)["key_id"], json.loads(issued.stdout)["key"]
+        answers = [await send(gw.url, key) for _ in range(3)]
+        assert [(status, code_of(body)) for status, body, _ in answers] == [
+            (200, None), (200, None), (429, "daily_quota_exceeded")]
+        assert int(answers[2][2]["retry-after"]) >= 1
+        lines = [x for x in gw.logs.requests() if x["key_id"] == key_id]
+        forwarded = [x for x in lines if x["status"] == 200]
+        assert len(forwarded) == 2 and len(lines) == 3
+
+        async def flushed() -> dict[str, Any] | None:
+            out = await _cli("usage", "--key", key_id, "--json", config=cfg)
+            assert out.returncode == 0, out.stderr
+            doc: dict[str, Any] = json.loads(out.stdout)
+            return doc if doc["totals"]["requests"] >= 2 else None  # both flushed
+
+        doc = await poll(flushed, timeout=15, interval=0.2)
+    assert doc["totals"] == {
+        "requests": 2,
+        "input_tokens": sum(x["input_tokens"] for x in forwarded),
+        "output_tokens": sum(x["output_tokens"] for x in forwarded)}
+    assert [(r["reseller"], r["key_id"], r["customer_id"], r["model"]) for r in doc["rows"]] \
+        == [("direct", key_id, None, "claude-test-1")]

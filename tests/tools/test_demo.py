@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tools.demo import Demo, _free_port
+from tools.demo import Demo, _free_port, relay_mix
 
 
 def test_free_port_is_bindable() -> None:
@@ -42,3 +42,14 @@ def test_print_logs_summarises_requests_and_audit_events(
     assert "403" in out and "192.0.2.9" in out and "restricted-regions" in out
     assert "audit events: key_issued k1" in out
     assert "other events: gateway_started" in out
+
+
+def test_relay_mix_holds_every_kind_of_relayed_customer() -> None:
+    """The demo's relaying reseller attests restricted-region, anonymizer, shared, invalid
+    and country-hopping customers."""
+    mix = relay_mix("192.0.2.1")
+    ips = [ip for _, ip in mix]
+    assert "198.51.100.2" in ips and "203.0.113.2" in ips and "10.0.0.5" in ips
+    assert ("self-1", "192.0.2.1") in mix
+    assert len({cid for cid, ip in mix if ip == "192.0.2.35"}) == 12
+    assert len({ip for cid, ip in mix if cid == "hopper"}) == 5

@@ -35,7 +35,8 @@ def test_the_lua_scripts_ship_with_the_package() -> None:
 
     names = [p.name for p in resources.files("gateway.store").joinpath("lua").iterdir()
              if p.name.endswith(".lua")]
-    assert sorted(names) == ["add_usage.lua", "admit.lua", "cancel.lua", "put_key.lua",
+    assert sorted(names) == ["add_screening.lua", "add_usage.lua", "admit.lua", "cancel.lua",
+                             "put_key.lua",
                              "put_policy.lua", "renew.lua", "resolve_usage.lua", "settle.lua"]
     for name in names:
         script = lua(name)

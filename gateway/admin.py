@@ -1,4 +1,5 @@
-"""The admin listener: /healthz, /readyz, /metrics (no token) and /admin/* (bearer token).
+"""The admin listener: /healthz, /readyz, /metrics (no token), /admin/ui (the screening page,
+no token: it holds no data) and /admin/* (bearer token).
 
 It serves an `AdminBackend` (the running gateway) and answers every error in the one body of
 docs/architecture.md §6, with a request id, as the proxy listener does."""
@@ -9,6 +10,8 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import cache
+from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -132,7 +135,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/admin/"):
+    if request.path.startswith("/admin/") and request.path not in UI_FILES:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         expected = request.app[BACKEND].config.secrets.admin_token
@@ -325,6 +328,44 @@ async def reload_view(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True})
 
 
+#: The screening page's files (package data under gateway/ui/) by path, with their types. The
+#: page is served without the token: it holds no data until the operator types the token, and
+#: then its script reads /admin/report with it like any other client of the admin API.
+UI_FILES: dict[str, tuple[str, str]] = {
+    "/admin/ui": ("index.html", "text/html"),
+    "/admin/ui/app.js": ("app.js", "text/javascript"),
+    "/admin/ui/app.css": ("app.css", "text/css"),
+    "/admin/ui/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+#: The page's headers: its own files only (no inline script or style, no other origin), never
+#: framed, never cached, no referrer, no content sniffing.
+UI_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+@cache
+def _ui_file(name: str) -> bytes:
+    return (resources.files("gateway") / "ui" / name).read_bytes()
+
+
+async def ui_view(request: web.Request) -> web.Response:
+    """GET /admin/ui[/app.js|/app.css]: the read-only screening page, no token needed."""
+    name, content_type = UI_FILES[request.path]
+    return web.Response(body=_ui_file(name), content_type=content_type, charset="utf-8",
+                        headers=UI_HEADERS)
+
+
 def build_admin_app(backend: AdminBackend) -> web.Application:
     """The admin application serving `backend`."""
     app = web.Application(middlewares=[_errors, _auth])
@@ -347,4 +388,6 @@ def build_admin_app(backend: AdminBackend) -> web.Application:
     r.add_post("/admin/reload", reload_view)
     r.add_get("/admin/report", report_view)
     r.add_get("/admin/report/{reseller}", report_view)
+    for path in UI_FILES:
+        r.add_get(path, ui_view)
     return app

@@ -97,8 +97,9 @@ def test_a_command_that_moved_to_tools_says_where_it_went(
 # --- the wheel --------------------------------------------------------------------------------
 
 def test_the_wheel_holds_the_gateway_only(tmp_path: Path) -> None:
-    """The built wheel holds gateway/ (with its Lua scripts and py.typed) and its metadata,
-    nothing else: no tools/, no tests/, no stand-in upstream, demo or geo builder."""
+    """The built wheel holds gateway/ (with its Lua scripts, py.typed and the screening page's
+    files) and its metadata, nothing else: no tools/, no tests/, no stand-in upstream, demo or
+    geo builder."""
     # From a copy of the tree as git holds it: a build writes build/ beside the sources, and a
     # stale build/ in the checkout could both hide and add files.
     src, out = tmp_path / "src", tmp_path / "dist"
@@ -116,7 +117,8 @@ def test_the_wheel_holds_the_gateway_only(tmp_path: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"gateway", "gateway-0.1.0.dist-info"}, tops
     assert {"gateway/cli.py", "gateway/geo.py", "gateway/py.typed",
-            "gateway/store/lua/admit.lua"} <= set(names)
+            "gateway/store/lua/admit.lua", "gateway/ui/index.html", "gateway/ui/app.js",
+            "gateway/ui/app.css", "gateway/ui/favicon.svg"} <= set(names)
     modules = {Path(n).stem for n in names if n.endswith(".py")}
     assert not modules & {"standin", "demo", "geo_build", "upstream", "conftest"}, modules
     assert doubles == []  # no module of the wheel defines or uses the stand-in upstream

@@ -24,7 +24,6 @@ from gateway.log import logger
 from gateway.store.base import (
     DIMENSIONS,
     TOKEN_DIMENSIONS,
-    WINDOW_MS,
     AdmitRequest,
     AdmitResult,
     Bucket,
@@ -133,6 +132,8 @@ class RedisStore(Store):
         # (settled by resolve_usage.lua before the next), the cells found applied that the
         # caller still holds, and one addition at a time. Additions are numbered per store.
         self._instance = uuid.uuid4().hex[:16]
+        # lease id → its expiry second (admit.lua), from admission to settlement or cancel.
+        self._lease_sec: dict[str, int] = {}
         self._additions = 0
         self._in_doubt: dict[str, InDoubt] = {}
         self._held: dict[str, dict[UsageKey, Tally]] = {}
@@ -145,12 +146,13 @@ class RedisStore(Store):
         return await self.pooled.call(awaitable, decode)
 
     async def _run(self, script: Script, keys: list[str], args: list[Any],
-                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None) -> T:
+                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None,
+                   lazy: bool = False) -> T:
         """One script over `runner` (the per-request transport by default) and its decoded
         reply; anything the runner or `decode` raises that is not a StoreError becomes one."""
         self.round_trips += 1
         try:
-            return decode(await (runner or self.scripts).run(script, keys, args))
+            return decode(await (runner or self.scripts).run(script, keys, args, lazy=lazy))
         except StoreError:
             raise
         except Exception as exc:
@@ -267,27 +269,29 @@ class RedisStore(Store):
                     pass
 
     # limits -------------------------------------------------------------------------------
-    def _subject_keys(self, s: Subject) -> list[str]:
-        base = f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
-        return [f"{base}:{d}" for d in DIMENSIONS]
-
-    def _marker(self, subjects: tuple[Subject, ...], lease_id: str) -> str:
-        """The admission marker (admit.lua): beside the subjects, on their shard."""
-        return f"{self.prefix}{{r:{subjects[0].reseller}}}:adm:{lease_id}"
+    def _subject_key(self, s: Subject) -> str:
+        """The subject's hash (admit.lua describes its fields), under the reseller's tag."""
+        return f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
 
     def _admit_call(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
         for s in req.subjects:
-            keys.extend(self._subject_keys(s))
+            keys.append(self._subject_key(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
-        keys.append(self._marker(req.subjects, req.lease_id))
         return keys, args
 
     async def admit(self, req: AdmitRequest) -> AdmitResult:
         keys, args = self._admit_call(req)
         return await self._run(self._ADMIT, keys, args,
-                               decode=lambda res: self._admit_result(req, res))
+                               decode=lambda res: self._admitted(req, res))
+
+    def _admitted(self, req: AdmitRequest, res: Any) -> AdmitResult:
+        result = self._admit_result(req, res)
+        if result.ok and len(res) > 10:
+            # The lease's expiry tick: settlement names the lease's count field with it.
+            self._lease_sec[req.lease_id] = int(res[10])
+        return result
 
     @staticmethod
     def _admit_result(req: AdmitRequest, res: Any) -> AdmitResult:
@@ -309,26 +313,30 @@ class RedisStore(Store):
     async def cancel(self, req: AdmitRequest) -> None:
         keys, args = self._admit_call(req)
         await self._run(self._CANCEL, keys, args)
+        self._lease_sec.pop(req.lease_id, None)
 
     async def settle(self, st: Settlement) -> None:
         keys: list[str] = []
-        args: list[Any] = [st.lease_id, int(WINDOW_MS)]
+        args: list[Any] = [st.lease_id, self._lease_sec.get(st.lease_id, 0)]
         for s in st.subjects:
-            k = self._subject_keys(s)
-            keys.extend((k[1], k[2], k[3]))
+            keys.append(self._subject_key(s))
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
-        keys.append(self._marker(st.subjects, st.lease_id))
-        await self._run(self._SETTLE, keys, args)
+        # Lazy: no response waits for a settlement; it shares a socket write with others.
+        await self._run(self._SETTLE, keys, args, lazy=True)
+        self._lease_sec.pop(st.lease_id, None)
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
     ) -> None:
         for subjects, lease_id in leases:
-            keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
-            if keys:
-                await self._run(self._RENEW, keys, [lease_id, ttl_ms], runner=self.pooled)
+            if any(s.concurrency for s in subjects):
+                keys = [self._subject_key(s) for s in subjects]
+                res: Any = await self._run(self._RENEW, keys, [lease_id, ttl_ms],
+                                      runner=self.pooled)
+                if lease_id in self._lease_sec and int(res[1]):
+                    self._lease_sec[lease_id] = int(res[1])
 
     # usage ledger (usage.py: the layout) -------------------------------------------------
     def _pipeline(self) -> Any:

@@ -6,6 +6,7 @@
 --   m         a lower bound of the ticks in e<tick> and l<id> fields: nothing expired before it
 --   x         the epoch ms the hash's own expiry is set to (PEXPIREAT: set once a minute at most)
 --   g         settled markers not yet swept
+--   k         lease ticks created since the last sweep (about: a bound on e<tick> fields)
 --   l<id>     in the FIRST subject's hash only: the admission marker of lease <id>,
 --             "<tick>|<mask>" (lease expiry tick, bit i-1 set when subject i counts the
 --             lease), "c<tick>" (cancelled before it ran, see cancel.lua) or "s" (settled:
@@ -13,7 +14,7 @@
 --             marker means the same)
 -- The sweep (HGETALL, then HDEL of what is gone) runs only when it can matter: when a
 -- concurrency limit would refuse and some lease may have expired (so a refusal is exact), or
--- 10 s after the oldest tick passed, or once 256 settled markers piled up.
+-- 10 s after the oldest tick passed, or once 256 settled markers or 256 new ticks piled up.
 -- KEYS: the subjects' hashes. ARGV: [1] lease id, [2] lease ttl ms, [3] input-token cost,
 --       [4] output-token cost, then 4 limits per subject: rpm, itpm, otpm, concurrency
 --       (0 = unlimited).
@@ -25,8 +26,10 @@
 --          tightest subject (limit 0 when no subject limits that dimension).
 -- Commands: TIME, then one HMGET and one HSET per subject; a PEXPIREAT about once a minute per
 -- subject, and now and then a sweep.
--- Nothing is written before every check passed; the first write is the first subject's
--- HSET (with the marker): a Redis out of memory refuses the script there, whole.
+-- Nothing is written before every check passed. The first write is the first subject's
+-- HSET (with the marker), or a sweep's HDEL before it (HDEL is allowed out of memory, and
+-- then so is the rest of the script): a Redis out of memory refuses the script whole or not
+-- at all.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local WINDOW = 60000
@@ -42,15 +45,17 @@ local writes, dead, expire = {}, {}, {}
 local mask = 0
 
 local function sweep(key)
-  -- Drop expired lease buckets and markers; recount the live leases and the lower bound.
+  -- Drop expired and emptied lease ticks and gone markers; recount the live leases, the
+  -- lower bound and the ticks left.
   local all = redis.call('HGETALL', key)
-  local gone, c, m = {}, 0, nil
+  local gone, c, m, k = {}, 0, nil, 0
   for j = 1, #all, 2 do
     local f, v = all[j], all[j + 1]
     local p = string.sub(f, 1, 1)
     local s = nil
     if p == 'e' then
       s = tonumber(string.sub(f, 2))
+      if tonumber(v) <= 0 then s = 0 end  -- no lease left in it
     elseif p == 'l' then
       s = tonumber(string.match(v, '%d+')) or 0  -- 's': settled, always gone
     end
@@ -58,18 +63,21 @@ local function sweep(key)
       if s * 100 <= now then
         gone[#gone + 1] = f
       else
-        if p == 'e' then c = c + tonumber(v) end
+        if p == 'e' then
+          c = c + tonumber(v)
+          k = k + 1
+        end
         if not m or s < m then m = s end
       end
     end
   end
-  return gone, c, m
+  return gone, c, m, k
 end
 
 for i = 1, n do
   local key = KEYS[i]
   local base = 4 + (i - 1) * 4
-  local v = redis.call('HMGET', key, 'r', 'i', 'o', 'x', 'c', 'm', esec, mfield, 'g')
+  local v = redis.call('HMGET', key, 'r', 'i', 'o', 'x', 'c', 'm', esec, mfield, 'g', 'k')
   if i == 1 and v[8] then
     return {2}
   end
@@ -105,9 +113,11 @@ for i = 1, n do
   local m0 = m
   local climit = tonumber(ARGV[base + 4])
   local g = tonumber(v[9]) or 0
+  local k = tonumber(v[10]) or 0
+  local k0 = k
   if (m and m * 100 <= now and ((climit > 0 and c >= climit) or m * 100 + 10000 <= now))
-      or g >= 256 then
-    dead[i], c, m = sweep(key)
+      or g >= 256 or k >= 256 then
+    dead[i], c, m, k = sweep(key)
   end
   if climit > 0 then
     if c >= climit then
@@ -116,6 +126,7 @@ for i = 1, n do
     c = c + 1
     w[#w + 1] = esec
     w[#w + 1] = (tonumber(v[7]) or 0) + 1
+    if not v[7] or (dead[i] and tonumber(v[7]) <= 0) then k = k + 1 end
     mask = mask + 2 ^ (i - 1)
   end
   if climit > 0 or i == 1 then
@@ -129,6 +140,10 @@ for i = 1, n do
   if dead[i] and g > 0 then
     w[#w + 1] = 'g'
     w[#w + 1] = 0
+  end
+  if k ~= k0 then
+    w[#w + 1] = 'k'
+    w[#w + 1] = k
   end
   if m ~= m0 then
     if m then
@@ -150,13 +165,14 @@ end
 writes[1][#writes[1] + 1] = mfield
 writes[1][#writes[1] + 1] = sec .. '|' .. mask
 for i = 1, n do
-  if #writes[i] > 0 then
-    redis.call('HSET', KEYS[i], unpack(writes[i]))
-  end
+  -- The sweep's deletions first: an emptied tick it drops may be the one written now.
   if dead[i] then
     for j = 1, #dead[i], 1000 do
       redis.call('HDEL', KEYS[i], unpack(dead[i], j, math.min(j + 999, #dead[i])))
     end
+  end
+  if #writes[i] > 0 then
+    redis.call('HSET', KEYS[i], unpack(writes[i]))
   end
   if expire[i] then
     redis.call('PEXPIREAT', KEYS[i], expire[i])

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.store.base import DIMENSIONS, AdmitRequest, Settlement, Subject
@@ -125,3 +126,56 @@ async def test_a_reply_of_the_wrong_shape_is_a_store_error(store: RedisStore) ->
         await store._run(word, [], [], decode=int)
     with pytest.raises(StoreError, match=r"^store unavailable: ValueError$"):
         await store._run(word, [], [], decode=int, runner=store.pooled)
+
+
+def _three(reseller: str) -> tuple[Subject, ...]:
+    every = {"rpm": 10**6, "itpm": 10**9, "otpm": 10**9, "concurrency": 10**5}
+    return (Subject("key", "k1", reseller, **every), Subject("reseller", reseller, reseller,
+                                                             **every),
+            Subject("customer", "c1", reseller, **every))
+
+
+async def _executed(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k.startswith("cmdstat_") and k not in ("cmdstat_info", "cmdstat_ping"))
+
+
+async def test_an_admitted_request_with_three_subjects_costs_at_most_15_commands(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Admission and settlement of a request with key, reseller and customer each limiting
+    every dimension execute at most 15 Redis commands in all, those inside the scripts
+    counted (INFO commandstats), once the subjects' hashes exist."""
+    subjects = _three(f"r{uuid.uuid4().hex[:6]}")
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for i in range(3):  # the hashes and their expiry exist
+            await store.admit(AdmitRequest(subjects, f"w{i}", 60_000, 10, 10))
+            await store.settle(Settlement(subjects, f"w{i}", 10, 10, 5, 5))
+        before = await _executed(client)
+        n = 20
+        for i in range(n):
+            assert (await store.admit(AdmitRequest(subjects, f"l{i}", 60_000, 10, 10))).ok
+            await store.settle(Settlement(subjects, f"l{i}", 10, 10, 5, 5))
+        assert (await _executed(client) - before) / n <= 15
+    finally:
+        await client.aclose()
+
+
+async def test_settled_admissions_do_not_grow_a_subjects_hash(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """A thousand admitted and settled requests leave each subject's hash small: settled
+    markers and emptied lease ticks are swept, so memory per subject stays bounded."""
+    subjects = _three(f"r{uuid.uuid4().hex[:6]}")
+    for i in range(1000):
+        assert (await store.admit(AdmitRequest(subjects, f"l{i}", 60_000, 1, 1))).ok
+        await store.settle(Settlement(subjects, f"l{i}", 1, 1, 1, 1))
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for s in subjects:
+            key = store._subject_key(s)
+            assert 0 < int(await client.hlen(key)) <= 300, key
+            assert int(await client.hget(key, "c") or 0) == 0
+            assert 0 < int(await client.pttl(key)) <= 2 * 60_000 + 2_000
+    finally:
+        await client.aclose()

@@ -78,6 +78,10 @@ def _two_ints(reply: Any) -> tuple[int, int]:
     return int(reply[0] or 0), int(reply[1] or 0)
 
 
+#: How long a settlement waits for others to share its settle.lua call (single node).
+SETTLE_WINDOW_S = 0.002
+
+
 def lua(name: str) -> Script:
     """The bundled script `name` (gateway/store/lua/), read from the installed package."""
     source = resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
@@ -132,8 +136,11 @@ class RedisStore(Store):
         # (settled by resolve_usage.lua before the next), the cells found applied that the
         # caller still holds, and one addition at a time. Additions are numbered per store.
         self._instance = uuid.uuid4().hex[:16]
-        # lease id → its expiry second (admit.lua), from admission to settlement or cancel.
+        # lease id → its expiry tick (admit.lua), from admission to settlement or cancel.
         self._lease_sec: dict[str, int] = {}
+        # Settlements waiting for their batch (SETTLE_WINDOW_S), and batches in flight.
+        self._settling: list[tuple[Settlement, asyncio.Future[None]]] = []
+        self._batches: set[asyncio.Future[None]] = set()
         self._additions = 0
         self._in_doubt: dict[str, InDoubt] = {}
         self._held: dict[str, dict[UsageKey, Tally]] = {}
@@ -164,6 +171,9 @@ class RedisStore(Store):
     async def close(self) -> None:
         self._closed = True
         await cancel_and_wait(list(self._tasks))
+        self._settle_batch()  # settlements still waiting for their window go now
+        if self._batches:
+            await asyncio.wait(list(self._batches), timeout=self.timeout * 2 + 1.0)
         if self.scripts is not self.pooled:
             await self.scripts.close()
         await self.pooled.close()
@@ -315,17 +325,60 @@ class RedisStore(Store):
         await self._run(self._CANCEL, keys, args)
         self._lease_sec.pop(req.lease_id, None)
 
-    async def settle(self, st: Settlement) -> None:
+    def _settle_part(self, st: Settlement) -> tuple[list[str], list[Any]]:
+        """One settlement's KEYS and ARGV in settle.lua's batch layout."""
         keys: list[str] = []
-        args: list[Any] = [st.lease_id, self._lease_sec.get(st.lease_id, 0)]
+        args: list[Any] = [len(st.subjects), st.lease_id, self._lease_sec.get(st.lease_id, 0)]
         for s in st.subjects:
             keys.append(self._subject_key(s))
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
-        # Lazy: no response waits for a settlement; it shares a socket write with others.
-        await self._run(self._SETTLE, keys, args, lazy=True)
+        return keys, args
+
+    async def settle(self, st: Settlement) -> None:
+        if self.scripts is self.pooled:
+            # Sentinel and Cluster: one call per settlement (a batch must stay on one shard).
+            keys, args = self._settle_part(st)
+            await self._run(self._SETTLE, keys, [1, *args])
+        else:
+            # One node: the settlements of one moment share one call (settle.lua's batch),
+            # sent lazily: no response waits for a settlement.
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if not self._settling:
+                asyncio.get_running_loop().call_later(SETTLE_WINDOW_S, self._settle_batch)
+            self._settling.append((st, fut))
+            await fut
         self._lease_sec.pop(st.lease_id, None)
+
+    def _settle_batch(self) -> None:
+        batch, self._settling = self._settling, []
+        if not batch:
+            return
+        task = asyncio.ensure_future(self._send_settlements(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _send_settlements(self, batch: list[tuple[Settlement, asyncio.Future[None]]]
+                                ) -> None:
+        keys: list[str] = []
+        args: list[Any] = [len(batch)]
+        for st, _ in batch:
+            k, a = self._settle_part(st)
+            keys += k
+            args += a
+        try:
+            await self._run(self._SETTLE, keys, args, lazy=True)
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, StoreError) else unavailable(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int

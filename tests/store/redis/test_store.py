@@ -4,6 +4,7 @@ runs on every backend in tests/contract/)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -177,5 +178,30 @@ async def test_settled_admissions_do_not_grow_a_subjects_hash(
             assert 0 < int(await client.hlen(key)) <= 300, key
             assert int(await client.hget(key, "c") or 0) == 0
             assert 0 < int(await client.pttl(key)) <= 2 * 60_000 + 2_000
+    finally:
+        await client.aclose()
+
+
+async def test_settlements_of_one_moment_share_a_call_and_each_applies_once(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Twenty settlements issued together release all twenty leases (on one node in one
+    settle.lua call), and settling them all again changes nothing."""
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=100, otpm=10_000, concurrency=20)
+    reqs = [AdmitRequest((s,), f"l{i}", 60_000, 0, 100) for i in range(20)]
+    assert all(r.ok for r in await asyncio.gather(*(store.admit(q) for q in reqs)))
+    assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 100))).ok
+    trips = store.round_trips
+    sts = [Settlement((s,), q.lease_id, 0, 100, 0, 10) for q in reqs]
+    await asyncio.gather(*(store.settle(st) for st in sts))
+    if store.scripts is not store.pooled:
+        assert store.round_trips - trips == 1
+    client = aioredis.from_url(redis_server.url)
+    try:
+        key = store._subject_key(s)
+        assert int(await client.hget(key, "c") or 0) == 0
+        otpm = float(await client.hget(key, "o") or 0)
+        await asyncio.gather(*(store.settle(st) for st in sts))  # retried: applied once
+        assert int(await client.hget(key, "c") or 0) == 0
+        assert float(await client.hget(key, "o") or 0) == otpm
     finally:
         await client.aclose()

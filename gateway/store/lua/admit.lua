@@ -6,7 +6,7 @@
 --   m         a lower bound of the ticks in e<tick> and l<id> fields: nothing expired before it
 --   x         the epoch ms the hash's own expiry is set to (PEXPIREAT: set once a minute at most)
 --   g         settled markers not yet swept
---   k         lease ticks created since the last sweep (about: a bound on e<tick> fields)
+--   k         lease ticks created since the last sweep (so e<tick> fields stay bounded)
 --   l<id>     in the FIRST subject's hash only: the admission marker of lease <id>,
 --             "<tick>|<mask>" (lease expiry tick, bit i-1 set when subject i counts the
 --             lease), "c<tick>" (cancelled before it ran, see cancel.lua) or "s" (settled:
@@ -48,7 +48,7 @@ local function sweep(key)
   -- Drop expired and emptied lease ticks and gone markers; recount the live leases, the
   -- lower bound and the ticks left.
   local all = redis.call('HGETALL', key)
-  local gone, c, m, k = {}, 0, nil, 0
+  local gone, c, m = {}, 0, nil
   for j = 1, #all, 2 do
     local f, v = all[j], all[j + 1]
     local p = string.sub(f, 1, 1)
@@ -63,15 +63,12 @@ local function sweep(key)
       if s * 100 <= now then
         gone[#gone + 1] = f
       else
-        if p == 'e' then
-          c = c + tonumber(v)
-          k = k + 1
-        end
+        if p == 'e' then c = c + tonumber(v) end
         if not m or s < m then m = s end
       end
     end
   end
-  return gone, c, m, k
+  return gone, c, m
 end
 
 for i = 1, n do
@@ -117,7 +114,8 @@ for i = 1, n do
   local k0 = k
   if (m and m * 100 <= now and ((climit > 0 and c >= climit) or m * 100 + 10000 <= now))
       or g >= 256 or k >= 256 then
-    dead[i], c, m, k = sweep(key)
+    dead[i], c, m = sweep(key)
+    k = 0  -- ticks created since this sweep (live ones stay: at most one per 100 ms of ttl)
   end
   if climit > 0 then
     if c >= climit then

@@ -292,6 +292,11 @@ class RedisStore(Store):
         return keys, args
 
     async def admit(self, req: AdmitRequest) -> AdmitResult:
+        if self._settling:
+            # Settlements waiting for their batch go first, in the order they were issued: a
+            # lease released before this admission is free for it (as one call each would be).
+            self._settle_batch()
+            await asyncio.sleep(0)  # the batch's EVALSHA is buffered before this one
         keys, args = self._admit_call(req)
         return await self._run(self._ADMIT, keys, args,
                                decode=lambda res: self._admitted(req, res))

@@ -205,3 +205,20 @@ async def test_settlements_of_one_moment_share_a_call_and_each_applies_once(
         assert float(await client.hget(key, "o") or 0) == otpm
     finally:
         await client.aclose()
+
+
+async def test_an_admission_after_a_settlement_sees_its_lease_released(
+        store: RedisStore) -> None:
+    """A settlement still waiting for its batch is sent before a later admission: at
+    concurrency 1, admit, settle, admit again succeeds every time, with no wait between
+    (once the scripts are loaded: a NOSCRIPT answer sends the source after what followed)."""
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+    await store.settle(Settlement((s,), "warm", 0, 0, 0, 0))  # the scripts are loaded
+    for i in range(20):
+        assert (await store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))).ok, i
+        settling = asyncio.ensure_future(store.settle(Settlement((s,), f"l{i}", 0, 0, 0, 0)))
+        await asyncio.sleep(0)  # queued for its batch, not yet sent
+        assert (await store.admit(AdmitRequest((s,), f"m{i}", 60_000, 0, 0))).ok, i
+        await settling
+        await store.settle(Settlement((s,), f"m{i}", 0, 0, 0, 0))

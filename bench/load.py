@@ -44,12 +44,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))]
 
 
+#: One request of a mixed workload: URL, headers, body.
+Variant = tuple[str, dict[str, str], bytes]
+
+
 async def run_load(url: str, requests: int, concurrency: int, headers: dict[str, str],
-                   body: bytes, *, stream: bool = False, timeout_s: float = 30.0) -> LoadResult:
+                   body: bytes, *, stream: bool = False, timeout_s: float = 30.0,
+                   variants: list[Variant] | None = None) -> LoadResult:
     """Send `requests` POSTs from `concurrency` keep-alive connections; with `stream`, also
-    record the time to the first body byte of each answer."""
+    record the time to the first body byte of each answer. With `variants`, request i is
+    variants[i % len(variants)] (URL, headers, body) instead of `url`, `headers`, `body`."""
     res = LoadResult()
     remaining = requests
+    sent = 0
+    mix = variants or [(url, headers, body)]
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
@@ -57,11 +65,14 @@ async def run_load(url: str, requests: int, concurrency: int, headers: dict[str,
 
         async def worker() -> None:
             nonlocal remaining
+            nonlocal sent
             while remaining > 0:
                 remaining -= 1
+                u, h, b = mix[sent % len(mix)]
+                sent += 1
                 t0 = time.perf_counter()
                 try:
-                    async with session.post(url, data=body, headers=headers) as r:
+                    async with session.post(u, data=b, headers=h) as r:
                         if stream:
                             first = await r.content.readany()
                             res.ttfb_s.append(time.perf_counter() - t0)

@@ -38,7 +38,7 @@ from typing import IO, Any
 import aiohttp
 import yaml
 
-from bench.load import LoadResult, percentile, run_load
+from bench.load import LoadResult, Variant, percentile, run_load
 from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes, run_bounded
 
 CONFIG = "config/gateway.yaml"
@@ -54,6 +54,8 @@ MINUS = "\u2212"
 #: the measured window.
 SETTLE_S = 0.05
 BUDGET_CPU_RATIO = 1.3
+BUDGET_COMMANDS = 15
+BUDGET_TTFB_VS_PASSTHROUGH_MS = 1.0
 BUDGET_TTFB_P99_MS = 2.0
 #: RSS growth still called flat. Python's allocator keeps arenas; a leak of even 100 bytes a
 #: request shows as 1 MiB per 10,000 requests, buffering a stream as its whole size.
@@ -64,6 +66,50 @@ BODY = json.dumps({"model": "claude-bench-1", "max_tokens": 64,
 STREAM_BODY = json.dumps({"model": "claude-bench-1", "max_tokens": 64, "stream": True,
                           "messages": [{"role": "user", "content": "Hello, benchmark."}]}
                          ).encode()
+
+
+# The Redis gateway's workload (docs/architecture.md §9, issue 15): a reseller that attests its
+# customers; key, reseller and customer each with every limit set (high: nothing is refused);
+# 16 keys, 64 customers, 256 client addresses behind two hops of X-Forwarded-For (the client,
+# then a trusted proxy); the Anthropic and the OpenAI path alternate.
+BENCH_RESELLER = "bench"
+KEYS_N = 16
+CUSTOMERS_N = 64
+#: 256 admitted addresses of the demo GeoIP data: 192.0.2.0/26 (US, GB, DE, JP), then clean
+#: US and GB IPv6.
+CLIENT_ADDRS = ([f"192.0.2.{i}" for i in range(64)]
+                + [f"2001:db8:1::{i:x}" for i in range(1, 97)]
+                + [f"2001:db8:2::{i:x}" for i in range(1, 97)])
+SECOND_HOP = "127.0.0.2"  # a trusted proxy between the client and the load generator
+MIX_N = 1024  # variants in the mixed workload (request i uses variant i mod MIX_N)
+OPENAI_BODY = json.dumps({"model": "gpt-bench-1", "max_tokens": 64,
+                          "messages": [{"role": "user", "content": "Hello, benchmark."}]}
+                         ).encode()
+OPENAI_STREAM_BODY = json.dumps({"model": "gpt-bench-1", "max_tokens": 64, "stream": True,
+                                 "messages": [{"role": "user", "content": "Hello, benchmark."}]}
+                                ).encode()
+
+
+def mixed(base: str, keys: list[str], stream: bool = False,
+          extra: dict[str, str] | None = None) -> list[Variant]:
+    """The mixed workload against `base` (http://host:port): request i uses key i mod 16,
+    customer i mod 64, client address i mod 256 (and a customer address beside it), and
+    alternates the Anthropic and the OpenAI path."""
+    out: list[Variant] = []
+    for i in range(MIX_N):
+        key = keys[i % len(keys)]
+        h = {"content-type": "application/json",
+             "X-Forwarded-For": f"{CLIENT_ADDRS[i % 256]}, {SECOND_HOP}",
+             "X-Customer-Id": f"customer-{i % CUSTOMERS_N}",
+             "X-Customer-IP": CLIENT_ADDRS[(i * 7 + 3) % 256], **(extra or {})}
+        if i % 2 == 0:
+            h.update({"x-api-key": key, "anthropic-version": "2023-06-01"})
+            out.append((f"{base}/v1/messages", h, STREAM_BODY if stream else BODY))
+        else:
+            h["authorization"] = f"Bearer {key}"
+            out.append((f"{base}/v1/chat/completions", h,
+                        OPENAI_STREAM_BODY if stream else OPENAI_BODY))
+    return out
 
 
 @dataclass
@@ -104,7 +150,7 @@ def params(args: argparse.Namespace) -> Params:
         long_events=1000 if quick else 2000,
         long_pad=2048,
         long_delay_ms=1.0,
-        time_budget_s=75.0 if quick else 200.0,
+        time_budget_s=150.0 if quick else 300.0,
     )
     if args.requests:
         p.requests = args.requests
@@ -120,6 +166,8 @@ class Target:
     url: str
     child: Child | None            # the process whose CPU is measured (None: no proxy)
     headers: dict[str, str]
+    variants: list[Variant] | None = None         # the mixed workload, when it has one
+    stream_variants: list[Variant] | None = None
     throughput: LoadResult = field(default_factory=LoadResult)
     cpu_s: float = 0.0
     round_cpu: list[tuple[float, int]] = field(default_factory=list)
@@ -138,6 +186,10 @@ def write_policy(tmp: Path) -> Path:
     doc = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
     doc["resellers"]["direct"]["limits"] = {"rpm": HIGH, "itpm": HIGH, "otpm": HIGH,
                                             "concurrency": 100_000}
+    every = {"rpm": HIGH, "itpm": HIGH, "otpm": HIGH, "concurrency": 100_000}
+    doc["resellers"][BENCH_RESELLER] = {
+        "status": "active", "countries": ["US", "GB", "DE", "JP", "FR", "NL"],
+        "require_customer": True, "limits": every, "customer_limits": every}
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -198,12 +250,54 @@ class Gateway:
                     raise RuntimeError(f"{self.name}: the new key is refused ({r.status})")
                 await asyncio.sleep(0.1)
 
+    async def issue_bench_keys(self) -> list[str]:
+        """KEYS_N keys of the attesting reseller with every limit set (high), written straight
+        to the store; returns them once the gateway admits each."""
+        from gateway.key_admin import issue_key
+        from gateway.store.redis.store import RedisStore
+
+        store = RedisStore(self.store_url)
+        await store.start()
+        try:
+            keys = []
+            for i in range(KEYS_N):
+                _, key = await issue_key(store, {
+                    "reseller": BENCH_RESELLER, "name": f"bench-{i}", "rpm": HIGH,
+                    "itpm": HIGH, "otpm": HIGH, "concurrency": 100_000}, "bench")
+                keys.append(key)
+        finally:
+            await store.close()
+        base = self.url.rsplit("/v1/", 1)[0]
+        variants = mixed(base, keys)
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession() as s:
+            for u, h, b in variants[:2 * KEYS_N]:  # every key, on both paths
+                while True:
+                    async with s.post(u, data=b, headers=h) as r:
+                        await r.read()
+                        if r.status == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.name}: bench key refused ({r.status})")
+                    await asyncio.sleep(0.1)
+        return keys
+
     async def admissions(self) -> float:
         """gateway_store_duration_seconds_count: admission round trips so far."""
+        return (await self.metric_values())[0]
+
+    async def metric_values(self) -> tuple[float, float, float]:
+        """Admission round trips, socket writes and commands written by the pipelined
+        transport so far (the gateway's /metrics)."""
         async with aiohttp.ClientSession() as s, s.get(f"{self.admin_url}/metrics") as r:
             text = await r.text()
-        m = re.search(r"^gateway_store_duration_seconds_count\s+(\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
+        out = []
+        for name in ("gateway_store_duration_seconds_count",
+                     "gateway_store_socket_writes_total",
+                     "gateway_store_commands_written_total"):
+            m = re.search(rf"^{name}\s+(\S+)$", text, re.M)
+            out.append(float(m.group(1)) if m else 0.0)
+        return out[0], out[1], out[2]
 
     def log_errors(self) -> int:
         n = 0
@@ -233,6 +327,20 @@ def script_internal_commands() -> frozenset[str]:
                                                    (lua / f).read_text()))
     return frozenset(names)
 
+
+def limit_script_commands() -> frozenset[str]:
+    """Commands the limit scripts (admit, settle, cancel, renew) run inside Redis."""
+    import gateway
+
+    lua = Path(gateway.__file__).parent / "store" / "lua"
+    names: set[str] = set()
+    for f in ("admit.lua", "settle.lua", "cancel.lua", "renew.lua"):
+        names.update(n.lower() for n in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]",
+                                                   (lua / f).read_text()))
+    return frozenset(names)
+
+
+LIMIT_SCRIPT_COMMANDS = limit_script_commands()
 
 #: Sent once per new pooled connection, not per request: reported apart.
 CONNECTION_SETUP = frozenset({"hello", "client", "auth", "select"})
@@ -268,6 +376,17 @@ class RedisProbe:
         info = await self.r.info("cpu")
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
+    def executed(self, before: Counter[str], after: Counter[str]) -> Counter[str]:
+        """Commands Redis executed between two snapshots, those inside scripts included
+        (INFO commandstats counts both); ours and connection set-up excluded."""
+        d: Counter[str] = Counter()
+        for k, v in after.items():
+            if k == "info" or k in CONNECTION_SETUP:
+                continue
+            if v - before.get(k, 0):
+                d[k] = v - before.get(k, 0)
+        return d
+
     def round_trips(self, before: Counter[str], after: Counter[str]) -> Counter[str]:
         """Commands sent by clients between two snapshots (ours and script-internal ones
         excluded)."""
@@ -296,11 +415,12 @@ def _expect(res: LoadResult, status: int, what: str) -> None:
 async def phase_throughput(p: Params, targets: list[Target], redis_gw: Target,
                            probe: RedisProbe, gw: dict[str, Gateway]) -> dict[str, Any]:
     for t in targets:
-        _expect(await run_load(t.url, p.warmup, p.concurrency, t.headers, BODY), 200,
-                f"warm-up of {t.label}")
+        _expect(await run_load(t.url, p.warmup, p.concurrency, t.headers, BODY,
+                               variants=t.variants), 200, f"warm-up of {t.label}")
     per_round = max(1, p.requests // p.rounds)
     cmds: Counter[str] = Counter()
-    adm = 0.0
+    executed: Counter[str] = Counter()
+    adm = writes = written = 0.0
     rcpu = 0.0
     for t in targets:
         if t.child is not None:
@@ -310,17 +430,21 @@ async def phase_throughput(p: Params, targets: list[Target], redis_gw: Target,
             log(f"throughput round {r + 1}/{p.rounds}: {t.label}")
             is_redis = t is redis_gw
             if is_redis:
-                c0, a0, rc0 = (await probe.commands(), await gw[t.name].admissions(),
+                c0, m0, rc0 = (await probe.commands(), await gw[t.name].metric_values(),
                                await probe.cpu())
             cpu0 = cpu_seconds(t.child.pid) if t.child else 0.0
-            res = await run_load(t.url, per_round, p.concurrency, t.headers, BODY)
+            res = await run_load(t.url, per_round, p.concurrency, t.headers, BODY,
+                                 variants=t.variants)
             await asyncio.sleep(SETTLE_S)
             cpu1 = cpu_seconds(t.child.pid) if t.child else 0.0
             if is_redis:
-                c1, a1, rc1 = (await probe.commands(), await gw[t.name].admissions(),
+                c1, m1, rc1 = (await probe.commands(), await gw[t.name].metric_values(),
                                await probe.cpu())
                 cmds += probe.round_trips(c0, c1)
-                adm += a1 - a0
+                executed += probe.executed(c0, c1)
+                adm += m1[0] - m0[0]
+                writes += m1[1] - m0[1]
+                written += m1[2] - m0[2]
                 rcpu += rc1 - rc0
             _expect(res, 200, t.label)
             t.cpu_s += cpu1 - cpu0
@@ -331,10 +455,15 @@ async def phase_throughput(p: Params, targets: list[Target], redis_gw: Target,
             t.rss["after_throughput"] = rss_bytes(t.child.pid)
     busy = redis_gw.throughput.elapsed_s
     log(f"idle interval of {busy:.1f} s on the Redis gateway (background sync calls)")
-    idle = await idle_commands(probe, busy)
+    c0 = await probe.commands()
+    await asyncio.sleep(busy)
+    c1 = await probe.commands()
+    idle, idle_executed = probe.round_trips(c0, c1), probe.executed(c0, c1)
     n = redis_gw.throughput.requests
     return {"requests": n, "duration_s": busy, "commands": dict(cmds), "idle": dict(idle),
-            "admissions": adm, "redis_cpu_s": rcpu}
+            "executed": dict(executed), "idle_executed": dict(idle_executed),
+            "admissions": adm, "redis_cpu_s": rcpu, "socket_writes": writes,
+            "commands_written": written}
 
 
 async def idle_commands(probe: RedisProbe, seconds: float) -> Counter[str]:
@@ -371,7 +500,8 @@ async def phase_stream(p: Params, targets: list[Target]) -> None:
     for t in targets:
         h = dict(t.headers, **{"x-bench-events": str(p.stream_events),
                                "x-bench-delay-ms": str(p.stream_delay_ms)})
-        _expect(await run_load(t.url, 50, p.stream_concurrency, h, STREAM_BODY, stream=True),
+        _expect(await run_load(t.url, 50, p.stream_concurrency, h, STREAM_BODY, stream=True,
+                               variants=t.stream_variants),
                 200, f"stream warm-up, {t.label}")
     per_round = max(1, p.stream_requests // p.stream_rounds)
     for r in range(p.stream_rounds):
@@ -380,7 +510,7 @@ async def phase_stream(p: Params, targets: list[Target]) -> None:
             h = dict(t.headers, **{"x-bench-events": str(p.stream_events),
                                    "x-bench-delay-ms": str(p.stream_delay_ms)})
             res = await run_load(t.url, per_round, p.stream_concurrency, h, STREAM_BODY,
-                                 stream=True)
+                                 stream=True, variants=t.stream_variants)
             _expect(res, 200, f"stream, {t.label}")
             t.stream.merge(res)
 
@@ -467,6 +597,7 @@ async def bench(p: Params) -> dict[str, Any]:
         log("starting the gateways (memory:// and redis://) and issuing keys")
         await asyncio.gather(*(g.start() for g in gws.values()))
         await asyncio.gather(*(g.issue_key() for g in gws.values()))
+        bench_keys = await gws["gw-redis"].issue_bench_keys()
         probe = RedisProbe(redis.port)
         await probe.open()
 
@@ -478,6 +609,14 @@ async def bench(p: Params) -> dict[str, Any]:
                       gws["gw-memory"].child, headers(gws["gw-memory"].key))
         gred = Target("gw-redis", "gateway, redis://", gws["gw-redis"].url,
                       gws["gw-redis"].child, headers(gws["gw-redis"].key))
+        # The mixed workload (16 keys, 64 attested customers, 256 addresses behind two hops,
+        # both API paths) on the Redis gateway, and the same requests on the baselines.
+        stream_extra = {"x-bench-events": str(p.stream_events),
+                        "x-bench-delay-ms": str(p.stream_delay_ms)}
+        for t, b in ((direct, upstream_url), (base, f"http://127.0.0.1:{pt_port}"),
+                     (gred, gws["gw-redis"].url.rsplit("/v1/", 1)[0])):
+            t.variants = mixed(b, bench_keys)
+            t.stream_variants = mixed(b, bench_keys, stream=True, extra=stream_extra)
         upstream_cpu0 = cpu_seconds(upstream.pid)
         redis_admitted = await phase_throughput(p, [direct, base, gmem, gred], gred, probe, gws)
         upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu0
@@ -563,7 +702,23 @@ def report_data(p: Params, targets: list[Target], adm: dict[str, Any], denied: d
     n = adm["requests"]
     admitted = per(adm["commands"], adm["idle"], n, adm["duration_s"], adm["duration_s"])
     admitted["admission_calls_per_request"] = round(adm["admissions"] / n, 4) if n else None
+    # The limit scripts' calls (the usage ledger's batched flush is not per request).
+    admitted["script_calls_per_request"] = round(sum(
+        v for k, v in admitted["by_command"].items() if k in ("evalsha", "eval")), 4)
     admitted["redis_cpu_us_per_request"] = round(_us(adm["redis_cpu_s"], n), 1)
+    ex = per(adm["executed"], adm["idle_executed"], n, adm["duration_s"], adm["duration_s"])
+    # The limit scripts' share: their EVALSHA and the commands they run inside Redis; the
+    # rest is the usage ledger's flush and the sync loop (not per request: batched).
+    limit_names = LIMIT_SCRIPT_COMMANDS | {"evalsha", "eval"}
+    admitted["executed_per_request"] = round(sum(
+        v for k, v in ex["by_command"].items() if k in limit_names), 4)
+    admitted["executed_other_per_request"] = round(sum(
+        v for k, v in ex["by_command"].items() if k not in limit_names), 4)
+    admitted["executed_by_command"] = ex["by_command"]
+    admitted["socket_writes_per_request"] = round(adm["socket_writes"] / n, 4) if n else None
+    admitted["commands_per_socket_write"] = (
+        round(adm["commands_written"] / adm["socket_writes"], 3) if adm["socket_writes"]
+        else None)
     dr = denied["gw-redis"]
     denied_rt = per(dr["commands"], dr["idle"], dr["requests"], dr["duration_s"],
                     dr["duration_s"])
@@ -579,9 +734,12 @@ def report_data(p: Params, targets: list[Target], adm: dict[str, Any], denied: d
         _check("Redis round trips before forwarding / admitted req",
                admitted["admission_calls_per_request"], "= 1",
                lambda v: abs(v - 1.0) < 0.01, ""),
-        _check("Redis round trips in all / admitted req (+settle)",
-               admitted["per_request"], "≤ 2 (admit+settle)",
+        _check("Redis script calls / admitted req (admit+settle)",
+               admitted["script_calls_per_request"], "≤ 2 (admit+settle)",
                lambda v: v <= 2.05, ""),
+        _check("Redis commands of the limit scripts / admitted req",
+               admitted["executed_per_request"], f"≤ {BUDGET_COMMANDS}",
+               lambda v: v <= BUDGET_COMMANDS, ""),
         _check("Redis round trips / policy-denied request",
                denied_rt["per_request"], "= 0", lambda v: abs(v) < 0.01, ""),
         _check(f"added TTFB p99, gateway memory:// {MINUS} direct (ms)",
@@ -590,6 +748,10 @@ def report_data(p: Params, targets: list[Target], adm: dict[str, Any], denied: d
         _check(f"added TTFB p99, gateway redis:// {MINUS} direct (ms)",
                rows["gw-redis"]["added_ttfb_p99_ms"], f"≤ {BUDGET_TTFB_P99_MS} ms",
                lambda v: v <= BUDGET_TTFB_P99_MS, " ms"),
+        _check(f"added TTFB p99, gateway redis:// {MINUS} pass-through (ms)",
+               rows["gw-redis"].get("added_ttfb_vs_passthrough_p99_ms"),
+               f"≤ {BUDGET_TTFB_VS_PASSTHROUGH_MS} ms",
+               lambda v: v <= BUDGET_TTFB_VS_PASSTHROUGH_MS, " ms"),
         _check(f"RSS growth across {memory['requests']:,} requests (MiB)",
                round(memory["growth"] / MiB, 2), f"flat (≤ {FLAT_RSS_MIB} MiB)",
                lambda v: v <= FLAT_RSS_MIB, " MiB"),
@@ -676,6 +838,13 @@ def render(r: dict[str, Any]) -> str:
             f"admission {_f(a['admission_calls_per_request'], '{:.3f}')} (before forwarding);"
             f" plus {a['connection_setup_per_request']:.3f} for new pooled connections;"
             f" redis-server CPU {a['redis_cpu_us_per_request']:.1f} µs/request",
+            f"  Redis, executed: {a['executed_per_request']:.3f} commands/admitted request by "
+            f"the limit scripts (EVALSHA and what they run), "
+            f"{a['executed_other_per_request']:.3f} others (usage ledger flush, sync) ("
+            + ", ".join(f"{k} {v:.3f}" for k, v in a["executed_by_command"].items()) + ")",
+            f"  Pipelined transport: {_f(a['socket_writes_per_request'], '{:.3f}')} socket "
+            f"writes/admitted request, {_f(a['commands_per_socket_write'], '{:.2f}')} commands "
+            "per write (one write per event-loop turn that has calls)",
             f"  Redis, policy-denied: {dn['per_request']:.3f} commands/request; idle "
             f"background over the same interval: {sum(dn['idle_commands'].values())} commands",
             "  CPU per policy-denied request (403): " + ", ".join(

@@ -1,4 +1,5 @@
-"""The benchmark's upstream: a minimal, fast stand-in for `POST /v1/messages` (own process).
+"""The benchmark's upstream: a minimal, fast stand-in for `POST /v1/messages` and
+`POST /v1/chat/completions` (own process).
 
 Without `x-bench-events` it answers a small fixed Anthropic Messages JSON body. With
 `x-bench-events: N` it streams an Anthropic-shaped SSE answer: `message_start` at once, then N
@@ -6,6 +7,10 @@ Without `x-bench-events` it answers a small fixed Anthropic Messages JSON body. 
 `x-bench-pad` bytes of text, then `message_delta` (usage) and `message_stop`. A body larger
 than 1 MiB is drained without being held and answered with `x-bench-received: <bytes>` and
 `x-bench-draining: <most large bodies arriving at once while it arrived>`.
+
+`POST /v1/chat/completions` answers the OpenAI shapes: a fixed chat completion with `usage`, or
+with `x-bench-events: N` N chunks (same delay and padding) and then the usage chunk and
+`data: [DONE]`.
 
     python -m bench.upstream --port 8787
 """
@@ -104,9 +109,64 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+CHAT = json.dumps({
+    "id": "chatcmpl-bench000000000000", "object": "chat.completion", "created": 1700000000,
+    "model": "gpt-bench-1",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "Hello from the benchmark."}}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
+}, separators=(",", ":")).encode()
+
+
+def _chunk(data: dict[str, object]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _chat_delta(pad: int) -> bytes:
+    return _chunk({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-bench-1",
+                   "choices": [{"index": 0, "delta": {"content": "x" * pad},
+                                "finish_reason": None}]})
+
+
+def _chat_tail(events: int) -> bytes:
+    return _chunk({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-bench-1", "choices": [],
+                   "usage": {"prompt_tokens": 12, "completion_tokens": events,
+                             "total_tokens": 12 + events}}) + b"data: [DONE]\n\n"
+
+
+_CHAT_DELTAS: dict[int, bytes] = {}
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    events = request.headers.get("x-bench-events")
+    if events is None:
+        return web.Response(body=CHAT, content_type="application/json")
+    n = int(events)
+    delay = float(request.headers.get("x-bench-delay-ms", "0")) / 1000.0
+    pad = int(request.headers.get("x-bench-pad", "8"))
+    delta = _CHAT_DELTAS.get(pad)
+    if delta is None:
+        delta = _CHAT_DELTAS[pad] = _chat_delta(pad)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(_chat_delta(0))
+    for _ in range(n):
+        if delay:
+            await asyncio.sleep(delay)
+        await resp.write(delta)
+    await resp.write(_chat_tail(n))
+    await resp.write_eof()
+    return resp
+
+
 def build_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/chat/completions", chat)
     return app
 
 

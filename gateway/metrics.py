@@ -22,6 +22,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _mp
 
+from gateway.store.base import PIPELINE_STATS
+
 if TYPE_CHECKING:
     from gateway.context import RequestContext
     from gateway.proxy import Forwarded
@@ -69,6 +71,11 @@ MODEL_REQUESTS = Counter("gateway_model_requests_total",
                          ["model", "decision"])
 BUILD_INFO = Gauge("gateway_build_info", "Always 1; the labels name the running build",
                    ["version", "python", "implementation"], multiprocess_mode="max")
+STORE_WRITES = Counter("gateway_store_socket_writes_total",
+                       "Socket writes of the pipelined Redis transport (one per loop turn that "
+                       "has calls)")
+STORE_COMMANDS = Counter("gateway_store_commands_written_total",
+                         "Commands the pipelined Redis transport wrote (EVALSHA and EVAL)")
 STORE_UP = Gauge("gateway_store_up", "1 while the store answers, 0 while it is away",
                  multiprocess_mode="min")
 SCREENING_FLAGGED = Gauge("gateway_screening_flagged",
@@ -155,12 +162,13 @@ upstream_duration = _Hist(UPSTREAM_DURATION)
 upstream_ttfb = _Hist(UPSTREAM_TTFB)
 store_duration = _Hist(STORE_DURATION)
 _flushed_store_errors = 0
+_flushed_writes = (0, 0)
 
 
 def flush(inflight: int, store_errors: int) -> None:
     """Move the hot-path tallies into the Prometheus families: at every scrape, and once a
     second (with --workers, the other workers' samples are at most that old)."""
-    global _flushed_store_errors
+    global _flushed_store_errors, _flushed_writes
     for c in (requests, model_requests, shadow, upstream_responses, tokens):
         c.flush()
     _build_info()
@@ -170,6 +178,12 @@ def flush(inflight: int, store_errors: int) -> None:
     if store_errors > _flushed_store_errors:
         STORE_ERRORS.inc(store_errors - _flushed_store_errors)
     _flushed_store_errors = store_errors
+    writes, commands = PIPELINE_STATS.writes, PIPELINE_STATS.commands
+    if writes > _flushed_writes[0]:
+        STORE_WRITES.inc(writes - _flushed_writes[0])
+    if commands > _flushed_writes[1]:
+        STORE_COMMANDS.inc(commands - _flushed_writes[1])
+    _flushed_writes = (writes, commands)
 
 
 def proxy_protocol_rejected(reason: str) -> None:

@@ -280,6 +280,21 @@ def check_screening(tallies: Mapping[tuple[str, int], ScreeningTally], keep_hour
             raise ValueError(f"screening pair sets are {', '.join(SCREENING_PAIRS)}")
 
 
+class WriteStats:
+    """Process-wide tallies of the Redis pipelined transport (store/redis/pipelined.py),
+    exported as metrics: socket writes, commands written, loop turns that flushed commands."""
+
+    __slots__ = ("commands", "turns", "writes")
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.commands = 0
+        self.turns = 0
+
+
+PIPELINE_STATS = WriteStats()
+
+
 class StoreCallNotSent(StoreError):
     """A store call that failed before any of it left this process (no connection): unlike
     other failures, it cannot have been applied."""

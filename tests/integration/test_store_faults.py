@@ -96,15 +96,15 @@ async def test_admissions_given_up_during_a_stall_are_rolled_back(
                 assert body["error"]["code"] == "store_unavailable"
 
         client = aioredis.from_url(redis_server.url)
-        leases = f"{prefix}{{r:direct}}:key:{key_id}:concurrency"
+        leases = f"{prefix}{{r:direct}}:key:{key_id}"  # the key's hash: c = leases held
         try:
             async def no_lease_left() -> bool:
-                return int(await client.zcard(leases)) == 0
+                return int(await client.hget(leases, "c") or 0) == 0
 
             await poll(no_lease_left, timeout=10.0)
             # Settle every cancel: a rolled-back admission must stay rolled back.
             await poll(lambda: not gw.service.limits.pending, timeout=10.0)
-            assert int(await client.zcard(leases)) == 0
+            assert int(await client.hget(leases, "c") or 0) == 0
         finally:
             await client.aclose()
         # rpm 5: one admitted before, so four now (3 phantoms would leave one); the output
@@ -146,9 +146,13 @@ async def test_failed_settlement_is_retried_when_the_store_returns(
         await poll(admitted, timeout=10.0)
         client = aioredis.from_url(durable_redis.url)
         try:
-            leases = f"{prefix}{{r:direct}}:key:{key_id}:concurrency"
+            leases = f"{prefix}{{r:direct}}:key:{key_id}"  # the key's hash: c = leases held
             await poll(lambda: not gw.service.limits.pending, timeout=10.0)
-            assert int(await client.zcard(leases)) == 0
+
+            async def released() -> bool:  # the last request's settlement lands too
+                return int(await client.hget(leases, "c") or 0) == 0
+
+            await poll(released, timeout=10.0)
         finally:
             await client.aclose()
 

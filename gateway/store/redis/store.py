@@ -25,7 +25,6 @@ from gateway.store.base import (
     DIMENSIONS,
     SCREENING_SET_CAP,
     TOKEN_DIMENSIONS,
-    WINDOW_MS,
     AdmitRequest,
     AdmitResult,
     Bucket,
@@ -84,6 +83,10 @@ def _two_ints(reply: Any) -> tuple[int, int]:
     return int(reply[0] or 0), int(reply[1] or 0)
 
 
+#: How long a settlement waits for others to share its settle.lua call (single node).
+SETTLE_WINDOW_S = 0.002
+
+
 def lua(name: str) -> Script:
     """The bundled script `name` (gateway/store/lua/), read from the installed package."""
     source = resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
@@ -140,6 +143,11 @@ class RedisStore(Store):
         # (settled by resolve_usage.lua before the next), the cells found applied that the
         # caller still holds, and one addition at a time. Additions are numbered per store.
         self._instance = uuid.uuid4().hex[:16]
+        # lease id → its expiry tick (admit.lua), from admission to settlement or cancel.
+        self._lease_sec: dict[str, int] = {}
+        # Settlements waiting for their batch (SETTLE_WINDOW_S), and batches in flight.
+        self._settling: list[tuple[Settlement, asyncio.Future[None]]] = []
+        self._batches: set[asyncio.Future[None]] = set()
         self._additions = 0
         self._in_doubt: dict[str, InDoubt] = {}
         self._held: dict[str, dict[UsageKey, Tally]] = {}
@@ -152,12 +160,13 @@ class RedisStore(Store):
         return await self.pooled.call(awaitable, decode)
 
     async def _run(self, script: Script, keys: list[str], args: list[Any],
-                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None) -> T:
+                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None,
+                   lazy: bool = False) -> T:
         """One script over `runner` (the per-request transport by default) and its decoded
         reply; anything the runner or `decode` raises that is not a StoreError becomes one."""
         self.round_trips += 1
         try:
-            return decode(await (runner or self.scripts).run(script, keys, args))
+            return decode(await (runner or self.scripts).run(script, keys, args, lazy=lazy))
         except StoreError:
             raise
         except Exception as exc:
@@ -169,6 +178,9 @@ class RedisStore(Store):
     async def close(self) -> None:
         self._closed = True
         await cancel_and_wait(list(self._tasks))
+        self._settle_batch()  # settlements still waiting for their window go now
+        if self._batches:
+            await asyncio.wait(list(self._batches), timeout=self.timeout * 2 + 1.0)
         if self.scripts is not self.pooled:
             await self.scripts.close()
         await self.pooled.close()
@@ -274,27 +286,34 @@ class RedisStore(Store):
                     pass
 
     # limits -------------------------------------------------------------------------------
-    def _subject_keys(self, s: Subject) -> list[str]:
-        base = f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
-        return [f"{base}:{d}" for d in DIMENSIONS]
-
-    def _marker(self, subjects: tuple[Subject, ...], lease_id: str) -> str:
-        """The admission marker (admit.lua): beside the subjects, on their shard."""
-        return f"{self.prefix}{{r:{subjects[0].reseller}}}:adm:{lease_id}"
+    def _subject_key(self, s: Subject) -> str:
+        """The subject's hash (admit.lua describes its fields), under the reseller's tag."""
+        return f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
 
     def _admit_call(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
         for s in req.subjects:
-            keys.extend(self._subject_keys(s))
+            keys.append(self._subject_key(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
-        keys.append(self._marker(req.subjects, req.lease_id))
         return keys, args
 
     async def admit(self, req: AdmitRequest) -> AdmitResult:
+        if self._settling:
+            # Settlements waiting for their batch go first, in the order they were issued: a
+            # lease released before this admission is free for it (as one call each would be).
+            self._settle_batch()
+            await asyncio.sleep(0)  # the batch's EVALSHA is buffered before this one
         keys, args = self._admit_call(req)
         return await self._run(self._ADMIT, keys, args,
-                               decode=lambda res: self._admit_result(req, res))
+                               decode=lambda res: self._admitted(req, res))
+
+    def _admitted(self, req: AdmitRequest, res: Any) -> AdmitResult:
+        result = self._admit_result(req, res)
+        if result.ok and len(res) > 10:
+            # The lease's expiry tick: settlement names the lease's count field with it.
+            self._lease_sec[req.lease_id] = int(res[10])
+        return result
 
     @staticmethod
     def _admit_result(req: AdmitRequest, res: Any) -> AdmitResult:
@@ -316,26 +335,73 @@ class RedisStore(Store):
     async def cancel(self, req: AdmitRequest) -> None:
         keys, args = self._admit_call(req)
         await self._run(self._CANCEL, keys, args)
+        self._lease_sec.pop(req.lease_id, None)
 
-    async def settle(self, st: Settlement) -> None:
+    def _settle_part(self, st: Settlement) -> tuple[list[str], list[Any]]:
+        """One settlement's KEYS and ARGV in settle.lua's batch layout."""
         keys: list[str] = []
-        args: list[Any] = [st.lease_id, int(WINDOW_MS)]
+        args: list[Any] = [len(st.subjects), st.lease_id, self._lease_sec.get(st.lease_id, 0)]
         for s in st.subjects:
-            k = self._subject_keys(s)
-            keys.extend((k[1], k[2], k[3]))
+            keys.append(self._subject_key(s))
             din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
             dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
-        keys.append(self._marker(st.subjects, st.lease_id))
-        await self._run(self._SETTLE, keys, args)
+        return keys, args
+
+    async def settle(self, st: Settlement) -> None:
+        if self.scripts is self.pooled:
+            # Sentinel and Cluster: one call per settlement (a batch must stay on one shard).
+            keys, args = self._settle_part(st)
+            await self._run(self._SETTLE, keys, [1, *args])
+        else:
+            # One node: the settlements of one moment share one call (settle.lua's batch),
+            # sent lazily: no response waits for a settlement.
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if not self._settling:
+                asyncio.get_running_loop().call_later(SETTLE_WINDOW_S, self._settle_batch)
+            self._settling.append((st, fut))
+            await fut
+        self._lease_sec.pop(st.lease_id, None)
+
+    def _settle_batch(self) -> None:
+        batch, self._settling = self._settling, []
+        if not batch:
+            return
+        task = asyncio.ensure_future(self._send_settlements(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _send_settlements(self, batch: list[tuple[Settlement, asyncio.Future[None]]]
+                                ) -> None:
+        keys: list[str] = []
+        args: list[Any] = [len(batch)]
+        for st, _ in batch:
+            k, a = self._settle_part(st)
+            keys += k
+            args += a
+        try:
+            await self._run(self._SETTLE, keys, args, lazy=True)
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, StoreError) else unavailable(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int
     ) -> None:
         for subjects, lease_id in leases:
-            keys = [self._subject_keys(s)[3] for s in subjects if s.concurrency]
-            if keys:
-                await self._run(self._RENEW, keys, [lease_id, ttl_ms], runner=self.pooled)
+            if any(s.concurrency for s in subjects):
+                keys = [self._subject_key(s) for s in subjects]
+                res: Any = await self._run(self._RENEW, keys, [lease_id, ttl_ms],
+                                      runner=self.pooled)
+                if lease_id in self._lease_sec and int(res[1]):
+                    self._lease_sec[lease_id] = int(res[1])
 
     # usage ledger (usage.py: the layout) -------------------------------------------------
     def _pipeline(self) -> Any:

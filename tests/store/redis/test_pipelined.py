@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import StoreError
-from gateway.store.base import StoreCallNotSent
+from gateway.store.base import PIPELINE_STATS, StoreCallNotSent
+from gateway.store.redis import pipelined
 from gateway.store.redis.pipelined import PipelinedRunner, _encode
 from gateway.store.redis.runner import Script
 from tests.support.gateway import poll
@@ -97,6 +98,33 @@ async def test_calls_made_in_one_loop_turn_are_answered_in_order(
     replies = await asyncio.gather(*(runner.run(PUSH, ["seq"], [i]) for i in range(200)))
     assert replies == list(range(1, 201))
     assert await other.lrange("seq", 0, -1) == [str(i).encode() for i in range(200)]
+
+
+async def test_calls_of_one_loop_turn_leave_in_one_socket_write(runner: PipelinedRunner) -> None:
+    """Implicit pipelining: fifty calls started in one event-loop turn are written to the
+    socket together, once, and the write counter says so."""
+    await runner.run(ECHO, [], ["warm"])
+    writes, commands = PIPELINE_STATS.writes, PIPELINE_STATS.commands
+    replies = await asyncio.gather(*(runner.run(ECHO, [], [i]) for i in range(50)))
+    assert replies == [str(i).encode() for i in range(50)]
+    assert PIPELINE_STATS.writes - writes == 1
+    assert PIPELINE_STATS.commands - commands == 50
+
+
+async def test_a_lazy_call_shares_the_write_of_the_next_eager_one(
+        runner: PipelinedRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy call (a settlement) waits for company: made before an eager call within its
+    window, both leave in one write; alone, it is still sent when its window ends."""
+    await runner.run(ECHO, [], ["warm"])
+    writes = PIPELINE_STATS.writes
+    monkeypatch.setattr(pipelined, "LAZY_WINDOW_S", 30.0)
+    lazy = asyncio.ensure_future(runner.run(ECHO, [], ["lazy"], lazy=True))
+    await asyncio.sleep(0)  # the lazy call is buffered in this turn
+    assert await asyncio.gather(lazy, runner.run(ECHO, [], ["eager"])) == [b"lazy", b"eager"]
+    assert PIPELINE_STATS.writes - writes == 1
+    monkeypatch.setattr(pipelined, "LAZY_WINDOW_S", 0.002)
+    assert await runner.run(ECHO, [], ["alone"], lazy=True) == b"alone"
+    assert PIPELINE_STATS.writes - writes == 2
 
 
 async def test_a_server_dying_mid_call_fails_the_call_with_store_error(

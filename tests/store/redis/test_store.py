@@ -4,11 +4,13 @@ runs on every backend in tests/contract/)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.store.base import DIMENSIONS, AdmitRequest, Settlement, Subject
@@ -126,3 +128,98 @@ async def test_a_reply_of_the_wrong_shape_is_a_store_error(store: RedisStore) ->
         await store._run(word, [], [], decode=int)
     with pytest.raises(StoreError, match=r"^store unavailable: ValueError$"):
         await store._run(word, [], [], decode=int, runner=store.pooled)
+
+
+def _three(reseller: str) -> tuple[Subject, ...]:
+    every = {"rpm": 10**6, "itpm": 10**9, "otpm": 10**9, "concurrency": 10**5}
+    return (Subject("key", "k1", reseller, **every), Subject("reseller", reseller, reseller,
+                                                             **every),
+            Subject("customer", "c1", reseller, **every))
+
+
+async def _executed(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k.startswith("cmdstat_") and k not in ("cmdstat_info", "cmdstat_ping"))
+
+
+async def test_an_admitted_request_with_three_subjects_costs_at_most_15_commands(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Admission and settlement of a request with key, reseller and customer each limiting
+    every dimension execute at most 15 Redis commands in all, those inside the scripts
+    counted (INFO commandstats), once the subjects' hashes exist."""
+    subjects = _three(f"r{uuid.uuid4().hex[:6]}")
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for i in range(3):  # the hashes and their expiry exist
+            await store.admit(AdmitRequest(subjects, f"w{i}", 60_000, 10, 10))
+            await store.settle(Settlement(subjects, f"w{i}", 10, 10, 5, 5))
+        before = await _executed(client)
+        n = 20
+        for i in range(n):
+            assert (await store.admit(AdmitRequest(subjects, f"l{i}", 60_000, 10, 10))).ok
+            await store.settle(Settlement(subjects, f"l{i}", 10, 10, 5, 5))
+        assert (await _executed(client) - before) / n <= 15
+    finally:
+        await client.aclose()
+
+
+async def test_settled_admissions_do_not_grow_a_subjects_hash(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """A thousand admitted and settled requests leave each subject's hash small: settled
+    markers and emptied lease ticks are swept, so memory per subject stays bounded."""
+    subjects = _three(f"r{uuid.uuid4().hex[:6]}")
+    for i in range(1000):
+        assert (await store.admit(AdmitRequest(subjects, f"l{i}", 60_000, 1, 1))).ok
+        await store.settle(Settlement(subjects, f"l{i}", 1, 1, 1, 1))
+    client = aioredis.from_url(redis_server.url)
+    try:
+        for s in subjects:
+            key = store._subject_key(s)
+            assert 0 < int(await client.hlen(key)) <= 300, key
+            assert int(await client.hget(key, "c") or 0) == 0
+            assert 0 < int(await client.pttl(key)) <= 2 * 60_000 + 2_000
+    finally:
+        await client.aclose()
+
+
+async def test_settlements_of_one_moment_share_a_call_and_each_applies_once(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Twenty settlements issued together release all twenty leases (on one node in one
+    settle.lua call), and settling them all again changes nothing."""
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=100, otpm=10_000, concurrency=20)
+    reqs = [AdmitRequest((s,), f"l{i}", 60_000, 0, 100) for i in range(20)]
+    assert all(r.ok for r in await asyncio.gather(*(store.admit(q) for q in reqs)))
+    assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 100))).ok
+    trips = store.round_trips
+    sts = [Settlement((s,), q.lease_id, 0, 100, 0, 10) for q in reqs]
+    await asyncio.gather(*(store.settle(st) for st in sts))
+    if store.scripts is not store.pooled:
+        assert store.round_trips - trips == 1
+    client = aioredis.from_url(redis_server.url)
+    try:
+        key = store._subject_key(s)
+        assert int(await client.hget(key, "c") or 0) == 0
+        otpm = float(await client.hget(key, "o") or 0)
+        await asyncio.gather(*(store.settle(st) for st in sts))  # retried: applied once
+        assert int(await client.hget(key, "c") or 0) == 0
+        assert float(await client.hget(key, "o") or 0) == otpm
+    finally:
+        await client.aclose()
+
+
+async def test_an_admission_after_a_settlement_sees_its_lease_released(
+        store: RedisStore) -> None:
+    """A settlement still waiting for its batch is sent before a later admission: at
+    concurrency 1, admit, settle, admit again succeeds every time, with no wait between
+    (once the scripts are loaded: a NOSCRIPT answer sends the source after what followed)."""
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+    await store.settle(Settlement((s,), "warm", 0, 0, 0, 0))  # the scripts are loaded
+    for i in range(20):
+        assert (await store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))).ok, i
+        settling = asyncio.ensure_future(store.settle(Settlement((s,), f"l{i}", 0, 0, 0, 0)))
+        await asyncio.sleep(0)  # queued for its batch, not yet sent
+        assert (await store.admit(AdmitRequest((s,), f"m{i}", 60_000, 0, 0))).ok, i
+        await settling
+        await store.settle(Settlement((s,), f"m{i}", 0, 0, 0, 0))

@@ -362,9 +362,11 @@ async def test_expired_lease_is_reclaimed(store: Store) -> None:
 async def test_renewed_lease_outlives_its_ttl(store: Store) -> None:
     """renew_leases keeps a lease alive past its original ttl while unrenewed ones expire."""
     subject = Subject("key", "k1", _reseller(), concurrency=2)
-    kept = _req(subject, ttl_ms=300)
+    # 2 s leases: the renewal must reach the store before the kept lease's ttl runs out, which
+    # a loaded machine can delay well past a few hundred milliseconds.
+    kept = _req(subject, ttl_ms=2_000)
     assert (await store.admit(kept)).ok
-    assert (await store.admit(_req(subject, ttl_ms=300))).ok
+    assert (await store.admit(_req(subject, ttl_ms=2_000))).ok
     await store.renew_leases([(kept.subjects, kept.lease_id)], 30_000)
 
     async def admitted() -> bool:

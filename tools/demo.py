@@ -427,7 +427,10 @@ class Demo:
         """Two more gateways: TLS with a reseller bound to a client certificate (and tracing
         on), and the PROXY protocol from a load balancer on 127.0.0.1."""
         _h("10. At the edge: TLS, client certificates, PROXY protocol")
-        tmp = Path(tempfile.mkdtemp(prefix="gateway-demo-edge-"))
+        with tempfile.TemporaryDirectory(prefix="gateway-demo-edge-") as folder:
+            await self._edge(upstream, Path(folder))
+
+    async def _edge(self, upstream: FakeUpstream, tmp: Path) -> None:
         ca = demo_pki(tmp)
         fp = ca["client_sha256"]
         policy = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())

@@ -3,17 +3,24 @@
 Starts the stand-in model API, starts `gateway run --config config/gateway.yaml` pointed at it,
 issues reseller keys with the CLI, sends requests with the official `anthropic` SDK through a
 trusted proxy from several countries, and prints what happened, log lines included. It ends
-with reseller screening: a relaying reseller and an honest one, then the report.
+with reseller screening: a relaying reseller and an honest one, then the report, and at the
+edge: two more gateway processes, one speaking TLS with client certificates bound to a
+reseller (and tracing on), one taking the PROXY protocol (v2) from a load balancer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hashlib
+import ipaddress
 import json
 import os
 import secrets
 import signal
 import socket
+import ssl
+import struct
 import sys
 import tempfile
 import time
@@ -23,6 +30,10 @@ from typing import Any
 import aiohttp
 import anthropic  # the `demo` extra: without it `make demo` says so and exits 2
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.standin import FakeUpstream
 
@@ -95,9 +106,10 @@ class Demo:
             await self._reader
             print(f"gateway stopped on SIGTERM (exit {self.proc.returncode})")
 
-    async def cli(self, *args: str, show: bool = True) -> tuple[int, str]:
+    async def cli(self, *args: str, show: bool = True,
+                  admin_port: int | None = None) -> tuple[int, str]:
         cmd = [sys.executable, "-m", "gateway", *args, "--config", CONFIG,
-               "--set", f"admin_listen=127.0.0.1:{self.admin_port}"]
+               "--set", f"admin_listen=127.0.0.1:{admin_port or self.admin_port}"]
         if show:
             print("$ gateway", " ".join(args))
         p = await asyncio.create_subprocess_exec(*cmd, cwd=REPO, env=self.env,
@@ -106,8 +118,8 @@ class Demo:
         out, _ = await p.communicate()
         return p.returncode or 0, out.decode()
 
-    async def issue(self, *args: str) -> str:
-        code, out = await self.cli("keys", "issue", *args, "--json")
+    async def issue(self, *args: str, admin_port: int | None = None) -> str:
+        code, out = await self.cli("keys", "issue", *args, "--json", admin_port=admin_port)
         if code:
             raise SystemExit(f"keys issue failed: {out}")
         doc = json.loads(out)
@@ -116,12 +128,15 @@ class Demo:
 
     # --- requests -----------------------------------------------------------------------
     async def ask(self, label: str, key: str, client_ip: str, *, stream: bool = False,
-                  customer: tuple[str, str] | None = None, max_tokens: int = 64) -> None:
+                  customer: tuple[str, str] | None = None, max_tokens: int = 64,
+                  base_url: str | None = None,
+                  http_client: anthropic.DefaultAsyncHttpxClient | None = None) -> None:
         headers = {"X-Forwarded-For": client_ip}
         if customer:
             headers.update({"X-Customer-Id": customer[0], "X-Customer-IP": customer[1]})
-        client = anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0,
-                                          default_headers=headers)
+        client = anthropic.AsyncAnthropic(base_url=base_url or self.url, api_key=key,
+                                          max_retries=0, default_headers=headers,
+                                          http_client=http_client)
         who = f"from {client_ip}" + (f" for customer {customer[0]}@{customer[1]}"
                                      if customer else "")
         msgs: list[Any] = [{"role": "user", "content": "Hello"}]
@@ -177,7 +192,9 @@ class Demo:
                 await self.story(upstream)
             finally:
                 await self.stop_gateway()
-        self.print_logs()
+            self.print_logs()
+            await self.edge(upstream)
+        self.screening_page()
 
     async def story(self, upstream: FakeUpstream) -> None:
         _h("2. Issue reseller keys with the CLI (embedded store: through the admin API)")
@@ -406,6 +423,128 @@ class Demo:
         await self.raw("third stream: 2 x 400 charged of otpm 1000", "POST", "/v1/messages",
                        h, stream)
 
+    async def edge(self, upstream: FakeUpstream) -> None:
+        """Two more gateways: TLS with a reseller bound to a client certificate (and tracing
+        on), and the PROXY protocol from a load balancer on 127.0.0.1."""
+        _h("10. At the edge: TLS, client certificates, PROXY protocol")
+        with tempfile.TemporaryDirectory(prefix="gateway-demo-edge-") as folder:
+            await self._edge(upstream, Path(folder))
+
+    async def _edge(self, upstream: FakeUpstream, tmp: Path) -> None:
+        ca = demo_pki(tmp)
+        fp = ca["client_sha256"]
+        policy = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
+        policy["resellers"]["boundco"] = {"status": "active", "require_customer": False,
+                                          "countries": ["US", "GB", "DE", "JP", "FR", "NL"],
+                                          "client_cert_sha256": [fp]}
+        (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
+        print(f"  a throwaway CA, a server certificate for 127.0.0.1 and a client certificate "
+              f"(cryptography, EC P-256);\n  policy: reseller boundco has client_cert_sha256: "
+              f"[{fp[:8]}…{fp[-4:]}]")
+        tracing = tracing_available()
+        tls_sets = [f"tls.cert_file={tmp / 'server.crt'}", f"tls.key_file={tmp / 'server.key'}",
+                    f"tls.client_ca_file={tmp / 'ca.crt'}",
+                    f"policy_file={tmp / 'policy.yaml'}"]
+        if tracing:
+            tls_sets += ["tracing.enabled=true", "tracing.exporter=none"]
+        pp_sets = ["client_ip.proxy_protocol=v2", "client_ip.proxy_protocol_from=[127.0.0.1/32]"]
+        tls_gw, pp_gw = Extra(self.env, upstream.url), Extra(self.env, upstream.url)
+        try:
+            await tls_gw.start(tls_sets)
+            await pp_gw.start(pp_sets)
+            await self.edge_tls(tls_gw, tmp, upstream, tracing)
+            await self.edge_proxy(pp_gw)
+        finally:
+            await asyncio.gather(tls_gw.stop(), pp_gw.stop())
+        pp_lines = [x for x in pp_gw.logs if x.get("event") == "request"]
+        rejected = [x for x in pp_gw.logs if x.get("event") == "proxy_protocol_rejected"]
+        print("\n  the PROXY gateway's log:")
+        for x in pp_lines:
+            print(f"    request: status {x['status']}, client_ip {x['client_ip']}, peer_ip "
+                  f"{x.get('peer_ip')}, country {x['country']}, rule {x.get('rule')}, "
+                  f"reason {x.get('reason')}")
+        for x in rejected:
+            print(f"    proxy_protocol_rejected: reason {x.get('reason')}, "
+                  f"peer_ip {x.get('peer_ip')}")
+
+    async def edge_tls(self, gw: Extra, tmp: Path, upstream: FakeUpstream,
+                       tracing: bool) -> None:
+        print(f"$ gateway run --config {CONFIG} --set tls.cert_file=server.crt "
+              "--set tls.key_file=server.key --set tls.client_ca_file=ca.crt"
+              + (" --set tracing.enabled=true --set tracing.exporter=none" if tracing else ""))
+        print(f"  listening on {gw.url}")
+        plain = await self.issue("--reseller", "direct", "--name", "tls-direct",
+                                 admin_port=gw.admin_port)
+        bound = await self.issue("--reseller", "boundco", "--name", "bound-prod",
+                                 admin_port=gw.admin_port)
+        verify = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+        with_cert = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+        with_cert.load_cert_chain(tmp / "client.crt", tmp / "client.key")
+        before = len(upstream.requests)
+        for label, key, ctx in (
+                ("TLS, unbound reseller (direct), no client cert", plain, verify),
+                ("TLS, bound reseller (boundco), no client cert", bound, verify),
+                ("mTLS, bound reseller, its client certificate", bound, with_cert)):
+            await self.ask(label, key, "192.0.2.10", base_url=gw.url,
+                           http_client=anthropic.DefaultAsyncHttpxClient(verify=ctx))
+        if tracing:
+            seen = [r.headers.get("traceparent") for r in upstream.requests[before:]]
+            print(f"  tracing on (exporter none: spans made, not exported): the stand-in "
+                  f"received traceparent {seen[-1] if seen else None}")
+        else:
+            print("  tracing: see the README section \"Tracing\" (pip install "
+                  "'gateway[otel]', tracing.enabled: true)")
+
+    async def edge_proxy(self, gw: Extra) -> None:
+        print(f"\n$ gateway run --config {CONFIG} --set client_ip.proxy_protocol=v2 "
+              "--set client_ip.proxy_protocol_from=[127.0.0.1/32]   (tls off: both on one "
+              "listener is a config error)")
+        key = await self.issue("--reseller", "direct", "--name", "behind-nlb",
+                               admin_port=gw.admin_port)
+        body = json.dumps({"model": "claude-demo-1", "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        http = ("POST /v1/messages HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+                f"x-api-key: {key}\r\ncontent-type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        for label, head in (
+                ("raw socket: PROXY v2 header naming 198.51.100.5 (CN), then the request",
+                 proxy_v2_header("198.51.100.5", 51000, "127.0.0.1", gw.port)),
+                ("raw socket: a malformed PROXY v2 header (version 3)",
+                 proxy_v2_header("198.51.100.5", 51000, "127.0.0.1", gw.port, version=3))):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(head + http)
+            await writer.drain()
+            try:
+                data = await asyncio.wait_for(reader.read(), 30)
+            except ConnectionResetError:
+                data = b""
+            writer.close()
+            if not data:
+                result = "connection closed, nothing answered"
+            else:
+                status = data.split(b" ", 2)[1].decode()
+                try:
+                    err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+                    result = f"{status} {err['type']} / {err['code']}"
+                except (ValueError, KeyError, IndexError, TypeError):
+                    result = status
+            self.outcomes.append((label, result))
+            print(f"  {label:<58}\n      ⇒ {result}")
+        # the request line reaches the log as the request ends: wait for it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            events = {x.get("event") for x in gw.logs}
+            if {"request", "proxy_protocol_rejected"} <= events:
+                break
+            await asyncio.sleep(0.1)
+
+    def screening_page(self) -> None:
+        _h("11. The screening page")
+        print(f"  http://<admin_listen>/admin/ui (this demo's gateway had it at "
+              f"http://127.0.0.1:{self.admin_port}/admin/ui):\n  the read-only reseller "
+              "report in a browser; it asks for the admin token ($GATEWAY_ADMIN_TOKEN) and "
+              "keeps it\n  in the tab's memory only (README \"The screening page\")")
+
     def print_logs(self) -> None:
         _h("9. What the gateway logged: one JSON line per request (and audit events)")
         reqs = [x for x in self.logs if x.get("event") == "request"]
@@ -436,6 +575,131 @@ def relay_mix(egress: str) -> list[tuple[str, str]]:
     mix += [("hopper", ip) for ip in ("192.0.2.3", "192.0.2.18", "192.0.2.36", "192.0.2.51",
                                       "192.0.2.67")]
     return mix
+
+
+class Extra:
+    """One more `gateway run` process on its own ports (the edge section's TLS and PROXY
+    gateways), its JSON log lines collected."""
+
+    def __init__(self, env: dict[str, str], upstream_url: str) -> None:
+        self.port = _free_port()
+        self.admin_port = _free_port()
+        self.env = env
+        self.upstream_url = upstream_url
+        self.logs: list[dict[str, Any]] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.sets: list[str] = []
+
+    @property
+    def url(self) -> str:
+        tls = any(x.startswith("tls.") for x in self.sets)
+        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+
+    async def start(self, sets: list[str]) -> None:
+        self.sets = sets
+        args = [f"upstream.url={self.upstream_url}", f"listen=127.0.0.1:{self.port}",
+                f"admin_listen=127.0.0.1:{self.admin_port}", "shutdown_grace_s=5",
+                "shutdown_drain_s=0.2", *sets]
+        cmd = [sys.executable, "-m", "gateway", "run", "--config", CONFIG]
+        for a in args:
+            cmd += ["--set", a]
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=REPO, env=self.env, stdout=asyncio.subprocess.PIPE)
+        self._reader = asyncio.create_task(self._read_logs())
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if self.proc.returncode is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the gateway ({' '.join(sets)}) did not become ready")
+                await asyncio.sleep(0.1)
+
+    async def _read_logs(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for raw in self.proc.stdout:
+            try:
+                self.logs.append(json.loads(raw))
+            except ValueError:
+                print("  gateway:", raw.decode(errors="replace").rstrip())
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader:
+            await self._reader
+
+
+def demo_pki(folder: Path) -> dict[str, str]:
+    """A throwaway CA (EC P-256) in `folder` as ca.crt, a server certificate for 127.0.0.1
+    (server.crt/.key) and a client certificate (client.crt/.key) it signed; returns the
+    client certificate's SHA-256 (of the DER, lowercase hex) as `client_sha256`."""
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        os.chmod(path, 0o600)
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("gateway-demo-ca"))
+          .issuer_name(name("gateway-demo-ca")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    fingerprints = {}
+    for leaf, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                        ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(f"gateway-demo-{leaf}"))
+                   .issuer_name(ca.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if leaf == "server":
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                 x509.DNSName("localhost")]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (folder / f"{leaf}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem_key(key, folder / f"{leaf}.key")
+        fingerprints[leaf] = hashlib.sha256(
+            cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return {"client_sha256": fingerprints["client"]}
+
+
+def proxy_v2_header(src: str, src_port: int, dst: str, dst_port: int, *,
+                    version: int = 2) -> bytes:
+    """A PROXY protocol v2 header (command PROXY, TCP over IPv4), as a load balancer sends
+    it before the connection's first byte; `version` other than 2 makes it malformed."""
+    addresses = (ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
+                 + struct.pack("!HH", src_port, dst_port))
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([(version << 4) | 0x1, 0x11])
+            + struct.pack("!H", len(addresses)) + addresses)
+
+
+def tracing_available() -> bool:
+    """Whether the `otel` extra is installed (`make demo` installs it with the dev extra)."""
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_demo() -> int:

@@ -195,8 +195,14 @@ class Ledger:
                 await self._read({r: sorted(k) for r, k in self._watched.items()},
                                  utc_day(now))
             self._prune(utc_day(now))
-            for hook in self.flush_hooks:
+        # Outside the lock (a first quota read waits on it), and each on its own: a hook's
+        # failure is logged and must not end the flush loop that carries the usage ledger.
+        for hook in self.flush_hooks:
+            try:
                 await hook()
+            except Exception as exc:  # best effort, logged
+                logger().error("flush_hook_failed", hook=getattr(hook, "__qualname__", "?"),
+                               error=type(exc).__name__, detail=str(exc)[:200])
 
     async def _add(self, batch: dict[UsageKey, Tally]) -> None:
         failed: Collection[str] = ()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from gateway.cancellation import cancel_and_wait, cancelling
+from gateway.log import logger
 
 #: An aiohttp cleanup context (an entry of `web.Application.cleanup_ctx`).
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
@@ -25,12 +26,16 @@ class Loops:
               step: Callable[[], Awaitable[None]]) -> CleanupContext:
         """A cleanup context running `step` every `interval_s()` seconds (read before each
         wait, so a reload may change it) until the application is cleaned up. `step` handles
-        its own errors: one it lets through ends the loop."""
+        its own errors; one it lets through (a bug) is logged and the loop goes on."""
 
         async def run() -> None:
             while not cancelling():
                 await asyncio.sleep(interval_s())
-                await step()
+                try:
+                    await step()
+                except Exception as exc:  # a loop that died would stop its duty for good
+                    logger().error("loop_step_failed", loop=name, error=type(exc).__name__,
+                                   detail=str(exc)[:200])
 
         async def context(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.create_task(run(), name=name)

@@ -131,7 +131,7 @@ class Pipeline:
             policy = loaded(snap.policy)
             # The connection's client certificate matters only to a reseller bound to some.
             check_client_cert(policy, key, peer_cert_sha256(request.transport)
-                              if policy.client_certs else None)
+                              if key.reseller in policy.client_certs else None)
             if path == SELF_SERVICE_PATH and request.method == "GET":
                 return await self._self_service(ctx, policy, key)
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),
@@ -274,7 +274,13 @@ class Pipeline:
         ctx.duration_ms = round(duration * 1000.0, 3)
         policy = snap.policy  # the request's own snapshot labels it
         metrics.record_request(ctx, forwarded, duration, policy.doc.resellers if policy else ())
-        self.screening.record(ctx, snap)
         log_request(ctx)
-        if trace is not None:
-            trace.finish(ctx)
+        # Runs in `finally`: a fault of these must neither replace the answer (aiohttp's plain
+        # 500) nor cost the request its log line, which is already written.
+        try:
+            self.screening.record(ctx, snap)
+            if trace is not None:
+                trace.finish(ctx)
+        except Exception as exc:  # a bug: logged, the request stands
+            logger().error("internal_error", request_id=ctx.request_id, stage="finish",
+                           error=type(exc).__name__, detail=str(exc)[:200])

@@ -356,7 +356,7 @@ class ScreeningTallies:
         request's own snapshot)."""
         if ctx.reseller is None:
             return
-        policy = self.policy()
+        policy = snap.policy
         if policy is None:
             return
         if self._restricted[0] != policy.version:

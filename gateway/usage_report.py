@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from gateway.audit import parse_since
+from gateway.ledger import utc_day
 from gateway.store.base import UsageRow
 
 #: The fields of every row, in order: the cell (who, when, which model) and its counts.
@@ -57,11 +58,6 @@ class UsageQuery:
             if value is not None:
                 out[name] = value
         return out
-
-
-def utc_day(ts: float) -> str:
-    """The UTC day ("YYYY-MM-DD") of a Unix time."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def since_day(value: str, now: float) -> str:

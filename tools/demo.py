@@ -20,7 +20,6 @@ import secrets
 import signal
 import socket
 import ssl
-import struct
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.proxy_protocol import v2_header
 from tests.support.standin import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,52 +59,27 @@ class Demo:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, GATEWAY_ADMIN_TOKEN="demo-admin-" + secrets.token_hex(8),
                         UPSTREAM_API_KEY="demo-upstream-" + secrets.token_hex(8))
-        self.logs: list[dict[str, Any]] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self.sets: list[str] = []
+        self.gw: GatewayProcess | None = None
         self.outcomes: list[tuple[str, str]] = []
 
     # --- processes ----------------------------------------------------------------------
-    async def start_gateway(self, upstream_url: str) -> None:
-        self.sets = ["--set", f"upstream.url={upstream_url}",
-                     "--set", f"listen=127.0.0.1:{self.port}",
-                     "--set", f"admin_listen=127.0.0.1:{self.admin_port}",
-                     "--set", "shutdown_grace_s=5", "--set", "shutdown_drain_s=1"]
-        cmd = [sys.executable, "-m", "gateway", "run", "--config", CONFIG, *self.sets]
-        print("$ gateway run --config", CONFIG, " ".join(self.sets[1::2]).replace(
-            "upstream", "--set upstream").replace(" listen", " --set listen").replace(
-            " admin_listen", " --set admin_listen").replace(" shutdown", " --set shutdown"))
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=REPO, env=self.env, stdout=asyncio.subprocess.PIPE)
-        self._reader = asyncio.create_task(self._read_logs())
-        async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
-                        if r.status == 200:
-                            print(f"gateway ready: /readyz → {r.status} {await r.text()}")
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if self.proc.returncode is not None or time.monotonic() > deadline:
-                    raise SystemExit("the gateway did not become ready")
-                await asyncio.sleep(0.1)
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        """The main gateway's JSON log lines, as collected."""
+        return self.gw.logs if self.gw else []
 
-    async def _read_logs(self) -> None:
-        assert self.proc and self.proc.stdout
-        async for raw in self.proc.stdout:
-            try:
-                self.logs.append(json.loads(raw))
-            except ValueError:
-                print("  gateway:", raw.decode(errors="replace").rstrip())
+    async def start_gateway(self, upstream_url: str) -> None:
+        sets = ["shutdown_grace_s=5", "shutdown_drain_s=1"]
+        print("$ gateway run --config", CONFIG, f"--set upstream.url={upstream_url}",
+              f"--set listen=127.0.0.1:{self.port}",
+              f"--set admin_listen=127.0.0.1:{self.admin_port}",
+              " ".join(f"--set {x}" for x in sets))
+        self.gw = GatewayProcess(self.env, upstream_url, self.port, self.admin_port)
+        print(f"gateway ready: /readyz → 200 {await self.gw.start(sets)}")
 
     async def stop_gateway(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.proc.wait(), 30)
-            await self._reader
-            print(f"gateway stopped on SIGTERM (exit {self.proc.returncode})")
+        if self.gw is not None and await self.gw.stop():
+            print(f"gateway stopped on SIGTERM (exit {self.gw.returncode})")
 
     async def cli(self, *args: str, show: bool = True,
                   admin_port: int | None = None) -> tuple[int, str]:
@@ -448,10 +423,12 @@ class Demo:
         if tracing:
             tls_sets += ["tracing.enabled=true", "tracing.exporter=none"]
         pp_sets = ["client_ip.proxy_protocol=v2", "client_ip.proxy_protocol_from=[127.0.0.1/32]"]
-        tls_gw, pp_gw = Extra(self.env, upstream.url), Extra(self.env, upstream.url)
+        quick_stop = ["shutdown_grace_s=5", "shutdown_drain_s=0.2"]
+        tls_gw = GatewayProcess(self.env, upstream.url)
+        pp_gw = GatewayProcess(self.env, upstream.url)
         try:
-            await tls_gw.start(tls_sets)
-            await pp_gw.start(pp_sets)
+            await tls_gw.start([*quick_stop, *tls_sets])
+            await pp_gw.start([*quick_stop, *pp_sets])
             await self.edge_tls(tls_gw, tmp, upstream, tracing)
             await self.edge_proxy(pp_gw)
         finally:
@@ -467,7 +444,7 @@ class Demo:
             print(f"    proxy_protocol_rejected: reason {x.get('reason')}, "
                   f"peer_ip {x.get('peer_ip')}")
 
-    async def edge_tls(self, gw: Extra, tmp: Path, upstream: FakeUpstream,
+    async def edge_tls(self, gw: GatewayProcess, tmp: Path, upstream: FakeUpstream,
                        tracing: bool) -> None:
         print(f"$ gateway run --config {CONFIG} --set tls.cert_file=server.crt "
               "--set tls.key_file=server.key --set tls.client_ca_file=ca.crt"
@@ -495,7 +472,7 @@ class Demo:
             print("  tracing: see the README section \"Tracing\" (pip install "
                   "'gateway[otel]', tracing.enabled: true)")
 
-    async def edge_proxy(self, gw: Extra) -> None:
+    async def edge_proxy(self, gw: GatewayProcess) -> None:
         print(f"\n$ gateway run --config {CONFIG} --set client_ip.proxy_protocol=v2 "
               "--set client_ip.proxy_protocol_from=[127.0.0.1/32]   (tls off: both on one "
               "listener is a config error)")
@@ -577,13 +554,14 @@ def relay_mix(egress: str) -> list[tuple[str, str]]:
     return mix
 
 
-class Extra:
-    """One more `gateway run` process on its own ports (the edge section's TLS and PROXY
-    gateways), its JSON log lines collected."""
+class GatewayProcess:
+    """One `gateway run` process on its own ports (the demo's gateway, and the edge section's
+    TLS and PROXY gateways), its JSON log lines collected."""
 
-    def __init__(self, env: dict[str, str], upstream_url: str) -> None:
-        self.port = _free_port()
-        self.admin_port = _free_port()
+    def __init__(self, env: dict[str, str], upstream_url: str, port: int | None = None,
+                 admin_port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.admin_port = admin_port or _free_port()
         self.env = env
         self.upstream_url = upstream_url
         self.logs: list[dict[str, Any]] = []
@@ -596,11 +574,16 @@ class Extra:
         tls = any(x.startswith("tls.") for x in self.sets)
         return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
-    async def start(self, sets: list[str]) -> None:
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    async def start(self, sets: list[str]) -> str:
+        """Start with these `--set` overrides (after the ports and upstream) and wait until
+        /readyz answers 200; its body."""
         self.sets = sets
         args = [f"upstream.url={self.upstream_url}", f"listen=127.0.0.1:{self.port}",
-                f"admin_listen=127.0.0.1:{self.admin_port}", "shutdown_grace_s=5",
-                "shutdown_drain_s=0.2", *sets]
+                f"admin_listen=127.0.0.1:{self.admin_port}", *sets]
         cmd = [sys.executable, "-m", "gateway", "run", "--config", CONFIG]
         for a in args:
             cmd += ["--set", a]
@@ -613,7 +596,7 @@ class Extra:
                 try:
                     async with s.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
                         if r.status == 200:
-                            return
+                            return await r.text()
                 except aiohttp.ClientError:
                     pass
                 if self.proc.returncode is not None or time.monotonic() > deadline:
@@ -628,12 +611,16 @@ class Extra:
             except ValueError:
                 print("  gateway:", raw.decode(errors="replace").rstrip())
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """SIGTERM and wait; whether this call stopped a running process."""
+        stopped = False
         if self.proc and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.proc.wait(), 30)
+            stopped = True
         if self._reader:
             await self._reader
+        return stopped
 
 
 def demo_pki(folder: Path) -> dict[str, str]:
@@ -687,10 +674,9 @@ def proxy_v2_header(src: str, src_port: int, dst: str, dst_port: int, *,
                     version: int = 2) -> bytes:
     """A PROXY protocol v2 header (command PROXY, TCP over IPv4), as a load balancer sends
     it before the connection's first byte; `version` other than 2 makes it malformed."""
-    addresses = (ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
-                 + struct.pack("!HH", src_port, dst_port))
-    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([(version << 4) | 0x1, 0x11])
-            + struct.pack("!H", len(addresses)) + addresses)
+    head = bytearray(v2_header(src, dst, src_port, dst_port))
+    head[12] = (version << 4) | 0x1  # the version/command byte after the 12-byte signature
+    return bytes(head)
 
 
 def tracing_available() -> bool:

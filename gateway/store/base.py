@@ -19,7 +19,6 @@ AUDIT_MAXLEN = 100_000  # events the audit stream keeps (about: Redis trims appr
 # The usage ledger (docs/architecture.md §10, "The usage ledger").
 MODELS_PER_DAY = 50  # per reseller and UTC day; further models are counted as OTHER_MODEL
 OTHER_MODEL = "other"
-USAGE_RETENTION_DAYS = 400  # the default of `usage.retention_days`
 DAY_TOTAL_DAYS = 2  # a subject's day total is kept this many days from the start of its day
 MONTH_TOTAL_DAYS = 32  # a subject's month total, this many days from the start of its month
 

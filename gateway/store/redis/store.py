@@ -50,7 +50,7 @@ from gateway.store.base import (
 )
 from gateway.store.ledger import row_order
 from gateway.store.redis.pipelined import PipelinedRunner
-from gateway.store.redis.pooled import FAILURES, PooledRunner
+from gateway.store.redis.pooled import FAILURES, PooledRunner, _raw
 from gateway.store.redis.runner import Script, ScriptRunner, unavailable
 from gateway.store.redis.screening import ScreeningLayout, decode_window
 from gateway.store.redis.usage import (
@@ -71,10 +71,6 @@ U = TypeVar("U")
 
 def _chunks(items: list[U], size: int) -> list[list[U]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _raw(reply: Any) -> Any:
-    return reply
 
 
 def _two_ints(reply: Any) -> tuple[int, int]:

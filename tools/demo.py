@@ -59,15 +59,11 @@ class Demo:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, GATEWAY_ADMIN_TOKEN="demo-admin-" + secrets.token_hex(8),
                         UPSTREAM_API_KEY="demo-upstream-" + secrets.token_hex(8))
+        self.logs: list[dict[str, Any]] = []  # the main gateway's JSON lines, as collected
         self.gw: GatewayProcess | None = None
         self.outcomes: list[tuple[str, str]] = []
 
     # --- processes ----------------------------------------------------------------------
-    @property
-    def logs(self) -> list[dict[str, Any]]:
-        """The main gateway's JSON log lines, as collected."""
-        return self.gw.logs if self.gw else []
-
     async def start_gateway(self, upstream_url: str) -> None:
         sets = ["shutdown_grace_s=5", "shutdown_drain_s=1"]
         print("$ gateway run --config", CONFIG, f"--set upstream.url={upstream_url}",
@@ -75,6 +71,7 @@ class Demo:
               f"--set admin_listen=127.0.0.1:{self.admin_port}",
               " ".join(f"--set {x}" for x in sets))
         self.gw = GatewayProcess(self.env, upstream_url, self.port, self.admin_port)
+        self.gw.logs = self.logs
         print(f"gateway ready: /readyz → 200 {await self.gw.start(sets)}")
 
     async def stop_gateway(self) -> None:

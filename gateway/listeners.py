@@ -186,8 +186,14 @@ class _Connection(asyncio.Protocol):
             self._timer = loop.call_later(lst.header_timeout_s, self._head_timed_out)
         pp = lst.proxy_protocol
         if pp is not None:
+            peer = transport.get_extra_info("peername")
+            if peer is None:
+                # The peer left before its address could be read (a balancer's probe that
+                # connects and hangs up): there is no one to trust or refuse; just close.
+                transport.abort()
+                return
             self._pp = pp
-            self._pp_trusted = pp.trusts(transport.get_extra_info("peername"))
+            self._pp_trusted = pp.trusts(peer)
             if self._pp_trusted:  # a header is due: bounded however slowly it trickles in
                 self._pp_timer = loop.call_later(pp.timeout_s, self._reject, "timeout",
                                                  "no complete PROXY header in time")

@@ -6,7 +6,8 @@ under `never`. Every import counts: module-level, function-local and TYPE_CHECKI
 (a function-local import is still a dependency; the layers above may import everything below
 anyway, so cli and app need no exception). Layer 0 imports the standard library only, and no
 module below layer 3 imports aiohttp: HTTP belongs to the edge. No module imports tools/,
-tests/ or bench/ (they are not in the wheel). And no module reaches itself through the imports
+tests/ or bench/ (they are not in the wheel), and the tools import from tests/ only the
+stand-in upstream. And no module reaches itself through the imports
 that run (type-only imports excepted: they never execute).
 """
 
@@ -56,6 +57,11 @@ STDLIB_ONLY_LAYER = 0
 NO_AIOHTTP_BELOW = 3
 #: Top-level packages of the source tree that are not shipped: the gateway never imports them.
 NOT_SHIPPED = frozenset({"tools", "tests", "bench"})
+#: What the developer tools may take from tests/: the stand-in upstream the demo drives
+#: (docs/architecture.md §2). Anything the two share otherwise lives in tools/ (the tests may
+#: import tools, as tests/support/certs.py imports tools/pki.py), not the other way round.
+TOOLS_FROM_TESTS = frozenset({"tests.support.standin"})
+TOOLS = PACKAGE.parent / "tools"
 
 GROUP_OF = {m: g for g in TABLE for m in g.modules}
 
@@ -155,6 +161,14 @@ def test_every_module_has_one_layer() -> None:
 def test_imports_follow_the_layer_table() -> None:
     """No module imports a module above its layer, a forbidden group, or a forbidden package."""
     assert _violations() == []
+
+
+def test_tools_import_from_tests_only_the_stand_in() -> None:
+    """A tool imports no test module but the stand-in upstream: shared code lives in tools/."""
+    found = {(f"tools/{p.name}:{line}", target) for p in sorted(TOOLS.glob("*.py"))
+             for line, target in _imports(f"tools.{p.stem}", p)
+             if target.split(".")[0] == "tests"}
+    assert {t for _, t in found} <= TOOLS_FROM_TESTS, sorted(found)
 
 
 def _cycles() -> list[list[str]]:

@@ -11,9 +11,6 @@ reseller (and tracing on), one taking the PROXY protocol (v2) from a load balanc
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import hashlib
-import ipaddress
 import json
 import os
 import secrets
@@ -29,13 +26,10 @@ from typing import Any
 import aiohttp
 import anthropic  # the `demo` extra: without it `make demo` says so and exits 2
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.proxy_protocol import v2_header
 from tests.support.standin import FakeUpstream
+from tools.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "config/gateway.yaml"
@@ -621,50 +615,12 @@ class GatewayProcess:
 
 
 def demo_pki(folder: Path) -> dict[str, str]:
-    """A throwaway CA (EC P-256) in `folder` as ca.crt, a server certificate for 127.0.0.1
-    (server.crt/.key) and a client certificate (client.crt/.key) it signed; returns the
-    client certificate's SHA-256 (of the DER, lowercase hex) as `client_sha256`."""
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        os.chmod(path, 0o600)
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("gateway-demo-ca"))
-          .issuer_name(name("gateway-demo-ca")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    fingerprints = {}
-    for leaf, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
-                        ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(f"gateway-demo-{leaf}"))
-                   .issuer_name(ca.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5))
-                   .not_valid_after(now + dt.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
-                                  critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-        if leaf == "server":
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                 x509.DNSName("localhost")]), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        (folder / f"{leaf}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pem_key(key, folder / f"{leaf}.key")
-        fingerprints[leaf] = hashlib.sha256(
-            cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-    return {"client_sha256": fingerprints["client"]}
+    """A throwaway CA (tools/pki.py) in `folder` as ca.crt, a server certificate for
+    127.0.0.1 (server.crt/.key) and a client certificate (client.crt/.key) it signed; returns
+    the client certificate's SHA-256 (of the DER, lowercase hex) as `client_sha256`."""
+    ca = CertificateAuthority(folder, "ca")
+    ca.issue("server")
+    return {"client_sha256": ca.issue("client", server=False).sha256}
 
 
 def proxy_v2_header(src: str, src_port: int, dst: str, dst_port: int, *,

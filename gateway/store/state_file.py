@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -177,67 +177,34 @@ class StateFile:
                               "(the gateway never resets it)")
 
     def _read_audit(self, maxlen: int) -> list[dict[str, Any]]:
-        path = self.audit_path
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateFileError(f"audit file {path}: cannot read: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-        tail = lines.pop()  # "" after a final newline; else an append cut short by a crash
-        events = []
-        for n, line in enumerate(lines, 1):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                raise StateFileError(f"audit file {path}: line {n} is not valid JSON; fix it "
-                                     "or move it away (the gateway never resets it)") from None
+        """The newest `maxlen` events of the audit file; the file is rewritten with them when
+        it held more, or ended in a line cut short by a crash."""
+        events: list[dict[str, Any]] = []
+        read = _read_lines(self.audit_path, "audit", lambda line: events.append(json.loads(line)))
+        if read is None:
+            return events
+        whole, cut_short = read
         events = events[-maxlen:]
-        self.audit_lines = len(lines)
-        if tail or len(lines) > len(events):
-            try:  # drop the cut-short line (the next append would join it) and the excess
-                write_atomic(path, _events_text(events))
-            except OSError as exc:
-                raise StateFileError(f"audit file {path}: cannot write: "
-                                     f"{exc.strerror or exc}") from None
+        self.audit_lines = whole
+        if cut_short or whole > len(events):
+            # drop the cut-short line (the next append would join it) and the excess
+            _rewrite(self.audit_path, "audit", _events_text(events))
             self.audit_lines = len(events)
         return events
 
     def _read_usage(self) -> Ledger:
         """The ledger of the usage file: its snapshot line (if any), then each addition
         replayed at the time it was made; a line cut short by a crash is dropped."""
-        path = self.usage_path
         ledger = Ledger()
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except FileNotFoundError:
+        read = _read_lines(self.usage_path, "usage", lambda line: _replay(ledger, line))
+        if read is None:
             return ledger
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateFileError(f"usage file {path}: cannot read: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-        tail = lines.pop()  # "" after a final newline; else an addition cut short by a crash
-        for n, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                if "snapshot" in entry:
-                    ledger.load(entry["snapshot"])
-                else:
-                    ledger.commit(_cells(entry["cells"]), int(entry["retention_days"]),
-                                  float(entry["t"]))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise StateFileError(f"usage file {path}: line {n} is malformed; fix it or "
-                                     "move it away (the gateway never resets it)") from None
+        whole, cut_short = read
         ledger.prune(time.time())
-        self.usage_lines = len(lines)
-        if tail:
-            try:  # a snapshot of what the whole lines hold (the next append would join it)
-                write_atomic(path, json.dumps({"snapshot": ledger.snapshot()}) + "\n")
-            except OSError as exc:
-                raise StateFileError(f"usage file {path}: cannot write: "
-                                     f"{exc.strerror or exc}") from None
+        self.usage_lines = whole
+        if cut_short:
+            # a snapshot of what the whole lines hold (the next append would join it)
+            _rewrite(self.usage_path, "usage", json.dumps({"snapshot": ledger.snapshot()}) + "\n")
             self.usage_lines = 0
         return ledger
 
@@ -284,6 +251,47 @@ class StateFile:
         except OSError:
             return  # the longer file is still valid; a later append tries again
         self.audit_lines = len(events)
+
+
+def _read_lines(path: str, what: str, take: Callable[[str], object]) -> tuple[int, bool] | None:
+    """Hand each whole line of the JSON-lines file `path` to `take`, in order; None when the
+    file is missing, else how many whole lines it holds and whether a last line was cut short
+    by a crash (an append that never reached its newline). The audit and usage files are read
+    alike: a line `take` cannot use is a StateFileError naming the `what` file and the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateFileError(f"{what} file {path}: cannot read: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    tail = lines.pop()  # "" after a final newline; else a line cut short by a crash
+    for n, line in enumerate(lines, 1):
+        try:
+            take(line)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise StateFileError(f"{what} file {path}: line {n} is malformed; fix it or move "
+                                 "it away (the gateway never resets it)") from None
+    return len(lines), bool(tail)
+
+
+def _rewrite(path: str, what: str, text: str) -> None:
+    """`write_atomic` at startup, where a failure is a StateFileError naming the file."""
+    try:
+        write_atomic(path, text)
+    except OSError as exc:
+        raise StateFileError(f"{what} file {path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _replay(ledger: Ledger, line: str) -> None:
+    """One line of the usage file into `ledger`: a snapshot loaded, or an addition committed
+    at the time it was made."""
+    entry = json.loads(line)
+    if "snapshot" in entry:
+        ledger.load(entry["snapshot"])
+    else:
+        ledger.commit(_cells(entry["cells"]), int(entry["retention_days"]), float(entry["t"]))
 
 
 def _cells(rows: list[list[Any]]) -> list[tuple[UsageKey, Tally]]:

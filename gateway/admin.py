@@ -19,10 +19,9 @@ from aiohttp import web
 from gateway import metrics
 from gateway.audit import parse_limit, parse_since
 from gateway.context import new_request_id
-from gateway.errors import GatewayError, StoreError
+from gateway.errors import GatewayError, OperationError, StoreError
 from gateway.explain import explain
 from gateway.key_admin import (
-    KeyOpError,
     iso_time,
     issue_key,
     list_keys,
@@ -116,7 +115,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = await handler(request)
     except GatewayError as exc:
         return render(exc, request_id)
-    except KeyOpError as exc:
+    except OperationError as exc:
         return render(admin_error(exc.status, str(exc)), request_id)
     except StoreError as exc:
         return render(admin_error(503, str(exc)), request_id)
@@ -155,9 +154,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         doc = await request.json()
     except ValueError:
-        raise KeyOpError(400, "body must be a JSON object") from None
+        raise OperationError(400, "body must be a JSON object") from None
     if not isinstance(doc, dict):
-        raise KeyOpError(400, "body must be a JSON object")
+        raise OperationError(400, "body must be a JSON object")
     return doc
 
 
@@ -221,7 +220,7 @@ async def keys_rotate(request: web.Request) -> web.Response:
     body = await _body(request)
     overlap = body.get("overlap_s", 3600)
     if not isinstance(overlap, int | float) or isinstance(overlap, bool):
-        raise KeyOpError(400, "overlap_s must be a number of seconds")
+        raise OperationError(400, "overlap_s must be a number of seconds")
     rec, full = await rotate_key(store, request.match_info["key_id"], _actor(request),
                                  float(overlap))
     await _read_own_write(request, rec.key_id)

@@ -22,11 +22,11 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from gateway import __version__
-from gateway.key_admin import LIMIT_FIELDS, KeyOpError, quota_name
+from gateway.errors import OperationError
+from gateway.key_admin import LIMIT_FIELDS, quota_name
 from gateway.operations import (
     AdminOperations,
     ExplainQuery,
-    OperationError,
     Operations,
     direct_operations,
 )
@@ -259,7 +259,7 @@ def _quota_arg(value: str) -> tuple[str, int | None]:
                                          "daily.output_tokens=100000")
     try:
         quota_name(name)
-    except KeyOpError as exc:
+    except OperationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if raw == "" or raw.lower() == "default":
         return name, None

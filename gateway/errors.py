@@ -1,5 +1,5 @@
-"""GatewayError (the docs/architecture.md §6 error, rendered by gateway.responses), StoreError
-and the constructors of the common refusals."""
+"""GatewayError (the docs/architecture.md §6 error, rendered by gateway.responses), StoreError,
+OperationError (an admin operation refused) and the constructors of the common refusals."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ class GatewayError(Exception):
 
 class StoreError(Exception):
     """The store (Redis) could not be reached or answered with an error."""
+
+
+class OperationError(Exception):
+    """An admin operation (a key or policy change, a report) refused or failed, with the HTTP
+    status the admin API answers for it: 400 bad input, 404 unknown key, 409 conflict (a key
+    not active, a policy version moved on), 503 store or gateway unreachable, or whatever else
+    the admin API answered. The key operations, the admin API and the CLI share it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def auth_error(code: str, message: str) -> GatewayError:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.audit import record_audit
+from gateway.errors import OperationError
 from gateway.identity import hash_secret, new_key
 from gateway.paths import compile_path_globs
 from gateway.policy import QUOTA_DIMENSIONS, QUOTA_PERIODS, glob_list
@@ -42,21 +44,13 @@ def with_iso_times(doc: dict[str, Any], fields: tuple[str, ...] = TIME_FIELDS
     return doc
 
 
-class KeyOpError(Exception):
-    """A key operation that cannot be done (unknown key, bad field); `status` for HTTP."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def _strs(value: Any, field: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise KeyOpError(400, f"{field} must be a list of strings")
+        raise OperationError(400, f"{field} must be a list of strings")
     return list(value)
 
 
@@ -86,11 +80,11 @@ def _models(value: Any) -> list[str]:
     models = _strs(value, "models")
     for m in models:
         if _unbalanced_bracket(m):
-            raise KeyOpError(400, f"models: unbalanced '[' in the glob {m[:64]!r}")
+            raise OperationError(400, f"models: unbalanced '[' in the glob {m[:64]!r}")
     try:
         glob_list(models)  # the translation the gateway matches with
     except Exception as exc:  # re.error, whatever the translation refuses
-        raise KeyOpError(400, f"models: not a valid glob: {exc}") from None
+        raise OperationError(400, f"models: not a valid glob: {exc}") from None
     return models
 
 
@@ -99,7 +93,7 @@ def _paths(value: Any) -> list[str]:
     try:
         compile_path_globs(paths)  # segment-aware globs (docs/architecture.md §4)
     except ValueError as exc:
-        raise KeyOpError(400, f"paths: {exc}") from None
+        raise OperationError(400, f"paths: {exc}") from None
     return paths
 
 
@@ -107,34 +101,35 @@ def _countries(value: Any) -> list[str]:
     countries = [c if c == "unknown" else c.upper() for c in _strs(value, "countries")]
     for c in countries:
         if c != "unknown" and (len(c) != 2 or not c.isalpha()):
-            raise KeyOpError(400, f"{c!r} is not an ISO country code")
+            raise OperationError(400, f"{c!r} is not an ISO country code")
     return countries
 
 
 def _limit(field: str, v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise KeyOpError(400, f"{field} must be a non-negative integer")
+        raise OperationError(400, f"{field} must be a non-negative integer")
     return v
 
 
 def quota_name(name: str) -> str:
     """`name` if it names a quota, "<period>.<dimension>" as policy.QUOTA_NAMES does
-    ("daily.output_tokens"); KeyOpError 400 naming the field and what is wrong with it (the
-    period, the dimension) otherwise."""
+    ("daily.output_tokens"); OperationError 400 naming the field and what is wrong with it
+    (the period, the dimension) otherwise."""
     period, dot, dimension = name.partition(".")
     shown = f"quotas.{name[:64]}"
     if not dot or period not in QUOTA_PERIODS:
-        raise KeyOpError(400, f"{shown}: unknown period {period[:64]!r} (a quota is "
-                              f"<period>.<dimension>; periods: {', '.join(QUOTA_PERIODS)})")
+        raise OperationError(400, f"{shown}: unknown period {period[:64]!r} (a quota is "
+                                  f"<period>.<dimension>; periods: "
+                                  f"{', '.join(QUOTA_PERIODS)})")
     if dimension not in QUOTA_DIMENSIONS:
-        raise KeyOpError(400, f"{shown}: unknown dimension {dimension[:64]!r} (dimensions: "
-                              f"{', '.join(QUOTA_DIMENSIONS)})")
+        raise OperationError(400, f"{shown}: unknown dimension {dimension[:64]!r} "
+                                  f"(dimensions: {', '.join(QUOTA_DIMENSIONS)})")
     return name
 
 
 def _quota_value(name: str, v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise KeyOpError(400, f"quotas.{name}: must be a non-negative integer")
+        raise OperationError(400, f"quotas.{name}: must be a non-negative integer")
     return v
 
 
@@ -144,7 +139,8 @@ def _quotas(value: Any, clearing: bool) -> dict[str, int | None]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise KeyOpError(400, "quotas must be an object like {\"daily.output_tokens\": 1000}")
+        raise OperationError(400, "quotas must be an object like "
+                                  "{\"daily.output_tokens\": 1000}")
     out: dict[str, int | None] = {}
     for name, v in value.items():
         quota_name(str(name))
@@ -154,68 +150,79 @@ def _quotas(value: Any, clearing: bool) -> dict[str, int | None]:
 
 def _expires(v: Any, now: float) -> float:
     if not isinstance(v, int | float) or isinstance(v, bool):
-        raise KeyOpError(400, "expires_at must be a Unix time in seconds")
+        raise OperationError(400, "expires_at must be a Unix time in seconds")
     if v <= now:
-        raise KeyOpError(400, f"expires_at {iso_time(v)} is in the past")
+        raise OperationError(400, f"expires_at {iso_time(v)} is in the past")
     return float(v)
 
 
 def _name(v: Any) -> str | None:
     if v is not None and not isinstance(v, str):
-        raise KeyOpError(400, "name must be a string")
+        raise OperationError(400, "name must be a string")
     return v
+
+
+#: The validators of the key fields whose null means the empty value (no scope, no name).
+_SCOPES: dict[str, Callable[[Any], Any]] = {
+    "name": _name, "models": _models, "paths": _paths, "countries": _countries}
+
+
+def _field(f: str, v: Any, now: float, *, clearing: bool) -> Any:
+    """The value of the key field `f` as given (`v`), validated alike for an issue and an
+    update: a scope or name as its validator makes it; else null stays null (no expiry, no
+    quotas, the policy's default limit), and with `clearing` (an update) a null quota value
+    removes that quota."""
+    if f in _SCOPES:
+        return _SCOPES[f](v)
+    if v is None:
+        return None
+    if f == "expires_at":
+        return _expires(v, now)
+    if f == "quotas":
+        return _quotas(v, clearing)
+    return _limit(f, v)
 
 
 async def _known_reseller(store: Store, reseller: str) -> None:
     """Refuse a reseller the live policy does not name (its keys could never be admitted)."""
     stored = await store.get_policy()
     if stored is None:
-        raise KeyOpError(400, "no policy is stored yet: apply one (gateway policy apply FILE) "
-                              "before issuing keys")
+        raise OperationError(400, "no policy is stored yet: apply one (gateway policy apply "
+                                  "FILE) before issuing keys")
     resellers = json.loads(stored.doc).get("resellers") or {}
     if reseller not in resellers:
         known = ", ".join(sorted(resellers)) or "none"
-        raise KeyOpError(400, f"reseller {reseller[:64]!r} is not in the live policy "
-                              f"(version {stored.version}; resellers: {known})")
+        raise OperationError(400, f"reseller {reseller[:64]!r} is not in the live policy "
+                                  f"(version {stored.version}; resellers: {known})")
 
 
 async def issue_key(store: Store, spec: dict[str, Any], actor: str) -> tuple[KeyRecord, str]:
     """Create a key from `spec` (reseller, name, models, paths, countries, limits fields,
     expires_at); return the record and the full key, which is shown this once only.
 
-    Refused (KeyOpError 400): a reseller the live policy does not name, an expiry in the
+    Refused (OperationError 400): a reseller the live policy does not name, an expiry in the
     past, an invalid model or path glob (an unbalanced '[' included), unknown fields."""
     reseller = spec.get("reseller")
     if not isinstance(reseller, str) or not reseller:
-        raise KeyOpError(400, "reseller is required")
-    known = {"reseller", "name", "models", "paths", "countries", "expires_at", "limits",
-             "quotas", *LIMIT_FIELDS}
-    unknown = sorted(set(spec) - known)
+        raise OperationError(400, "reseller is required")
+    unknown = sorted(set(spec) - {"reseller", "limits", *UPDATE_FIELDS})
     if unknown:
-        raise KeyOpError(400, f"unknown field(s): {', '.join(unknown)}")
-    limits: dict[str, int] = {}
+        raise OperationError(400, f"unknown field(s): {', '.join(unknown)}")
     src = spec.get("limits") or {}
     if not isinstance(src, dict):
-        raise KeyOpError(400, "limits must be an object")
-    for f in LIMIT_FIELDS:
-        v = spec.get(f, src.get(f))
-        if v is not None:
-            limits[f] = _limit(f, v)
+        raise OperationError(400, "limits must be an object")
     now = time.time()
-    expires = spec.get("expires_at")
-    expires_at = _expires(expires, now) if expires is not None else None
-    countries = _countries(spec.get("countries"))
-    name = _name(spec.get("name"))
-    paths = _paths(spec.get("paths"))
-    models = _models(spec.get("models"))
-    quotas = {k: v for k, v in sorted(_quotas(spec.get("quotas"), clearing=False).items())
-              if v is not None}
+    given = {f: spec.get(f, src.get(f)) if f in LIMIT_FIELDS else spec.get(f)
+             for f in UPDATE_FIELDS}
+    valid = {f: _field(f, value, now, clearing=False) for f, value in given.items()}
+    limits = {f: valid[f] for f in LIMIT_FIELDS if valid[f] is not None}
+    quotas = dict(sorted((valid["quotas"] or {}).items()))
     await _known_reseller(store, reseller)
     key_id, secret, full = new_key()
     rec = KeyRecord(
-        key_id=key_id, reseller=reseller, secret_hash=hash_secret(secret), name=name,
-        models=models, paths=paths, countries=countries, limits=limits, quotas=quotas,
-        expires_at=expires_at, created_at=now, updated_at=now,
+        key_id=key_id, reseller=reseller, secret_hash=hash_secret(secret), name=valid["name"],
+        models=valid["models"], paths=valid["paths"], countries=valid["countries"], limits=limits,
+        quotas=quotas, expires_at=valid["expires_at"], created_at=now, updated_at=now,
     )
     await store.put_key(rec)
     await record_audit(store, actor, "key_issued", key_id, reseller=reseller,
@@ -233,32 +240,17 @@ async def update_key(store: Store, key_id: str, changes: dict[str, Any], actor: 
     Every instance applies it through the same change event as a revocation. Audited as
     `key_updated` with the changed fields; returns the key as shown."""
     if not changes:
-        raise KeyOpError(400, f"nothing to update: give one of {', '.join(UPDATE_FIELDS)}")
+        raise OperationError(400, f"nothing to update: give one of {', '.join(UPDATE_FIELDS)}")
     unknown = sorted(set(changes) - set(UPDATE_FIELDS))
     if unknown:
         extra = " (the reseller of a key never changes: issue a new key)" \
             if "reseller" in unknown else ""
-        raise KeyOpError(400, f"cannot update field(s): {', '.join(unknown)}{extra}")
+        raise OperationError(400, f"cannot update field(s): {', '.join(unknown)}{extra}")
     now = time.time()
-    new: dict[str, Any] = {}
-    for f, v in changes.items():
-        if f == "models":
-            new[f] = _models(v)
-        elif f == "paths":
-            new[f] = _paths(v)
-        elif f == "countries":
-            new[f] = _countries(v)
-        elif f == "name":
-            new[f] = _name(v)
-        elif f == "expires_at":
-            new[f] = None if v is None else _expires(v, now)
-        elif f == "quotas":
-            new[f] = _quotas(v, clearing=True) if v is not None else None
-        else:
-            new[f] = None if v is None else _limit(f, v)
+    new = {f: _field(f, v, now, clearing=True) for f, v in changes.items()}
     rec = await _get(store, key_id)
     if rec.status != "active":
-        raise KeyOpError(409, f"key {key_id} is {rec.status}")
+        raise OperationError(409, f"key {key_id} is {rec.status}")
     if "quotas" in new:
         quotas = {} if new["quotas"] is None else dict(rec.quotas)
         for name, q in (new["quotas"] or {}).items():
@@ -300,7 +292,7 @@ def show(rec: KeyRecord, last_used: float | None = None) -> dict[str, Any]:
 async def _get(store: Store, key_id: str) -> KeyRecord:
     rec = await store.get_key(key_id)
     if rec is None:
-        raise KeyOpError(404, f"no key {key_id}")
+        raise OperationError(404, f"no key {key_id}")
     return rec
 
 
@@ -333,9 +325,9 @@ async def rotate_key(store: Store, key_id: str, actor: str, overlap_s: float = 3
     """New secret for the same key id; the old one keeps working for `overlap_s` seconds."""
     rec = await _get(store, key_id)
     if rec.status != "active":
-        raise KeyOpError(409, f"key {key_id} is {rec.status}")
+        raise OperationError(409, f"key {key_id} is {rec.status}")
     if overlap_s < 0:
-        raise KeyOpError(400, "overlap must be >= 0 seconds")
+        raise OperationError(400, "overlap must be >= 0 seconds")
     _, secret, full = new_key(key_id)
     now = time.time()
     rec.prev_secret_hash = rec.secret_hash if overlap_s > 0 else None

@@ -15,7 +15,7 @@ import aiohttp
 
 from gateway import key_admin
 from gateway.audit import parse_limit, record_policy_applied
-from gateway.errors import StoreError
+from gateway.errors import OperationError, StoreError
 from gateway.settings import ConfigError, load_yaml
 
 if TYPE_CHECKING:
@@ -23,16 +23,6 @@ if TYPE_CHECKING:
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
     from gateway.usage_report import UsageQuery
-
-
-class OperationError(Exception):
-    """An operation refused or failed, with the HTTP status the admin API answers for it:
-    400 bad input, 404 unknown key, 409 conflict (a key not active, a policy version moved
-    on), 503 store or gateway unreachable, or whatever else the admin API answered."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,11 +268,9 @@ async def store_policy(store: Store, doc: PolicyDoc, actor: str,
 
 @contextmanager
 def _mapped() -> Iterator[None]:
-    """Turn the errors of a key operation or of the store into OperationError."""
+    """Turn the store's errors into OperationError 503."""
     try:
         yield
-    except key_admin.KeyOpError as exc:
-        raise OperationError(exc.status, str(exc)) from None
     except StoreError as exc:
         raise OperationError(503, str(exc)) from None
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, OperationError
 from gateway.identity import (
     Attestation,
     KeyRegistry,
@@ -17,7 +17,7 @@ from gateway.identity import (
     parse_attestation,
     parse_key,
 )
-from gateway.key_admin import KeyOpError, issue_key, revoke_key, rotate_key, update_key
+from gateway.key_admin import issue_key, revoke_key, rotate_key, update_key
 from gateway.policy import canonical, validate_policy
 from gateway.store.base import KeyRecord
 from gateway.store.memory import MemoryStore
@@ -309,7 +309,7 @@ async def test_rotate_revoked_key_is_refused() -> None:
     store, _ = await _registry()
     rec, _ = await issue_key(store, {"reseller": "r"}, "test")
     await revoke_key(store, rec.key_id, "test")
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await rotate_key(store, rec.key_id, "test", 0)
     assert info.value.status == 409
 
@@ -318,7 +318,7 @@ async def test_rotate_revoked_key_is_refused() -> None:
 async def test_issue_refuses_invalid_path_globs(paths: list[str] | str) -> None:
     """A key whose path scope is not a valid segment-aware glob is refused at issue (400)."""
     store, _ = await _registry()
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await issue_key(store, {"reseller": "r", "paths": paths}, "test")
     assert info.value.status == 400
     assert str(info.value).startswith("paths: ")
@@ -351,7 +351,7 @@ async def test_issue_refuses_unknown_reseller_past_expiry_and_open_bracket(
     """issue_key refuses (400) a reseller the live policy lacks, a past expiry and a model
     glob with an unbalanced '[' (which fnmatch would silently match literally)."""
     store, _ = await _registry()
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await issue_key(store, spec, "test")
     assert info.value.status == 400 and words in str(info.value)
     assert await store.list_keys() == []
@@ -361,7 +361,7 @@ async def test_issue_needs_a_stored_policy() -> None:
     """Without a live policy no reseller is known: issue says to apply one first."""
     store = MemoryStore()
     await store.start()
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await issue_key(store, {"reseller": "r"}, "test")
     assert info.value.status == 400 and "policy apply" in str(info.value)
 
@@ -393,14 +393,14 @@ async def test_update_key_changes_audits_and_validates() -> None:
     assert registry.authenticate(full, time.time()).limits == {"otpm": 9}
     for changes, status in (({"models": ["["]}, 400), ({"reseller": "x"}, 400), ({}, 400),
                             ({"expires_at": 2.0}, 400), ({"rpm": -1}, 400)):
-        with pytest.raises(KeyOpError) as info:
+        with pytest.raises(OperationError) as info:
             await update_key(store, rec.key_id, changes, "t")
         assert info.value.status == status, changes
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await update_key(store, "0" * 16, {"rpm": 1}, "t")
     assert info.value.status == 404
     await revoke_key(store, rec.key_id, "t")
-    with pytest.raises(KeyOpError) as info:
+    with pytest.raises(OperationError) as info:
         await update_key(store, rec.key_id, {"rpm": 1}, "t")
     assert info.value.status == 409
     assert isinstance(await store.get_key(rec.key_id), KeyRecord)

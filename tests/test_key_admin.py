@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from gateway.errors import OperationError
 from gateway.identity import hash_secret, parse_key
 from gateway.key_admin import (
-    KeyOpError,
     iso_time,
     issue_key,
     list_keys,
@@ -77,9 +77,9 @@ async def test_issue_key_stores_hashes_and_normalises_fields() -> None:
 ])
 async def test_issue_key_refuses_bad_specs_with_a_400(spec: dict[str, object],
                                                       message: str) -> None:
-    """Every invalid field is a KeyOpError 400 that names the problem; nothing is stored."""
+    """Every invalid field is an OperationError 400 that names the problem; nothing is stored."""
     store = await _store()
-    with pytest.raises(KeyOpError, match=message) as err:
+    with pytest.raises(OperationError, match=message) as err:
         await issue_key(store, spec, "alice")
     assert err.value.status == 400
     assert await store.list_keys() == []
@@ -87,7 +87,7 @@ async def test_issue_key_refuses_bad_specs_with_a_400(spec: dict[str, object],
 
 async def test_issue_key_without_a_policy_says_to_apply_one() -> None:
     """With no policy stored, issuing is refused and the message says what to do."""
-    with pytest.raises(KeyOpError, match="apply one"):
+    with pytest.raises(OperationError, match="apply one"):
         await issue_key(MemoryStore(), {"reseller": "acme"}, "alice")
 
 
@@ -112,7 +112,7 @@ async def test_rotate_keeps_the_old_secret_for_the_overlap_and_revoke_drops_it()
     assert rotated.prev_valid_until is not None and rotated.prev_valid_until > time.time()
     shown = await revoke_key(store, rec.key_id, "alice")
     assert shown["status"] == "revoked" and shown["prev_valid_until"] is None
-    with pytest.raises(KeyOpError) as err:
+    with pytest.raises(OperationError) as err:
         await rotate_key(store, rec.key_id, "alice")
     assert err.value.status == 409
 
@@ -122,7 +122,7 @@ async def test_unknown_key_is_a_404_and_list_filters_by_reseller() -> None:
     store = await _store()
     await issue_key(store, {"reseller": "acme"}, "alice")
     await issue_key(store, {"reseller": "beta"}, "alice")
-    with pytest.raises(KeyOpError) as err:
+    with pytest.raises(OperationError) as err:
         await revoke_key(store, "k_missing", "alice")
     assert err.value.status == 404
     assert [k["reseller"] for k in await list_keys(store, "beta")] == ["beta"]
@@ -170,13 +170,13 @@ async def test_bad_quotas_are_a_400_naming_the_field(quotas: object, named: str)
     """An unknown period or dimension, or a value that is no non-negative integer, is refused
     at issue and at update with a 400 naming the quota; nothing is stored."""
     store = await _store()
-    with pytest.raises(KeyOpError) as err:
+    with pytest.raises(OperationError) as err:
         await issue_key(store, {"reseller": "acme", "quotas": quotas}, "alice")
     assert err.value.status == 400 and named in str(err.value)
     assert await store.list_keys() == []
     rec, _ = await issue_key(store, {"reseller": "acme"}, "alice")
     if quotas != {"daily.requests": None}:  # null clears at update (next test)
-        with pytest.raises(KeyOpError) as err:
+        with pytest.raises(OperationError) as err:
             await update_key(store, rec.key_id, {"quotas": quotas}, "alice")
         assert err.value.status == 400 and named in str(err.value)
 

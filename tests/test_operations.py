@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from gateway.errors import OperationError
 from gateway.operations import (
     AdminOperations,
     DirectOperations,
     ExplainQuery,
-    OperationError,
     Operations,
     direct_operations,
 )

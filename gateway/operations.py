@@ -19,7 +19,7 @@ from gateway.errors import OperationError, StoreError
 from gateway.settings import ConfigError, load_yaml
 
 if TYPE_CHECKING:
-    from gateway.policy import PolicyDoc
+    from gateway.policy import CompiledPolicy, PolicyDoc
     from gateway.settings import LoadedConfig
     from gateway.store.base import Store
     from gateway.usage_report import UsageQuery
@@ -171,14 +171,19 @@ class DirectOperations:
             events = await self.store.list_audit(since, limit)
         return [key_admin.with_iso_times(e, ("time",)) for e in events]
 
+    async def _live_policy(self) -> CompiledPolicy | None:
+        """The stored policy compiled as a gateway started now would install it; None when
+        none is stored."""
+        from gateway.policy import compile_stored
+
+        stored = await self.store.get_policy()
+        return None if stored is None else compile_stored(stored.doc, stored.version)
+
     async def report(self, since: str | None, reseller: str | None) -> dict[str, Any]:
-        from gateway.policy import compile_policy, validate_policy
         from gateway.screening import build_report
 
         with _mapped():
-            stored = await self.store.get_policy()
-            policy = None if stored is None else compile_policy(
-                validate_policy(json.loads(stored.doc), "store"), stored.version)
+            policy = await self._live_policy()
             try:
                 return await build_report(self.store, policy, since, reseller)
             except ValueError as exc:
@@ -195,7 +200,7 @@ class DirectOperations:
         from gateway.identity import KeyRegistry
         from gateway.limits import Limits
         from gateway.pipeline import Pipeline
-        from gateway.policy import compile_policy, normalize_fingerprint, validate_policy
+        from gateway.policy import normalize_fingerprint
         from gateway.snapshot import Snapshot, build_config_parts
 
         s = self.config.settings
@@ -211,9 +216,7 @@ class DirectOperations:
                 await registry.load_all()
                 parts = build_config_parts(self.config)
                 try:
-                    stored = await self.store.get_policy()
-                    policy = None if stored is None else compile_policy(
-                        validate_policy(json.loads(stored.doc), "store"), stored.version)
+                    policy = await self._live_policy()
                     pipe = Pipeline(Snapshot(parts, geo, registry, policy),
                                     Limits(self.store, "closed", 1, s.limits_headers))
                     return explain(pipe, registry, query.ip, key=query.key,

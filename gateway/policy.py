@@ -462,6 +462,17 @@ class CompiledPolicy:
     client_certs: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
+def compile_stored(doc_json: str, version: int, source: str = "store",
+                   geo: GeoSettings | None = None) -> CompiledPolicy:
+    """A policy version as the store holds it (JSON), validated and compiled: what a gateway
+    installs and what the CLI judges with. With `geo`, refused when a rule needs a database
+    that config lacks (it would never fire). ConfigError (or ValueError: not JSON) says why."""
+    doc = validate_policy(json.loads(doc_json), source)
+    if geo is not None:
+        require_databases(doc, geo, source)
+    return compile_policy(doc, version)
+
+
 def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
     rules = []
     for r in doc.rules:

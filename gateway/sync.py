@@ -20,7 +20,7 @@ from gateway.pipeline import Pipeline
 from gateway.policy import (
     PolicyDoc,
     canonical,
-    compile_policy,
+    compile_stored,
     load_policy_file,
     require_databases,
     validate_policy,
@@ -165,14 +165,14 @@ class SnapshotSync:
         if current is not None and current.version == version and doc_json == self._policy_json:
             return
         try:
-            doc = validate_policy(json.loads(doc_json), f"store policy v{version}")
             # A rule on a database this gateway lacks would never fire: refuse the policy and
             # keep the one in force.
-            require_databases(doc, snap.parts.config.settings.geo, f"store policy v{version}")
+            compiled = compile_stored(doc_json, version, f"store policy v{version}",
+                                      snap.parts.config.settings.geo)
         except (ConfigError, ValueError) as exc:
             logger().error("policy_rejected", version=version, reason=str(exc))
             return
-        compiled = compile_policy(doc, version)
+        doc = compiled.doc
         # No await since `snap` was read: nothing else swapped the snapshot meanwhile.
         self.pipeline.snapshot = dataclasses.replace(snap, policy=compiled)
         self._policy_json = doc_json

@@ -14,6 +14,7 @@ from gateway.policy import (
     RuleFacts,
     canonical,
     compile_policy,
+    compile_stored,
     country_allowed,
     evaluate_rules,
     flat_quotas,
@@ -22,7 +23,7 @@ from gateway.policy import (
     path_glob_list,
     validate_policy,
 )
-from gateway.settings import ConfigError
+from gateway.settings import ConfigError, GeoSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = "policy.yaml"
@@ -541,3 +542,18 @@ def test_a_bad_client_cert_fingerprint_is_named(value: Any, reason: str) -> None
         validate_policy({"resellers": {"acme": {"client_cert_sha256": value}}}, SRC)
     assert err.value.field.startswith("resellers.acme.client_cert_sha256")
     assert reason in err.value.reason
+
+
+def test_compile_stored_validates_compiles_and_checks_the_databases() -> None:
+    """A stored version compiles to its version and rules; with the config's geo settings, a
+    rule on a database it lacks refuses it, naming the source; text that is not JSON is a
+    ValueError."""
+    doc = canonical(validate_policy({"version": 1, "default_action": "allow",
+                                     "rules": [_deny("no-asn", asn=["64500"])]}, SRC))
+    compiled = compile_stored(doc, 7)
+    assert (compiled.version, [r.id for r in compiled.rules]) == (7, ["no-asn"])
+    with pytest.raises(ConfigError, match="no-asn") as err:
+        compile_stored(doc, 7, "store policy v7", GeoSettings(country_db="c.mmdb"))
+    assert "store policy v7" in str(err.value)
+    with pytest.raises(ValueError):
+        compile_stored("{", 7)

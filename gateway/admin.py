@@ -39,7 +39,7 @@ from gateway.policy import canonical
 from gateway.responses import render
 from gateway.screening import build_report
 from gateway.settings import ConfigError, LoadedConfig
-from gateway.store.base import Store
+from gateway.store.base import PolicyConflict, Store
 from gateway.usage_report import parse_query, report
 
 
@@ -253,7 +253,7 @@ async def policy_put(request: web.Request) -> web.Response:
     try:
         version = await store_policy(svc.store, doc, _actor(request),
                                      int(expected) if expected else None)
-    except ValueError as exc:
+    except PolicyConflict as exc:
         raise admin_error(409, str(exc), "version_conflict") from None
     return web.json_response({"version": version})
 

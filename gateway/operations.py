@@ -17,11 +17,11 @@ from gateway import key_admin
 from gateway.audit import parse_limit, record_policy_applied
 from gateway.errors import OperationError, StoreError
 from gateway.settings import ConfigError, load_yaml
+from gateway.store.base import PolicyConflict, Store
 
 if TYPE_CHECKING:
     from gateway.policy import CompiledPolicy, PolicyDoc
     from gateway.settings import LoadedConfig
-    from gateway.store.base import Store
     from gateway.usage_report import UsageQuery
 
 
@@ -159,7 +159,7 @@ class DirectOperations:
         with _mapped():
             try:
                 return await store_policy(self.store, doc, self.actor, expected_version)
-            except ValueError as exc:
+            except PolicyConflict as exc:
                 raise OperationError(409, str(exc)) from None
 
     async def list_audit(self, since: float | None, limit: int) -> list[dict[str, Any]]:
@@ -258,7 +258,7 @@ def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:
 async def store_policy(store: Store, doc: PolicyDoc, actor: str,
                        expected_version: int | None) -> int:
     """Store `doc` as the live policy if the live version is still `expected_version` (None:
-    whatever it is; ValueError otherwise), and audit it with the resellers whose status it
+    whatever it is; PolicyConflict otherwise), and audit it with the resellers whose status it
     changes. The new version."""
     from gateway.policy import canonical
 

@@ -26,6 +26,7 @@ from gateway.operations import (
 )
 from gateway.settings import load_settings
 from gateway.store.base import Tally, UsageKey
+from gateway.store.memory import MemoryStore
 from gateway.usage_report import UsageQuery, utc_day
 from tests.support.gateway import (
     ADMIN_TOKEN,
@@ -155,7 +156,7 @@ async def test_policy_get_and_put(ops: Operations) -> None:
     edited = {**DEFAULT_POLICY, "default_action": "deny"}
     assert await ops.put_policy(yaml.safe_dump(edited), 1) == 2
     status, message = await _status(ops.put_policy(json.dumps(edited), 1))
-    assert status == 409 and "2" in message
+    assert (status, message) == (409, "policy version is 2, expected 1")
     status, message = await _status(ops.put_policy("resellers: 7\n", 2))
     assert status == 400 and "resellers" in message
     now = await ops.get_policy()
@@ -310,6 +311,24 @@ async def test_admin_operations_refuse_a_wrong_token(tmp_path: Path,
     async with running_gateway(tmp_path, upstream.url) as gw:
         status, message = await _status(AdminOperations(gw.admin_url, "wrong").list_keys())
     assert status == 401 and "Bearer" in message
+
+
+class _FaultyPolicyStore(MemoryStore):
+    """An embedded store whose put_policy fails with a ValueError that is no conflict."""
+
+    async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
+        raise ValueError("a fault, not a version conflict")
+
+
+async def test_only_a_policy_conflict_is_a_409(tmp_path: Path) -> None:
+    """A ValueError from the store other than PolicyConflict is not answered as a conflict:
+    it propagates as the fault it is."""
+    config = load_settings(str(write_config(tmp_path, "http://127.0.0.1:1")),
+                           require_secrets=False)
+    ops = DirectOperations(_FaultyPolicyStore(), config, ACTOR)
+    with pytest.raises(ValueError, match="a fault") as err:
+        await ops.put_policy(yaml.safe_dump(DEFAULT_POLICY), 1)
+    assert not isinstance(err.value, OperationError)
 
 
 async def test_direct_operations_on_an_unreachable_store(tmp_path: Path) -> None:

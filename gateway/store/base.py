@@ -60,6 +60,17 @@ class KeyRecord:
         return d
 
 
+class PolicyConflict(ValueError):
+    """`put_policy` refused: the live policy version is not the one the caller expected
+    (another change came first). The admin API answers it 409 `version_conflict`; every store
+    raises it, worded alike."""
+
+    def __init__(self, live: int, expected: int) -> None:
+        super().__init__(f"policy version is {live}, expected {expected}")
+        self.live = live
+        self.expected = expected
+
+
 @dataclass(frozen=True, slots=True)
 class StoredPolicy:
     version: int
@@ -358,7 +369,7 @@ class Store(abc.ABC):
     async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
         """Store a new policy version atomically and publish it; return the new version.
 
-        With `expected_version`, refuse (ValueError) when the live version differs."""
+        With `expected_version`, refuse (PolicyConflict) when the live version differs."""
 
     @abc.abstractmethod
     async def versions(self) -> tuple[int, int]:

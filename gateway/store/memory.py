@@ -17,6 +17,7 @@ from gateway.store.base import (
     EventHandler,
     KeyRecord,
     PeriodUse,
+    PolicyConflict,
     ScreeningTally,
     ScreeningWindow,
     Settlement,
@@ -145,7 +146,7 @@ class MemoryStore(Store):
             old = self.policy
             live = old.version if old else 0
             if expected_version is not None and expected_version != live:
-                raise ValueError(f"policy version is {live}, expected {expected_version}")
+                raise PolicyConflict(live, expected_version)
             json.loads(doc)
             self.policy = StoredPolicy(live + 1, doc, time.time(), actor)
             try:

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from gateway.store import Store
-from gateway.store.base import AdmitRequest, AdmitResult, KeyRecord, Settlement, Subject
+from gateway.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    KeyRecord,
+    PolicyConflict,
+    Settlement,
+    Subject,
+)
 from tests.support.gateway import poll
 
 
@@ -83,18 +90,20 @@ async def test_keys_last_used(store: Store) -> None:
 
 
 async def test_policy_versions_and_conflict(store: Store) -> None:
-    """put_policy returns increasing versions; a stale expected_version raises ValueError and
-    changes nothing; get_policy returns what was stored."""
+    """put_policy returns increasing versions; a stale expected_version raises PolicyConflict
+    (a ValueError) naming the live and the expected version alike on every store, and changes
+    nothing; get_policy returns what was stored."""
     assert await store.get_policy() is None
     assert (await store.versions())[1] == 0
     doc1 = json.dumps({"version": 1, "rules": []})
     assert await store.put_policy(doc1, "alice", expected_version=0) == 1
     doc2 = json.dumps({"version": 1, "rules": [{"id": "x"}]})
     assert await store.put_policy(doc2, "bob") == 2
-    with pytest.raises(ValueError):
-        await store.put_policy(json.dumps({"v": 3}), "carol", expected_version=1)
-    with pytest.raises(ValueError):
-        await store.put_policy(json.dumps({"v": 3}), "carol", expected_version=0)
+    for stale in (1, 0):
+        with pytest.raises(PolicyConflict) as err:
+            await store.put_policy(json.dumps({"v": 3}), "carol", expected_version=stale)
+        assert (err.value.live, err.value.expected) == (2, stale)
+        assert str(err.value) == f"policy version is 2, expected {stale}"
     got = await store.get_policy()
     assert got is not None and (got.version, got.doc, got.actor) == (2, doc2, "bob")
     assert await store.put_policy(doc1, "dave", expected_version=2) == 3

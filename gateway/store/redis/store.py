@@ -31,6 +31,7 @@ from gateway.store.base import (
     EventHandler,
     KeyRecord,
     PeriodUse,
+    PolicyConflict,
     ScreeningTally,
     ScreeningWindow,
     Settlement,
@@ -228,8 +229,8 @@ class RedisStore(Store):
         ok, version = await self._run(self._PUT_POLICY, [self.k_meta, self.k_policy], args,
                                       decode=lambda r: (int(r[0]), int(r[1])),
                                       runner=self.pooled)
-        if not ok:
-            raise ValueError(f"policy changed meanwhile (version_conflict {version})")
+        if not ok:  # `version` is the live one; args[3] the expected one sent
+            raise PolicyConflict(version, int(args[3]))
         await self._cmd(self.pooled.client.publish(
             self.channel, json.dumps({"kind": "policy", "version": version})))
         return version

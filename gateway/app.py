@@ -47,6 +47,18 @@ from gateway.workers import worker_count
 LAST_USED_FLUSH_S = 10.0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Reload:
+    """What a reload read, all valid: applied at once, or not at all."""
+
+    config: LoadedConfig
+    policy_file_doc: PolicyDoc | None
+    policy_file_error: str | None  # the policy file refused (policy_source: store)
+    tls: LoadedTLS | None  # certificates read again (TLS on before and after)
+    geo: GeoResolver | None  # a new resolver, when the geo settings changed
+    needs_restart: list[str]  # changed fields a reload cannot apply
+
+
 class GatewayService:
     """One gateway instance (one process); `start` then `wait_closed`, or `stop`. Implements
     the admin API's `AdminBackend`."""
@@ -325,16 +337,48 @@ class GatewayService:
     # --- reload ---------------------------------------------------------------------------
     async def reload(self) -> bool:
         """SIGHUP: re-read the config file, reopen changed geo databases, reconfigure logging.
-        An invalid config is refused and the running one stays."""
+        An invalid config is refused (one `config_reload_failed` line saying why) and the
+        running one stays."""
         try:
-            new = await asyncio.to_thread(load_settings, self.config.path, self.overrides,
-                                          self.environ)
+            read = await self._read_reload()
         except ConfigError as exc:
             logger().error("config_reload_failed", path=self.config.path, reason=str(exc))
             return False
+        new, s = read.config, read.config.settings
+        # One swap, after the last await: a policy installed meanwhile is kept.
+        snap = self.pipeline.snapshot
+        self.pipeline.snapshot = dataclasses.replace(
+            snap, parts=build_config_parts(new), geo=read.geo or snap.geo)
+        self.limits.family = s.limits_headers
+        if read.tls is not None and self.tls is not None:
+            self.tls.install(read.tls, new.path)  # new handshakes; open connections keep theirs
+        self.ledger.retention_days = s.usage.retention_days
+        if self._listeners:  # the first is the proxy listener; new connections follow
+            self._listeners[0].proxy_protocol = ProxyProtocol.of(s.client_ip)
+        # Requests in flight keep the old upstream session (and a replaced geo resolver) until
+        # the last of them ends (see `_handle`); `stop` closes them if the service stops first.
+        self._retired.append(snap.parts.upstream)
+        if read.geo is not None:
+            self._retired.append(snap.geo)
+        self._close_unused()
+        self._publish_gauges()
+        # Logged under the old logging setup, so a stricter new level still shows the reload.
+        logger().info("config_reloaded", path=new.path,
+                      needs_restart=read.needs_restart or None)
+        configure_logging(s.log.level, s.log.format, s.log.hash_chain)
+        _log_warnings(new)
+        await self.sync.sync_policy_file(read.policy_file_doc, read.policy_file_error)
+        return True
+
+    async def _read_reload(self) -> _Reload:
+        """Everything a reload reads before it changes anything: the config, the policy file,
+        the certificates, the geo databases. ConfigError when any of them refuses the reload
+        (the one exit `reload` logs)."""
+        new = await asyncio.to_thread(load_settings, self.config.path, self.overrides,
+                                      self.environ)
         s = new.settings
-        # The policy file is read before anything changes: with `policy_source: file` an
-        # invalid one refuses the whole reload and the live policy stays.
+        # With `policy_source: file` an invalid policy file refuses the whole reload and the
+        # live policy stays; otherwise it is only reported.
         file_doc: PolicyDoc | None = None
         file_error: str | None = None
         if s.policy_file:
@@ -342,65 +386,28 @@ class GatewayService:
                 file_doc = await asyncio.to_thread(load_policy_file, s.policy_file)
             except ConfigError as exc:
                 if s.policy_source == "file":
-                    logger().error("config_reload_failed", path=new.path, reason=str(exc))
-                    return False
+                    raise
                 file_error = str(exc)
-        old = self.config
-        fixed = [f for f in ("listen", "admin_listen") if getattr(s, f) != getattr(
-            old.settings, f)]
-        if s.store != old.settings.store:
+        old = self.config.settings
+        fixed = [f for f in ("listen", "admin_listen") if getattr(s, f) != getattr(old, f)]
+        if s.store != old.store:
             fixed.append("store")
         # The certificate files are read again (a bad pair refuses the reload and the one in
         # service stays); turning TLS on or off needs a restart.
         new_tls: LoadedTLS | None = None
-        if (s.tls is None) != (old.settings.tls is None):
+        if (s.tls is None) != (old.tls is None):
             fixed.append("tls")
         elif s.tls is not None:
-            try:
-                new_tls = await asyncio.to_thread(load_tls, s.tls, new.path)
-            except ConfigError as exc:
-                logger().error("config_reload_failed", path=new.path, reason=str(exc))
-                return False
+            new_tls = await asyncio.to_thread(load_tls, s.tls, new.path)
         policy = self.pipeline.snapshot.policy
-        try:
-            if policy is not None:  # the live policy must keep every database it needs
-                require_databases(policy.doc, s.geo, f"live policy v{policy.version}")
-        except ConfigError as exc:
-            logger().error("config_reload_failed", path=new.path, reason=str(exc))
-            return False
+        if policy is not None:  # the live policy must keep every database it needs
+            require_databases(policy.doc, s.geo, f"live policy v{policy.version}")
         new_geo: GeoResolver | None = None
-        if s.geo.model_dump() != old.settings.geo.model_dump():
-            try:
-                new_geo = await asyncio.to_thread(open_geo, s.geo, new.path)
-            except ConfigError as exc:
-                logger().error("config_reload_failed", path=new.path, reason=str(exc))
-                return False
+        if s.geo.model_dump() != old.geo.model_dump():
+            new_geo = await asyncio.to_thread(open_geo, s.geo, new.path)
         else:
             await self.geo.reload_in_thread()
-        # One swap, after the last await: a policy installed meanwhile is kept.
-        snap = self.pipeline.snapshot
-        self.pipeline.snapshot = dataclasses.replace(
-            snap, parts=build_config_parts(new), geo=new_geo or snap.geo)
-        self.limits.family = s.limits_headers
-        if new_tls is not None and self.tls is not None:
-            self.tls.install(new_tls, new.path)  # new handshakes; open connections keep theirs
-        self.ledger.retention_days = s.usage.retention_days
-        if self._listeners:  # the first is the proxy listener; new connections follow
-            self._listeners[0].proxy_protocol = ProxyProtocol.of(s.client_ip)
-        # Requests in flight keep the old upstream session (and a replaced geo resolver) until
-        # the last of them ends (see `_handle`); `stop` closes them if the service stops first.
-        self._retired.append(snap.parts.upstream)
-        if new_geo is not None:
-            self._retired.append(snap.geo)
-        self._close_unused()
-        self._publish_gauges()
-        # Logged under the old logging setup, so a stricter new level still shows the reload.
-        logger().info("config_reloaded", path=new.path,
-                      needs_restart=fixed or None)
-        configure_logging(s.log.level, s.log.format, s.log.hash_chain)
-        _log_warnings(new)
-        await self.sync.sync_policy_file(file_doc, file_error)
-        return True
+        return _Reload(new, file_doc, file_error, new_tls, new_geo, fixed)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

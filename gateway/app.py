@@ -38,7 +38,7 @@ from gateway.settings import (
     redact_url,
 )
 from gateway.snapshot import Snapshot, build_config_parts
-from gateway.status import CacheTallies, publish_gauges, readiness
+from gateway.status import CacheTallies, publish_gauges, publish_store_up, readiness
 from gateway.store import StateFileError, Store, loaded_state, memory_state_file, open_store
 from gateway.sync import SnapshotSync
 from gateway.tls import LoadedTLS, ServerTLS, load_tls
@@ -449,7 +449,7 @@ class GatewayService:
 
     def publish_metrics(self) -> None:
         """Before a scrape: the store gauge, the geo cache's tallies and the hot path's."""
-        metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
+        publish_store_up(self.limits)
         self._cache_tallies.publish(self.geo)
         metrics.flush(self.pipeline.inflight, self.limits.store_errors)
 

@@ -50,6 +50,13 @@ def publish_gauges(snap: Snapshot, limits: Limits) -> None:
         metrics.GEO_EPOCH.labels(kind).set(st["build_epoch"])
         metrics.GEO_AGE.labels(kind).set(st["age_days"])
         metrics.GEO_STALE.labels(kind).set(1 if st["stale"] else 0)
+    publish_store_up(limits)
+
+
+def publish_store_up(limits: Limits) -> None:
+    """gateway_store_up from whether the store answers. Each worker publishes its own (the
+    gauge's multiprocess mode is `min`): after each sync round, before a scrape and with the
+    other gauges."""
     metrics.STORE_UP.set(1 if limits.store_ok else 0)
 
 

@@ -26,6 +26,7 @@ from gateway.policy import (
     validate_policy,
 )
 from gateway.settings import ConfigError, LoadedConfig
+from gateway.status import publish_store_up
 from gateway.store.base import Store, StoredPolicy
 
 
@@ -261,4 +262,4 @@ class SnapshotSync:
             self.limits.mark_store(False)
         except ConfigError as exc:
             logger().error("policy_rejected", reason=str(exc))
-        metrics.STORE_UP.set(1 if self.limits.store_ok else 0)
+        publish_store_up(self.limits)

@@ -30,7 +30,14 @@ from gateway.operations import (
     Operations,
     direct_operations,
 )
-from gateway.settings import ConfigError, LoadedConfig, StartupError, load_settings, redact_url
+from gateway.settings import (
+    ConfigError,
+    LoadedConfig,
+    StartupError,
+    load_settings,
+    parse_hostport,
+    redact_url,
+)
 
 DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml")
 EXIT_FAILURE = 1  # a failure, or a difference found
@@ -155,6 +162,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 # --- store operations: the store itself, or the running gateway for the embedded store --------
 
+#: Where a client on this machine calls a listener bound on a wildcard address: the
+#: loopback address of the same family.
+LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
 def admin_operations(config: LoadedConfig) -> AdminOperations:
     """The admin API of the running gateway (which owns the embedded store): its
     `admin_listen` address (a wildcard one called on loopback) and the admin token."""
@@ -164,8 +176,8 @@ def admin_operations(config: LoadedConfig) -> AdminOperations:
                           f"environment variable {var} is not set: with the embedded store "
                           "this command talks to the running gateway's admin API, which "
                           "needs the admin token")
-    host, _, port = config.settings.admin_listen.rpartition(":")
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
+    host, port = parse_hostport(config.settings.admin_listen)
+    host = LOOPBACK_OF_WILDCARD.get(host, host)
     host = f"[{host}]" if ":" in host else host
     return AdminOperations(f"http://{host}:{port}", config.secrets.admin_token)
 

@@ -71,9 +71,11 @@ def _config(tmp_path: Path, admin_listen: str, token: str | None) -> AdminOperat
     ("0.0.0.0:9001", "http://127.0.0.1:9001"),
     ("10.0.0.5:9001", "http://10.0.0.5:9001"),
     ("[::1]:9001", "http://[::1]:9001"),
+    ("[::]:9001", "http://[::1]:9001"),
 ])
 def test_remote_calls_the_admin_listener(tmp_path: Path, listen: str, base: str) -> None:
-    """A wildcard admin address is called on loopback; IPv6 hosts are bracketed."""
+    """A wildcard admin address (IPv4 or IPv6) is called on loopback of its family; IPv6
+    hosts are bracketed."""
     remote = _config(tmp_path, listen, "tok")
     assert remote.base == base
     assert remote.headers == {"Authorization": "Bearer tok"}

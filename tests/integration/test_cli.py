@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from gateway import __version__
+from gateway.cli import admin_operations
 from gateway.store.base import Tally, UsageKey
 from tests.support.cli import GatewayProcess, cli_env, code_of, run_cli, send
 from tests.support.gateway import (
@@ -548,3 +549,15 @@ async def test_usage_counts_forwarded_requests_never_refused_ones(
         "output_tokens": sum(x["output_tokens"] for x in forwarded)}
     assert [(r["reseller"], r["key_id"], r["customer_id"], r["model"]) for r in doc["rows"]] \
         == [("direct", key_id, None, "claude-test-1")]
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "[::]"])
+async def test_the_cli_reaches_an_admin_listener_on_a_wildcard_address(
+        tmp_path: Path, upstream: FakeUpstream, wildcard: str) -> None:
+    """A gateway whose admin listener is bound on a wildcard address (IPv4 or IPv6) is called
+    by the CLI's admin operations on loopback of that family, and answers."""
+    listen = f"{wildcard}:{free_port()}"
+    async with running_gateway(tmp_path, upstream.url, admin_listen=listen) as gw:
+        ops = admin_operations(gw.service.config)
+        issued = await ops.issue_key({"reseller": "direct", "name": "wild"})
+        assert [k["key_id"] for k in await ops.list_keys()] == [issued.key_id]

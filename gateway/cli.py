@@ -204,13 +204,14 @@ def _embedded(config: LoadedConfig) -> bool:
     return config.settings.store.url.startswith("memory://")
 
 
-def _cli_logging() -> None:
-    """Audit events of a CLI change go to stderr as JSON lines: stdout is the command's own
-    output (with --json, exactly one JSON document)."""
+def _cli_logging(level: str = "info") -> None:
+    """Log lines of a CLI command go to stderr as JSON: the audit events of a change (level
+    info), the errors of a read-only command (level error, such as a damaged geo record).
+    stdout is the command's own output (with --json, exactly one JSON document)."""
     from gateway.request_log import configure_logging, set_log_stream
 
     set_log_stream(sys.stderr)
-    configure_logging("info", "json")
+    configure_logging(level, "json")
 
 
 def _actor() -> str:
@@ -500,7 +501,6 @@ def cmd_audit_verify(path: str) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from gateway.audit import parse_limit, parse_since
-    from gateway.request_log import configure_logging, set_log_stream
 
     if args.audit_cmd == "verify":
         return cmd_audit_verify(args.file)
@@ -512,8 +512,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
     run = _operator(config)
-    set_log_stream(sys.stderr)  # stdout is the listing alone
-    configure_logging("error", "json")
+    _cli_logging("error")
     events = run(lambda ops: ops.list_audit(since, limit))
     if args.json:
         _print({"events": events})
@@ -531,13 +530,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """`report resellers` / `report reseller R`: the screening report (architecture §15)."""
-    from gateway.request_log import configure_logging, set_log_stream
     from gateway.screening import format_report
 
     config = _load_admin(args)
     run = _operator(config)
-    set_log_stream(sys.stderr)  # stdout is the report alone
-    configure_logging("error", "json")
+    _cli_logging("error")
     reseller = args.reseller if args.report_cmd == "reseller" else None
     out = run(lambda ops: ops.report(args.since, reseller))
     if args.json:
@@ -556,7 +553,6 @@ _USAGE_TITLES = {"day": "DAY", "reseller": "RESELLER", "key_id": "KEY_ID",
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from gateway.request_log import configure_logging
     from gateway.usage_report import parse_query
 
     config = _load_admin(args)
@@ -568,7 +564,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
     run = _operator(config)
-    configure_logging("error", "json")
+    _cli_logging("error")
     out = run(lambda ops: ops.usage(query))
     if args.json:
         _print(out, sort_keys=False)  # the rows' fields in their documented order
@@ -611,8 +607,6 @@ def _print_usage_table(out: dict[str, Any], since_day: str, until_day: str) -> N
 # --- explain ----------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from gateway.request_log import configure_logging
-
     config = _load_admin(args)
     key = args.key or (None if args.key_id or args.reseller
                        else os.environ.get("GATEWAY_EXPLAIN_KEY"))
@@ -624,7 +618,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          attestation=args.attestation, method=args.method,
                          client_cert_sha256=args.client_cert_sha256)
     run = _operator(config)
-    configure_logging("error", "json")
+    _cli_logging("error")
     out = run(lambda ops: ops.explain(query))
     if args.json:
         _print(out)
@@ -666,9 +660,8 @@ def _print_trace(out: dict[str, Any]) -> None:
 
 def cmd_geo(args: argparse.Namespace) -> int:
     from gateway.geo import open_geo
-    from gateway.request_log import configure_logging
 
-    configure_logging("error", "json")
+    _cli_logging("error")
     config = _load_admin(args)
     s = config.settings
     geo = open_geo(s.geo, config.path, 0)

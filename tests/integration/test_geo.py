@@ -230,6 +230,34 @@ async def test_database_overwritten_in_place_keeps_serving(tmp_path: Path,
         assert await gw.finish() == 0
 
 
+def _damaged_copy(src: Path, dst: Path) -> Path:
+    """`src` with its data section overwritten (its search tree and metadata intact): it
+    opens, and every address it knows fails to decode."""
+    import maxminddb
+
+    data = bytearray(src.read_bytes())
+    meta = maxminddb.open_database(str(src)).metadata()
+    start = meta.node_count * meta.record_size * 2 // 8 + 16  # tree, then 16 zero bytes
+    end = data.rfind(b"\xab\xcd\xefMaxMind.com")
+    data[start:end] = b"\xff" * (end - start)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_geo_lookup_json_stdout_holds_the_answer_alone(tmp_path: Path) -> None:
+    """While `gateway geo lookup --json` logs (a damaged record: geo_lookup_failed), stdout is
+    the one JSON document and the log line goes to stderr."""
+    bad = _damaged_copy(DEMO_COUNTRY, tmp_path / "geo" / "Country.mmdb")
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", geo={"country_db": str(bad)})
+    out = run_cli("geo", "lookup", "192.0.2.1", "--json", config=cfg)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["country"] is None and not doc["databases"]["country"]["found"]
+    failed = [json.loads(x) for x in out.stderr.splitlines() if "geo_lookup_failed" in x]
+    assert [x["database"] for x in failed] == ["country"]
+
+
 def _overwrite(path: Path, content: Path | bytes, truncate: bool) -> None:
     """Write into the existing file (same inode), as `cp` or a careless script does."""
     data = content if isinstance(content, bytes) else content.read_bytes()

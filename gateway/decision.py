@@ -25,7 +25,13 @@ from gateway.errors import (
     permission_error,
 )
 from gateway.geo import GeoInfo
-from gateway.identity import Attestation, KeyRegistry, parse_attestation, require_customer
+from gateway.identity import (
+    Attestation,
+    KeyRegistry,
+    check_usable,
+    parse_attestation,
+    require_customer,
+)
 from gateway.limits import subjects_for
 from gateway.lru import BoundedLRU
 from gateway.policy import (
@@ -100,10 +106,7 @@ def key_by_id(registry: KeyRegistry, key_id: str, now: float) -> KeyRecord:
     rec = registry.keys.get(key_id)
     if rec is None:
         raise auth_error("invalid_api_key", f"no key {key_id[:64]}")
-    if rec.status == "revoked":
-        raise auth_error("key_revoked", "API key has been revoked")
-    if rec.expires_at is not None and rec.expires_at <= now:
-        raise auth_error("key_expired", "API key has expired")
+    check_usable(rec, now)
     return rec
 
 

@@ -99,14 +99,7 @@ class KeyRegistry:
             ok = hmac.compare_digest(digest, rec.prev_secret_hash)
         if not ok:
             raise auth_error("invalid_api_key", "unknown API key")
-        refusal = None
-        if rec.status == "revoked":
-            refusal = auth_error("key_revoked", "API key has been revoked")
-        elif rec.expires_at is not None and rec.expires_at <= now:
-            refusal = auth_error("key_expired", "API key has expired")
-        if refusal is not None:
-            refusal.key_id, refusal.reseller = rec.key_id, rec.reseller
-            raise refusal
+        check_usable(rec, now)
         self.last_used[key_id] = now
         return rec
 
@@ -115,6 +108,20 @@ class KeyRegistry:
         if self.last_used:
             batch, self.last_used = self.last_used, {}
             await self.store.touch_keys(batch)
+
+
+def check_usable(rec: KeyRecord, now: float) -> None:
+    """Refuse a known key that may not be used at `now`: the 401 `key_revoked` or
+    `key_expired`, carrying the key's id and reseller for the log (never sent). Authentication
+    and `gateway explain --key-id` judge a key by this one check."""
+    if rec.status == "revoked":
+        refusal = auth_error("key_revoked", "API key has been revoked")
+    elif rec.expires_at is not None and rec.expires_at <= now:
+        refusal = auth_error("key_expired", "API key has expired")
+    else:
+        return
+    refusal.key_id, refusal.reseller = rec.key_id, rec.reseller
+    raise refusal
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from gateway.errors import GatewayError, OperationError
 from gateway.identity import (
     Attestation,
     KeyRegistry,
+    check_usable,
     extract_key,
     new_key,
     parse_attestation,
@@ -404,3 +405,22 @@ async def test_update_key_changes_audits_and_validates() -> None:
         await update_key(store, rec.key_id, {"rpm": 1}, "t")
     assert info.value.status == 409
     assert isinstance(await store.get_key(rec.key_id), KeyRecord)
+
+
+@pytest.mark.parametrize(("status", "expires_at", "code"), [
+    ("active", None, None), ("active", 2000.0, None), ("active", 1000.0, "key_expired"),
+    ("revoked", None, "key_revoked"), ("revoked", 500.0, "key_revoked"),
+])
+def test_check_usable_refuses_revoked_then_expired_naming_the_key(
+        status: str, expires_at: float | None, code: str | None) -> None:
+    """At t=1000 an active key without expiry or expiring later passes; a revoked key is
+    `key_revoked` (even when also expired), an expired one `key_expired`: a 401 naming the
+    key and its reseller for the log."""
+    rec = KeyRecord("k1", "acme", "h" * 64, status=status, expires_at=expires_at)
+    if code is None:
+        check_usable(rec, 1000.0)
+        return
+    with pytest.raises(GatewayError) as err:
+        check_usable(rec, 1000.0)
+    assert (err.value.status, err.value.code) == (401, code)
+    assert (err.value.key_id, err.value.reseller) == ("k1", "acme")

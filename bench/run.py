@@ -206,7 +206,7 @@ def write_policy(tmp: Path) -> Path:
 
 class Gateway:
     def __init__(self, name: str, upstream: str, store_url: str, policy: Path, tmp: Path,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], workers: int = 1) -> None:
         self.name = name
         self.port = free_port()
         self.admin_port = free_port()
@@ -216,7 +216,7 @@ class Gateway:
         self.sets = [f"upstream.url={upstream}", f"listen=127.0.0.1:{self.port}",
                      f"admin_listen=127.0.0.1:{self.admin_port}", f"store.url={store_url}",
                      f"policy_file={policy}", "shutdown_grace_s=2"]
-        argv = py("gateway", "run", "--config", CONFIG)
+        argv = py("gateway", "run", "--config", CONFIG, "--workers", str(workers))
         for s in self.sets:
             argv += ["--set", s]
         self.child = Child(name, argv, env, _open_log(self.log_path))

@@ -106,13 +106,13 @@ class Subject:
 async def drive(s: Subject, requests: int, concurrency: int,
                 others: dict[str, int]) -> None:
     """One measured round against `s`; `others` (name → pid) are the processes whose CPU is
-    reported beside the gateway's."""
+    reported beside the gateway's. Answers other than 200 are counted and shown, not fatal:
+    a CPU-starved worker may time out on Redis, and that is part of what is measured."""
     h = headers(s.gateway.key)
     o0 = {k: cpu_seconds(v) for k, v in others.items()}
     c0 = tree_cpu_seconds(s.gateway.child.pid)
     res = await run_load(s.gateway.url, requests, concurrency, h, BODY)
     c1 = tree_cpu_seconds(s.gateway.child.pid)
-    _expect(res, 200, f"--workers {s.workers}")
     s.cpu_s += c1 - c0
     for k, v in others.items():
         s.others_cpu_s[k] = s.others_cpu_s.get(k, 0.0) + cpu_seconds(v) - o0[k]
@@ -188,6 +188,8 @@ def report_data(args: argparse.Namespace, subjects: list[Subject], pinned: bool,
         rows.append({
             "workers": s.workers, "cpus": sorted(s.cpus) if s.cpus else None,
             "requests": res.requests, "rps": round(res.rps, 1),
+            "answers": {str(k): v for k, v in sorted(res.statuses.items())},
+            "transport_errors": res.errors,
             "rps_by_round": [round(v, 1) for v in s.rounds_rps],
             "latency_p50_ms": round((percentile(res.latencies_s, 50) or 0) * 1000, 2),
             "latency_p99_ms": round((percentile(res.latencies_s, 99) or 0) * 1000, 2),
@@ -225,6 +227,9 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"  {g['workers']:<9}{cpus:<9}{g['rps']:>8.0f}{g['latency_p50_ms']:>9.2f}"
                    f"{g['latency_p99_ms']:>9.2f}{g['gateway_cpu_us_per_request']:>12.1f}  "
                    f"{busy} · " + " ".join(f"{v:.0f}" for v in g["rps_by_round"]))
+        if set(g["answers"]) != {"200"} or g["transport_errors"]:
+            out.append(f"  {'':<9}answers {g['answers']}, {g['transport_errors']} transport "
+                       "errors")
     verdict = "ok" if (r["scaling"] or 0) >= SCALING_BUDGET else "below"
     out += ["",
             f"  req/s, 2 workers ÷ 1 worker: {r['rps_ratio']:.2f}{X} = {r['scaling']:.2f}{X}2 "

@@ -30,6 +30,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -199,6 +200,9 @@ def report_data(args: argparse.Namespace, subjects: list[Subject], pinned: bool,
         })
     one, two = rows
     ratio = two["rps"] / one["rps"] if one["rps"] else None
+    # Rounds run back to back, so each pair saw about the same other load on the machine.
+    by_round = sorted(b / a for a, b in zip(one["rps_by_round"], two["rps_by_round"],
+                                            strict=True) if a)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": available, "pinned": pinned,
@@ -208,6 +212,8 @@ def report_data(args: argparse.Namespace, subjects: list[Subject], pinned: bool,
         "gateways": rows,
         "rps_ratio": None if ratio is None else round(ratio, 3),
         "scaling": None if ratio is None else round(ratio / 2, 3),
+        "rps_ratio_by_round": [round(v, 3) for v in by_round],
+        "rps_ratio_median_round": round(statistics.median(by_round), 3) if by_round else None,
         "cpu_per_request_ratio": round(two["gateway_cpu_us_per_request"]
                                        / one["gateway_cpu_us_per_request"], 3),
     }
@@ -235,16 +241,23 @@ def render(r: dict[str, Any]) -> str:
             f"  req/s, 2 workers ÷ 1 worker: {r['rps_ratio']:.2f}{X} = {r['scaling']:.2f}{X}2 "
             f"(budget ≥ {SCALING_BUDGET}{X}N where N cores are free: {verdict}); CPU per "
             f"request, 2 ÷ 1: {r['cpu_per_request_ratio']:.2f}{X}",
+            "  req/s ratio of each pair of rounds (sorted): "
+            + " ".join(f"{v:.2f}" for v in r["rps_ratio_by_round"])
+            + f"; median {_ratio(r['rps_ratio_median_round'])}",
             "  load average before the run: "
             + " ".join(f"{v:.2f}" for v in r["loadavg_before"])]
     return "\n".join(out)
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}{X}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=8000, help="requests per gateway")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     ap.add_argument("--concurrency", type=int, default=64, help="concurrent connections")
     ap.add_argument("--warmup", type=int, default=500, help="warm-up requests per gateway")
     ap.add_argument("--no-pin", dest="pin", action="store_false",

@@ -149,7 +149,7 @@ def params(args: argparse.Namespace) -> Params:
         stream_rounds=8,
         denied=300 if quick else 1000,
         watched=300 if quick else 1000,
-        stream_requests=1200 if quick else 3200,
+        stream_requests=1000 if quick else 3200,
         stream_concurrency=4,
         stream_events=2,
         stream_delay_ms=5.0,

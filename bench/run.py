@@ -41,7 +41,7 @@ import aiohttp
 import yaml
 
 from bench.load import LoadResult, Variant, percentile, run_load
-from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes, run_bounded
+from bench.procs import REPO, Child, cpu_seconds, free_port, py, rss_bytes, run_bounded, stop_all
 from bench.redis_monitor import Monitor
 
 CONFIG = "config/gateway.yaml"
@@ -592,10 +592,7 @@ async def bench(p: Params) -> dict[str, Any]:
         log("stopping everything")
         if probe is not None:
             await probe.close()
-        for c in reversed(children):
-            await c.stop()
-            if c.log is not None:
-                c.log.close()
+        await stop_all(children)
         await asyncio.to_thread(redis.stop)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import LoadResult, percentile, run_load
-from bench.procs import REPO, Child, cpu_seconds, free_port, py, run_bounded
+from bench.procs import REPO, Child, cpu_seconds, free_port, py, run_bounded, stop_all
 from bench.run import BODY, Gateway, _expect, _open_log, headers, log, write_policy
 
 RESULTS = REPO / "bench" / "results" / "workers.json"
@@ -172,10 +172,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         return report_data(args, subjects, pinned, available, loadavg)
     finally:
         log("stopping everything")
-        for c in reversed(children):
-            await c.stop()
-            if c.log is not None:
-                c.log.close()
+        await stop_all(children)
         await asyncio.to_thread(redis.stop)
         shutil.rmtree(tmp, ignore_errors=True)
 

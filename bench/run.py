@@ -330,7 +330,6 @@ class RedisProbe:
     def __init__(self, port: int) -> None:
         import redis.asyncio as aioredis
 
-        self.port = port
         self.r = aioredis.Redis(host="127.0.0.1", port=port)
 
     async def open(self) -> None:

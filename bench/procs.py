@@ -100,6 +100,15 @@ class Child:
             pass
 
 
+async def stop_all(children: list[Child]) -> None:
+    """Stop `children` in the reverse of their start order (a proxy before what it forwards
+    to) and close their logs."""
+    for c in reversed(children):
+        await c.stop()
+        if c.log is not None:
+            c.log.close()
+
+
 def py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 

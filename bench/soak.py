@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from bench.load import percentile, run_load
-from bench.procs import REPO, Child, free_port, py, run_bounded
+from bench.procs import REPO, Child, free_port, py, run_bounded, stop_all
 from bench.run import BODY, STREAM_BODY, Gateway, _open_log, headers, log, write_policy
 
 RESULTS = REPO / "bench" / "results" / "soak.json"
@@ -441,10 +441,7 @@ async def soak(p: Params, gateway_env: dict[str, str]) -> dict[str, Any]:
         }
     finally:
         log("stopping everything")
-        for c in reversed(children):
-            await c.stop()
-            if c.log is not None:
-                c.log.close()
+        await stop_all(children)
         if not ok:
             for f in sorted(tmp.glob("*.log")):
                 tail = f.read_bytes()[-1500:].decode(errors="replace")

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from gateway.context import RequestContext
@@ -177,7 +178,7 @@ class _RequestWriter:
         fields["timestamp"] = self._timestamp()
         stream = self.stream or sys.stdout
         if self.chain is None:
-            stream.write(json.dumps(fields) + "\n")
+            stream.write(_line(fields))
         else:
             self.chain.write(fields, stream)
         if not self._flush_pending:
@@ -194,6 +195,15 @@ class _RequestWriter:
             stream.flush()
         except (OSError, ValueError):
             pass  # stdout closed: nothing to do for a log line
+
+
+def _line(fields: dict[str, Any]) -> str:
+    """One JSON line: orjson (about a tenth of json.dumps' time), or json.dumps for what orjson
+    refuses (an integer past 64 bits that an upstream reported, say)."""
+    try:
+        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE).decode()
+    except TypeError:
+        return json.dumps(fields) + "\n"
 
 
 _writer = _RequestWriter(None, "json", worker_id())

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 # Usage JSON of a non-streamed answer is only parsed up to this size (bigger bodies are still
 # forwarded; they are settled on the estimate).
 MAX_BUFFERED_JSON = 8 * 1024 * 1024
@@ -151,9 +153,12 @@ def read_json_usage(body: bytes) -> Usage | None:
     """Usage of a non-streamed JSON answer; None when the answer is not a JSON object (then
     nothing says what the upstream generated)."""
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+        doc = orjson.loads(body)  # about a fifth of json.loads' time
+    except ValueError:
+        try:  # what orjson refuses and json reads (a lone surrogate escape, say)
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
     if not isinstance(doc, dict):
         return None
     usage = Usage()

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, invalid_request
-from gateway.usage import RequestFacts, estimate_request, with_include_usage
+from gateway.usage import RequestFacts, estimate_request, json_loads, with_include_usage
 
 #: Fields the gateway judges or meters; a body naming one of them twice is refused, since the
 #: gateway and the upstream could read different values.
@@ -208,8 +208,8 @@ def parse_json(method: str, data: bytes) -> dict[str, Any] | None:
     try:
         # utf-8-sig: a leading BOM is read, not a reason to stop judging; UTF-16/32 bodies
         # are detected by json.loads itself.
-        text: str | bytes = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-        doc = json.loads(text)
+        text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        doc = json_loads(text)
         if isinstance(doc, dict) and (b"\\u" in data or any(
                 data.count(f) > 1 for f in JUDGED_FIELDS)):
             # A judged field named twice (or spelled with escapes): parse again, refusing

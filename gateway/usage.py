@@ -58,6 +58,24 @@ def output_maximum(body: dict[str, Any]) -> int | None:
     return best
 
 
+# 19 digits in a row: maybe an integer past 64 bits (or below -2**63), which orjson reads
+# as a float.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def json_loads(text: bytes) -> Any:
+    """json.loads' document, faster: orjson reads strict UTF-8 RFC 8259 JSON in about a fifth
+    of json's time and gives the same document, except integers outside 64 bits (floats there),
+    so a body with 19 digits in a row goes to json; so does whatever orjson refuses (NaN, a
+    lone surrogate, UTF-16, deep nesting): json's reading decides every body."""
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
 def estimate_request(body: dict[str, Any] | None, body_len: int, path: str = "",
                      default_max_output: int = 0) -> RequestFacts:
     """Estimate a request's tokens: input from its size (≈ 4 bytes a token), output from its
@@ -153,12 +171,9 @@ def read_json_usage(body: bytes) -> Usage | None:
     """Usage of a non-streamed JSON answer; None when the answer is not a JSON object (then
     nothing says what the upstream generated)."""
     try:
-        doc = orjson.loads(body)  # about a fifth of json.loads' time
-    except ValueError:
-        try:  # what orjson refuses and json reads (a lone surrogate escape, say)
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
+        doc = json_loads(body)
+    except (ValueError, RecursionError):
+        return None
     if not isinstance(doc, dict):
         return None
     usage = Usage()

@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, invalid_request
-from gateway.usage import RequestFacts, estimate_request, json_loads, with_include_usage
+from gateway.jsonio import json_loads
+from gateway.usage import RequestFacts, estimate_request, with_include_usage
 
 #: Fields the gateway judges or meters; a body naming one of them twice is refused, since the
 #: gateway and the upstream could read different values.

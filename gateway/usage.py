@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from gateway.jsonio import json_loads
 
 # Usage JSON of a non-streamed answer is only parsed up to this size (bigger bodies are still
 # forwarded; they are settled on the estimate).
@@ -56,24 +56,6 @@ def output_maximum(body: dict[str, Any]) -> int | None:
         if best is None or v > best:
             best = v
     return best
-
-
-# 19 digits in a row: maybe an integer past 64 bits (or below -2**63), which orjson reads
-# as a float.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-
-
-def json_loads(text: bytes) -> Any:
-    """json.loads' document, faster: orjson reads strict UTF-8 RFC 8259 JSON in about a fifth
-    of json's time and gives the same document, except integers outside 64 bits (floats there),
-    so a body with 19 digits in a row goes to json; so does whatever orjson refuses (NaN, a
-    lone surrogate, UTF-16, deep nesting): json's reading decides every body."""
-    if _LONG_DIGITS.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
 
 
 def estimate_request(body: dict[str, Any] | None, body_len: int, path: str = "",

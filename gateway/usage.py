@@ -193,7 +193,7 @@ class SSEUsageParser:
 
     def _line(self, payload: bytes) -> None:
         try:
-            doc = json.loads(payload)
+            doc = json_loads(payload)
         except (ValueError, RecursionError):
             return
         if not isinstance(doc, dict):
@@ -258,7 +258,7 @@ def _is_usage_chunk(event: bytes) -> bool:
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             try:
-                doc = json.loads(line[5:].strip())
+                doc = json_loads(line[5:].strip())
             except (ValueError, RecursionError):
                 return False
             return (isinstance(doc, dict) and doc.get("choices") == []

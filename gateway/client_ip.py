@@ -6,6 +6,7 @@ and never yields an address that is neither the peer nor in the header.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterator
@@ -32,8 +33,16 @@ def parse_addr(token: str) -> str | None:
     """Normalise one forwarding element to an address string, or None when it is not one.
 
     Accepts `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`; refuses zone ids, names,
-    `unknown`, obfuscated RFC 7239 identifiers and anything else.
+    `unknown`, obfuscated RFC 7239 identifiers and anything else. Results are cached (the
+    same addresses come back request after request; ipaddress parsing costs several µs),
+    for tokens of at most _CACHE_KEY_MAX characters, at most _CACHE_MAX of them.
     """
+    if len(token) > _CACHE_KEY_MAX:
+        return _parse_addr(token)
+    return _parse_addr_cached(token)
+
+
+def _parse_addr(token: str) -> str | None:
     t = token.strip(" \t")
     if not t or len(t) > 64 or "%" in t:
         return None
@@ -61,6 +70,9 @@ def parse_addr(token: str) -> str | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
+
+
+_parse_addr_cached = functools.lru_cache(maxsize=_CACHE_MAX)(_parse_addr)
 
 
 # RFC 7239 §4 / RFC 7230 §3.2.6: a pair is token "=" (token / quoted-string); pairs are
@@ -185,7 +197,6 @@ class ClientIPResolver:
         self.recursive = recursive
         self.rfc7239 = header.lower() == "forwarded"
         self._trusted_cache: BoundedLRU[str, bool] = BoundedLRU(_CACHE_MAX)
-        self._norm_cache: BoundedLRU[str, str] = BoundedLRU(_CACHE_MAX)
         self._resolve_cache: BoundedLRU[tuple[str, str], Resolution] = BoundedLRU(_CACHE_MAX)
 
     def is_trusted(self, ip: str) -> bool:
@@ -204,12 +215,8 @@ class ClientIPResolver:
         return result
 
     def normalize(self, peer: str) -> str:
-        """The peer address in canonical form (cached: peers repeat)."""
-        hit = self._norm_cache.get(peer)
-        if hit is None:
-            hit = parse_addr(peer) or peer
-            self._norm_cache.put(peer, hit)
-        return hit
+        """The peer address in canonical form (parse_addr caches: peers repeat)."""
+        return parse_addr(peer) or peer
 
     def resolve(self, peer: str, header_values: list[str]) -> Resolution:
         """nginx realip: from an untrusted peer the header is ignored; otherwise walk it right to

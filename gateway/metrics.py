@@ -171,7 +171,8 @@ def flush(inflight: int, store_errors: int) -> None:
     global _flushed_store_errors, _flushed_writes
     for c in (requests, model_requests, shadow, upstream_responses, tokens):
         c.flush()
-    _build_info()
+    if not _build_info_set:
+        _build_info()
     for h in (request_duration, upstream_duration, upstream_ttfb, store_duration):
         h.flush()
     INFLIGHT.set(inflight)
@@ -192,9 +193,15 @@ def proxy_protocol_rejected(reason: str) -> None:
     child(PROXY_PROTOCOL_REJECTED, reason).inc()
 
 
+_build_info_set = False
+
+
 def _build_info() -> None:
+    """Set once, at the first flush (the labels never change while the process runs)."""
+    global _build_info_set
     from gateway import __version__
 
+    _build_info_set = True
     child(BUILD_INFO, __version__, platform.python_version(),
           platform.python_implementation().lower()).set(1)
 

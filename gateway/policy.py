@@ -94,6 +94,8 @@ def flat_quotas(q: Quotas | None) -> dict[str, int]:
 QUOTA_PERIODS = ("daily", "monthly")
 QUOTA_DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 QUOTA_NAMES = tuple(f"{p}.{d}" for p in QUOTA_PERIODS for d in QUOTA_DIMENSIONS)
+#: (period, dimension, "period.dimension") for each quota, built once (no f-string per request)
+QUOTA_TRIPLES = tuple((p, d, f"{p}.{d}") for p in QUOTA_PERIODS for d in QUOTA_DIMENSIONS)
 
 
 class Match(_M):

@@ -15,6 +15,7 @@ from gateway.policy import (
     QUOTA_DIMENSIONS,
     QUOTA_NAMES,
     QUOTA_PERIODS,
+    QUOTA_TRIPLES,
     CompiledPolicy,
     flat_quotas,
 )
@@ -70,19 +71,24 @@ def _tally(use: PeriodUse, period: str) -> Tally:
     return use.day if period == "daily" else use.month
 
 
+#: Per period, monthly first, its (dimension, quota name) pairs.
+_BY_PERIOD = tuple((p, tuple((d, n) for pp, d, n in QUOTA_TRIPLES if pp == p))
+                   for p in reversed(QUOTA_PERIODS))
+
+
 def check(quotas: EffectiveQuotas, key_use: PeriodUse, reseller_use: PeriodUse,
           now: float) -> None:
     """Raise the 429 when the key or the reseller used a quota up (used >= quota in any
     dimension). A monthly quota is reported before a daily one: waiting for the next day
     would not help."""
-    for period in reversed(QUOTA_PERIODS):  # monthly, then daily
+    for period, names in _BY_PERIOD:  # monthly, then daily
         for subject, q, use in (("key", quotas.key, key_use),
                                 ("reseller", quotas.reseller, reseller_use)):
             if not q:
                 continue
             t = _tally(use, period)
-            for dim in QUOTA_DIMENSIONS:
-                limit = q.get(f"{period}.{dim}")
+            for dim, name in names:
+                limit = q.get(name)
                 if limit is not None and getattr(t, dim) >= limit:
                     raise quota_exceeded(period, subject, dim, retry_after(period, now))
 

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import GatewayError, invalid_request
+from gateway.jsonio import json_loads
 from gateway.usage import RequestFacts, estimate_request, with_include_usage
 
 #: Fields the gateway judges or meters; a body naming one of them twice is refused, since the
@@ -103,25 +104,33 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget,
     if not request.body_exists:
         return Body(b"", 0)
     held = 0
+    content = request.content
     try:
-        async with asyncio.timeout(timeout_s):
-            if length is not None:
-                if not budget.reserve(length * READ_FACTOR):
-                    raise overloaded()
-                held = length * READ_FACTOR
-                data = await request.content.readexactly(length) if length else b""
-            else:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in request.content.iter_any():
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large(limit)
-                    if not budget.reserve(len(chunk) * READ_FACTOR, own=held):
-                        raise overloaded()
-                    held += len(chunk) * READ_FACTOR
-                    chunks.append(chunk)
-                data = b"".join(chunks)
+        if length is not None:
+            if not budget.reserve(length * READ_FACTOR):
+                raise overloaded()
+            held = length * READ_FACTOR
+        if length is not None and content.is_eof():
+            # The whole body came with the headers (most API calls): no wait, so no timer.
+            data = content.read_nowait(-1)
+            if len(data) != length:
+                raise asyncio.IncompleteReadError(data, length)
+        else:
+            async with asyncio.timeout(timeout_s):
+                if length is not None:
+                    data = await content.readexactly(length) if length else b""
+                else:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in content.iter_any():
+                        size += len(chunk)
+                        if size > limit:
+                            raise too_large(limit)
+                        if not budget.reserve(len(chunk) * READ_FACTOR, own=held):
+                            raise overloaded()
+                        held += len(chunk) * READ_FACTOR
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
     except TimeoutError:
         budget.release(held)
         raise GatewayError(408, "invalid_request_error", "request_timeout",
@@ -200,8 +209,8 @@ def parse_json(method: str, data: bytes) -> dict[str, Any] | None:
     try:
         # utf-8-sig: a leading BOM is read, not a reason to stop judging; UTF-16/32 bodies
         # are detected by json.loads itself.
-        text: str | bytes = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-        doc = json.loads(text)
+        text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+        doc = json_loads(text)
         if isinstance(doc, dict) and (b"\\u" in data or any(
                 data.count(f) > 1 for f in JUDGED_FIELDS)):
             # A judged field named twice (or spelled with escapes): parse again, refusing

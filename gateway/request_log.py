@@ -5,7 +5,6 @@ field), and the one `request` line per request, written on the hot path
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import structlog
 
 from gateway.context import RequestContext
 from gateway.hash_chain import HashChain
+from gateway.jsonio import json_dumps
 from gateway.log import logger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -177,7 +177,7 @@ class _RequestWriter:
         fields["timestamp"] = self._timestamp()
         stream = self.stream or sys.stdout
         if self.chain is None:
-            stream.write(json.dumps(fields) + "\n")
+            stream.write(json_dumps(fields, newline=True).decode())
         else:
             self.chain.write(fields, stream)
         if not self._flush_pending:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.jsonio import json_dumps
 
 
 def render(err: GatewayError, request_id: str) -> web.Response:
@@ -19,7 +18,7 @@ def render(err: GatewayError, request_id: str) -> web.Response:
     headers["x-request-id"] = request_id
     return web.Response(
         status=err.status,
-        body=json.dumps(body).encode(),
+        body=json_dumps(body),
         content_type="application/json",
         headers=headers,
     )

@@ -11,6 +11,7 @@ signal computations are pure functions of a `ScreeningWindow` (`compute_signals`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import time
@@ -102,17 +103,27 @@ def invalid_customer_ip(customer_ip: str, client_ip: str | None,
     connecting client) address, a documentation range (unless `documentation_ok`: the demo
     geo databases place countries there), or any other address that is not global unicast
     (private, loopback, link-local, shared, reserved, multicast, unspecified: bogons)."""
+    kind = _address_kind(customer_ip)
+    if kind == "unparsable" or customer_ip == client_ip:
+        return True
+    if kind == "documentation":
+        return not documentation_ok
+    return kind == "bogon"
+
+
+@functools.lru_cache(maxsize=16384)
+def _address_kind(address: str) -> str:
+    """unparsable, documentation, bogon or global: what invalid_customer_ip needs of an
+    address, cached (attested addresses repeat; ipaddress costs several µs a call)."""
     try:
-        ip = ipaddress.ip_address(customer_ip)
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return True
-    if customer_ip == client_ip:
-        return True
+        return "unparsable"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if any(ip in n for n in _DOCUMENTATION if n.version == ip.version):
-        return not documentation_ok
-    return not ip.is_global or ip.is_multicast
+        return "documentation"
+    return "bogon" if not ip.is_global or ip.is_multicast else "global"
 
 
 def local_hour(now: float, country: str | None) -> int | None:

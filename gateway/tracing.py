@@ -44,6 +44,12 @@ class Tracer:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+            from opentelemetry.trace import (
+                SpanKind,
+                Status,
+                StatusCode,
+                set_span_in_context,
+            )
             from opentelemetry.trace.propagation.tracecontext import (
                 TraceContextTextMapPropagator,
             )
@@ -68,13 +74,16 @@ class Tracer:
         self.provider = provider
         self.tracer = provider.get_tracer("gateway")
         self.propagator = TraceContextTextMapPropagator()
+        # What the per-request hooks use, imported once here (not once per request).
+        self.server_kind = SpanKind.SERVER
+        self.status: Any = Status
+        self.error_code: Any = StatusCode.ERROR
+        self.in_context = set_span_in_context
 
     def start(self, headers: Mapping[str, str], peer_trusted: bool,
               started: float) -> RequestTrace:
         """The trace of a request that began at `started` (time.perf_counter()): it continues
         the incoming `traceparent` only when `peer_trusted`."""
-        from opentelemetry.trace import SpanKind
-
         parent = None
         if peer_trusted and "traceparent" in headers:
             carrier = {"traceparent": headers["traceparent"]}
@@ -82,7 +91,7 @@ class Tracer:
                 carrier["tracestate"] = headers["tracestate"]
             parent = self.propagator.extract(carrier)
         start_ns = time.time_ns() - int((time.perf_counter() - started) * 1e9)
-        span = self.tracer.start_span("gateway.request", context=parent, kind=SpanKind.SERVER,
+        span = self.tracer.start_span("gateway.request", context=parent, kind=self.server_kind,
                                       start_time=start_ns)
         return RequestTrace(self, span, start_ns)
 
@@ -109,21 +118,17 @@ class RequestTrace:
     def inject(self, headers: MutableMapping[str, str]) -> None:
         """Set `traceparent` (and `tracestate`) on the upstream request's headers, replacing
         any the client sent."""
-        from opentelemetry.trace import set_span_in_context
-
         for name in ("traceparent", "tracestate"):
             if name in headers:
                 del headers[name]
-        self.tracer.propagator.inject(headers, context=set_span_in_context(self.span))
+        self.tracer.propagator.inject(headers, context=self.tracer.in_context(self.span))
 
     def finish(self, ctx: RequestContext) -> None:
         """Build the stage spans from the marks, label the request span from the finished
         request's record, and end it."""
-        from opentelemetry.trace import Status, StatusCode, set_span_in_context
-
         end_ns = time.time_ns()
         span = self.span
-        parent = set_span_in_context(span)
+        parent = self.tracer.in_context(span)
         begin = self.start_ns
         for stage, at in self.marks:
             child = self.tracer.tracer.start_span(stage, context=parent, start_time=begin)
@@ -150,7 +155,7 @@ class RequestTrace:
         attrs.update({k: v for k, v in optional.items() if v is not None})
         span.set_attributes(attrs)
         if ctx.status is not None and ctx.status >= 500:
-            span.set_status(Status(StatusCode.ERROR, ctx.reason or None))
+            span.set_status(self.tracer.status(self.tracer.error_code, ctx.reason or None))
         span.end(end_time=end_ns)
 
 

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.jsonio import json_loads
+
 # Usage JSON of a non-streamed answer is only parsed up to this size (bigger bodies are still
 # forwarded; they are settled on the estimate).
 MAX_BUFFERED_JSON = 8 * 1024 * 1024
@@ -151,7 +153,7 @@ def read_json_usage(body: bytes) -> Usage | None:
     """Usage of a non-streamed JSON answer; None when the answer is not a JSON object (then
     nothing says what the upstream generated)."""
     try:
-        doc = json.loads(body)
+        doc = json_loads(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
@@ -191,7 +193,7 @@ class SSEUsageParser:
 
     def _line(self, payload: bytes) -> None:
         try:
-            doc = json.loads(payload)
+            doc = json_loads(payload)
         except (ValueError, RecursionError):
             return
         if not isinstance(doc, dict):
@@ -256,7 +258,7 @@ def _is_usage_chunk(event: bytes) -> bool:
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             try:
-                doc = json.loads(line[5:].strip())
+                doc = json_loads(line[5:].strip())
             except (ValueError, RecursionError):
                 return False
             return (isinstance(doc, dict) and doc.get("choices") == []

@@ -39,7 +39,7 @@ def _group(layer: int, name: str, modules: str, never: str = "") -> Group:
 TABLE = (
     _group(0, "records", "errors context cancellation paths allocator lru hash_chain "
                          "proxy_protocol"),
-    _group(1, "contract", "__init__ settings log store.base store.gcra store.ledger"),
+    _group(1, "contract", "__init__ settings log jsonio store.base store.gcra store.ledger"),
     _group(2, "stores", "store.memory store.state_file store.redis store.redis.runner "
                         "store.redis.pooled store.redis.pipelined store.redis.store "
                         "store.redis.usage store.redis.screening"),

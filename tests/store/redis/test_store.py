@@ -38,8 +38,7 @@ def test_the_lua_scripts_ship_with_the_package() -> None:
     names = [p.name for p in resources.files("gateway.store").joinpath("lua").iterdir()
              if p.name.endswith(".lua")]
     assert sorted(names) == ["add_screening.lua", "add_usage.lua", "admit.lua", "cancel.lua",
-                             "put_key.lua",
-                             "put_policy.lua", "renew.lua", "resolve_usage.lua", "settle.lua"]
+                             "put_key.lua", "put_policy.lua", "renew.lua", "resolve_usage.lua"]
     for name in names:
         script = lua(name)
         assert "redis.call" in script.source or "KEYS" in script.source, name
@@ -65,11 +64,11 @@ def test_a_refusal_reply_names_the_subject_and_dimension() -> None:
     a = Subject("key", "k1", "r", rpm=5)
     b = Subject("customer", "c1", "r", itpm=100, concurrency=2)
     req = AdmitRequest((a, b), "l1", 60_000, 10, 10)
-    res = RedisStore._admit_result(req, [0, 2, 2, "1500.5", 100, 3, "2000"])
+    res = RedisStore._admit_result(req, [0, 2, 2, 1500500, 100, 3, 2000000])
     assert (res.ok, res.failed_dimension, res.failed_subject) == (False, "itpm", "customer:c1")
     assert res.retry_after_ms == 1500.5
     assert res.buckets["itpm"].limit == 100 and res.buckets["itpm"].remaining == 3
-    res = RedisStore._admit_result(req, [0, 2, 4, "1000", 2, 0, "0"])
+    res = RedisStore._admit_result(req, [0, 2, 4, 1000000, 2, 0, 0])
     assert res.failed_dimension == DIMENSIONS[3] == "concurrency" and res.buckets == {}
 
 
@@ -77,8 +76,9 @@ def test_an_admitted_reply_keeps_the_limited_dimensions_and_a_cancelled_one_rais
     """An admission reply gives a bucket per dimension that some subject limits (limit 0 means
     none); a reply saying the admission was cancelled first raises StoreError."""
     req = AdmitRequest((Subject("key", "k1", "r", rpm=5),), "l1", 60_000, 0, 0)
-    res = RedisStore._admit_result(req, [1, 5, 4, "12000", 0, 0, "0", 0, 0, "0"])
+    res = RedisStore._admit_result(req, [1, 5, 4, 12000000, 0, 0, 0, 0, 0, 0])
     assert res.ok and list(res.buckets) == ["rpm"] and res.buckets["rpm"].remaining == 4
+    assert res.buckets["rpm"].reset_ms == 12000
     with pytest.raises(StoreError, match="cancelled"):
         RedisStore._admit_result(req, [2])
 

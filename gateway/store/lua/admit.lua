@@ -44,14 +44,14 @@
 -- of memory refuses the call whole or not at all.
 local WINDOW = 60000
 local NAMES = {'r', 'i', 'o'}
-local floor, min, max, ceil, tonumber = math.floor, math.min, math.max, math.ceil, tonumber
+local floor, max, ceil, tonumber, sub = math.floor, math.max, math.ceil, tonumber, string.sub
 local nset, nadm = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = {}        -- key → {field → value read or written, false when absent}
-local dirty = {}    -- key → {field → true} changed by this call
-local expire = {}   -- key → the PEXPIREAT to send
-local order = {}    -- keys in the order first seen
-local want = {}     -- key → fields to read (the first pass)
-local now = nil     -- the server's clock in ms, read once (a refund alone needs none)
+-- Per hash: its fields as read (numbers where they are numbers, false when absent) and as
+-- changed since, the fields changed, and the expiry to set.
+local h, dirty, expire = {}, {}, {}
+local order, extra = {}, {}  -- the hashes in the order first named, the fields each needs
+local P, B = {}, {}  -- an admission's plan (7 values per subject) and best buckets, reused
+local now = nil  -- the server's clock in ms, read once (a call that only refunds needs none)
 
 local function clock()
   if not now then
@@ -61,60 +61,49 @@ local function clock()
   return now
 end
 
-local function ask(key, f)
-  local w = want[key]
-  if not w then
-    w = {}
-    want[key] = w
+local function want(key, f)
+  -- Name a field of `key` to read, besides the fields every call reads.
+  local e = extra[key]
+  if not e then
+    e = {}
+    extra[key] = e
     order[#order + 1] = key
-    h[key] = {}
-    dirty[key] = {}
   end
-  w[#w + 1] = f
-end
-
-local function read(key, fields)
-  -- One HMGET of the fields of `key` not read yet.
-  local hk, miss = h[key], {}
-  for j = 1, #fields do
-    if hk[fields[j]] == nil then miss[#miss + 1] = fields[j] end
-  end
-  if #miss > 0 then
-    local v = redis.call('HMGET', key, unpack(miss))
-    for j = 1, #miss do hk[miss[j]] = v[j] or false end
-  end
-end
-
-local function put(key, f, v)
-  h[key][f] = v
-  dirty[key][f] = true
+  e[#e + 1] = f
 end
 
 local function expire_at(key, need)
   -- Set the expiry a minute beyond what is needed, so it is set again only that often.
-  local x = tonumber(h[key].x)
+  local hk = h[key]
+  local x = hk.x
   if need > 0 and (not x or need + 1000 > x) then
-    expire[key] = ceil(need) + 1000 + WINDOW
-    put(key, 'x', expire[key])
+    x = ceil(need) + 1000 + WINDOW
+    hk.x = x
+    dirty[key].x = true
+    expire[key] = x
   end
 end
 
 local function sweep(key)
   -- Drop expired and emptied lease ticks and gone markers; recount the live leases, the
   -- lower bound and the ticks left.
-  local hk = h[key]
+  local hk, dk = h[key], dirty[key]
   local all = redis.call('HGETALL', key)
   for j = 1, #all, 2 do
-    if hk[all[j]] == nil then hk[all[j]] = all[j + 1] end
+    local f = all[j]
+    if hk[f] == nil then
+      local v = all[j + 1]
+      hk[f] = tonumber(v) or v
+    end
   end
   local gone, c, m = {}, 0, nil
   for f, v in pairs(hk) do
     if v then
-      local p = string.sub(f, 1, 1)
+      local p = sub(f, 1, 1)
       local s = nil
       if p == 'e' then
-        s = tonumber(string.sub(f, 2))
-        if tonumber(v) <= 0 then s = 0 end  -- no lease left in it
+        s = tonumber(sub(f, 2))
+        if v <= 0 then s = 0 end  -- no lease left in it
       elseif p == 'l' then
         s = tonumber(string.match(v, '%d+')) or 0  -- 's': settled, always gone
       end
@@ -122,91 +111,102 @@ local function sweep(key)
         if s * 100 <= now then
           gone[#gone + 1] = f
         else
-          if p == 'e' then c = c + tonumber(v) end
+          if p == 'e' then c = c + v end
           if not m or s < m then m = s end
         end
       end
     end
   end
-  for j = 1, #gone do put(key, gone[j], false) end
-  put(key, 'c', c)
-  put(key, 'm', m or false)
-  if (tonumber(hk.g) or 0) > 0 then put(key, 'g', 0) end
-  if (tonumber(hk.k) or 0) > 0 then put(key, 'k', 0) end
+  for j = 1, #gone do
+    hk[gone[j]] = false
+    dk[gone[j]] = true
+  end
+  hk.c, hk.m = c, m or false
+  dk.c, dk.m = true, true
+  if (hk.g or 0) > 0 then hk.g, dk.g = 0, true end
+  if (hk.k or 0) > 0 then hk.k, dk.k = 0, true end
   return c, m
 end
 
-local function us(ms)
-  return floor(ms * 1000 + 0.5)
-end
-
--- The first pass: what each call reads, so that each hash is read with one HMGET.
+-- What each settlement and admission reads, so that each hash is read by one HMGET.
 local kpos, apos = 0, 3
 for _ = 1, nset do
-  local n, lease, sec = tonumber(ARGV[apos]), ARGV[apos + 1], ARGV[apos + 2]
+  local n, sec = tonumber(ARGV[apos]), ARGV[apos + 2]
+  want(KEYS[kpos + 1], 'l' .. ARGV[apos + 1])
   for i = 1, n do
-    local key = KEYS[kpos + i]
-    ask(key, 'i'); ask(key, 'o'); ask(key, 'x'); ask(key, 'c'); ask(key, 'e' .. sec)
+    want(KEYS[kpos + i], 'e' .. sec)
   end
-  ask(KEYS[kpos + 1], 'l' .. lease)
-  ask(KEYS[kpos + 1], 'g')
   kpos, apos = kpos + n, apos + 3 + 4 * n
 end
 local sapos = apos
 if nadm > 0 then clock() end
 for _ = 1, nadm do
-  local n, lease, ttl = tonumber(ARGV[apos]), ARGV[apos + 1], tonumber(ARGV[apos + 2])
-  local esec = 'e' .. ceil((now + ttl) / 100)
+  local n = tonumber(ARGV[apos])
+  local esec = 'e' .. ceil((now + tonumber(ARGV[apos + 2])) / 100)
+  want(KEYS[kpos + 1], 'l' .. ARGV[apos + 1])
   for i = 1, n do
-    local key = KEYS[kpos + i]
-    ask(key, 'r'); ask(key, 'i'); ask(key, 'o'); ask(key, 'x'); ask(key, 'c'); ask(key, 'm')
-    ask(key, esec); ask(key, 'g'); ask(key, 'k')
+    want(KEYS[kpos + i], esec)
   end
-  ask(KEYS[kpos + 1], 'l' .. lease)
   kpos, apos = kpos + n, apos + 5 + 4 * n
 end
-for j = 1, #order do read(order[j], want[order[j]]) end
+for j = 1, #order do
+  local key = order[j]
+  local e = extra[key]
+  local v = redis.call('HMGET', key, 'r', 'i', 'o', 'x', 'c', 'm', 'g', 'k', unpack(e))
+  local hk = {r = tonumber(v[1]) or false, i = tonumber(v[2]) or false,
+              o = tonumber(v[3]) or false, x = tonumber(v[4]) or false,
+              c = tonumber(v[5]) or false, m = tonumber(v[6]) or false,
+              g = tonumber(v[7]) or false, k = tonumber(v[8]) or false}
+  for q = 1, #e do
+    local s = v[8 + q]
+    hk[e[q]] = tonumber(s) or s
+  end
+  h[key] = hk
+  dirty[key] = {}
+end
 
 local function settle_one(kp, ap)
-  local n, mfield, sec = tonumber(ARGV[ap]), 'l' .. ARGV[ap + 1], tonumber(ARGV[ap + 2])
-  local first = KEYS[kp + 1]
-  local mv = h[first][mfield]
-  if not mv or mv == 's' or string.sub(mv, 1, 1) == 'c' then
+  local n, mfield = tonumber(ARGV[ap]), 'l' .. ARGV[ap + 1]
+  local mv = h[KEYS[kp + 1]][mfield]
+  if not mv or mv == 's' or sub(mv, 1, 1) == 'c' then
     return -1
   end
-  local msec, mask = string.match(mv, '^(%d+)|(%d+)$')
-  sec, mask = tonumber(msec), tonumber(mask)
+  local sec, mask = string.match(mv, '^(%d+)|(%d+)$')
   local esec = 'e' .. sec
+  mask = tonumber(mask)
   local released = 0
   for i = 1, n do
     local key = KEYS[kp + i]
-    read(key, {esec})  -- when the tick was not known or was renewed meanwhile
-    local hk = h[key]
+    local hk, dk = h[key], dirty[key]
+    if hk[esec] == nil then  -- the tick was not known, or was renewed meanwhile
+      hk[esec] = tonumber(redis.call('HGET', key, esec)) or false
+    end
     local base = ap + 2 + (i - 1) * 4
     local need = 0
     for d = 2, 3 do
       local limit = tonumber(ARGV[base + d - 1])
       local delta = tonumber(ARGV[base + d + 1])
-      local tat = tonumber(hk[NAMES[d]])
+      local name = NAMES[d]
+      local tat = hk[name]
       if limit > 0 and delta ~= 0 and (tat or delta > 0) then
         if delta > 0 and (not tat or tat < clock()) then tat = now end
         local new_tat = tat + delta * WINDOW / limit
-        put(key, NAMES[d], new_tat)
+        hk[name], dk[name] = new_tat, true
         if new_tat > need then need = new_tat end
       end
     end
     if floor(mask / 2 ^ (i - 1)) % 2 == 1 then
-      local e = tonumber(hk[esec])
+      local e = hk[esec]
       -- A bucket already swept (the lease expired) was taken off the count by the sweep.
       if e and e > 0 then
-        put(key, esec, e - 1)
-        put(key, 'c', max((tonumber(hk.c) or 1) - 1, 0))
+        hk[esec], dk[esec] = e - 1, true
+        hk.c, dk.c = max((hk.c or 1) - 1, 0), true
         released = released + 1
       end
     end
     if i == 1 then
-      put(key, mfield, 's')
-      put(key, 'g', (tonumber(hk.g) or 0) + 1)
+      hk[mfield], dk[mfield] = 's', true
+      hk.g, dk.g = (hk.g or 0) + 1, true
     end
     expire_at(key, need)
   end
@@ -214,53 +214,53 @@ local function settle_one(kp, ap)
 end
 
 local function admit_one(kp, ap)
-  local n, lease, ttl = tonumber(ARGV[ap]), ARGV[ap + 1], tonumber(ARGV[ap + 2])
-  local costs = {1, tonumber(ARGV[ap + 3]), tonumber(ARGV[ap + 4])}
-  local mfield = 'l' .. lease
-  if h[KEYS[kp + 1]][mfield] then
+  local n, mfield = tonumber(ARGV[ap]), 'l' .. ARGV[ap + 1]
+  local first = KEYS[kp + 1]
+  if h[first][mfield] then
     return {2}
   end
-  local sec = ceil((now + ttl) / 100)
+  local sec = ceil((now + tonumber(ARGV[ap + 2])) / 100)
   local esec = 'e' .. sec
-  local best = {0, -1, 0, 0, -1, 0, 0, -1, 0}  -- limit, remaining, reset per dimension
-  local plan = {}  -- per subject: {tats (3), c, m, k, need}, written once all checks passed
+  local cin, cout = tonumber(ARGV[ap + 3]), tonumber(ARGV[ap + 4])
+  B[1], B[2], B[3], B[4], B[5], B[6], B[7], B[8], B[9] = 0, -1, 0, 0, -1, 0, 0, -1, 0
   local mask = 0
   for i = 1, n do
-    local key = KEYS[kp + i]
-    local hk = h[key]
+    local hk = h[KEYS[kp + i]]
     local base = ap + 4 + (i - 1) * 4
-    local p = {false, false, false}
+    local q = (i - 1) * 7
     local need = 0
     for d = 1, 3 do
       local limit = tonumber(ARGV[base + d])
+      local new_tat = false
       if limit > 0 then
         local T = WINDOW / limit
-        local tat = tonumber(hk[NAMES[d]]) or now
+        local tat = hk[NAMES[d]] or now
         if tat < now then tat = now end
-        local new_tat = tat + min(costs[d], limit) * T
+        local cost = d == 1 and 1 or (d == 2 and cin or cout)
+        if cost > limit then cost = limit end
+        new_tat = tat + cost * T
         -- Stored times may carry rounding error: compare with a slack of at most half a
         -- millisecond and half a unit, so a bucket filled within one millisecond still
         -- admits exactly `limit` units.
-        local room = WINDOW + min(0.5, T / 2)
+        local room = WINDOW + (T < 1 and T / 2 or 0.5)
         if new_tat - now > room then
-          return {0, i, d, us(new_tat - now - WINDOW), limit,
-                  max(floor((room - (tat - now)) / T), 0), us(tat - now)}
+          return {0, i, d, floor((new_tat - now - WINDOW) * 1000 + 0.5), limit,
+                  max(floor((room - (tat - now)) / T), 0), floor((tat - now) * 1000 + 0.5)}
         end
-        p[d] = new_tat
         if new_tat > need then need = new_tat end
         local remaining = floor((room - (new_tat - now)) / T)
-        local b = (d - 1) * 3
-        if best[b + 2] < 0 or remaining < best[b + 2] then
-          best[b + 1], best[b + 2], best[b + 3] = limit, remaining, new_tat - now
+        local b = d * 3 - 2
+        if B[b + 1] < 0 or remaining < B[b + 1] then
+          B[b], B[b + 1], B[b + 2] = limit, remaining, new_tat - now
         end
       end
+      P[q + d] = new_tat
     end
-    local c = tonumber(hk.c) or 0
-    local m = tonumber(hk.m)
+    local c, m = hk.c or 0, hk.m or nil
     local climit = tonumber(ARGV[base + 4])
     if (m and m * 100 <= now and ((climit > 0 and c >= climit) or m * 100 + 10000 <= now))
-        or (tonumber(hk.g) or 0) >= 256 or (tonumber(hk.k) or 0) >= 256 then
-      c, m = sweep(key)
+        or (hk.g or 0) >= 256 or (hk.k or 0) >= 256 then
+      c, m = sweep(KEYS[kp + i])
     end
     if climit > 0 then
       if c >= climit then
@@ -272,66 +272,67 @@ local function admit_one(kp, ap)
       if not m or sec < m then m = sec end
       if sec * 100 > need then need = sec * 100 end
     end
-    p[4], p[5], p[6], p[7] = climit > 0, m, need, c
-    plan[i] = p
+    P[q + 4], P[q + 5], P[q + 6], P[q + 7] = climit > 0, m or false, need, c
   end
+  -- Every check passed: the writes.
   for i = 1, n do
-    local key, p = KEYS[kp + i], plan[i]
-    local hk = h[key]
+    local key = KEYS[kp + i]
+    local hk, dk = h[key], dirty[key]
+    local q = (i - 1) * 7
     for d = 1, 3 do
-      if p[d] then put(key, NAMES[d], p[d]) end
+      if P[q + d] then
+        hk[NAMES[d]], dk[NAMES[d]] = P[q + d], true
+      end
     end
-    if p[4] then
-      if not hk[esec] then put(key, 'k', (tonumber(hk.k) or 0) + 1) end
-      put(key, esec, (tonumber(hk[esec]) or 0) + 1)
-      put(key, 'c', p[7] + 1)
+    if P[q + 4] then
+      local e = hk[esec]
+      if not e then hk.k, dk.k = (hk.k or 0) + 1, true end
+      hk[esec], dk[esec] = (e or 0) + 1, true
+      hk.c, dk.c = P[q + 7] + 1, true
     end
-    if p[5] ~= tonumber(hk.m) then put(key, 'm', p[5]) end
-    expire_at(key, p[6])
+    if P[q + 5] ~= hk.m then hk.m, dk.m = P[q + 5], true end
+    expire_at(key, P[q + 6])
   end
-  put(KEYS[kp + 1], mfield, sec .. '|' .. mask)
-  local out = {1}
-  for j = 1, 9, 3 do
-    out[#out + 1] = best[j]
-    out[#out + 1] = max(best[j + 1], 0)
-    out[#out + 1] = us(best[j + 2])
-  end
-  out[#out + 1] = sec
-  return out
+  h[first][mfield], dirty[first][mfield] = sec .. '|' .. mask, true
+  return {1, B[1], max(B[2], 0), floor(B[3] * 1000 + 0.5), B[4], max(B[5], 0),
+          floor(B[6] * 1000 + 0.5), B[7], max(B[8], 0), floor(B[9] * 1000 + 0.5), sec}
 end
 
 local out = {}
 kpos, apos = 0, 3
-for _ = 1, nset do
-  out[#out + 1] = settle_one(kpos, apos)
+for j = 1, nset do
+  out[j] = settle_one(kpos, apos)
   local n = tonumber(ARGV[apos])
   kpos, apos = kpos + n, apos + 3 + 4 * n
 end
 apos = sapos
-for _ = 1, nadm do
-  out[#out + 1] = admit_one(kpos, apos)
+for j = 1, nadm do
+  out[nset + j] = admit_one(kpos, apos)
   local n = tonumber(ARGV[apos])
   kpos, apos = kpos + n, apos + 5 + 4 * n
 end
 
 -- The writes, each hash's deletions (a sweep's) and then its values.
+local sets, dels = {}, {}
 for j = 1, #order do
   local key = order[j]
-  local hk, sets, dels = h[key], {}, {}
+  local hk = h[key]
+  local ns, nd = 0, 0
   for f in pairs(dirty[key]) do
     local v = hk[f]
     if v then
-      sets[#sets + 1] = f
-      sets[#sets + 1] = v
+      sets[ns + 1], sets[ns + 2] = f, v
+      ns = ns + 2
     else
-      dels[#dels + 1] = f
+      nd = nd + 1
+      dels[nd] = f
     end
   end
-  for i = 1, #dels, 1000 do
-    redis.call('HDEL', key, unpack(dels, i, min(i + 999, #dels)))
+  for i = 1, nd, 1000 do
+    redis.call('HDEL', key, unpack(dels, i, math.min(i + 999, nd)))
   end
-  if #sets > 0 then
-    redis.call('HSET', key, unpack(sets))
+  if ns > 0 then
+    redis.call('HSET', key, unpack(sets, 1, ns))
   end
   if expire[key] then
     redis.call('PEXPIREAT', key, expire[key])

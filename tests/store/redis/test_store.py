@@ -13,7 +13,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store.base import DIMENSIONS, AdmitRequest, Settlement, Subject
+from gateway.store.base import DIMENSIONS, AdmitRequest, AdmitResult, Settlement, Subject
 from gateway.store.redis import RedisStore
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import PooledRunner
@@ -223,3 +223,85 @@ async def test_an_admission_after_a_settlement_sees_its_lease_released(
         assert (await store.admit(AdmitRequest((s,), f"m{i}", 60_000, 0, 0))).ok, i
         await settling
         await store.settle(Settlement((s,), f"m{i}", 0, 0, 0, 0))
+
+
+def _batched(store: RedisStore) -> bool:
+    """Whether the store shares admit.lua calls between requests (single node, pipelined)."""
+    return store.scripts is not store.pooled
+
+
+async def test_admissions_of_one_turn_are_decided_each_on_its_own(store: RedisStore) -> None:
+    """Admissions issued together (on one node: one call) each get their own answer: one
+    refused by its own subject consumes nothing of a subject it shares with the others, and
+    one cancelled before it ran fails alone."""
+    tag = uuid.uuid4().hex[:6]
+    shared = Subject("reseller", f"r{tag}", f"r{tag}", rpm=2)
+    full = Subject("key", f"full{tag}", f"r{tag}", concurrency=1)
+    assert (await store.admit(AdmitRequest((full,), "holder", 60_000, 0, 0))).ok
+    gone = AdmitRequest((shared,), "gone", 60_000, 0, 0)
+    await store.cancel(gone)  # a tombstone: this admission does nothing when it runs
+    reqs = [AdmitRequest((shared,), "a1", 60_000, 0, 0),
+            AdmitRequest((full, shared), "a2", 60_000, 0, 0),
+            gone,
+            AdmitRequest((shared,), "a3", 60_000, 0, 0),
+            AdmitRequest((shared,), "a4", 60_000, 0, 0)]
+    trips = store.round_trips
+    res = await asyncio.gather(*(store.admit(r) for r in reqs), return_exceptions=True)
+    if _batched(store):
+        assert store.round_trips - trips == 1
+    a1, a2, cancelled, a3, a4 = res
+    assert isinstance(a1, AdmitResult) and a1.ok
+    assert isinstance(a2, AdmitResult) and not a2.ok and a2.failed_dimension == "concurrency"
+    assert isinstance(cancelled, StoreError) and "cancelled" in str(cancelled)
+    assert isinstance(a3, AdmitResult) and a3.ok  # a2 took nothing of the shared rpm
+    assert isinstance(a4, AdmitResult) and not a4.ok and a4.failed_dimension == "rpm"
+
+
+async def test_a_settlement_issued_with_an_admission_frees_its_lease_first(
+        store: RedisStore) -> None:
+    """A settlement and an admission issued in the same moment, the admission first, go in
+    one call on one node; the settlement is applied first, so at concurrency 1 the lease it
+    releases is free for the admission."""
+    if not _batched(store):
+        pytest.skip("one call each, over a pool: calls issued together may run in any order")
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+    assert (await store.admit(AdmitRequest((s,), "l0", 60_000, 0, 0))).ok
+    for i in range(1, 6):
+        trips = store.round_trips
+        res, _ = await asyncio.gather(store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0)),
+                                      store.settle(Settlement((s,), f"l{i - 1}", 0, 0, 0, 0)))
+        assert res.ok, i
+        assert store.round_trips - trips == 1
+
+
+async def test_an_admission_given_up_before_its_call_left_is_not_sent(
+        store: RedisStore) -> None:
+    """On one node, an admission whose caller stopped waiting before the turn's call left
+    is left out of it: it consumes nothing."""
+    if not _batched(store):
+        pytest.skip("one call per admission: nothing waits to be sent")
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=1)
+    task = asyncio.ensure_future(store.admit(AdmitRequest((s,), "given-up", 60_000, 0, 0)))
+    await asyncio.sleep(0)  # the admission waits for the end of the turn
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await store.admit(AdmitRequest((s,), "next", 60_000, 0, 0))).ok
+
+
+async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(
+        store: RedisStore) -> None:
+    """More admissions in one turn than one call carries (CALL_MAX) go in several calls,
+    each admitted, and the limit counts them all."""
+    from gateway.store.redis.store import CALL_MAX
+
+    n = CALL_MAX + 10
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=n)
+    trips = store.round_trips
+    res = await asyncio.gather(*(store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))
+                                 for i in range(n)))
+    assert all(r.ok for r in res)
+    assert sorted(r.buckets["rpm"].remaining for r in res) == list(range(n))
+    if _batched(store):
+        assert store.round_trips - trips == 2
+    assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 0))).ok

@@ -17,7 +17,8 @@
 --             marker means the same)
 -- The sweep (HGETALL, then HDEL of what is gone) runs only when it can matter: when a
 -- concurrency limit would refuse and some lease may have expired (so a refusal is exact), or
--- 10 s after the oldest tick passed, or once 256 settled markers or 256 new ticks piled up.
+-- 10 s after the oldest tick passed, or once 64 settled markers or 64 new ticks piled up (so
+-- a hash stays small: up to 128 fields Redis keeps it as a listpack, whose lookups scan it).
 -- KEYS: the subjects' hashes of each settlement, then of each admission, in ARGV's order.
 -- ARGV: [1] number of settlements S, [2] number of admissions A, then per settlement: its
 --       number of subjects n, lease id, the lease's expiry tick as an admission or renew.lua
@@ -259,7 +260,7 @@ local function admit_one(kp, ap)
     local c, m = hk.c or 0, hk.m or nil
     local climit = tonumber(ARGV[base + 4])
     if (m and m * 100 <= now and ((climit > 0 and c >= climit) or m * 100 + 10000 <= now))
-        or (hk.g or 0) >= 256 or (hk.k or 0) >= 256 then
+        or (hk.g or 0) >= 64 or (hk.k or 0) >= 64 then
       c, m = sweep(KEYS[kp + i])
     end
     if climit > 0 then

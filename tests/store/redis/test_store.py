@@ -250,11 +250,15 @@ async def test_admissions_of_one_turn_are_decided_each_on_its_own(store: RedisSt
     if _batched(store):
         assert store.round_trips - trips == 1
     a1, a2, cancelled, a3, a4 = res
-    assert isinstance(a1, AdmitResult) and a1.ok
     assert isinstance(a2, AdmitResult) and not a2.ok and a2.failed_dimension == "concurrency"
     assert isinstance(cancelled, StoreError) and "cancelled" in str(cancelled)
-    assert isinstance(a3, AdmitResult) and a3.ok  # a2 took nothing of the shared rpm
-    assert isinstance(a4, AdmitResult) and not a4.ok and a4.failed_dimension == "rpm"
+    # a2 took nothing of the shared rpm: two of the other three are admitted (in issue order
+    # on one node; in any order over a pool).
+    others = [r for r in (a1, a3, a4) if isinstance(r, AdmitResult)]
+    assert sorted(r.ok for r in others) == [False, True, True]
+    assert [r.failed_dimension for r in others if not r.ok] == ["rpm"]
+    if _batched(store):
+        assert isinstance(a4, AdmitResult) and not a4.ok
 
 
 async def test_a_settlement_issued_with_an_admission_frees_its_lease_first(

@@ -322,19 +322,19 @@ def script_internal_commands() -> frozenset[str]:
 
     lua = Path(gateway.__file__).parent / "store" / "lua"
     names: set[str] = set()
-    for f in ("admit.lua", "settle.lua", "renew.lua"):
+    for f in ("admit.lua", "renew.lua"):
         names.update(n.lower() for n in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]",
                                                    (lua / f).read_text()))
     return frozenset(names)
 
 
 def limit_script_commands() -> frozenset[str]:
-    """Commands the limit scripts (admit, settle, cancel, renew) run inside Redis."""
+    """Commands the limit scripts (admit and settle, cancel, renew) run inside Redis."""
     import gateway
 
     lua = Path(gateway.__file__).parent / "store" / "lua"
     names: set[str] = set()
-    for f in ("admit.lua", "settle.lua", "cancel.lua", "renew.lua"):
+    for f in ("admit.lua", "cancel.lua", "renew.lua"):
         names.update(n.lower() for n in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]",
                                                    (lua / f).read_text()))
     return frozenset(names)

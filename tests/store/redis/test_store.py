@@ -186,7 +186,7 @@ async def test_settled_admissions_do_not_grow_a_subjects_hash(
 async def test_settlements_of_one_moment_share_a_call_and_each_applies_once(
         store: RedisStore, redis_server: RedisServer) -> None:
     """Twenty settlements issued together release all twenty leases (on one node in one
-    settle.lua call), and settling them all again changes nothing."""
+    admit.lua call), and settling them all again changes nothing."""
     s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=100, otpm=10_000, concurrency=20)
     reqs = [AdmitRequest((s,), f"l{i}", 60_000, 0, 100) for i in range(20)]
     assert all(r.ok for r in await asyncio.gather(*(store.admit(q) for q in reqs)))

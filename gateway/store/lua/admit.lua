@@ -17,7 +17,7 @@
 --             marker means the same)
 -- The sweep (HGETALL, then HDEL of what is gone) runs only when it can matter: when a
 -- concurrency limit would refuse and some lease may have expired (so a refusal is exact), or
--- 10 s after the oldest tick passed, or once 64 settled markers or 64 new ticks piled up (so
+-- 10 s after the oldest tick passed, or once 32 settled markers or 32 new ticks piled up (so
 -- a hash stays small: up to 128 fields Redis keeps it as a listpack, whose lookups scan it).
 -- KEYS: the subjects' hashes of each settlement, then of each admission, in ARGV's order.
 -- ARGV: [1] number of settlements S, [2] number of admissions A, then per settlement: its
@@ -36,10 +36,10 @@
 --          ran. Bucket values: for rpm, itpm, otpm: limit, remaining, reset us of the
 --          tightest subject (limit 0 when no subject limits that dimension). Times in the
 --          replies are whole microseconds (a reply turns Lua numbers into integers).
--- Commands: TIME (unless the call only refunds), one HMGET per hash the call reads (of all the fields its calls need) and
--- one HSET per hash it changes; a PEXPIREAT about once a minute per hash, and now and then a
--- sweep. Values are kept in Lua tables meanwhile (`h`), so a hash shared by several requests
--- of the call (their reseller's) is read and written once.
+-- Commands: TIME (unless the call only refunds), one HMGET per hash the call reads (of all
+-- the fields its requests need) and one HSET per hash it changes; a PEXPIREAT about once a
+-- minute per hash, and now and then a sweep. Values are kept in Lua tables meanwhile (`h`),
+-- so a hash shared by several requests of the call (their reseller's) is read and written once.
 -- Nothing is written before every request of the call was decided. The first write is an
 -- HDEL (allowed out of memory, and then so is the rest of the script) or an HSET: a Redis out
 -- of memory refuses the call whole or not at all.
@@ -260,7 +260,7 @@ local function admit_one(kp, ap)
     local c, m = hk.c or 0, hk.m or nil
     local climit = tonumber(ARGV[base + 4])
     if (m and m * 100 <= now and ((climit > 0 and c >= climit) or m * 100 + 10000 <= now))
-        or (hk.g or 0) >= 64 or (hk.k or 0) >= 64 then
+        or (hk.g or 0) >= 32 or (hk.k or 0) >= 32 then
       c, m = sweep(KEYS[kp + i])
     end
     if climit > 0 then

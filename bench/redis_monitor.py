@@ -20,9 +20,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: The scripts a request calls: admission before forwarding, settlement after the answer,
-#: cancel when the upstream call fails. Every other script is background work.
-REQUEST_SCRIPTS = frozenset({"admit.lua", "settle.lua", "cancel.lua"})
+#: The scripts a request calls: admission before forwarding (admit.lua also carries the
+#: settlements after the answers), cancel when the upstream call fails. Every other script is
+#: background work.
+REQUEST_SCRIPTS = frozenset({"admit.lua", "cancel.lua"})
 #: Our own probe's commands and a new connection's set-up, not the gateway's work.
 IGNORED = frozenset({"info", "monitor", "echo"})
 CONNECTION_SETUP = frozenset({"hello", "client", "auth", "select"})

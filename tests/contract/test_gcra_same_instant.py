@@ -50,10 +50,11 @@ async def test_redis_burst_in_one_millisecond_admits_exactly_limit(
             subject = Subject("key", f"k{limit}", "r", rpm=limit)
             pipe = client.pipeline(transaction=True)
             for _ in range(limit + 1):
-                keys, args = store._admit_call(_req(subject))
+                keys, args = store._admit_call([], [_req(subject)])
                 await admit(keys=keys, args=args, client=pipe)
             results: list[Any] = await pipe.execute()
-            assert [int(r[0]) for r in results] == [1] * limit + [0], limit
-            assert [int(r[2]) for r in results[:-1]] == list(range(limit - 1, -1, -1))
+            replies = [r[0] for r in results]  # each call's one admission
+            assert [int(r[0]) for r in replies] == [1] * limit + [0], limit
+            assert [int(r[2]) for r in replies[:-1]] == list(range(limit - 1, -1, -1))
     finally:
         await store.close()

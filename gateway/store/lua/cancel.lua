@@ -1,11 +1,12 @@
 -- Cancel an admission the gateway gave up on (its call timed out or the connection broke):
 -- if it ran, give back everything it consumed; if it has not run yet, leave a tombstone so
 -- that it does nothing when it does. Idempotent. Layout: admit.lua.
--- KEYS, ARGV: exactly those of the admission (admit.lua): one hash per subject; lease id,
---       lease ttl ms, input cost, output cost, 4 limits per subject.
+-- KEYS, ARGV: exactly those of the admission's part of its admit.lua call: one hash per
+--       subject; number of subjects, lease id, lease ttl ms, input cost, output cost, 4 limits
+--       per subject.
 -- Returns: 1 when an applied admission was rolled back, 0 otherwise (tombstone placed, or
 --          already cancelled or settled).
-local lease, ttl = ARGV[1], tonumber(ARGV[2])
+local lease, ttl = ARGV[2], tonumber(ARGV[3])
 local mfield = 'l' .. lease
 local WINDOW = 60000
 local t = redis.call('TIME')
@@ -35,10 +36,10 @@ if not mv or string.sub(mv, 1, 1) == 'c' or mv == 's' then
 end
 local sec, mask = string.match(mv, '^(%d+)|(%d+)$')
 sec, mask = tonumber(sec), tonumber(mask)
-local costs = {1, tonumber(ARGV[3]), tonumber(ARGV[4])}
+local costs = {1, tonumber(ARGV[4]), tonumber(ARGV[5])}
 local NAMES = {'r', 'i', 'o'}
 for i = 1, #KEYS do
-  local base = 4 + (i - 1) * 4
+  local base = 5 + (i - 1) * 4
   local v = redis.call('HMGET', KEYS[i], 'r', 'i', 'o', 'c', 'e' .. sec)
   local w = {}
   for d = 1, 3 do
@@ -46,7 +47,7 @@ for i = 1, #KEYS do
     local tat = tonumber(v[d])
     if limit > 0 and tat then
       w[#w + 1] = NAMES[d]
-      w[#w + 1] = string.format('%.3f', tat - math.min(costs[d], limit) * WINDOW / limit)
+      w[#w + 1] = tat - math.min(costs[d], limit) * WINDOW / limit
     end
   end
   if math.floor(mask / 2 ^ (i - 1)) % 2 == 1 then

@@ -4,9 +4,8 @@
 redis.asyncio's pool costs ≈ 50 µs a call (a pool checkout and a timeout task per command);
 here a call is one buffered command and one future, answered in order by a single reader that
 parses with hiredis. Implicit pipelining (as ioredis' auto-pipelining): the commands of one
-event-loop turn leave in ONE socket write at the end of the turn; `lazy` calls (settlements,
-which no response waits for) also wait up to `LAZY_WINDOW_S` for company, like envoyproxy/
-ratelimit's REDIS_PIPELINE_WINDOW. `STATS` counts writes, commands and flushes.
+event-loop turn leave in ONE socket write at the end of the turn (settlements wait for company
+in the store, store.py's SETTLE_WINDOW_S). `STATS` counts writes, commands and flushes.
 Used for single-node `redis://`, `rediss://` and `unix://` stores;
 Sentinel and Cluster keep the pooled transport (pooled.py).
 """
@@ -30,11 +29,6 @@ from gateway.errors import StoreError
 from gateway.store.base import PIPELINE_STATS as STATS
 from gateway.store.base import StoreCallNotSent
 from gateway.store.redis.runner import Script, error_reply
-
-#: How long a lazy call (a settlement) may wait for other calls to share its write.
-LAZY_WINDOW_S = 0.002
-
-
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -75,7 +69,6 @@ class PipelinedConnection:
         # Commands of this loop turn, written together by _flush (one write per turn).
         self._buf: list[bytes] = []
         self._flush_soon = False  # a call_soon(_flush) is pending
-        self._flush_later: asyncio.TimerHandle | None = None  # the lazy window's timer
 
     def ssl_context(self) -> ssl.SSLContext:
         """The SSLContext the pooled client builds for the same URL (same options, same
@@ -142,9 +135,6 @@ class PipelinedConnection:
     def _flush(self) -> None:
         """Write every command buffered so far in one socket write."""
         self._flush_soon = False
-        if self._flush_later is not None:
-            self._flush_later.cancel()
-            self._flush_later = None
         buf = self._buf
         if not buf or self._writer is None:
             return
@@ -158,9 +148,6 @@ class PipelinedConnection:
         # Buffered commands never left: they fail with the rest, and are never written on
         # a later connection.
         self._buf = []
-        if self._flush_later is not None:
-            self._flush_later.cancel()
-            self._flush_later = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -187,24 +174,20 @@ class PipelinedConnection:
             if not fut.done():
                 fut.set_exception(exc)
 
-    def call(self, *args: Any, lazy: bool = False) -> asyncio.Future[Any]:
+    def call(self, *args: Any) -> asyncio.Future[Any]:
         """Send one command; the future gets the reply (error replies as hiredis.ReplyError).
 
         The command is written at the end of this loop turn together with the others of the
-        turn; with `lazy`, within LAZY_WINDOW_S (or with the next turn that has an eager
-        call, whichever comes first)."""
+        turn."""
         if self._writer is None or self._closed:
             raise StoreCallNotSent("store unavailable: not connected")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((fut, time.monotonic()))
         self._buf.append(_encode(args))
-        if not lazy:
-            if not self._flush_soon:
-                self._flush_soon = True
-                loop.call_soon(self._flush)
-        elif self._flush_later is None and not self._flush_soon:
-            self._flush_later = loop.call_later(LAZY_WINDOW_S, self._flush)
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
         return fut
 
     async def ensure(self) -> None:
@@ -244,14 +227,12 @@ class PipelinedRunner:
         """Whether the connection is up (it opens on the first call)."""
         return self.conn._writer is not None
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any],
-                  lazy: bool = False) -> Any:
-        """The script's reply; `lazy` for calls no response waits for (settlements): they
-        may wait a little (LAZY_WINDOW_S) to share a socket write with other calls."""
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The script's reply."""
         conn = self.conn
         if conn._writer is None:
             await conn.ensure()
-        reply = await conn.call("EVALSHA", script.sha, len(keys), *keys, *args, lazy=lazy)
+        reply = await conn.call("EVALSHA", script.sha, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await conn.call("EVAL", script.source, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError):

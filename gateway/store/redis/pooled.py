@@ -130,8 +130,7 @@ class PooledRunner:
         except Exception as exc:
             raise unavailable(exc) from exc
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any],
-                  lazy: bool = False) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         registered = self._scripts.get(script.sha)
         if registered is None:
             registered = self._scripts[script.sha] = self.client.register_script(script.source)

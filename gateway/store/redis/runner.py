@@ -26,15 +26,12 @@ class Script:
 class ScriptRunner(Protocol):
     """A connection (or pool) to one Redis deployment that runs scripts."""
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any],
-                  lazy: bool = False) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """`script`'s reply to `keys` and `args`: sent as EVALSHA, and again with the source
         when Redis answers NOSCRIPT (after SCRIPT FLUSH or a restart). Every failure is a
         StoreError: an error reply is `store error: <KIND>` (its first word: READONLY, OOM,
         ...), anything else `store unavailable: <reason>`; StoreCallNotSent when nothing of
-        the call left this process. A call never waits past the runner's own deadline. `lazy`:
-        no response waits for this call (a settlement): it may be held back a little to share
-        a socket write with other calls."""
+        the call left this process. A call never waits past the runner's own deadline."""
         ...
 
     async def close(self) -> None:

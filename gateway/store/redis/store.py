@@ -80,8 +80,18 @@ def _two_ints(reply: Any) -> tuple[int, int]:
     return int(reply[0] or 0), int(reply[1] or 0)
 
 
-#: How long a settlement waits for others to share its settle.lua call (single node).
+def _replies(reply: Any, count: int) -> list[Any]:
+    """admit.lua's list of `count` replies, one per settlement and admission of the call."""
+    if not isinstance(reply, list) or len(reply) != count:
+        raise TypeError(f"expected {count} replies")
+    return reply
+
+
+#: How long a settlement waits for company (other settlements, or the next admissions) before
+#: its admit.lua call goes without them (single node).
 SETTLE_WINDOW_S = 0.002
+#: The most settlements and admissions one admit.lua call carries (≈ 25 µs of Redis each).
+CALL_MAX = 64
 
 
 def lua(name: str) -> Script:
@@ -106,7 +116,6 @@ class RedisStore(Store):
     injected; by default they are built from `url`."""
 
     _ADMIT = lua("admit.lua")
-    _SETTLE = lua("settle.lua")
     _CANCEL = lua("cancel.lua")
     _RENEW = lua("renew.lua")
     _PUT_POLICY = lua("put_policy.lua")
@@ -142,8 +151,12 @@ class RedisStore(Store):
         self._instance = uuid.uuid4().hex[:16]
         # lease id → its expiry tick (admit.lua), from admission to settlement or cancel.
         self._lease_sec: dict[str, int] = {}
-        # Settlements waiting for their batch (SETTLE_WINDOW_S), and batches in flight.
+        # Settlements (for up to SETTLE_WINDOW_S) and admissions (until the end of the loop
+        # turn) waiting for their admit.lua call, and the calls in flight.
         self._settling: list[tuple[Settlement, asyncio.Future[None]]] = []
+        self._admitting: list[tuple[AdmitRequest, asyncio.Future[AdmitResult]]] = []
+        self._send_queued = False  # a call_soon(_send) is pending
+        self._send_timer: asyncio.TimerHandle | None = None  # a settlement's window
         self._batches: set[asyncio.Future[None]] = set()
         self._additions = 0
         self._in_doubt: dict[str, InDoubt] = {}
@@ -157,13 +170,12 @@ class RedisStore(Store):
         return await self.pooled.call(awaitable, decode)
 
     async def _run(self, script: Script, keys: list[str], args: list[Any],
-                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None,
-                   lazy: bool = False) -> T:
+                   decode: Callable[[Any], T] = _raw, runner: ScriptRunner | None = None) -> T:
         """One script over `runner` (the per-request transport by default) and its decoded
         reply; anything the runner or `decode` raises that is not a StoreError becomes one."""
         self.round_trips += 1
         try:
-            return decode(await (runner or self.scripts).run(script, keys, args, lazy=lazy))
+            return decode(await (runner or self.scripts).run(script, keys, args))
         except StoreError:
             raise
         except Exception as exc:
@@ -175,7 +187,7 @@ class RedisStore(Store):
     async def close(self) -> None:
         self._closed = True
         await cancel_and_wait(list(self._tasks))
-        self._settle_batch()  # settlements still waiting for their window go now
+        self._send()  # what still waits for its call goes now
         if self._batches:
             await asyncio.wait(list(self._batches), timeout=self.timeout * 2 + 1.0)
         if self.scripts is not self.pooled:
@@ -287,23 +299,51 @@ class RedisStore(Store):
         """The subject's hash (admit.lua describes its fields), under the reseller's tag."""
         return f"{self.prefix}{{r:{s.reseller}}}:{s.kind}:{s.ident}"
 
-    def _admit_call(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
+    def _admit_part(self, req: AdmitRequest) -> tuple[list[str], list[Any]]:
+        """One admission's KEYS and ARGV in admit.lua's layout (cancel.lua takes the same)."""
         keys: list[str] = []
-        args: list[Any] = [req.lease_id, req.lease_ttl_ms, req.input_tokens, req.output_tokens]
+        args: list[Any] = [len(req.subjects), req.lease_id, req.lease_ttl_ms,
+                           req.input_tokens, req.output_tokens]
         for s in req.subjects:
             keys.append(self._subject_key(s))
             args.extend((s.rpm, s.itpm, s.otpm, s.concurrency))
         return keys, args
 
+    def _settle_part(self, st: Settlement) -> tuple[list[str], list[Any]]:
+        """One settlement's KEYS and ARGV in admit.lua's layout."""
+        keys: list[str] = []
+        args: list[Any] = [len(st.subjects), st.lease_id, self._lease_sec.get(st.lease_id, 0)]
+        for s in st.subjects:
+            keys.append(self._subject_key(s))
+            din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
+            dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
+            args.extend((s.itpm, s.otpm, din, dout))
+        return keys, args
+
+    def _admit_call(self, settlements: list[Settlement], admissions: list[AdmitRequest]
+                    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one admit.lua call: the settlements, then the admissions."""
+        keys: list[str] = []
+        args: list[Any] = [len(settlements), len(admissions)]
+        parts = [self._settle_part(st) for st in settlements]
+        parts += [self._admit_part(req) for req in admissions]
+        for k, a in parts:
+            keys += k
+            args += a
+        return keys, args
+
     async def admit(self, req: AdmitRequest) -> AdmitResult:
-        if self._settling:
-            # Settlements waiting for their batch go first, in the order they were issued: a
-            # lease released before this admission is free for it (as one call each would be).
-            self._settle_batch()
-            await asyncio.sleep(0)  # the batch's EVALSHA is buffered before this one
-        keys, args = self._admit_call(req)
-        return await self._run(self._ADMIT, keys, args,
-                               decode=lambda res: self._admitted(req, res))
+        if self.scripts is self.pooled:
+            # Sentinel and Cluster: one call per admission (a call must stay on one shard).
+            keys, args = self._admit_call([], [req])
+            return await self._run(self._ADMIT, keys, args,
+                                   decode=lambda res: self._admitted(req, res[0]))
+        # One node: the admissions of this loop turn and the settlements waiting share one
+        # call, the settlements first (a lease released before is free for the admissions).
+        fut: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
+        self._admitting.append((req, fut))
+        self._send_soon()
+        return await fut
 
     def _admitted(self, req: AdmitRequest, res: Any) -> AdmitResult:
         result = self._admit_result(req, res)
@@ -314,80 +354,93 @@ class RedisStore(Store):
 
     @staticmethod
     def _admit_result(req: AdmitRequest, res: Any) -> AdmitResult:
+        """admit.lua's reply to one admission (times in whole microseconds)."""
         if int(res[0]) == 2:
             raise StoreError("admission cancelled before it ran")
         if int(res[0]) == 0:
             s = req.subjects[int(res[1]) - 1]
             dim = DIMENSIONS[int(res[2]) - 1]
-            failed = {dim: Bucket(int(res[4]), int(res[5]), float(res[6]))}
-            return AdmitResult(False, dim, f"{s.kind}:{s.ident}", float(res[3]),
+            failed = {dim: Bucket(int(res[4]), int(res[5]), int(res[6]) / 1000)}
+            return AdmitResult(False, dim, f"{s.kind}:{s.ident}", int(res[3]) / 1000,
                                failed if dim != "concurrency" else {})
         buckets = {}
         for i, dim in enumerate(TOKEN_DIMENSIONS):
             limit = int(res[1 + i * 3])
             if limit:
-                buckets[dim] = Bucket(limit, int(res[2 + i * 3]), float(res[3 + i * 3]))
+                buckets[dim] = Bucket(limit, int(res[2 + i * 3]), int(res[3 + i * 3]) / 1000)
         return AdmitResult(True, buckets=buckets)
 
     async def cancel(self, req: AdmitRequest) -> None:
-        keys, args = self._admit_call(req)
+        keys, args = self._admit_part(req)
         await self._run(self._CANCEL, keys, args)
         self._lease_sec.pop(req.lease_id, None)
 
-    def _settle_part(self, st: Settlement) -> tuple[list[str], list[Any]]:
-        """One settlement's KEYS and ARGV in settle.lua's batch layout."""
-        keys: list[str] = []
-        args: list[Any] = [len(st.subjects), st.lease_id, self._lease_sec.get(st.lease_id, 0)]
-        for s in st.subjects:
-            keys.append(self._subject_key(s))
-            din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
-            dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
-            args.extend((s.itpm, s.otpm, din, dout))
-        return keys, args
-
     async def settle(self, st: Settlement) -> None:
         if self.scripts is self.pooled:
-            # Sentinel and Cluster: one call per settlement (a batch must stay on one shard).
-            keys, args = self._settle_part(st)
-            await self._run(self._SETTLE, keys, [1, *args])
+            # Sentinel and Cluster: one call per settlement (a call must stay on one shard).
+            keys, args = self._admit_call([st], [])
+            await self._run(self._ADMIT, keys, args)
         else:
-            # One node: the settlements of one moment share one call (settle.lua's batch),
-            # sent lazily: no response waits for a settlement.
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            if not self._settling:
-                asyncio.get_running_loop().call_later(SETTLE_WINDOW_S, self._settle_batch)
+            # One node: no response waits for a settlement, so it waits up to
+            # SETTLE_WINDOW_S for company: other settlements, or the next admissions' call.
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
             self._settling.append((st, fut))
+            if self._send_timer is None and not self._send_queued:
+                self._send_timer = loop.call_later(SETTLE_WINDOW_S, self._send)
             await fut
         self._lease_sec.pop(st.lease_id, None)
 
-    def _settle_batch(self) -> None:
-        batch, self._settling = self._settling, []
-        if not batch:
-            return
-        task = asyncio.ensure_future(self._send_settlements(batch))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
+    def _send_soon(self) -> None:
+        """Send what waits at the end of this loop turn (once, however many admissions)."""
+        if not self._send_queued:
+            self._send_queued = True
+            asyncio.get_running_loop().call_soon(self._send)
 
-    async def _send_settlements(self, batch: list[tuple[Settlement, asyncio.Future[None]]]
-                                ) -> None:
-        keys: list[str] = []
-        args: list[Any] = [len(batch)]
-        for st, _ in batch:
-            k, a = self._settle_part(st)
-            keys += k
-            args += a
+    def _send(self) -> None:
+        """Send the waiting settlements and admissions, settlements first, at most
+        CALL_MAX to a call (a long script would hold up every other client of the server);
+        those whose caller stopped waiting before they left are dropped."""
+        self._send_queued = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        sts = [(st, f) for st, f in self._settling if not f.done()]
+        adms = [(req, f) for req, f in self._admitting if not f.done()]
+        self._settling, self._admitting = [], []
+        while sts or adms:
+            part_sts, sts = sts[:CALL_MAX], sts[CALL_MAX:]
+            room = CALL_MAX - len(part_sts)
+            part_adms, adms = adms[:room], adms[room:]
+            task = asyncio.ensure_future(self._send_call(part_sts, part_adms))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send_call(self, sts: list[tuple[Settlement, asyncio.Future[None]]],
+                         adms: list[tuple[AdmitRequest, asyncio.Future[AdmitResult]]]) -> None:
+        keys, args = self._admit_call([st for st, _ in sts], [req for req, _ in adms])
+        futs: list[asyncio.Future[Any]] = [f for _, f in sts] + [f for _, f in adms]
         try:
-            await self._run(self._SETTLE, keys, args, lazy=True)
+            replies: list[Any] = await self._run(self._ADMIT, keys, args,
+                                                 decode=lambda r: _replies(r, len(futs)))
         except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, StoreError) else unavailable(exc))
+            for f in futs:
+                if not f.done():
+                    f.set_exception(exc if isinstance(exc, StoreError) else unavailable(exc))
             if not isinstance(exc, Exception):
                 raise
             return
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+        for _, f in sts:
+            if not f.done():
+                f.set_result(None)
+        for (req, f), res in zip(adms, replies[len(sts):], strict=True):
+            if not f.done():
+                try:
+                    f.set_result(self._admitted(req, res))
+                except StoreError as exc:
+                    f.set_exception(exc)
+                except Exception as exc:
+                    f.set_exception(unavailable(exc))
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from gateway.errors import StoreError
 from gateway.store.base import PIPELINE_STATS, StoreCallNotSent
-from gateway.store.redis import pipelined
 from gateway.store.redis.pipelined import PipelinedRunner, _encode
 from gateway.store.redis.runner import Script
 from tests.support.gateway import poll
@@ -109,22 +108,6 @@ async def test_calls_of_one_loop_turn_leave_in_one_socket_write(runner: Pipeline
     assert replies == [str(i).encode() for i in range(50)]
     assert PIPELINE_STATS.writes - writes == 1
     assert PIPELINE_STATS.commands - commands == 50
-
-
-async def test_a_lazy_call_shares_the_write_of_the_next_eager_one(
-        runner: PipelinedRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lazy call (a settlement) waits for company: made before an eager call within its
-    window, both leave in one write; alone, it is still sent when its window ends."""
-    await runner.run(ECHO, [], ["warm"])
-    writes = PIPELINE_STATS.writes
-    monkeypatch.setattr(pipelined, "LAZY_WINDOW_S", 30.0)
-    lazy = asyncio.ensure_future(runner.run(ECHO, [], ["lazy"], lazy=True))
-    await asyncio.sleep(0)  # the lazy call is buffered in this turn
-    assert await asyncio.gather(lazy, runner.run(ECHO, [], ["eager"])) == [b"lazy", b"eager"]
-    assert PIPELINE_STATS.writes - writes == 1
-    monkeypatch.setattr(pipelined, "LAZY_WINDOW_S", 0.002)
-    assert await runner.run(ECHO, [], ["alone"], lazy=True) == b"alone"
-    assert PIPELINE_STATS.writes - writes == 2
 
 
 async def test_a_server_dying_mid_call_fails_the_call_with_store_error(

@@ -5,6 +5,7 @@ runs on every backend in tests/contract/)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store.base import DIMENSIONS, AdmitRequest, Settlement, Subject
+from gateway.store.base import DIMENSIONS, AdmitRequest, AdmitResult, Settlement, Subject
 from gateway.store.redis import RedisStore
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import PooledRunner
@@ -38,8 +39,7 @@ def test_the_lua_scripts_ship_with_the_package() -> None:
     names = [p.name for p in resources.files("gateway.store").joinpath("lua").iterdir()
              if p.name.endswith(".lua")]
     assert sorted(names) == ["add_screening.lua", "add_usage.lua", "admit.lua", "cancel.lua",
-                             "put_key.lua",
-                             "put_policy.lua", "renew.lua", "resolve_usage.lua", "settle.lua"]
+                             "put_key.lua", "put_policy.lua", "renew.lua", "resolve_usage.lua"]
     for name in names:
         script = lua(name)
         assert "redis.call" in script.source or "KEYS" in script.source, name
@@ -65,11 +65,11 @@ def test_a_refusal_reply_names_the_subject_and_dimension() -> None:
     a = Subject("key", "k1", "r", rpm=5)
     b = Subject("customer", "c1", "r", itpm=100, concurrency=2)
     req = AdmitRequest((a, b), "l1", 60_000, 10, 10)
-    res = RedisStore._admit_result(req, [0, 2, 2, "1500.5", 100, 3, "2000"])
+    res = RedisStore._admit_result(req, [0, 2, 2, 1500500, 100, 3, 2000000])
     assert (res.ok, res.failed_dimension, res.failed_subject) == (False, "itpm", "customer:c1")
     assert res.retry_after_ms == 1500.5
     assert res.buckets["itpm"].limit == 100 and res.buckets["itpm"].remaining == 3
-    res = RedisStore._admit_result(req, [0, 2, 4, "1000", 2, 0, "0"])
+    res = RedisStore._admit_result(req, [0, 2, 4, 1000000, 2, 0, 0])
     assert res.failed_dimension == DIMENSIONS[3] == "concurrency" and res.buckets == {}
 
 
@@ -77,10 +77,24 @@ def test_an_admitted_reply_keeps_the_limited_dimensions_and_a_cancelled_one_rais
     """An admission reply gives a bucket per dimension that some subject limits (limit 0 means
     none); a reply saying the admission was cancelled first raises StoreError."""
     req = AdmitRequest((Subject("key", "k1", "r", rpm=5),), "l1", 60_000, 0, 0)
-    res = RedisStore._admit_result(req, [1, 5, 4, "12000", 0, 0, "0", 0, 0, "0"])
+    res = RedisStore._admit_result(req, [1, 5, 4, 12000000, 0, 0, 0, 0, 0, 0])
     assert res.ok and list(res.buckets) == ["rpm"] and res.buckets["rpm"].remaining == 4
+    assert res.buckets["rpm"].reset_ms == 12000
     with pytest.raises(StoreError, match="cancelled"):
         RedisStore._admit_result(req, [2])
+
+
+@contextlib.asynccontextmanager
+async def _started(url: str, transport: str) -> AsyncIterator[RedisStore]:
+    pooled = PooledRunner(url, 1.0)
+    scripts = pooled if transport == "pooled" else None
+    st = RedisStore(url, f"t{uuid.uuid4().hex[:8]}:", pooled=pooled, scripts=scripts)
+    assert (st.scripts is pooled) == (transport == "pooled")
+    await st.start()
+    try:
+        yield st
+    finally:
+        await st.close()
 
 
 @pytest_asyncio.fixture(params=["pipelined", "pooled"])
@@ -89,16 +103,16 @@ async def store(request: pytest.FixtureRequest,
     """A started store on the test's own server, its per-request scripts over the pipelined
     connection (the default for a redis:// URL) or over the pooled client (injected, as on
     Sentinel and Cluster)."""
-    url = redis_server.url
-    pooled = PooledRunner(url, 1.0)
-    scripts = pooled if request.param == "pooled" else None
-    st = RedisStore(url, f"t{uuid.uuid4().hex[:8]}:", pooled=pooled, scripts=scripts)
-    assert (st.scripts is pooled) == (request.param == "pooled")
-    await st.start()
-    try:
+    async with _started(redis_server.url, request.param) as st:
         yield st
-    finally:
-        await st.close()
+
+
+@pytest_asyncio.fixture
+async def batched_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    """A started store whose requests of one turn share admit.lua calls (one node,
+    pipelined): what only batching promises is tested on it alone."""
+    async with _started(redis_server.url, "pipelined") as st:
+        yield st
 
 
 async def test_admit_settle_and_cancel_over_either_transport(store: RedisStore) -> None:
@@ -186,7 +200,7 @@ async def test_settled_admissions_do_not_grow_a_subjects_hash(
 async def test_settlements_of_one_moment_share_a_call_and_each_applies_once(
         store: RedisStore, redis_server: RedisServer) -> None:
     """Twenty settlements issued together release all twenty leases (on one node in one
-    settle.lua call), and settling them all again changes nothing."""
+    admit.lua call), and settling them all again changes nothing."""
     s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=100, otpm=10_000, concurrency=20)
     reqs = [AdmitRequest((s,), f"l{i}", 60_000, 0, 100) for i in range(20)]
     assert all(r.ok for r in await asyncio.gather(*(store.admit(q) for q in reqs)))
@@ -223,3 +237,87 @@ async def test_an_admission_after_a_settlement_sees_its_lease_released(
         assert (await store.admit(AdmitRequest((s,), f"m{i}", 60_000, 0, 0))).ok, i
         await settling
         await store.settle(Settlement((s,), f"m{i}", 0, 0, 0, 0))
+
+
+def _batched(store: RedisStore) -> bool:
+    """Whether the store shares admit.lua calls between requests (single node, pipelined)."""
+    return store.scripts is not store.pooled
+
+
+async def test_admissions_of_one_turn_are_decided_each_on_its_own(store: RedisStore) -> None:
+    """Admissions issued together (on one node: one call) each get their own answer: one
+    refused by its own subject consumes nothing of a subject it shares with the others, and
+    one cancelled before it ran fails alone."""
+    tag = uuid.uuid4().hex[:6]
+    shared = Subject("reseller", f"r{tag}", f"r{tag}", rpm=2)
+    full = Subject("key", f"full{tag}", f"r{tag}", concurrency=1)
+    assert (await store.admit(AdmitRequest((full,), "holder", 60_000, 0, 0))).ok
+    gone = AdmitRequest((shared,), "gone", 60_000, 0, 0)
+    await store.cancel(gone)  # a tombstone: this admission does nothing when it runs
+    reqs = [AdmitRequest((shared,), "a1", 60_000, 0, 0),
+            AdmitRequest((full, shared), "a2", 60_000, 0, 0),
+            gone,
+            AdmitRequest((shared,), "a3", 60_000, 0, 0),
+            AdmitRequest((shared,), "a4", 60_000, 0, 0)]
+    trips = store.round_trips
+    res = await asyncio.gather(*(store.admit(r) for r in reqs), return_exceptions=True)
+    if _batched(store):
+        assert store.round_trips - trips == 1
+    a1, a2, cancelled, a3, a4 = res
+    assert isinstance(a2, AdmitResult) and not a2.ok and a2.failed_dimension == "concurrency"
+    assert isinstance(cancelled, StoreError) and "cancelled" in str(cancelled)
+    # a2 took nothing of the shared rpm: two of the other three are admitted (in issue order
+    # on one node; in any order over a pool).
+    others = [r for r in (a1, a3, a4) if isinstance(r, AdmitResult)]
+    assert sorted(r.ok for r in others) == [False, True, True]
+    assert [r.failed_dimension for r in others if not r.ok] == ["rpm"]
+    if _batched(store):
+        assert isinstance(a4, AdmitResult) and not a4.ok
+
+
+async def test_a_settlement_issued_with_an_admission_frees_its_lease_first(
+        batched_store: RedisStore) -> None:
+    """A settlement and an admission issued in the same moment, the admission first, go in
+    one call on one node; the settlement is applied first, so at concurrency 1 the lease it
+    releases is free for the admission."""
+    store = batched_store
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+    assert (await store.admit(AdmitRequest((s,), "l0", 60_000, 0, 0))).ok
+    for i in range(1, 6):
+        trips = store.round_trips
+        res, _ = await asyncio.gather(store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0)),
+                                      store.settle(Settlement((s,), f"l{i - 1}", 0, 0, 0, 0)))
+        assert res.ok, i
+        assert store.round_trips - trips == 1
+
+
+async def test_an_admission_given_up_before_its_call_left_is_not_sent(
+        batched_store: RedisStore) -> None:
+    """On one node, an admission whose caller stopped waiting before the turn's call left
+    is left out of it: it consumes nothing."""
+    store = batched_store
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=1)
+    task = asyncio.ensure_future(store.admit(AdmitRequest((s,), "given-up", 60_000, 0, 0)))
+    await asyncio.sleep(0)  # the admission waits for the end of the turn
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await store.admit(AdmitRequest((s,), "next", 60_000, 0, 0))).ok
+
+
+async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(
+        store: RedisStore) -> None:
+    """More admissions in one turn than one call carries (CALL_MAX) go in several calls,
+    each admitted, and the limit counts them all."""
+    from gateway.store.redis.store import CALL_MAX
+
+    n = CALL_MAX + 10
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=n)
+    trips = store.round_trips
+    res = await asyncio.gather(*(store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))
+                                 for i in range(n)))
+    assert all(r.ok for r in res)
+    assert sorted(r.buckets["rpm"].remaining for r in res) == list(range(n))
+    if _batched(store):
+        assert store.round_trips - trips == 2
+    assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 0))).ok

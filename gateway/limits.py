@@ -221,7 +221,8 @@ class Limits:
         self.live: dict[str, Admission] = {}
         self.store_ok = True
         self.store_errors = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        # settlements in flight (tasks, or the store's own futures: Store.settle_soon)
+        self._tasks: set[asyncio.Future[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         # Admission id → (give up at (monotonic), the store call to retry): cancels of
         # admissions given up on and settlements that failed (docs/architecture.md §8).
@@ -319,17 +320,34 @@ class Limits:
             return
         if self.store.settle_now(st):
             return
-        task = asyncio.create_task(self._settle(st))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        fut = self.store.settle_soon(st)
+        if fut is None:
+            fut = asyncio.create_task(self._settle(st))
+        else:  # no task per settlement: its outcome is handled when the batch returns
+            fut.add_done_callback(lambda f: self._settled(st, f))
+        self._tasks.add(fut)
+        fut.add_done_callback(self._tasks.discard)
 
     async def _settle(self, st: Settlement) -> None:
         try:
             await self.store.settle(st)
         except StoreError:
-            self.store_errors += 1
-            self.mark_store(False)
-            self._retry(st.lease_id, st)
+            self._settle_failed(st)
+
+    def _settled(self, st: Settlement, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, StoreError):
+            self._settle_failed(st)
+        elif exc is not None:  # a bug: logged, the lease expires by itself
+            logger().error("internal_error", stage="settle", error=type(exc).__name__,
+                           detail=str(exc)[:200])
+
+    def _settle_failed(self, st: Settlement) -> None:
+        self.store_errors += 1
+        self.mark_store(False)
+        self._retry(st.lease_id, st)
 
     def _retry(self, lease_id: str, call: AdmitRequest | Settlement) -> None:
         """Retry `call` in the background until the store takes it. A settlement is dropped

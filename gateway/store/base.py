@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -333,6 +334,12 @@ class Store(abc.ABC):
         """Apply `s` synchronously when the store can (an in-process store) and return True;
         False (the default) means: call `settle` (I/O) instead."""
         return False
+
+    def settle_soon(self, s: Settlement) -> asyncio.Future[None] | None:
+        """Queue `s` for a call the store sends anyway (the single-node Redis store batches
+        settlements) and return the future of its outcome: the caller needs no task of its
+        own per settlement. None (the default) means: call `settle`."""
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -32,11 +32,10 @@ from gateway.store.redis.runner import Script, error_reply
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    """One command as a RESP array of bulk strings (hiredis' packer: C, about a quarter of
+    the same loop in Python)."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
 
 
 class PipelinedConnection:

@@ -375,20 +375,33 @@ class RedisStore(Store):
         await self._run(self._CANCEL, keys, args)
         self._lease_sec.pop(req.lease_id, None)
 
-    async def settle(self, st: Settlement) -> None:
+    def settle_soon(self, st: Settlement) -> asyncio.Future[None] | None:
         if self.scripts is self.pooled:
-            # Sentinel and Cluster: one call per settlement (a call must stay on one shard).
-            keys, args = self._admit_call([st], [])
-            await self._run(self._ADMIT, keys, args)
-        else:
-            # One node: no response waits for a settlement, so it waits up to
-            # SETTLE_WINDOW_S for company: other settlements, or the next admissions' call.
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-            self._settling.append((st, fut))
-            if self._send_timer is None and not self._send_queued:
-                self._send_timer = loop.call_later(SETTLE_WINDOW_S, self._send)
+            return None  # Sentinel and Cluster: one call per settlement (`settle`)
+        # One node: no response waits for a settlement, so it waits up to SETTLE_WINDOW_S
+        # for company: other settlements, or the next admissions' call.
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._settling.append((st, fut))
+        if self._send_timer is None and not self._send_queued:
+            self._send_timer = loop.call_later(SETTLE_WINDOW_S, self._send)
+        fut.add_done_callback(lambda f: self._settled(st, f))
+        return fut
+
+    def _settled(self, st: Settlement, fut: asyncio.Future[None]) -> None:
+        """A settlement applied forgets its lease's tick; a failed one keeps it for the
+        caller's retry."""
+        if not fut.cancelled() and fut.exception() is None:
+            self._lease_sec.pop(st.lease_id, None)
+
+    async def settle(self, st: Settlement) -> None:
+        fut = self.settle_soon(st)
+        if fut is not None:
             await fut
+            return
+        # Sentinel and Cluster: one call per settlement (a call must stay on one shard).
+        keys, args = self._admit_call([st], [])
+        await self._run(self._ADMIT, keys, args)
         self._lease_sec.pop(st.lease_id, None)
 
     def _send_soon(self) -> None:

@@ -18,7 +18,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -68,6 +68,8 @@ class PipelinedConnection:
         # Commands of this loop turn, written together by _flush (one write per turn).
         self._buf: list[bytes] = []
         self._flush_soon = False  # a call_soon(_flush) is pending
+        # Called at the turn's write, right before it: their calls join that write.
+        self._producers: list[Callable[[], None]] = []
 
     def ssl_context(self) -> ssl.SSLContext:
         """The SSLContext the pooled client builds for the same URL (same options, same
@@ -131,8 +133,21 @@ class PipelinedConnection:
         except Exception as exc:
             self._fail(StoreError(f"store unavailable: {type(exc).__name__}"))
 
+    def before_flush(self, producer: Callable[[], None]) -> None:
+        """Call `producer` at this turn's write, right before it, so that the calls it makes
+        leave in that write (a caller that batches its own requests of a turn, the store,
+        reaches the socket one loop iteration after them instead of three)."""
+        self._producers.append(producer)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        """Write every command buffered so far in one socket write."""
+        """Write every command buffered so far in one socket write (the producers' first)."""
+        if self._producers:
+            producers, self._producers = self._producers, []
+            for produce in producers:  # calls they make join this write (_flush_soon holds)
+                produce()
         self._flush_soon = False
         buf = self._buf
         if not buf or self._writer is None:
@@ -225,6 +240,53 @@ class PipelinedRunner:
     def connected(self) -> bool:
         """Whether the connection is up (it opens on the first call)."""
         return self.conn._writer is not None
+
+    def before_flush(self, producer: Callable[[], None]) -> bool:
+        """Have `producer` called right before this turn's write (PipelinedConnection's
+        before_flush); False, calling nothing, when the connection is not up."""
+        if self.conn._writer is None or self.conn._closed:
+            return False
+        self.conn.before_flush(producer)
+        return True
+
+    def submit(self, script: Script, keys: Sequence[str], args: Sequence[Any],
+               done: Callable[[Any, BaseException | None], None]) -> bool:
+        """Send the script with this turn's write and call `done(reply, None)` or
+        `done(None, error)` when it is answered (NOSCRIPT: sent again with its source; errors
+        as `run` raises them), straight from the reply: no task, no future in between. False,
+        calling nothing, when the connection is not up: then use `run`, which connects."""
+        if self.conn._writer is None or self.conn._closed:
+            return False
+        self._send(("EVALSHA", script.sha), script, keys, args, done)
+        return True
+
+    def _send(self, head: tuple[str, str], script: Script, keys: Sequence[str],
+              args: Sequence[Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        try:
+            raw = self.conn.call(*head, len(keys), *keys, *args)
+        except StoreError as exc:
+            done(None, exc)
+            return
+        raw.add_done_callback(lambda f: self._answered(f, head[0], script, keys, args, done))
+
+    def _answered(self, f: asyncio.Future[Any], sent: str, script: Script,
+                  keys: Sequence[str], args: Sequence[Any],
+                  done: Callable[[Any, BaseException | None], None]) -> None:
+        if f.cancelled():
+            done(None, StoreError("store unavailable: CancelledError"))
+            return
+        exc = f.exception()
+        if exc is not None:
+            done(None, exc)
+            return
+        reply = f.result()
+        if isinstance(reply, hiredis.ReplyError):
+            if sent == "EVALSHA" and str(reply).startswith("NOSCRIPT"):
+                self._send(("EVAL", script.source), script, keys, args, done)
+                return
+            done(None, error_reply(str(reply)))
+            return
+        done(reply, None)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply."""

@@ -136,6 +136,13 @@ class PooledRunner:
             registered = self._scripts[script.sha] = self.client.register_script(script.source)
         return await self.call(registered(keys=keys, args=args))
 
+    def before_flush(self, producer: Callable[[], None]) -> bool:
+        return False  # every call is its own request on a pooled connection
+
+    def submit(self, script: Script, keys: Sequence[str], args: Sequence[Any],
+               done: Callable[[Any, BaseException | None], None]) -> bool:
+        return False
+
     def subscriber(self) -> Any:
         """A new client of its own for one pub/sub subscription (closed by its user)."""
         return self._subscriber()

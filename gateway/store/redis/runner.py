@@ -4,7 +4,7 @@ mapping of a transport's failures to StoreError."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +32,19 @@ class ScriptRunner(Protocol):
         StoreError: an error reply is `store error: <KIND>` (its first word: READONLY, OOM,
         ...), anything else `store unavailable: <reason>`; StoreCallNotSent when nothing of
         the call left this process. A call never waits past the runner's own deadline."""
+        ...
+
+    def before_flush(self, producer: Callable[[], None]) -> bool:
+        """Have `producer` called right before the runner's next socket write, in this loop
+        turn or the next, so that what it submits leaves in that write; False (calling
+        nothing) when the runner buffers nothing or is not connected."""
+        ...
+
+    def submit(self, script: Script, keys: Sequence[str], args: Sequence[Any],
+               done: Callable[[Any, BaseException | None], None]) -> bool:
+        """Start `run` without a task: `done(reply, None)` or `done(None, error)` is called
+        with its outcome. False (calling nothing) when the runner cannot (not connected, or
+        no buffered connection): then `run`."""
         ...
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ under P{r:<reseller>}:usage:... and P{usage}:... (usage.py holds its layout).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -405,15 +406,19 @@ class RedisStore(Store):
         self._lease_sec.pop(st.lease_id, None)
 
     def _send_soon(self) -> None:
-        """Send what waits at the end of this loop turn (once, however many admissions)."""
+        """Send what waits at the end of this loop turn (once, however many admissions):
+        right before the pipelined connection's write of the turn when it is up, so the call
+        joins that write."""
         if not self._send_queued:
             self._send_queued = True
-            asyncio.get_running_loop().call_soon(self._send)
+            if not self.scripts.before_flush(self._send):
+                asyncio.get_running_loop().call_soon(self._send)
 
     def _send(self) -> None:
         """Send the waiting settlements and admissions, settlements first, at most
         CALL_MAX to a call (a long script would hold up every other client of the server);
-        those whose caller stopped waiting before they left are dropped."""
+        those whose caller stopped waiting before they left are dropped. On a connection
+        that is up the replies are handled as they arrive, without a task per call."""
         self._send_queued = False
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -425,23 +430,48 @@ class RedisStore(Store):
             part_sts, sts = sts[:CALL_MAX], sts[CALL_MAX:]
             room = CALL_MAX - len(part_sts)
             part_adms, adms = adms[:room], adms[room:]
-            task = asyncio.ensure_future(self._send_call(part_sts, part_adms))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            keys, args = self._admit_call([st for st, _ in part_sts],
+                                          [req for req, _ in part_adms])
+            call: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._batches.add(call)
+            call.add_done_callback(self._batches.discard)
+            self.round_trips += 1
+            answer = functools.partial(self._answer, part_sts, part_adms, call)
+            if not self.scripts.submit(self._ADMIT, keys, args, answer):
+                task = asyncio.ensure_future(self._send_call(keys, args, answer))
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
 
-    async def _send_call(self, sts: list[tuple[Settlement, asyncio.Future[None]]],
-                         adms: list[tuple[AdmitRequest, asyncio.Future[AdmitResult]]]) -> None:
-        keys, args = self._admit_call([st for st, _ in sts], [req for req, _ in adms])
-        futs: list[asyncio.Future[Any]] = [f for _, f in sts] + [f for _, f in adms]
+    async def _send_call(self, keys: list[str], args: list[Any],
+                         answer: Callable[[Any, BaseException | None], None]) -> None:
+        """One call over `runner.run` (it connects first when needed)."""
         try:
-            replies: list[Any] = await self._run(self._ADMIT, keys, args,
-                                                 decode=lambda r: _replies(r, len(futs)))
+            reply = await self.scripts.run(self._ADMIT, keys, args)
         except BaseException as exc:
-            for f in futs:
-                if not f.done():
-                    f.set_exception(exc if isinstance(exc, StoreError) else unavailable(exc))
+            answer(None, exc)
             if not isinstance(exc, Exception):
                 raise
+            return
+        answer(reply, None)
+
+    def _answer(self, sts: list[tuple[Settlement, asyncio.Future[None]]],
+                adms: list[tuple[AdmitRequest, asyncio.Future[AdmitResult]]],
+                call: asyncio.Future[None], reply: Any, error: BaseException | None) -> None:
+        """Hand each settlement and admission of one call its outcome."""
+        if not call.done():
+            call.set_result(None)
+        futs: list[asyncio.Future[Any]] = [f for _, f in sts] + [f for _, f in adms]
+        replies: list[Any] = []
+        if error is None:
+            try:
+                replies = _replies(reply, len(futs))
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            err = error if isinstance(error, StoreError) else unavailable(error)
+            for f in futs:
+                if not f.done():
+                    f.set_exception(err)
             return
         for _, f in sts:
             if not f.done():

@@ -110,6 +110,51 @@ async def test_calls_of_one_loop_turn_leave_in_one_socket_write(runner: Pipeline
     assert PIPELINE_STATS.commands - commands == 50
 
 
+async def _submitted(runner: PipelinedRunner, script: Script,
+                     arg: object) -> tuple[object, BaseException | None]:
+    """`submit`'s outcome, as the callback is handed it."""
+    out: asyncio.Future[tuple[object, BaseException | None]] = (
+        asyncio.get_running_loop().create_future())
+    assert runner.submit(script, [], [arg], lambda r, e: out.set_result((r, e)))
+    return await out
+
+
+async def test_submit_answers_by_callback_as_run_answers(runner: PipelinedRunner,
+                                                         other: aioredis.Redis) -> None:
+    """`submit` reports what `run` would return or raise: the reply; after SCRIPT FLUSH the
+    reply of the source sent again; an error reply as `store error: OOM`. Before the
+    connection is up it declines (False), calling nothing."""
+    calls: list[object] = []
+    assert not runner.submit(ECHO, [], ["x"], lambda r, e: calls.append((r, e)))
+    assert not runner.before_flush(lambda: calls.append("flush"))
+    assert await runner.run(ECHO, [], ["a"]) == b"a"
+    assert await _submitted(runner, ECHO, "b") == (b"b", None)
+    await other.script_flush()
+    assert await _submitted(runner, ECHO, "c") == (b"c", None)
+    reply, error = await _submitted(runner, REFUSE, "secret-arg")
+    assert reply is None and isinstance(error, StoreError)
+    assert str(error) == "store error: OOM"
+    assert calls == []
+
+
+async def test_a_producer_before_the_flush_joins_the_turns_write(
+        runner: PipelinedRunner) -> None:
+    """What a `before_flush` producer submits leaves in the same write as the calls of the
+    turn it was registered in, one loop iteration later."""
+    await runner.run(ECHO, [], ["warm"])
+    writes = PIPELINE_STATS.writes
+    answers: list[object] = []
+    ran = asyncio.ensure_future(runner.run(ECHO, [], ["plain"]))
+    assert runner.before_flush(lambda: runner.submit(
+        ECHO, [], ["produced"], lambda r, e: answers.append(r)))
+    await asyncio.sleep(0)  # the iteration that runs `ran` and, after it, the flush
+    await asyncio.sleep(0)
+    assert PIPELINE_STATS.writes - writes == 1
+    assert await ran == b"plain"
+    await poll(lambda: answers == [b"produced"], timeout=5.0)
+    assert PIPELINE_STATS.writes - writes == 1
+
+
 async def test_a_server_dying_mid_call_fails_the_call_with_store_error(
         runner: PipelinedRunner, redis_server: RedisServer, busy_script: Script,
         inside_script: Callable[[], Awaitable[None]]) -> None:

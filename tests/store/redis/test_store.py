@@ -14,7 +14,14 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store.base import DIMENSIONS, AdmitRequest, AdmitResult, Settlement, Subject
+from gateway.store.base import (
+    DIMENSIONS,
+    PIPELINE_STATS,
+    AdmitRequest,
+    AdmitResult,
+    Settlement,
+    Subject,
+)
 from gateway.store.redis import RedisStore
 from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import PooledRunner
@@ -303,6 +310,22 @@ async def test_an_admission_given_up_before_its_call_left_is_not_sent(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await store.admit(AdmitRequest((s,), "next", 60_000, 0, 0))).ok
+
+
+async def test_an_admission_reaches_the_socket_one_loop_iteration_after_it_was_made(
+        batched_store: RedisStore) -> None:
+    """On one node, the turn's admit.lua call joins the pipelined connection's write of that
+    turn: an admission is written in the loop iteration after the one that issued it (not
+    three later: the store's send, a task per call, then the connection's flush)."""
+    store = batched_store
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=10)
+    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+    writes = PIPELINE_STATS.writes
+    task = asyncio.ensure_future(store.admit(AdmitRequest((s,), "now", 60_000, 0, 0)))
+    await asyncio.sleep(0)  # the admission is issued (the task's first step)
+    await asyncio.sleep(0)  # the next iteration: the connection's flush
+    assert PIPELINE_STATS.writes - writes == 1
+    assert (await task).ok
 
 
 async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(

@@ -222,12 +222,16 @@ async def test_suspended_reseller_refused_within_a_second(
         await _until([gw1, gw2], key, (200, None), timeout=FLEET_S)
         policy = copy.deepcopy(DEFAULT_POLICY)
         policy["resellers"]["direct"]["status"] = "suspended"
-        forwarded = len(upstream.requests)
         t0 = time.monotonic()
         status, _ = await gw1.admin("PUT", "/admin/policy", data=json.dumps(policy))
         assert status == 200
+        # Every instance learns it from the store's event: a request one answers before then
+        # is still forwarded (within the second); from then on none is.
         await _until([gw1, gw2], key, (403, "reseller_suspended"),
                      timeout=FLEET_S - (time.monotonic() - t0))
+        forwarded = len(upstream.requests)
+        for gw in (gw1, gw2, gw1, gw2):
+            assert await _status(gw, key) == (403, "reseller_suspended")
         assert len(upstream.requests) == forwarded
 
 

@@ -23,6 +23,7 @@ MAX_HOPS = 64
 MAX_HEADER_LEN = 16 * 1024
 _CACHE_MAX = 16384
 _CACHE_KEY_MAX = 512
+_ADDR_MAX = 64  # the longest address form parse_addr accepts ([v6 with v4 tail]:port)
 
 
 def _port(s: str) -> bool:
@@ -35,16 +36,16 @@ def parse_addr(token: str) -> str | None:
     Accepts `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`; refuses zone ids, names,
     `unknown`, obfuscated RFC 7239 identifiers and anything else. Results are cached (the
     same addresses come back request after request; ipaddress parsing costs several µs),
-    for tokens of at most _CACHE_KEY_MAX characters, at most _CACHE_MAX of them.
+    for tokens of at most _ADDR_MAX characters, at most _CACHE_MAX of them.
     """
-    if len(token) > _CACHE_KEY_MAX:
-        return _parse_addr(token)
+    if len(token) > _ADDR_MAX:
+        return _parse_addr(token)  # longer is no address unless padded: never cached
     return _parse_addr_cached(token)
 
 
 def _parse_addr(token: str) -> str | None:
     t = token.strip(" \t")
-    if not t or len(t) > 64 or "%" in t:
+    if not t or len(t) > _ADDR_MAX or "%" in t:
         return None
     if t.startswith("["):
         end = t.find("]")

@@ -286,6 +286,13 @@ class Limits:
         try:
             result: AdmitResult = await self.store.admit(req)
             self.mark_store(True)
+        except asyncio.CancelledError:
+            # The client went away while its admission was with the store: it may have been
+            # applied (its reply reached us, or arrives later). Roll it back, whichever it
+            # turns out, so the lease does not wait out its ttl (cancel is idempotent).
+            if not self.store.in_process:
+                self._retry(lease_id, req)
+            raise
         except StoreError as exc:
             self.store_errors += 1
             self.mark_store(False)

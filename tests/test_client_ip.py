@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 
 import pytest
 from hypothesis import given, settings
@@ -440,3 +441,17 @@ def test_property_untrusted_peer_is_always_the_result(peer: str, values: list[st
     """From an untrusted peer the result is always the peer, whatever the header says."""
     for resolver in (XFF, XFF_FLAT, FWD):
         assert resolver.resolve(peer, values) == Resolution(_norm(peer), "peer", -1)
+
+
+def test_parse_addr_caches_only_what_can_be_an_address() -> None:
+    """Tokens longer than any address form are parsed (whitespace around one is allowed) but
+    never cached: junk in forwarding headers cannot fill the cache with long strings."""
+    from gateway.client_ip import _parse_addr_cached
+
+    before = _parse_addr_cached.cache_info().currsize
+    assert parse_addr(" " * 70 + "192.0.2.7") == "192.0.2.7"
+    assert parse_addr("x" * 500) is None
+    assert _parse_addr_cached.cache_info().currsize == before
+    fresh = f"2001:db8::{secrets.randbelow(0xFFFF):x}:{secrets.randbelow(0xFFFF):x}"
+    assert parse_addr(fresh) is not None
+    assert _parse_addr_cached.cache_info().currsize == before + 1

@@ -495,3 +495,16 @@ def gcra_cost(limit: int, cost: int) -> int:
     """Cost charged to a bucket: a request larger than the whole bucket is charged the bucket,
     so it can still pass when the bucket is full instead of never."""
     return min(cost, limit)
+
+
+#: A settlement puts a token bucket at most this many windows (a day) into debt: a request
+#: charged far past its limit (an upstream reporting absurd usage, a huge reservation charged
+#: whole on a hang-up) cannot lock the bucket for years, nor push the store's expiry past
+#: what Redis takes (a shared admit.lua call would then fail for every request in it).
+MAX_DEBT_WINDOWS = 1440
+
+
+def settle_delta(limit: int, reserved: int, actual: int) -> int:
+    """Tokens a settlement adds to (positive) or gives back to (negative) a bucket of `limit`:
+    `actual` less the reservation charged (gcra_cost), at most MAX_DEBT_WINDOWS buckets."""
+    return min(actual - gcra_cost(limit, reserved), limit * MAX_DEBT_WINDOWS)

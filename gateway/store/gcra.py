@@ -17,6 +17,7 @@ from gateway.store.base import (
     Settlement,
     Subject,
     gcra_cost,
+    settle_delta,
 )
 
 __all__ = ["Limiter"]
@@ -156,7 +157,7 @@ class Limiter:
                 limit = self._limit(getattr(s, dim))
                 if not limit:
                     continue
-                delta = actual - gcra_cost(limit, reserved)
+                delta = settle_delta(limit, reserved, actual)
                 if delta == 0:
                     continue
                 key = self._key(s, dim)

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.store import Store
 from gateway.store.base import (
+    MAX_DEBT_WINDOWS,
     AdmitRequest,
     AdmitResult,
     KeyRecord,
@@ -459,6 +460,21 @@ async def test_cancel_after_settlement_changes_nothing(store: Store) -> None:
     await store.settle(_settle(req))
     await store.cancel(req)
     assert not (await store.admit(_req(s))).ok
+
+
+async def test_a_settlement_charged_far_past_the_limit_owes_at_most_a_day(
+        store: Store) -> None:
+    """A request charged absurdly more than its bucket (an upstream reporting 10**300 tokens,
+    a huge reservation charged whole on a hang-up) puts the bucket at most MAX_DEBT_WINDOWS
+    windows into debt, and the store takes it (Redis: no expiry past what it accepts)."""
+    s = Subject("key", "k", _reseller(), otpm=1000)
+    req = _req(s, out=10)
+    assert (await store.admit(req)).ok
+    await store.settle(_settle(req, out=10**300))
+    refused = await store.admit(_req(s, out=1))
+    assert not refused.ok and refused.failed_dimension == "otpm"
+    assert refused.retry_after_ms <= (MAX_DEBT_WINDOWS + 1) * 60_000
+    assert refused.retry_after_ms > (MAX_DEBT_WINDOWS - 1) * 60_000
 
 
 async def test_retried_settlement_applies_once(store: Store) -> None:

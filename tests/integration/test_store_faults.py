@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store.base import AdmitRequest, KeyRecord, Settlement, Subject
+from gateway.store.base import PIPELINE_STATS, AdmitRequest, KeyRecord, Settlement, Subject
 from gateway.store.redis import RedisStore
 from gateway.store.redis.pooled import PooledRunner
 from tests.support.cli import GatewayProcess, code_of, run_cli, send
@@ -113,6 +113,33 @@ async def test_admissions_given_up_during_a_stall_are_rolled_back(
         assert statuses == [200] * 4
         status, body = await _send(s, gw, key)
         assert status == 429 and body["error"]["code"] == "requests_per_minute", body
+
+
+async def test_a_client_gone_while_its_admission_is_at_the_store_holds_no_lease(
+        tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
+    """A client hangs up while its admission waits on a slow Redis (the call is written, not
+    yet answered). When Redis answers, the admission is given back: at concurrency 1 the key
+    admits again within seconds, not a lease ttl (60 s) later."""
+    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": "closed",
+             "timeout_s": 5.0}
+    async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
+                aiohttp.ClientSession() as s):
+        _, key = await _issue(gw, concurrency=1)
+        assert (await _send(s, gw, key))[0] == 200
+        writes = PIPELINE_STATS.writes
+        with paused(redis_server):
+            gone = asyncio.ensure_future(_send(s, gw, key))
+            await poll(lambda: PIPELINE_STATS.writes > writes, timeout=10.0)  # sent
+            gone.cancel()  # the client closes its connection; the handler is cancelled
+            await poll(lambda: not gw.service._requests, timeout=10.0)
+        statuses: list[int] = []
+
+        async def admitted() -> bool:
+            statuses.append((await _send(s, gw, key))[0])
+            return statuses[-1] == 200
+
+        await poll(admitted, timeout=10.0, interval=0.1)
+        assert set(statuses) <= {200, 429}
 
 
 async def test_failed_settlement_is_retried_when_the_store_returns(

@@ -26,6 +26,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
+from gateway.log import logger
 from gateway.store.base import PIPELINE_STATS as STATS
 from gateway.store.base import StoreCallNotSent
 from gateway.store.redis.runner import Script, error_reply
@@ -144,11 +145,17 @@ class PipelinedConnection:
 
     def _flush(self) -> None:
         """Write every command buffered so far in one socket write (the producers' first)."""
-        if self._producers:
-            producers, self._producers = self._producers, []
-            for produce in producers:  # calls they make join this write (_flush_soon holds)
-                produce()
-        self._flush_soon = False
+        try:
+            if self._producers:
+                producers, self._producers = self._producers, []
+                for produce in producers:  # calls they make join this write (_flush_soon holds)
+                    try:
+                        produce()
+                    except Exception as exc:  # a bug: logged; the write and later ones go on
+                        logger().error("internal_error", stage="store_flush",
+                                       error=type(exc).__name__, detail=str(exc)[:200])
+        finally:
+            self._flush_soon = False
         buf = self._buf
         if not buf or self._writer is None:
             return
@@ -195,10 +202,11 @@ class PipelinedConnection:
         turn."""
         if self._writer is None or self._closed:
             raise StoreCallNotSent("store unavailable: not connected")
+        command = _encode(args)  # first: a command that cannot be encoded is never pending
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((fut, time.monotonic()))
-        self._buf.append(_encode(args))
+        self._buf.append(command)
         if not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush)
@@ -264,7 +272,7 @@ class PipelinedRunner:
               args: Sequence[Any], done: Callable[[Any, BaseException | None], None]) -> None:
         try:
             raw = self.conn.call(*head, len(keys), *keys, *args)
-        except StoreError as exc:
+        except Exception as exc:  # not connected, or arguments that cannot be sent
             done(None, exc)
             return
         raw.add_done_callback(lambda f: self._answered(f, head[0], script, keys, args, done))

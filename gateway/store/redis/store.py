@@ -48,7 +48,7 @@ from gateway.store.base import (
     check_day,
     check_screening,
     check_usage,
-    gcra_cost,
+    settle_delta,
 )
 from gateway.store.ledger import row_order
 from gateway.store.redis.pipelined import PipelinedRunner
@@ -316,8 +316,8 @@ class RedisStore(Store):
         args: list[Any] = [len(st.subjects), st.lease_id, self._lease_sec.get(st.lease_id, 0)]
         for s in st.subjects:
             keys.append(self._subject_key(s))
-            din = st.input_actual - gcra_cost(s.itpm, st.input_reserved) if s.itpm else 0
-            dout = st.output_actual - gcra_cost(s.otpm, st.output_reserved) if s.otpm else 0
+            din = settle_delta(s.itpm, st.input_reserved, st.input_actual) if s.itpm else 0
+            dout = settle_delta(s.otpm, st.output_reserved, st.output_actual) if s.otpm else 0
             args.extend((s.itpm, s.otpm, din, dout))
         return keys, args
 
@@ -430,17 +430,20 @@ class RedisStore(Store):
             part_sts, sts = sts[:CALL_MAX], sts[CALL_MAX:]
             room = CALL_MAX - len(part_sts)
             part_adms, adms = adms[:room], adms[room:]
-            keys, args = self._admit_call([st for st, _ in part_sts],
-                                          [req for req, _ in part_adms])
             call: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._batches.add(call)
-            call.add_done_callback(self._batches.discard)
-            self.round_trips += 1
             answer = functools.partial(self._answer, part_sts, part_adms, call)
-            if not self.scripts.submit(self._ADMIT, keys, args, answer):
-                task = asyncio.ensure_future(self._send_call(keys, args, answer))
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
+            try:
+                keys, args = self._admit_call([st for st, _ in part_sts],
+                                              [req for req, _ in part_adms])
+                self._batches.add(call)
+                call.add_done_callback(self._batches.discard)
+                self.round_trips += 1
+                if not self.scripts.submit(self._ADMIT, keys, args, answer):
+                    task = asyncio.ensure_future(self._send_call(keys, args, answer))
+                    self._batches.add(task)
+                    task.add_done_callback(self._batches.discard)
+            except Exception as exc:  # a bug: these calls fail, never hang, and the rest go
+                answer(None, exc)
 
     async def _send_call(self, keys: list[str], args: list[Any],
                          answer: Callable[[Any, BaseException | None], None]) -> None:
@@ -477,13 +480,30 @@ class RedisStore(Store):
             if not f.done():
                 f.set_result(None)
         for (req, f), res in zip(adms, replies[len(sts):], strict=True):
-            if not f.done():
+            if f.cancelled():
+                # Its caller stopped waiting after the call left (the client went away): an
+                # admission Redis applied is given back at once, not a lease ttl later.
+                self._give_back(req, res)
+            elif not f.done():
                 try:
                     f.set_result(self._admitted(req, res))
                 except StoreError as exc:
                     f.set_exception(exc)
                 except Exception as exc:
                     f.set_exception(unavailable(exc))
+
+    def _give_back(self, req: AdmitRequest, res: Any) -> None:
+        """Settle an admission nobody waits for as never forwarded: its tokens refunded, its
+        lease released (with the next call, as any settlement)."""
+        try:
+            admitted = self._admitted(req, res).ok
+        except Exception:
+            return  # refused or cancelled before it ran: nothing was taken
+        if admitted:
+            back = self.settle_soon(Settlement(req.subjects, req.lease_id, req.input_tokens,
+                                               req.output_tokens, 0, 0))
+            if back is not None:  # a failure leaves the lease to its ttl, as before
+                back.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int

@@ -155,6 +155,31 @@ async def test_a_producer_before_the_flush_joins_the_turns_write(
     assert PIPELINE_STATS.writes - writes == 1
 
 
+async def test_a_producer_that_raises_stops_nothing(runner: PipelinedRunner) -> None:
+    """A `before_flush` producer that raises (a bug) is logged; the turn's write and every
+    later one still happen."""
+    await runner.run(ECHO, [], ["warm"])
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    assert runner.before_flush(broken)
+    assert await asyncio.wait_for(runner.run(ECHO, [], ["same turn"]), 5) == b"same turn"
+    assert await asyncio.wait_for(runner.run(ECHO, [], ["later"]), 5) == b"later"
+
+
+async def test_a_command_that_cannot_be_encoded_is_never_pending(
+        runner: PipelinedRunner) -> None:
+    """Arguments the packer refuses fail that call alone, and the replies of the calls after
+    it stay matched to their calls."""
+    await runner.run(ECHO, [], ["warm"])
+    outcome: list[BaseException | None] = []
+    assert runner.submit(ECHO, [], [None], lambda r, e: outcome.append(e))
+    assert len(outcome) == 1 and outcome[0] is not None
+    replies = await asyncio.gather(*(runner.run(ECHO, [], [i]) for i in range(5)))
+    assert replies == [str(i).encode() for i in range(5)]
+
+
 async def test_a_server_dying_mid_call_fails_the_call_with_store_error(
         runner: PipelinedRunner, redis_server: RedisServer, busy_script: Script,
         inside_script: Callable[[], Awaitable[None]]) -> None:

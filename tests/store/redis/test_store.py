@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
@@ -27,6 +27,7 @@ from gateway.store.redis.pipelined import PipelinedRunner
 from gateway.store.redis.pooled import PooledRunner
 from gateway.store.redis.runner import Script
 from gateway.store.redis.store import _two_ints, lua, pipelinable
+from tests.support.gateway import poll
 from tests.support.redis_server import RedisServer
 
 
@@ -326,6 +327,67 @@ async def test_an_admission_reaches_the_socket_one_loop_iteration_after_it_was_m
     await asyncio.sleep(0)  # the next iteration: the connection's flush
     assert PIPELINE_STATS.writes - writes == 1
     assert (await task).ok
+
+
+async def test_a_call_that_cannot_be_built_fails_its_requests_and_no_later_one(
+        batched_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault while the turn's call is built (a bug) fails that call's admissions with
+    StoreError; it neither leaves them waiting forever nor stops the calls after it."""
+    store = batched_store
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", rpm=10)
+    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+    build = store._admit_call
+    broken = [True]
+
+    def once_broken(*a: object) -> tuple[list[str], list[object]]:
+        if broken.pop() if broken else False:
+            raise RuntimeError("bug")
+        return build(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_admit_call", once_broken)
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(store.admit(AdmitRequest((s,), "lost", 60_000, 0, 0)), 5)
+    assert (await asyncio.wait_for(
+        store.admit(AdmitRequest((s,), "next", 60_000, 0, 0)), 5)).ok
+
+
+async def test_a_huge_settlement_fails_nobody_sharing_its_call(
+        batched_store: RedisStore) -> None:
+    """A settlement charging 10**300 tokens shares its call with another reseller's
+    admission: both apply (the debt is capped, so no expiry Redis refuses)."""
+    store = batched_store
+    tag = uuid.uuid4().hex[:6]
+    a = Subject("key", f"a{tag}", f"r1{tag}", otpm=1000)
+    b = Subject("key", f"b{tag}", f"r2{tag}", rpm=10)
+    held = AdmitRequest((a,), f"held{tag}", 60_000, 0, 10)
+    assert (await store.admit(held)).ok
+    settled, admitted = await asyncio.gather(
+        store.settle(Settlement((a,), held.lease_id, 0, 10, 0, 10**300)),
+        store.admit(AdmitRequest((b,), f"new{tag}", 60_000, 0, 0)))
+    assert settled is None and admitted.ok
+
+
+async def test_an_admission_given_up_after_its_call_left_is_given_back(
+        batched_store: RedisStore, pause: Callable[[bool], None]) -> None:
+    """The caller of an admission already sent stops waiting (its client went away) before
+    Redis answers: once it does, the admission is settled as never forwarded, so at
+    concurrency 1 the subject admits again at once instead of a lease ttl later."""
+    store = batched_store
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+    await store.settle(Settlement((s,), "warm", 0, 0, 0, 0))
+    writes = PIPELINE_STATS.writes
+    pause(True)  # the call is written but not answered until the server continues
+    task = asyncio.ensure_future(store.admit(AdmitRequest((s,), "gone", 60_000, 0, 0)))
+    await poll(lambda: PIPELINE_STATS.writes > writes, timeout=5.0)
+    task.cancel()
+    pause(False)
+
+    async def admits_again() -> bool:
+        lease = f"n{uuid.uuid4().hex[:6]}"
+        return (await store.admit(AdmitRequest((s,), lease, 60_000, 0, 0))).ok
+
+    await poll(admits_again, timeout=5.0)
 
 
 async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -87,27 +88,35 @@ async def messages(request: web.Request) -> web.StreamResponse:
                             headers={"x-bench-received": str(received),
                                      "x-bench-draining": str(most)})
     await request.read()
+    return await _answer(request, MESSAGE, lambda: STREAM_HEAD, _DELTAS, _delta, _tail)
+
+
+async def _answer(request: web.Request, whole: bytes, head: Callable[[], bytes],
+                  deltas: dict[int, bytes], delta_of: Callable[[int], bytes],
+                  tail: Callable[[int], bytes]) -> web.StreamResponse:
+    """`whole` as JSON, or with `x-bench-events: N` an SSE stream: `head()`, N deltas of
+    `x-bench-pad` bytes `x-bench-delay-ms` apart (built once per pad, kept in `deltas`),
+    then `tail(N)`."""
     events = request.headers.get("x-bench-events")
     if events is None:
-        return web.Response(body=MESSAGE, content_type="application/json")
+        return web.Response(body=whole, content_type="application/json")
     n = int(events)
     delay = float(request.headers.get("x-bench-delay-ms", "0")) / 1000.0
     pad = int(request.headers.get("x-bench-pad", "8"))
-    delta = _DELTAS.get(pad)
+    delta = deltas.get(pad)
     if delta is None:
-        delta = _DELTAS[pad] = _delta(pad)
+        delta = deltas[pad] = delta_of(pad)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    await resp.write(STREAM_HEAD)
+    await resp.write(head())
     for _ in range(n):
         if delay:
             await asyncio.sleep(delay)
         await resp.write(delta)
-    await resp.write(_tail(n))
+    await resp.write(tail(n))
     await resp.write_eof()
     return resp
-
 
 CHAT = json.dumps({
     "id": "chatcmpl-bench000000000000", "object": "chat.completion", "created": 1700000000,
@@ -141,27 +150,8 @@ _CHAT_DELTAS: dict[int, bytes] = {}
 
 async def chat(request: web.Request) -> web.StreamResponse:
     await request.read()
-    events = request.headers.get("x-bench-events")
-    if events is None:
-        return web.Response(body=CHAT, content_type="application/json")
-    n = int(events)
-    delay = float(request.headers.get("x-bench-delay-ms", "0")) / 1000.0
-    pad = int(request.headers.get("x-bench-pad", "8"))
-    delta = _CHAT_DELTAS.get(pad)
-    if delta is None:
-        delta = _CHAT_DELTAS[pad] = _chat_delta(pad)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    await resp.write(_chat_delta(0))
-    for _ in range(n):
-        if delay:
-            await asyncio.sleep(delay)
-        await resp.write(delta)
-    await resp.write(_chat_tail(n))
-    await resp.write_eof()
-    return resp
-
+    return await _answer(request, CHAT, lambda: _chat_delta(0), _CHAT_DELTAS, _chat_delta,
+                         _chat_tail)
 
 def build_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)

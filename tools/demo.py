@@ -46,6 +46,16 @@ def _h(title: str) -> None:
     print(f"\n{'─' * W}\n▶ {title}\n{'─' * W}")
 
 
+
+def _answer_summary(data: bytes) -> str:
+    """A raw HTTP answer as "status type / code" (the §6 error body), or the status alone."""
+    status = data.split(b" ", 2)[1].decode()
+    try:
+        err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+        return f"{status} {err['type']} / {err['code']}"
+    except (ValueError, KeyError, IndexError, TypeError):
+        return status
+
 class Demo:
     def __init__(self) -> None:
         self.port = _free_port()
@@ -350,13 +360,12 @@ class Demo:
             result = f"{head.split(b' ', 2)[1].decode()}, hung up after {hang_up_after.decode()}"
         else:
             data = await reader.read()
-            status = data.split(b" ", 2)[1].decode()
-            try:
-                err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
-                result = f"{status} {err['type']} / {err['code']}"
-            except (ValueError, KeyError, IndexError, TypeError):
-                result = status
+            result = _answer_summary(data)
         writer.close()
+        self.outcome(label, result)
+
+    def outcome(self, label: str, result: str) -> None:
+        """Record and print what one raw-socket request got."""
         self.outcomes.append((label, result))
         print(f"  {label:<58}\n      ⇒ {result}")
 
@@ -487,17 +496,8 @@ class Demo:
             except ConnectionResetError:
                 data = b""
             writer.close()
-            if not data:
-                result = "connection closed, nothing answered"
-            else:
-                status = data.split(b" ", 2)[1].decode()
-                try:
-                    err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
-                    result = f"{status} {err['type']} / {err['code']}"
-                except (ValueError, KeyError, IndexError, TypeError):
-                    result = status
-            self.outcomes.append((label, result))
-            print(f"  {label:<58}\n      ⇒ {result}")
+            self.outcome(label, _answer_summary(data) if data
+                         else "connection closed, nothing answered")
         # the request line reaches the log as the request ends: wait for it
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -14,7 +14,6 @@ MONITOR costs redis-server CPU, so bench.run watches only batches it does not ti
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,11 +31,13 @@ _LINE = re.compile(r'^\+?[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"(?: "((?:[^"\\]|\\.)*)
 
 
 def script_names() -> dict[str, str]:
-    """SHA-1 (as `EVALSHA` sends it) of each bundled script → its file name."""
+    """SHA-1 (as `EVALSHA` sends it) of each bundled script → its file name, as the store
+    itself loads them (gateway.store.redis.store.lua)."""
     import gateway
+    from gateway.store.redis.store import lua
 
-    lua = Path(gateway.__file__).parent / "store" / "lua"
-    return {hashlib.sha1(p.read_bytes()).hexdigest(): p.name for p in sorted(lua.glob("*.lua"))}
+    folder = Path(gateway.__file__).parent / "store" / "lua"
+    return {lua(p.name).sha: p.name for p in sorted(folder.glob("*.lua"))}
 
 
 @dataclass

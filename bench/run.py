@@ -291,10 +291,6 @@ class Gateway:
                     await asyncio.sleep(0.1)
         return keys
 
-    async def admissions(self) -> float:
-        """gateway_store_duration_seconds_count: admission round trips so far."""
-        return (await self.metric_values())[0]
-
     async def metric_values(self) -> tuple[float, float, float]:
         """Admission round trips, socket writes and commands written by the pipelined
         transport so far (the gateway's /metrics)."""

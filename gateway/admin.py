@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import parse_limit, parse_since
+from gateway.audit import parse_limit, parse_since, store_policy
 from gateway.context import new_request_id
 from gateway.errors import GatewayError, OperationError, StoreError
 from gateway.explain import explain
@@ -33,7 +33,7 @@ from gateway.key_admin import (
     with_iso_times,
 )
 from gateway.log import logger
-from gateway.operations import policy_from_text, store_policy
+from gateway.operations import policy_from_text
 from gateway.pipeline import Pipeline
 from gateway.policy import canonical
 from gateway.responses import render

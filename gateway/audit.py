@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway.log import logger
+from gateway.policy import canonical
 
 if TYPE_CHECKING:
+    from gateway.policy import PolicyDoc
     from gateway.store.base import Store
 
 
@@ -67,6 +69,18 @@ async def record_policy_applied(store: Store | None, actor: str, version: int,
         if status != (previous or "active"):
             await record_audit(store, actor, "reseller_status_changed", name, reseller=name,
                                status=status, previous_status=previous, version=version)
+
+
+async def store_policy(store: Store, doc: PolicyDoc, actor: str,
+                       expected_version: int | None) -> int:
+    """Store `doc` as the live policy if the live version is still `expected_version` (None:
+    whatever it is; PolicyConflict otherwise), and audit it with the resellers whose status it
+    changes. The new version."""
+    before = await store.get_policy()
+    version = await store.put_policy(canonical(doc), actor, expected_version)
+    await record_policy_applied(store, actor, version, before.doc if before else None,
+                                canonical(doc))
+    return version
 
 
 def parse_since(value: str, now: float | None = None) -> float:

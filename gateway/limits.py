@@ -47,7 +47,7 @@ CODES = {
 _DIMS = ("rpm", "itpm", "otpm", "concurrency")
 
 
-def _pick(*sets: LimitSet | dict[str, int] | None) -> dict[str, int]:
+def pick_limits(*sets: LimitSet | dict[str, int] | None) -> dict[str, int]:
     """Per dimension, the first set that names a value."""
     out: dict[str, int] = {}
     for dim in _DIMS:
@@ -79,10 +79,10 @@ def subjects_for(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None
     if hit is None or hit[0] is not policy or hit[1] is not key:
         r = key.reseller
         res = policy.doc.resellers.get(r)
-        base = [Subject("key", key.key_id, r, **_pick(key.limits, policy.doc.limits.key)),
-                Subject("reseller", r, r, **_pick(res.limits if res else None,
+        base = [Subject("key", key.key_id, r, **pick_limits(key.limits, policy.doc.limits.key)),
+                Subject("reseller", r, r, **pick_limits(res.limits if res else None,
                                                    policy.doc.limits.reseller))]
-        cl = _pick(res.customer_limits if res else None, policy.doc.limits.customer)
+        cl = pick_limits(res.customer_limits if res else None, policy.doc.limits.customer)
         hit = (policy, key, tuple(filter(_limited, base)), cl)
         _subject_cache.put(key.key_id, hit)
     subjects = hit[2]
@@ -329,11 +329,13 @@ class Limits:
             return
         fut = self.store.settle_soon(st)
         if fut is None:
-            fut = asyncio.create_task(self._settle(st))
-        else:  # no task per settlement: its outcome is handled when the batch returns
-            fut.add_done_callback(lambda f: self._settled(st, f))
+            task = asyncio.create_task(self._settle(st))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        # No task per settlement: one callback takes the batch's outcome.
         self._tasks.add(fut)
-        fut.add_done_callback(self._tasks.discard)
+        fut.add_done_callback(lambda f: self._settled(st, f))
 
     async def _settle(self, st: Settlement) -> None:
         try:
@@ -342,6 +344,7 @@ class Limits:
             self._settle_failed(st)
 
     def _settled(self, st: Settlement, fut: asyncio.Future[None]) -> None:
+        self._tasks.discard(fut)
         if fut.cancelled():
             return
         exc = fut.exception()

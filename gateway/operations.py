@@ -14,7 +14,7 @@ from urllib.parse import quote
 import aiohttp
 
 from gateway import key_admin
-from gateway.audit import parse_limit, record_policy_applied
+from gateway.audit import parse_limit, store_policy
 from gateway.errors import OperationError, StoreError
 from gateway.settings import ConfigError, load_yaml
 from gateway.store.base import PolicyConflict, Store
@@ -253,20 +253,6 @@ def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:
     doc = validate_policy(load_yaml(text, "request body"), "request body")
     require_databases(doc, config.settings.geo, "request body")
     return doc
-
-
-async def store_policy(store: Store, doc: PolicyDoc, actor: str,
-                       expected_version: int | None) -> int:
-    """Store `doc` as the live policy if the live version is still `expected_version` (None:
-    whatever it is; PolicyConflict otherwise), and audit it with the resellers whose status it
-    changes. The new version."""
-    from gateway.policy import canonical
-
-    before = await store.get_policy()
-    version = await store.put_policy(canonical(doc), actor, expected_version)
-    await record_policy_applied(store, actor, version, before.doc if before else None,
-                                canonical(doc))
-    return version
 
 
 @contextmanager

@@ -259,13 +259,6 @@ class Pipeline:
         self.inflight -= 1
         if forwarded is not None:
             forwarded.to_context(ctx)
-            if (forwarded.upstream_status is not None and ctx.key_id is not None
-                    and ctx.reseller is not None):
-                # §12: every request the upstream answered, with the usage it reported
-                self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
-                                   ctx.input_tokens, ctx.output_tokens, time.time())
-        if held is not None:
-            self.ledger.release(*held)
         if admission is not None:
             self.limits.settle(admission, *settlement(admission, forwarded))
             if trace is not None:
@@ -276,8 +269,15 @@ class Pipeline:
         metrics.record_request(ctx, forwarded, duration, policy.doc.resellers if policy else ())
         log_request(ctx)
         # Runs in `finally`: a fault of these must neither replace the answer (aiohttp's plain
-        # 500) nor cost the request its log line, which is already written.
+        # 500) nor cost the request its settlement or its log line, both already done.
         try:
+            if (forwarded is not None and forwarded.upstream_status is not None
+                    and ctx.key_id is not None and ctx.reseller is not None):
+                # §12: every request the upstream answered, with the usage it reported
+                self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
+                                   ctx.input_tokens, ctx.output_tokens, time.time())
+            if held is not None:
+                self.ledger.release(*held)
             self.screening.record(ctx, snap)
             if trace is not None:
                 trace.finish(ctx)

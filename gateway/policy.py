@@ -272,7 +272,7 @@ class Screening(_M):
         threshold, watch = SCREENING_DEFAULTS[signal]
         if given.threshold is not None:
             threshold = given.threshold
-            watch = min(watch, threshold) if given.watch is None else watch
+            watch = min(watch, threshold)
         if given.watch is not None:
             watch = given.watch
         return threshold, watch
@@ -456,6 +456,8 @@ class CompiledPolicy:
     rules: tuple[CompiledRule, ...]
     reseller_countries: dict[str, frozenset[str | None] | None]
     shadow_ids: frozenset[str] = field(default_factory=frozenset)
+    #: enforced deny rules that match on country: the restricted-region rules screening counts
+    restricted_ids: frozenset[str] = field(default_factory=frozenset)
     #: some rule matches on the model: a request whose model cannot be read is refused
     model_rules: bool = False
     #: resellers' attestation public keys, loaded once per policy version
@@ -494,6 +496,9 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
         version=version, doc=doc, rules=tuple(rules),
         reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
         shadow_ids=frozenset(r.id for r in doc.rules if r.mode == "shadow"),
+        restricted_ids=frozenset(
+            r.id for r in doc.rules if r.action == "deny" and r.mode == "enforce"
+            and (r.match.country is not None or r.match.not_country is not None)),
         model_rules=any(r.match.model for r in doc.rules),
         attestation_keys={n: load_public_key(r.attestation_key)
                           for n, r in doc.resellers.items() if r.attestation_key},

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
-from gateway.audit import record_policy_applied
+from gateway.audit import store_policy
 from gateway.errors import StoreError
 from gateway.log import logger
 from gateway.policy import (
@@ -28,10 +28,9 @@ from gateway.policy import (
     SCREENING_DEFAULTS,
     CompiledPolicy,
     Screening,
-    canonical,
     validate_policy,
 )
-from gateway.store.base import ScreeningTally, ScreeningWindow, Store
+from gateway.store.base import PolicyConflict, ScreeningTally, ScreeningWindow, Store
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -132,13 +131,6 @@ def local_hour(now: float, country: str | None) -> int | None:
     if off is None:
         return None
     return int(((now / 3600.0) + off) % 24)
-
-
-def restricted_rules(policy: CompiledPolicy) -> frozenset[str]:
-    """Ids of the enforced deny rules that match on country: a restricted-region rule."""
-    return frozenset(r.id for r in policy.doc.rules if r.action == "deny"
-                     and r.mode == "enforce"
-                     and (r.match.country is not None or r.match.not_country is not None))
 
 
 # --- recording -------------------------------------------------------------------------------
@@ -356,7 +348,6 @@ class ScreeningTallies:
         self.policy = policy
         self.actor = actor
         self._pending: dict[tuple[str, int], ScreeningTally] = {}
-        self._restricted: tuple[int, frozenset[str]] = (-1, frozenset())
         # (reseller, signal) -> flagged when this instance last judged it
         self._flagged: dict[tuple[str, str], bool] = {}
         #: flushes the store refused (tallies dropped); for tests and diagnostics
@@ -370,8 +361,6 @@ class ScreeningTallies:
         policy = snap.policy
         if policy is None:
             return
-        if self._restricted[0] != policy.version:
-            self._restricted = (policy.version, restricted_rules(policy))
         now = time.time()
         key = (ctx.reseller, int(now // 3600))
         t = self._pending.get(key)
@@ -383,7 +372,7 @@ class ScreeningTallies:
             org = geo.peek(ctx.client_ip).asn_org if ctx.client_ip else None
             if org:
                 t.names[str(ctx.asn)] = org[:100]
-        tally_request(t, ctx, flags, self._restricted[1], now,
+        tally_request(t, ctx, flags, policy.restricted_ids, now,
                       snap.parts.config.settings.geo.allow_demo_databases)
 
     async def flush(self) -> None:
@@ -454,12 +443,10 @@ async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
         if not isinstance(entry, dict) or entry.get("status") == "suspended":
             return False
         entry["status"] = "suspended"
-        new = canonical(validate_policy(raw, "store"))
         try:
-            version = await store.put_policy(new, actor, stored.version)
-        except ValueError:
+            await store_policy(store, validate_policy(raw, "store"), actor, stored.version)
+        except PolicyConflict:
             continue
-        await record_policy_applied(store, actor, version, stored.doc, new)
         logger().warning("screening_suspended", reseller=reseller)
         return True
     return False

@@ -4,9 +4,11 @@ ledger's cached period use; never a secret or a hash. Pure apart from reading th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from gateway.ledger import Ledger, key_subject, reseller_subject
+from gateway.limits import pick_limits
 from gateway.policy import CompiledPolicy
 from gateway.quotas import effective_quotas, nested, remaining
 from gateway.store.base import DIMENSIONS, KeyRecord, Tally
@@ -20,17 +22,12 @@ SELF_SERVICE_REASON = "self_service"
 def key_limits(policy: CompiledPolicy, key: KeyRecord) -> dict[str, int | None]:
     """The key's effective per-minute limits: its own, else the policy's `limits.key`; None
     where neither sets one."""
-    default = policy.doc.limits.key
-    out: dict[str, int | None] = {}
-    for dim in DIMENSIONS:
-        own = key.limits.get(dim)
-        out[dim] = int(own) if own is not None else getattr(default, dim)
-    return out
+    picked = pick_limits(key.limits, policy.doc.limits.key)
+    return {dim: picked.get(dim) for dim in DIMENSIONS}
 
 
 def _tally(t: Tally) -> dict[str, int]:
-    return {"requests": t.requests, "input_tokens": t.input_tokens,
-            "output_tokens": t.output_tokens}
+    return dataclasses.asdict(t)
 
 
 def describe_key(policy: CompiledPolicy, key: KeyRecord, ledger: Ledger,

@@ -28,7 +28,6 @@ from gateway.screening import (
     invalid_customer_ip,
     local_hour,
     reseller_report,
-    restricted_rules,
     signal_values,
     since_hours,
     state_of,
@@ -132,7 +131,7 @@ def test_local_hour_uses_the_country_offset_table() -> None:
 def test_restricted_rules_are_enforced_country_denials() -> None:
     """Only enforced deny rules that match on country count as restricted-region rules."""
     policy = compile_policy(validate_policy(DEFAULT_POLICY, "t"), 1)
-    assert restricted_rules(policy) == frozenset({"restricted-regions"})
+    assert policy.restricted_ids == frozenset({"restricted-regions"})
 
 
 def test_tally_request_counts_a_denied_relay_request() -> None:

@@ -256,15 +256,6 @@ class ScreeningTally:
     def pair(self, kind: str, member: str) -> None:
         self.pairs.setdefault(kind, set()).add(member)
 
-    def merge(self, other: ScreeningTally) -> None:
-        """Add `other` into this one (a failed flush handing its tallies back)."""
-        for k, v in other.counts.items():
-            self.count(k, v)
-        self.customers |= other.customers
-        for kind, ms in other.pairs.items():
-            self.pairs.setdefault(kind, set()).update(ms)
-        self.names.update(other.names)
-
 
 @dataclass(slots=True)
 class ScreeningWindow:
@@ -293,14 +284,14 @@ def check_screening(tallies: Mapping[tuple[str, int], ScreeningTally], keep_hour
 
 class WriteStats:
     """Process-wide tallies of the Redis pipelined transport (store/redis/pipelined.py),
-    exported as metrics: socket writes, commands written, loop turns that flushed commands."""
+    exported as metrics: socket writes (one per loop turn that flushed commands) and
+    commands written."""
 
-    __slots__ = ("commands", "turns", "writes")
+    __slots__ = ("commands", "writes")
 
     def __init__(self) -> None:
         self.writes = 0
         self.commands = 0
-        self.turns = 0
 
 
 PIPELINE_STATS = WriteStats()

@@ -156,11 +156,7 @@ class StateFile:
                 text = f.read()
         except FileNotFoundError:
             state = State()
-            try:
-                write_atomic(self.path, dump_state({}, {}, 0, None))
-            except OSError as exc:
-                raise StateFileError(f"state file {self.path}: cannot write: "
-                                     f"{exc.strerror or exc}") from None
+            _rewrite(self.path, "state", dump_state({}, {}, 0, None))
         except (OSError, UnicodeDecodeError) as exc:
             raise self._bad(f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
         else:

@@ -210,15 +210,20 @@
       const report = await api("/admin/report/" + encodeURIComponent(name));
       const entry = (report.resellers || [])[0];
       if (!entry) throw new Error("The report names no reseller " + name + ".");
-      renderDetail(entry);
-      shown = name;
-      for (const tr of $("resellers").tBodies[0].rows) {
-        tr.classList.toggle("selected", tr.dataset.reseller === name);
-      }
+      showReseller(entry);
       $("status").textContent = "";
     } catch (exc) {
       $("status").textContent = "";
       showError(exc.message);
+    }
+  }
+
+  // The details of one report entry, its row marked as the one shown.
+  function showReseller(entry) {
+    renderDetail(entry);
+    shown = entry.reseller;
+    for (const tr of $("resellers").tBodies[0].rows) {
+      tr.classList.toggle("selected", tr.dataset.reseller === shown);
     }
   }
 
@@ -232,8 +237,8 @@
       $("forget").hidden = false;
       $("refresh").hidden = false;
       $("status").textContent = "";
-      const names = rows.map((r) => r.reseller);
-      if (rows.length > 0) await loadReseller(names.includes(shown) ? shown : names[0]);
+      // The list's entries are whole reports: the first view needs no second request.
+      if (rows.length > 0) showReseller(rows.find((r) => r.reseller === shown) || rows[0]);
     } catch (exc) {
       forget();
       showError(exc.message);

@@ -160,7 +160,6 @@ class PipelinedConnection:
         if not buf or self._writer is None:
             return
         self._buf = []
-        STATS.turns += 1
         STATS.writes += 1
         STATS.commands += len(buf)
         self._writer.write(b"".join(buf) if len(buf) > 1 else buf[0])

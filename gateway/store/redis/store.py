@@ -480,30 +480,13 @@ class RedisStore(Store):
             if not f.done():
                 f.set_result(None)
         for (req, f), res in zip(adms, replies[len(sts):], strict=True):
-            if f.cancelled():
-                # Its caller stopped waiting after the call left (the client went away): an
-                # admission Redis applied is given back at once, not a lease ttl later.
-                self._give_back(req, res)
-            elif not f.done():
+            if not f.done():  # a caller gone meanwhile is rolled back by Limits (cancel)
                 try:
                     f.set_result(self._admitted(req, res))
                 except StoreError as exc:
                     f.set_exception(exc)
                 except Exception as exc:
                     f.set_exception(unavailable(exc))
-
-    def _give_back(self, req: AdmitRequest, res: Any) -> None:
-        """Settle an admission nobody waits for as never forwarded: its tokens refunded, its
-        lease released (with the next call, as any settlement)."""
-        try:
-            admitted = self._admitted(req, res).ok
-        except Exception:
-            return  # refused or cancelled before it ran: nothing was taken
-        if admitted:
-            back = self.settle_soon(Settlement(req.subjects, req.lease_id, req.input_tokens,
-                                               req.output_tokens, 0, 0))
-            if back is not None:  # a failure leaves the lease to its ttl, as before
-                back.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def renew_leases(
         self, leases: list[tuple[tuple[Subject, ...], str]], ttl_ms: int

@@ -14,6 +14,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
+from gateway.limits import Limits
 from gateway.store.base import (
     DIMENSIONS,
     PIPELINE_STATS,
@@ -370,24 +371,29 @@ async def test_a_huge_settlement_fails_nobody_sharing_its_call(
 async def test_an_admission_given_up_after_its_call_left_is_given_back(
         batched_store: RedisStore, pause: Callable[[bool], None]) -> None:
     """The caller of an admission already sent stops waiting (its client went away) before
-    Redis answers: once it does, the admission is settled as never forwarded, so at
+    Redis answers: Limits rolls it back (cancel.lua, whichever way it turned out), so at
     concurrency 1 the subject admits again at once instead of a lease ttl later."""
     store = batched_store
-    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
-    assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
-    await store.settle(Settlement((s,), "warm", 0, 0, 0, 0))
-    writes = PIPELINE_STATS.writes
-    pause(True)  # the call is written but not answered until the server continues
-    task = asyncio.ensure_future(store.admit(AdmitRequest((s,), "gone", 60_000, 0, 0)))
-    await poll(lambda: PIPELINE_STATS.writes > writes, timeout=5.0)
-    task.cancel()
-    pause(False)
+    limits = Limits(store, "closed", 1, "anthropic")
+    limits.start()
+    try:
+        s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=1)
+        assert (await store.admit(AdmitRequest((s,), "warm", 60_000, 0, 0))).ok
+        await store.settle(Settlement((s,), "warm", 0, 0, 0, 0))
+        writes = PIPELINE_STATS.writes
+        pause(True)  # the call is written but not answered until the server continues
+        task = asyncio.ensure_future(limits.admit((s,), 0, 0))
+        await poll(lambda: PIPELINE_STATS.writes > writes, timeout=5.0)
+        task.cancel()
+        pause(False)
 
-    async def admits_again() -> bool:
-        lease = f"n{uuid.uuid4().hex[:6]}"
-        return (await store.admit(AdmitRequest((s,), lease, 60_000, 0, 0))).ok
+        async def admits_again() -> bool:
+            lease = f"n{uuid.uuid4().hex[:6]}"
+            return (await store.admit(AdmitRequest((s,), lease, 60_000, 0, 0))).ok
 
-    await poll(admits_again, timeout=5.0)
+        await poll(admits_again, timeout=5.0)
+    finally:
+        await limits.close()
 
 
 async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(

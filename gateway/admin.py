@@ -291,7 +291,7 @@ async def explain_view(request: web.Request) -> web.Response:
     if "ip" not in q:
         raise admin_error(400, "ip is required")
     try:
-        out = explain(svc.pipeline, svc.pipeline.registry, q["ip"],
+        out = explain(svc.pipeline.snapshot, svc.pipeline.scopes, q["ip"],
                       key=request.headers.get("x-explain-key") or q.get("key"),
                       key_id=q.get("key_id"), reseller=q.get("reseller"),
                       customer_ip=q.get("customer_ip"), customer_id=q.get("customer_id"),

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from gateway.decision import (
+    KeyScopes,
     attest,
     authenticate_request,
     check_client_cert,
@@ -16,11 +17,10 @@ from gateway.decision import (
 )
 from gateway.errors import GatewayError
 from gateway.geo import GeoInfo, GeoResolver
-from gateway.identity import KeyRegistry
 from gateway.key_admin import iso_time
 from gateway.paths import normalize_target
-from gateway.pipeline import Pipeline
 from gateway.policy import CompiledPolicy, normalize_fingerprint
+from gateway.snapshot import Snapshot
 from gateway.store.base import KeyRecord
 
 
@@ -33,7 +33,7 @@ def _loc(geo: GeoResolver, ip: str) -> tuple[GeoInfo, dict[str, Any]]:
                                 for k, v in geo.explain(ip).items()}}
 
 
-def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None = None,
+def explain(snap: Snapshot, scopes: KeyScopes, ip: str, key: str | None = None,
             reseller: str | None = None, customer_ip: str | None = None,
             customer_id: str | None = None, model: str | None = None,
             path: str = "/v1/messages", key_id: str | None = None,
@@ -47,7 +47,8 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
     out: dict[str, Any] = {"request": {"ip": ip, "key_id": None, "reseller": reseller,
                                        "customer_ip": customer_ip, "model": model, "path": path,
                                        "method": method, "client_cert_sha256": cert}}
-    policy: CompiledPolicy | None = pipeline.policy
+    policy: CompiledPolicy | None = snap.policy
+    registry = snap.registry
     out["policy_version"] = policy.version if policy else None
     try:
         path, _ = normalize_target(path)  # judged as the live path is
@@ -56,7 +57,7 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
                            "stage": "path", "message": str(exc)}
         return out
     out["request"]["path"] = path
-    loc, out["client"] = _loc(pipeline.geo, ip)
+    loc, out["client"] = _loc(snap.geo, ip)
 
     def done(decision: str, status: int, code: str | None, stage: str,
              message: str = "") -> dict[str, Any]:
@@ -104,8 +105,8 @@ def explain(pipeline: Pipeline, registry: KeyRegistry, ip: str, key: str | None 
                           "attestation_sig": att.signature}
     cloc = None
     if att.customer_ip:
-        cloc, out["customer"] = _loc(pipeline.geo, att.customer_ip)
-    dec = decide(policy, pipeline.scopes, rec, att, loc, cloc, model, path, trace=True)
+        cloc, out["customer"] = _loc(snap.geo, att.customer_ip)
+    dec = decide(policy, scopes, rec, att, loc, cloc, model, path, trace=True)
     out["rules"] = dec.trace
     out["shadow"] = dec.shadow
     if dec.error is not None:

@@ -195,11 +195,10 @@ class DirectOperations:
     async def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """Judged by a pipeline built here from the config and the stored keys and policy,
         as a gateway started now would judge it."""
+        from gateway.decision import KeyScopes
         from gateway.explain import explain
         from gateway.geo import open_geo
         from gateway.identity import KeyRegistry
-        from gateway.limits import Limits
-        from gateway.pipeline import Pipeline
         from gateway.policy import normalize_fingerprint
         from gateway.snapshot import Snapshot, build_config_parts
 
@@ -217,9 +216,8 @@ class DirectOperations:
                 parts = build_config_parts(self.config)
                 try:
                     policy = await self._live_policy()
-                    pipe = Pipeline(Snapshot(parts, geo, registry, policy),
-                                    Limits(self.store, "closed", 1, s.limits_headers))
-                    return explain(pipe, registry, query.ip, key=query.key,
+                    return explain(Snapshot(parts, geo, registry, policy), KeyScopes(),
+                                   query.ip, key=query.key,
                                    reseller=query.reseller, customer_ip=query.customer_ip,
                                    customer_id=query.customer_id, model=query.model,
                                    path=query.path or "/v1/messages", key_id=query.key_id,

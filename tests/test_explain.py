@@ -18,7 +18,7 @@ async def test_explain_traces_allow_scope_denial_unknown_key_and_bad_path(
     climbs above the root are denied at their own stage with their own code."""
     async with running_gateway(tmp_path, upstream.url) as gw:
         key_id, key = await gw.issue_key(models=["claude-*"])
-        pipe, reg = gw.service.pipeline, gw.service.registry
+        pipe, reg = gw.service.pipeline.snapshot, gw.service.pipeline.scopes
         ok = explain(pipe, reg, "192.0.2.1", key=key, model="claude-3")
         assert ok["request"]["key_id"] == key_id
         assert ok["identity"]["scopes"]["models"] == ["claude-*"]
@@ -46,7 +46,7 @@ async def test_explain_judges_the_client_certificate_given(tmp_path: Path,
             **DEFAULT_POLICY["resellers"]["direct"], "client_cert_sha256": [bound]}}}
     async with running_gateway(tmp_path, upstream.url, policy) as gw:
         key_id, _ = await gw.issue_key()
-        pipe, reg = gw.service.pipeline, gw.service.registry
+        pipe, reg = gw.service.pipeline.snapshot, gw.service.pipeline.scopes
         for cert, code in ((None, "client_certificate_required"),
                            ("cd" * 32, "client_certificate_mismatch")):
             out = explain(pipe, reg, "192.0.2.1", key_id=key_id, client_cert_sha256=cert)

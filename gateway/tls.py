@@ -106,8 +106,11 @@ def _read(path: str, source: str, field: str) -> str:
                           f"{exc.strerror or exc}") from None
 
 
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    return (exc.reason or exc.strerror or str(exc)).replace("_", " ").lower()
+def _ssl_reason(exc: OSError) -> str:
+    """Why a TLS file was refused: OpenSSL's reason, readable; an OS error's text."""
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or exc.strerror or str(exc)).replace("_", " ").lower()
+    return exc.strerror or str(exc)
 
 
 def load_tls(tls: TLSSettings, source: str) -> LoadedTLS:
@@ -167,8 +170,7 @@ def _load_pair(ctx: ssl.SSLContext, tls: TLSSettings, source: str) -> str:
         if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(source, "tls.key_file", f"{tls.key_file} does not match the "
                               f"certificate in {tls.cert_file}") from None
-        reason = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else (
-            exc.strerror or str(exc))
+        reason = _ssl_reason(exc)
         raise ConfigError(source, "tls.key_file", f"{tls.key_file}: not a usable private "
                           f"key ({reason})") from None
     return served
@@ -179,8 +181,7 @@ def _load_client_ca(ctx: ssl.SSLContext, path: str, source: str) -> None:
     try:
         ctx.load_verify_locations(cafile=path)
     except (ssl.SSLError, OSError) as exc:
-        reason = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else (
-            exc.strerror or str(exc))
+        reason = _ssl_reason(exc)
         raise ConfigError(source, "tls.client_ca_file", f"{path}: no usable CA certificate "
                           f"({reason})") from None
 

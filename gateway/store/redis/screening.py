@@ -14,10 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.store.base import SCREENING_PAIRS, ScreeningTally, ScreeningWindow
-
-
-def _text(b: Any) -> str:
-    return b.decode() if isinstance(b, bytes) else str(b)
+from gateway.store.redis.usage import text as _text
 
 
 class ScreeningLayout:

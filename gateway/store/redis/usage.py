@@ -116,7 +116,8 @@ class UsageLayout:
         return keys, args
 
 
-def _text(b: Any) -> str:
+def text(b: Any) -> str:
+    """A Redis reply value as text (bytes decoded, anything else by str)."""
     return b.decode() if isinstance(b, bytes) else str(b)
 
 
@@ -124,7 +125,7 @@ def decode_cells(day: str, reseller: str, raw: dict[Any, Any]) -> list[UsageRow]
     """The rows of one cells hash (HGETALL); fields this layout did not write are ignored."""
     cells: dict[tuple[str, str | None, str], list[int]] = {}
     for f, v in raw.items():
-        name = _text(f)
+        name = text(f)
         letter, suffix = name[:2], name[2:]
         if letter not in LETTERS:
             continue

@@ -17,12 +17,14 @@ import aiohttp
 import pytest
 
 from gateway.context import RequestContext
+from gateway.errors import OperationError
 from gateway.policy import Screening, compile_policy, validate_policy
 from gateway.screening import (
     ACTIVITY_MIN_HOURS,
     MEANINGS,
     SIGNALS,
     SPIKE_MIN_DENIALS,
+    build_report,
     compute_signals,
     format_report,
     invalid_customer_ip,
@@ -35,6 +37,7 @@ from gateway.screening import (
 )
 from gateway.settings import ConfigError
 from gateway.store.base import ScreeningTally, ScreeningWindow
+from gateway.store.memory import MemoryStore
 from tests.support.cli import run_cli
 from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway
 from tests.support.redis_server import RedisServer, free_port
@@ -177,6 +180,19 @@ def test_since_and_policy_limits() -> None:
     assert since_hours("6h", s) == 6 and since_hours(None, s) == 48
     with pytest.raises(ValueError):
         since_hours("90m", s)
+
+
+async def test_a_report_refuses_an_unknown_reseller_and_a_bad_since() -> None:
+    """build_report refuses what its caller asked wrongly as the admin API answers it: an
+    OperationError 404 for a reseller the policy lacks, 400 for a `since` it cannot read."""
+    policy = compile_policy(validate_policy(DEFAULT_POLICY, "policy.yaml"), 1)
+    store = MemoryStore()
+    with pytest.raises(OperationError) as err:
+        await build_report(store, policy, None, "nobody")
+    assert err.value.status == 404 and "no reseller 'nobody'" in str(err.value)
+    with pytest.raises(OperationError) as err:
+        await build_report(store, policy, "90m")
+    assert err.value.status == 400 and "since '90m'" in str(err.value)
 
 
 @pytest.mark.parametrize(("section", "field"), [

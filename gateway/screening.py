@@ -28,6 +28,7 @@ from gateway.policy import (
     SCREENING_DEFAULTS,
     CompiledPolicy,
     Screening,
+    parse_window,
     validate_policy,
 )
 from gateway.store.base import PolicyConflict, ScreeningTally, ScreeningWindow, Store
@@ -281,7 +282,7 @@ def since_hours(since: str | None, screening: Screening) -> int:
     if since is None:
         return screening.window_hours
     try:
-        return Screening(window=since).window_hours
+        return parse_window(since)
     except ValueError:
         raise ValueError(f"since {since!r}: whole hours or days, 1h to 7d (e.g. 24h)"
                          ) from None

@@ -40,7 +40,7 @@ from gateway.responses import render
 from gateway.screening import build_report
 from gateway.settings import ConfigError, LoadedConfig
 from gateway.store.base import PolicyConflict, Store
-from gateway.usage_report import parse_query, report
+from gateway.usage_report import parse_query, read_report
 
 
 class AdminBackend(Protocol):
@@ -279,10 +279,9 @@ async def usage_view(request: web.Request) -> web.Response:
         query = parse_query(request.query, time.time())
     except ValueError as exc:
         raise admin_error(400, str(exc)) from None
-    query = query.within(request.app[BACKEND].config.settings.usage.retention_days)
-    rows = await request.app[BACKEND].store.query_usage(
-        query.since_day, query.until_day, query.reseller, query.key_id, query.customer_id)
-    return web.json_response(report(rows, query))
+    svc = request.app[BACKEND]
+    return web.json_response(await read_report(svc.store, query,
+                                               svc.config.settings.usage.retention_days))
 
 
 async def explain_view(request: web.Request) -> web.Response:

@@ -216,17 +216,11 @@ class DirectOperations:
                 geo.close()
 
     async def usage(self, query: UsageQuery) -> dict[str, Any]:
-        from gateway.usage_report import report
+        from gateway.usage_report import read_report
 
         with _mapped():
-            try:
-                read = query.within(self.config.settings.usage.retention_days)
-                rows = await self.store.query_usage(read.since_day, read.until_day,
-                                                    read.reseller, read.key_id,
-                                                    read.customer_id)
-            except ValueError as exc:  # a malformed day
-                raise OperationError(400, str(exc)) from None
-        return report(rows, query)
+            return await read_report(self.store, query,
+                                     self.config.settings.usage.retention_days)
 
 
 def policy_from_text(text: str, config: LoadedConfig) -> PolicyDoc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -412,3 +413,31 @@ async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(
     if _batched(store):
         assert store.round_trips - trips == 2
     assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 0))).ok
+
+
+async def test_screening_tallies_give_every_key_of_the_hour_its_expiry_without_exists(
+        redis_server: RedisServer) -> None:
+    """add_screening.lua sets the hour's expiry on the names hash whether this addition named
+    an ASN or an earlier one did, leaves a names hash nobody wrote absent, and asks Redis no
+    EXISTS for it (EXPIREAT on a missing key already does nothing)."""
+    from gateway.store.base import ScreeningTally
+
+    hour = int(time.time() // 3600)
+    expires = (hour + 1 + 24) * 3600
+    named = ScreeningTally(counts={"req": 1}, names={"64500": "Example"})
+    async with _started(redis_server.url, "pipelined") as st:
+        plain = aioredis.from_url(redis_server.url)
+        try:
+            await plain.config_resetstat()
+            await st.add_screening({("acme", hour): named}, 24)
+            names = st.screening.hour_keys("acme", hour)[2]
+            assert await plain.expiretime(names) == expires
+            await plain.persist(names)
+            await st.add_screening({("acme", hour): ScreeningTally(counts={"req": 1}),
+                                    ("quiet", hour): ScreeningTally(counts={"req": 1})}, 24)
+            stats = await plain.info("commandstats")
+            assert "cmdstat_expireat" in stats and "cmdstat_exists" not in stats
+            assert await plain.expiretime(names) == expires
+            assert not await plain.exists(st.screening.hour_keys("quiet", hour)[2])
+        finally:
+            await plain.aclose()

@@ -441,3 +441,21 @@ async def test_screening_tallies_give_every_key_of_the_hour_its_expiry_without_e
             assert not await plain.exists(st.screening.hour_keys("quiet", hour)[2])
         finally:
             await plain.aclose()
+
+
+async def test_remembered_lease_ticks_are_bounded_and_a_forgotten_one_still_settles(
+        store: RedisStore) -> None:
+    """Leases whose settlement never comes (given up during a long store outage) do not
+    pile up in the store's memory: past `lease_ticks_max` the oldest ticks are forgotten. A
+    lease whose tick was forgotten still settles (the script reads the tick from its marker)
+    and frees its concurrency slot."""
+    store.lease_ticks_max = 8
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=20)
+    for i in range(20):
+        assert (await store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))).ok, i
+    assert 0 < len(store._lease_sec) <= 8 and "l19" in store._lease_sec
+    assert "l0" not in store._lease_sec
+    await store.settle(Settlement((s,), "l0", 0, 0, 0, 0))
+    assert (await store.admit(AdmitRequest((s,), "l20", 60_000, 0, 0))).ok
+    refused = await store.admit(AdmitRequest((s,), "l21", 60_000, 0, 0))
+    assert not refused.ok and refused.failed_dimension == "concurrency"

@@ -15,7 +15,7 @@ from gateway.decision import (
     key_by_id,
     loaded,
 )
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, OperationError
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.key_admin import iso_time
 from gateway.paths import normalize_target
@@ -33,6 +33,13 @@ def _loc(geo: GeoResolver, ip: str) -> tuple[GeoInfo, dict[str, Any]]:
                                 for k, v in geo.explain(ip).items()}}
 
 
+def _fingerprint(value: str) -> str:
+    try:
+        return normalize_fingerprint(value)
+    except ValueError as exc:
+        raise OperationError(400, f"client_cert_sha256: {exc}") from None
+
+
 def explain(snap: Snapshot, scopes: KeyScopes, ip: str, key: str | None = None,
             reseller: str | None = None, customer_ip: str | None = None,
             customer_id: str | None = None, model: str | None = None,
@@ -41,9 +48,10 @@ def explain(snap: Snapshot, scopes: KeyScopes, ip: str, key: str | None = None,
             client_cert_sha256: str | None = None) -> dict[str, Any]:
     """The decision for a request from `ip` with `key`, the key `key_id` (judged without its
     secret) or as any key of `reseller`, on a connection that presented the client
-    certificate of fingerprint `client_cert_sha256` (None: none; malformed: ValueError);
-    `attestation` is an `X-Customer-Attestation` value, judged now for `method` and `path`."""
-    cert = normalize_fingerprint(client_cert_sha256) if client_cert_sha256 else None
+    certificate of fingerprint `client_cert_sha256` (None: none; malformed: OperationError
+    400); `attestation` is an `X-Customer-Attestation` value, judged now for `method` and
+    `path`."""
+    cert = _fingerprint(client_cert_sha256) if client_cert_sha256 else None
     out: dict[str, Any] = {"request": {"ip": ip, "key_id": None, "reseller": reseller,
                                        "customer_ip": customer_ip, "model": model, "path": path,
                                        "method": method, "client_cert_sha256": cert}}

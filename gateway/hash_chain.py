@@ -24,9 +24,10 @@ from typing import Any, TextIO
 GENESIS = "0" * 64
 
 
-def canonical(obj: Any) -> str:
-    """The canonical JSON of a line's object (keys sorted, no whitespace, ASCII)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+def canonical(obj: Any, default: Any = None) -> str:
+    """The canonical JSON of a line's object (keys sorted, no whitespace, ASCII); `default`
+    turns what JSON has no type for into what it has, as json.dumps' own."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default)
 
 
 def link_hash(prev_hash: str, body: str) -> str:
@@ -57,7 +58,7 @@ class HashChain:
     def write(self, fields: dict[str, Any], stream: TextIO, default: Any = None) -> None:
         """Seal `fields` (adding `chain_id`) and write the line to `stream`, in chain order."""
         fields["chain_id"] = self.chain_id
-        body = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=default)
+        body = canonical(fields, default)
         with self._lock:
             stream.write(self.seal(body) + "\n")
 

@@ -220,6 +220,18 @@ _WINDOW = re.compile(r"^(\d+)([hd])$")
 MAX_SCREENING_HOURS = 7 * 24
 
 
+def parse_window(text: Any) -> int:
+    """The hours of a screening window written as whole hours or days (`24h`, `7d`), 1h to
+    MAX_SCREENING_HOURS; ValueError for anything else."""
+    m = _WINDOW.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError("a window is whole hours or days, e.g. 24h or 7d")
+    hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+    if not 1 <= hours <= MAX_SCREENING_HOURS:
+        raise ValueError(f"a window is 1h to {MAX_SCREENING_HOURS}h")
+    return hours
+
+
 class SignalLimits(_M):
     """`screening.<signal>`: flag at value >= threshold, watch at value >= watch."""
 
@@ -251,20 +263,13 @@ class Screening(_M):
     @field_validator("window", mode="before")
     @classmethod
     def _window(cls, v: Any) -> Any:
-        m = _WINDOW.match(v) if isinstance(v, str) else None
-        if m is None:
-            raise ValueError("a window is whole hours or days, e.g. 24h or 7d")
-        hours = int(m.group(1)) * (24 if m.group(2) == "d" else 1)
-        if not 1 <= hours <= MAX_SCREENING_HOURS:
-            raise ValueError(f"a window is 1h to {MAX_SCREENING_HOURS}h")
+        parse_window(v)
         return v
 
     @property
     def window_hours(self) -> int:
         """The window in whole hours."""
-        m = _WINDOW.match(self.window)
-        assert m is not None
-        return int(m.group(1)) * (24 if m.group(2) == "d" else 1)
+        return parse_window(self.window)
 
     def limits(self, signal: str) -> tuple[float, float]:
         """(threshold, watch) of `signal`, the policy's or the default."""

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
 from gateway.audit import store_policy
-from gateway.errors import StoreError
+from gateway.errors import OperationError, StoreError
 from gateway.log import logger
 from gateway.policy import (
     COUNT_SIGNALS,
     SCREENING_DEFAULTS,
     CompiledPolicy,
     Screening,
+    parse_window,
     validate_policy,
 )
 from gateway.store.base import PolicyConflict, ScreeningTally, ScreeningWindow, Store
@@ -281,7 +282,7 @@ def since_hours(since: str | None, screening: Screening) -> int:
     if since is None:
         return screening.window_hours
     try:
-        return Screening(window=since).window_hours
+        return parse_window(since)
     except ValueError:
         raise ValueError(f"since {since!r}: whole hours or days, 1h to 7d (e.g. 24h)"
                          ) from None
@@ -290,16 +291,19 @@ def since_hours(since: str | None, screening: Screening) -> int:
 async def build_report(store: Store, policy: CompiledPolicy | None, since: str | None = None,
                        reseller: str | None = None,
                        now: float | None = None) -> dict[str, Any]:
-    """The report of every reseller of `policy` (or of `reseller` alone: KeyError when the
-    policy has no such reseller). ValueError for a bad `since`."""
+    """The report of every reseller of `policy` (or of `reseller` alone). OperationError 404
+    when the policy has no such reseller, 400 for a bad `since`."""
     now = time.time() if now is None else now
     screening = policy.doc.screening_or_default if policy is not None else Screening()
-    hours = since_hours(since, screening)
+    try:
+        hours = since_hours(since, screening)
+    except ValueError as exc:
+        raise OperationError(400, str(exc)) from None
     resellers = policy.doc.resellers if policy is not None else {}
     names = sorted(resellers)
     if reseller is not None:
         if reseller not in resellers:
-            raise KeyError(reseller)
+            raise OperationError(404, f"no reseller {reseller[:64]!r} in the live policy")
         names = [reseller]
     current = int(now // 3600)
     windows = await store.screening_window(names, current - hours + 1, current)

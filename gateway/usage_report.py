@@ -1,7 +1,7 @@
 """The usage report of `gateway usage` and GET /admin/usage: the query (filters, a day range
 from `since`, a grouping), read from its parameters, and the ledger's cells grouped into rows
-and totals. Pure: the store reads the cells (Store.query_usage), the CLI renders the table and
-CSV (docs/architecture.md §12)."""
+and totals. Pure but for `read_report`, the one read of the cells (Store.query_usage); the CLI
+renders the table and CSV (docs/architecture.md §12)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from datetime import date, timedelta
 from typing import Any
 
 from gateway.audit import parse_since
+from gateway.errors import OperationError
 from gateway.ledger import utc_day
-from gateway.store.base import UsageRow
+from gateway.store.base import Store, UsageRow, check_day
 
 #: The fields of every row, in order: the cell (who, when, which model) and its counts.
 FIELDS = ("day", "reseller", "key_id", "customer_id", "model",
@@ -122,3 +123,18 @@ def report(rows: Iterable[UsageRow], query: UsageQuery) -> dict[str, Any]:
     return {"rows": [dict(zip(FIELDS, (*ident, *sums), strict=True))
                      for ident, sums in ordered],
             "totals": totals}
+
+
+async def read_report(store: Store, query: UsageQuery, retention_days: int) -> dict[str, Any]:
+    """`report` of `query` over the cells of `store`'s ledger, which keeps `retention_days`
+    days (no older day is read): what `gateway usage` and GET /admin/usage answer.
+    OperationError 400 for a day that is not YYYY-MM-DD."""
+    try:
+        check_day(query.since_day)
+        check_day(query.until_day)
+    except ValueError as exc:
+        raise OperationError(400, str(exc)) from None
+    read = query.within(retention_days)
+    rows = await store.query_usage(read.since_day, read.until_day, read.reseller,
+                                   read.key_id, read.customer_id)
+    return report(rows, query)

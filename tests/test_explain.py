@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import OperationError
 from gateway.explain import explain
 from tests.support.gateway import DEFAULT_POLICY, running_gateway
 from tests.support.upstream import FakeUpstream
@@ -39,7 +40,7 @@ async def test_explain_judges_the_client_certificate_given(tmp_path: Path,
                                                            upstream: FakeUpstream) -> None:
     """For a reseller bound to client certificates, explain without a fingerprint says 403
     client_certificate_required, with another one client_certificate_mismatch, with its own
-    (in openssl's colon form too) allow; a malformed fingerprint is a ValueError."""
+    (in openssl's colon form too) allow; a malformed fingerprint is an OperationError 400."""
     bound = "ab" * 32
     policy = {**DEFAULT_POLICY, "resellers": {
         **DEFAULT_POLICY["resellers"], "direct": {
@@ -57,5 +58,7 @@ async def test_explain_judges_the_client_certificate_given(tmp_path: Path,
         assert ok["decision"]["decision"] == "allow"
         assert ok["request"]["client_cert_sha256"] == bound
         assert ok["identity"]["reseller_config"]["client_cert_sha256"] == [bound]
-        with pytest.raises(ValueError, match="not a SHA-256 certificate fingerprint"):
+        with pytest.raises(OperationError, match="not a SHA-256 certificate fingerprint"
+                           ) as err:
             explain(pipe, reg, "192.0.2.1", key_id=key_id, client_cert_sha256="xyz")
+        assert err.value.status == 400 and str(err.value).startswith("client_cert_sha256: ")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,23 +32,16 @@ from tests.support.gateway import (
     DEFAULT_POLICY,
     RunningGateway,
     running_gateway,
+    store_config,
     write_config,
 )
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import free_port
 from tests.support.upstream import FakeUpstream
 
 ACTOR = "cli:test"
 US_IP = "192.0.2.1"  # the demo geo data: US
 STORES = ("memory", "redis")
 IMPLEMENTATIONS = ("direct", "admin")
-
-
-def _store_section(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
-    if kind == "memory":
-        return {}
-    redis: RedisServer = request.getfixturevalue("redis_server_session")
-    return {"store": {"url": redis.url, "key_prefix": f"ops-{uuid.uuid4().hex[:8]}:",
-                      "sync_interval_s": 0.2}}
 
 
 @asynccontextmanager
@@ -72,7 +64,7 @@ async def ops(request: pytest.FixtureRequest, tmp_path: Path,
     """One implementation over one store of a gateway running in-process (its policy is
     config/policy.yaml, seeded as version 1)."""
     impl, kind = request.param
-    async with running_gateway(tmp_path, upstream.url, **_store_section(request, kind)) as gw, \
+    async with running_gateway(tmp_path, upstream.url, store=store_config(request, kind)) as gw, \
             _operations(impl, kind, gw) as operations:
         yield operations
 
@@ -254,7 +246,7 @@ async def test_usage_reads_the_ledger_alike(request: pytest.FixtureRequest, tmp_
                                             upstream: FakeUpstream, kind: str) -> None:
     """Both implementations report the same rows and totals of the store's ledger for the
     same query: the day range, the filters and the grouping; a malformed day is 400."""
-    async with running_gateway(tmp_path, upstream.url, **_store_section(request, kind)) as gw, \
+    async with running_gateway(tmp_path, upstream.url, store=store_config(request, kind)) as gw, \
             _operations("direct", kind, gw) as direct, _operations("admin", kind, gw) as admin:
         today, old = utc_day(time.time()), utc_day(time.time() - 30 * 86400)
         await gw.service.store.add_usage(_ledger(today, old), 400)
@@ -284,7 +276,7 @@ async def test_both_read_the_same(request: pytest.FixtureRequest, tmp_path: Path
                                   upstream: FakeUpstream, kind: str) -> None:
     """Side by side on one store, both implementations read the same keys, policy, audit
     trail and decision trace, whichever of them made the changes."""
-    async with running_gateway(tmp_path, upstream.url, **_store_section(request, kind)) as gw, \
+    async with running_gateway(tmp_path, upstream.url, store=store_config(request, kind)) as gw, \
             _operations("direct", kind, gw) as direct, _operations("admin", kind, gw) as admin:
         by_admin = (await admin.issue_key({"reseller": "direct", "models": ["claude-*"]}))
         by_direct = (await direct.issue_key({"reseller": "acme", "rpm": 3})).key_id

@@ -20,6 +20,7 @@ from gateway.policy import (
     flat_quotas,
     glob_list,
     load_policy_file,
+    parse_window,
     path_glob_list,
     validate_policy,
 )
@@ -557,3 +558,13 @@ def test_compile_stored_validates_compiles_and_checks_the_databases() -> None:
     assert "store policy v7" in str(err.value)
     with pytest.raises(ValueError):
         compile_stored("{", 7)
+
+
+def test_a_screening_window_is_whole_hours_or_days_up_to_a_week() -> None:
+    """One parser reads every window text (the policy's `screening.window`, a report's
+    `since`): whole hours or days, 1h to 7d; anything else is a ValueError saying which."""
+    assert [parse_window(t) for t in ("1h", "24h", "2d", "7d", "168h")] == [1, 24, 48, 168, 168]
+    for bad, why in (("0h", "1h to 168h"), ("8d", "1h to 168h"), ("90m", "whole hours"),
+                     ("1.5h", "whole hours"), ("", "whole hours"), (24, "whole hours")):
+        with pytest.raises(ValueError, match=why):
+            parse_window(bad)

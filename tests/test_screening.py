@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,14 @@ import aiohttp
 import pytest
 
 from gateway.context import RequestContext
+from gateway.errors import OperationError
 from gateway.policy import Screening, compile_policy, validate_policy
 from gateway.screening import (
     ACTIVITY_MIN_HOURS,
     MEANINGS,
     SIGNALS,
     SPIKE_MIN_DENIALS,
+    build_report,
     compute_signals,
     format_report,
     invalid_customer_ip,
@@ -35,9 +36,10 @@ from gateway.screening import (
 )
 from gateway.settings import ConfigError
 from gateway.store.base import ScreeningTally, ScreeningWindow
+from gateway.store.memory import MemoryStore
 from tests.support.cli import run_cli
-from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway, store_config
+from tests.support.redis_server import free_port
 from tests.support.upstream import FakeUpstream
 
 H = 500_000  # an hour number (Unix time // 3600)
@@ -179,6 +181,19 @@ def test_since_and_policy_limits() -> None:
         since_hours("90m", s)
 
 
+async def test_a_report_refuses_an_unknown_reseller_and_a_bad_since() -> None:
+    """build_report refuses what its caller asked wrongly as the admin API answers it: an
+    OperationError 404 for a reseller the policy lacks, 400 for a `since` it cannot read."""
+    policy = compile_policy(validate_policy(DEFAULT_POLICY, "policy.yaml"), 1)
+    store = MemoryStore()
+    with pytest.raises(OperationError) as err:
+        await build_report(store, policy, None, "nobody")
+    assert err.value.status == 404 and "no reseller 'nobody'" in str(err.value)
+    with pytest.raises(OperationError) as err:
+        await build_report(store, policy, "90m")
+    assert err.value.status == 400 and "since '90m'" in str(err.value)
+
+
 @pytest.mark.parametrize(("section", "field"), [
     ({"window": "90m"}, "screening.window"),
     ({"restricted_customer_share": {"threshold": 1.5}}, "screening.restricted_customer_share"
@@ -249,14 +264,6 @@ def _flags(report: dict[str, Any], reseller: str) -> set[str]:
     return {s["name"] for s in entry["signals"] if s["state"] == "flag"}
 
 
-def _store(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
-    if kind == "memory":
-        return {}
-    redis: RedisServer = request.getfixturevalue("redis_server_session")
-    return {"store": {"url": redis.url, "key_prefix": f"scr-{uuid.uuid4().hex[:8]}:",
-                      "sync_interval_s": 0.2}}
-
-
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_report_flags_the_relay_and_not_the_honest_reseller(
         request: pytest.FixtureRequest, kind: str, tmp_path: Path,
@@ -266,7 +273,7 @@ async def test_report_flags_the_relay_and_not_the_honest_reseller(
     the CLI prints the same report; the gauge shows the flags."""
     async with running_gateway(tmp_path, upstream.url, _mix_policy(),
                                admin_listen=f"127.0.0.1:{free_port()}",
-                               **_store(request, kind)) as gw:
+                               store=store_config(request, kind)) as gw:
         _, relay_key = await gw.issue_key("relay")
         _, honest_key = await gw.issue_key("honest")
         statuses = await send_mix(gw.url, relay_key, RELAY_EGRESS, relay_mix())

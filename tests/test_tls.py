@@ -17,7 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from gateway.request_log import configure_logging, set_log_stream
 from gateway.settings import ConfigError, TLSSettings
 from gateway.tls import ServerTLS, cert_sha256, file_stamp, load_tls, peer_cert_sha256
-from tests.support.certs import Issued, TestCA, install, served_certificate
+from tests.support.certs import (
+    TestCA,
+    install,
+    live_certificate,
+    served_now,
+)
 from tests.support.gateway import LogCapture, poll
 
 SOURCE = "gw.yaml"
@@ -40,16 +45,6 @@ def logs() -> Iterator[LogCapture]:
 
 def _settings(cert: Path, key: Path, **more: object) -> TLSSettings:
     return TLSSettings.model_validate({"cert_file": str(cert), "key_file": str(key), **more})
-
-
-def _live(ca: TestCA, tmp_path: Path) -> tuple[Issued, Path, Path]:
-    """A server certificate installed at live/tls.crt and live/tls.key."""
-    first = ca.issue("first", folder=tmp_path / "made")
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = live / "tls.crt", live / "tls.key"
-    install(first, cert, key)
-    return first, cert, key
 
 
 def test_a_good_pair_loads_and_names_the_served_certificate(ca: TestCA, tmp_path: Path) -> None:
@@ -123,7 +118,7 @@ def test_a_stamp_changes_with_a_rename_and_marks_a_missing_file(ca: TestCA,
                                                                 tmp_path: Path) -> None:
     """Renaming a new file over the certificate changes the stamp; a missing file has a stamp
     of its own."""
-    _, cert, key = _live(ca, tmp_path)
+    _, cert, key = live_certificate(ca, tmp_path)
     tls = _settings(cert, key)
     before = file_stamp(tls)
     install(ca.issue("second", folder=tmp_path / "made"), cert, key)
@@ -174,26 +169,22 @@ async def serve() -> AsyncIterator[object]:
         srv.close()
 
 
-async def _served(port: int, ca: TestCA) -> str:
-    return await asyncio.to_thread(served_certificate, "127.0.0.1", port, ca)
-
-
 async def test_install_serves_new_handshakes_and_an_open_connection_keeps_working(
         ca: TestCA, tmp_path: Path, serve: object, logs: LogCapture) -> None:
     """After `install`, a new connection gets the new certificate while a connection opened
     before keeps working on its own; `tls_certificate_loaded` names each certificate."""
-    first, cert, key = _live(ca, tmp_path)
+    first, cert, key = live_certificate(ca, tmp_path)
     tls = ServerTLS.open(_settings(cert, key), SOURCE)
     port = await serve(tls)  # type: ignore[operator]
     reader, writer = await asyncio.open_connection("127.0.0.1", port,
                                                    ssl=ca.client_context())
     writer.write(b"hello\n")
     assert await reader.readline() == b"none\n"
-    assert await _served(port, ca) == first.sha256
+    assert await served_now(port, ca) == first.sha256
     second = ca.issue("second", folder=tmp_path / "made")
     install(second, cert, key)
     tls.install(load_tls(_settings(cert, key), SOURCE))
-    assert await _served(port, ca) == second.sha256
+    assert await served_now(port, ca) == second.sha256
     writer.write(b"again\n")  # the connection made before the swap
     assert await reader.readline() == b"none\n"
     ssl_object = writer.get_extra_info("ssl_object")
@@ -249,16 +240,16 @@ async def test_check_follows_renamed_files_and_refuses_a_bad_pair(
     """`check` serves files renamed into place; a key renamed without its certificate (or any
     bad pair) is refused and logged once while the certificate in service stays, and the
     certificate renamed after it completes the swap."""
-    first, cert, key = _live(ca, tmp_path)
+    first, cert, key = live_certificate(ca, tmp_path)
     tls = ServerTLS.open(_settings(cert, key), SOURCE)
     port = await serve(tls)  # type: ignore[operator]
     await tls.check()  # nothing changed
-    assert await _served(port, ca) == first.sha256
+    assert await served_now(port, ca) == first.sha256
     assert len(logs.events("tls_certificate_loaded")) == 1
     second = ca.issue("second", folder=tmp_path / "made")
     install(second, cert, key)
     await tls.check()
-    assert await _served(port, ca) == second.sha256
+    assert await served_now(port, ca) == second.sha256
     third = ca.issue("third", folder=tmp_path / "made")
     key.write_bytes(third.key_file.read_bytes())  # the key alone: the pair does not match
     await tls.check()
@@ -266,10 +257,10 @@ async def test_check_follows_renamed_files_and_refuses_a_bad_pair(
     [rejected] = logs.events("tls_certificate_rejected")
     assert "tls.key_file" in rejected["reason"] and "does not match" in rejected["reason"]
     assert rejected["sha256"] == second.sha256 and rejected["level"] == "error"
-    assert await _served(port, ca) == second.sha256
+    assert await served_now(port, ca) == second.sha256
     install(third, cert, key)
     await tls.check()
-    assert await _served(port, ca) == third.sha256
+    assert await served_now(port, ca) == third.sha256
     assert len(logs.events("tls_certificate_rejected")) == 1
 
 
@@ -277,7 +268,7 @@ async def test_check_runs_as_a_loop_step_without_raising(ca: TestCA, tmp_path: P
                                                          logs: LogCapture) -> None:
     """A file removed under the watch is a rejection logged once, never an exception that
     would end the loop; the certificate in service stays."""
-    first, cert, key = _live(ca, tmp_path)
+    first, cert, key = live_certificate(ca, tmp_path)
     tls = ServerTLS.open(_settings(cert, key), SOURCE)
     cert.unlink()
     await tls.check()

@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from gateway.store.base import UsageRow
-from gateway.usage_report import FIELDS, UsageQuery, parse_query, report, since_day, utc_day
+from gateway.errors import OperationError
+from gateway.store.base import Tally, UsageKey, UsageRow
+from gateway.store.memory import MemoryStore
+from gateway.usage_report import (
+    FIELDS,
+    UsageQuery,
+    parse_query,
+    read_report,
+    report,
+    since_day,
+    utc_day,
+)
 
 NOW = datetime(2026, 12, 2, 1, 30, tzinfo=UTC).timestamp()
 TODAY = "2026-12-02"
@@ -150,3 +161,24 @@ def test_within_starts_no_earlier_than_the_retention() -> None:
     query = UsageQuery("1970-01-01", TODAY, reseller="acme", by="day")
     assert query.within(400) == UsageQuery("2025-10-28", TODAY, reseller="acme", by="day")
     assert _q().within(400) == _q()
+
+
+async def test_read_report_reads_the_kept_days_of_the_store() -> None:
+    """The report of a query read from a store's ledger: days older than the retention given
+    are not read (a longer retention reads them); a malformed day is an OperationError 400."""
+    today = date.fromisoformat(utc_day(time.time()))
+    old = (today - timedelta(days=10)).isoformat()
+    store = MemoryStore()
+    await store.add_usage({UsageKey(old, "acme", "k1", None, "m"): Tally(1, 2, 3),
+                           UsageKey(today.isoformat(), "acme", "k1", None, "m"): Tally(4, 5, 6)},
+                          400)
+    query = UsageQuery("1970-01-01", today.isoformat(), by="day")
+    short = await read_report(store, query, 5)
+    assert [r["day"] for r in short["rows"]] == [today.isoformat()]
+    assert short["totals"] == {"requests": 4, "input_tokens": 5, "output_tokens": 6}
+    full = await read_report(store, query, 30)
+    assert [r["day"] for r in full["rows"]] == [old, today.isoformat()]
+    for bad in (UsageQuery("2026-1-1", today.isoformat()), UsageQuery("x", "y")):
+        with pytest.raises(OperationError) as err:
+            await read_report(store, bad, 30)
+        assert err.value.status == 400 and "YYYY-MM-DD" in str(err.value)

@@ -346,21 +346,26 @@ class Demo:
             print("  " + out.rstrip().replace("\n", "\n  "))
 
     async def raw(self, label: str, method: str, target: str, headers: dict[str, str],
-                  body: bytes = b"", hang_up_after: bytes | None = None) -> None:
-        """One request on a raw socket, exactly as written (no client library tidies it)."""
+                  body: bytes = b"", hang_up_after: bytes | None = None,
+                  port: int | None = None, prefix: bytes = b"") -> None:
+        """One request on a raw socket to `port` (the demo gateway's by default), exactly as
+        written (no client library tidies it), after the bytes `prefix` (a PROXY header)."""
         lines = [f"{method} {target} HTTP/1.1", "Host: gateway", "Connection: close",
                  *(f"{k}: {v}" for k, v in headers.items())]
         if body or method == "POST":
             lines.append(f"Content-Length: {len(body)}")
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port or self.port)
+        writer.write(prefix + ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         await writer.drain()
         if hang_up_after is not None:
             head = await reader.readuntil(hang_up_after)
             result = f"{head.split(b' ', 2)[1].decode()}, hung up after {hang_up_after.decode()}"
         else:
-            data = await reader.read()
-            result = _answer_summary(data)
+            try:
+                data = await asyncio.wait_for(reader.read(), 30)
+            except ConnectionResetError:
+                data = b""
+            result = _answer_summary(data) if data else "connection closed, nothing answered"
         writer.close()
         self.outcome(label, result)
 
@@ -480,24 +485,14 @@ class Demo:
                                admin_port=gw.admin_port)
         body = json.dumps({"model": "claude-demo-1", "max_tokens": 16,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
-        http = ("POST /v1/messages HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
-                f"x-api-key: {key}\r\ncontent-type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        headers = {"x-api-key": key, "content-type": "application/json"}
         for label, head in (
                 ("raw socket: PROXY v2 header naming 198.51.100.5 (CN), then the request",
                  proxy_v2_header("198.51.100.5", 51000, "127.0.0.1", gw.port)),
                 ("raw socket: a malformed PROXY v2 header (version 3)",
                  proxy_v2_header("198.51.100.5", 51000, "127.0.0.1", gw.port, version=3))):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-            writer.write(head + http)
-            await writer.drain()
-            try:
-                data = await asyncio.wait_for(reader.read(), 30)
-            except ConnectionResetError:
-                data = b""
-            writer.close()
-            self.outcome(label, _answer_summary(data) if data
-                         else "connection closed, nothing answered")
+            await self.raw(label, "POST", "/v1/messages", headers, body, port=gw.port,
+                           prefix=head)
         # the request line reaches the log as the request ends: wait for it
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -51,6 +51,26 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int,
+             ca: bool) -> x509.CertificateBuilder:
+    """What every certificate here has: subject, issuer, public key, a random serial, valid
+    from a little before now for `days` days, and whether it is a CA (critical)."""
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject)).issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 class CertificateAuthority:
     """A CA living in `folder`: `<name>.crt` is what clients (and the gateway's
     `tls.client_ca_file`) trust."""
@@ -60,15 +80,8 @@ class CertificateAuthority:
         self.folder = folder
         self.name = name
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
         self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _SKEW)
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            _builder(name, _name(name), self._key, days=2, ca=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -76,7 +89,7 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         self.cert_file = folder / f"{name}.crt"
-        self.cert_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        _write_cert(self.cert_file, self.cert)
 
     def issue(self, name: str, *, server: bool = True, folder: Path | None = None
               ) -> Issued:
@@ -86,19 +99,10 @@ class CertificateAuthority:
         where = folder or self.folder
         where.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name)).issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _SKEW)
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
+        builder = _builder(name, self.cert.subject, key, days=1, ca=False).add_extension(
+            x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
-        )
+            critical=False)
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -106,7 +110,7 @@ class CertificateAuthority:
                 x509.DNSName("localhost")]), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         cert_file, key_file = where / f"{name}.crt", where / f"{name}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_cert(cert_file, cert)
         key_file.write_bytes(_key_pem(key))
         os.chmod(key_file, 0o600)
         return Issued(cert_file, key_file, cert)

@@ -15,8 +15,9 @@ import aiohttp
 import anthropic
 import openai
 
-from tests.integration.test_proxy import exchange, port_of, raw_request, request_lines
+from tests.integration.test_proxy import request_lines
 from tests.support.gateway import RunningGateway, poll, running_gateway
+from tests.support.raw_http import exchange, port_of, raw_request
 from tests.support.upstream import FakeUpstream
 
 US = "192.0.2.1"

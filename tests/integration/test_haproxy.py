@@ -12,13 +12,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anthropic
 import httpx2 as httpx  # the HTTP client the anthropic SDK is built on
 
 from tests.integration.test_lifecycle import OPEN_POLICY
 from tests.support.cli import GatewayProcess, gateway_process
-from tests.support.gateway import ADMIN_TOKEN, poll
+from tests.support.gateway import poll
 from tests.support.redis_server import free_port
 from tests.support.transcript import TRANSCRIPT
 from tests.support.upstream import FakeUpstream
@@ -131,7 +130,7 @@ async def test_client_address_through_haproxy(tmp_path: Path, upstream: FakeUpst
         proxy = HAProxy(tmp_path, gw.port or 0)
         try:
             await poll(proxy.listening, timeout=30)
-            issued = await _issue(gw)
+            _, issued = await gw.issue_key()
             xff = {"X-Forwarded-For": "198.51.100.1"}
             cases = [  # (frontend, client source, headers) -> (client_ip, peer_ip)
                 (f"http://127.0.0.1:{proxy.v2}", "127.0.0.10", xff, "127.0.0.10", "127.0.0.10"),
@@ -148,14 +147,3 @@ async def test_client_address_through_haproxy(tmp_path: Path, upstream: FakeUpst
             assert not gw.events("proxy_protocol_rejected")
         finally:
             proxy.stop()
-
-
-async def _issue(gw: GatewayProcess) -> str:
-    async with aiohttp.ClientSession() as s, s.post(
-            gw.admin_url + "/admin/keys", json={"reseller": "direct"},
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-        body = await r.json()
-        assert r.status == 201, body
-    TRANSCRIPT.secret(body["key"])
-    key: str = body["key"]
-    return key

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +18,13 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from gateway.identity import KeyRegistry
-from tests.support.gateway import RunningGateway, poll, running_gateway
+from tests.support.gateway import (
+    RunningGateway,
+    poll,
+    running_gateway,
+    store_config,
+    unique_prefix,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import FakeUpstream
 
@@ -39,24 +44,6 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.text)
-
-
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}:"
-
-
-def _store(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
-    if backend == "memory":
-        return {"url": "memory://"}
-    fixture = "redis_server_session" if backend == "redis" else "redis_cluster"
-    return {"url": request.getfixturevalue(fixture).url, "key_prefix": _prefix()}
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_cfg(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """`store:` config of the embedded store, or of a shared redis-server under a prefix of
-    this test alone."""
-    return _store(request, request.param)
 
 
 @pytest.fixture
@@ -136,7 +123,7 @@ async def test_rpm_exact_under_concurrency(tmp_path: Path, upstream: FakeUpstrea
                                            request: pytest.FixtureRequest, backend: str) -> None:
     """30 parallel requests on a key with rpm=10 admit exactly 10; the other 20 get
     provider-shaped 429s with retry-after and the rate-limit headers."""
-    async with running_gateway(tmp_path, upstream.url, store=_store(request, backend)) as gw:
+    async with running_gateway(tmp_path, upstream.url, store=store_config(request, backend)) as gw:
         key = await issue(gw, rpm=10)
         async with aiohttp.ClientSession() as s:
             replies = await asyncio.gather(*(send(s, gw, key) for _ in range(30)))
@@ -164,7 +151,7 @@ async def test_rpm_exact_across_two_instances(tmp_path: Path, upstream: FakeUpst
                                               request: pytest.FixtureRequest,
                                               backend: str) -> None:
     """Two gateway instances sharing one Redis admit exactly rpm=10 in total."""
-    store = _store(request, backend)
+    store = store_config(request, backend)
     async with (running_gateway(tmp_path / "a", upstream.url, store=store) as gw1,
                 running_gateway(tmp_path / "b", upstream.url, store=store) as gw2):
         key = await issue(gw1, gw2, rpm=10)
@@ -314,7 +301,7 @@ async def test_redis_outage_fails_closed_and_recovers(
     """on_error closed: with Redis killed, admission answers 503 store_unavailable and /readyz
     503, while key and policy decisions keep working from snapshots; after a restart the
     gateway recovers on its own."""
-    store = {"url": durable_redis.url, "key_prefix": _prefix(), "on_error": "closed"}
+    store = {"url": durable_redis.url, "key_prefix": unique_prefix(), "on_error": "closed"}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
         key = await issue(gw, rpm=100)
@@ -357,7 +344,7 @@ async def test_redis_outage_fails_open_with_divided_limits(
     """on_error open: with Redis killed, requests are admitted by the local fallback limiter
     at limit / fallback_instances (rpm=4, 2 instances: 2), /readyz says degraded; after a
     restart admission goes through Redis again."""
-    store = {"url": durable_redis.url, "key_prefix": _prefix(), "on_error": "open",
+    store = {"url": durable_redis.url, "key_prefix": unique_prefix(), "on_error": "open",
              "fallback_instances": 2}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
@@ -404,7 +391,7 @@ async def test_one_round_trip_per_admitted_request_none_when_denied(
 
     monkeypatch.setattr(gateway.app, "LAST_USED_FLUSH_S", 3600.0)  # no background writes
     monkeypatch.setattr(gateway.app, "FLUSH_INTERVAL_S", 3600.0)  # nor usage flushes
-    store = {"url": redis_server_session.url, "key_prefix": _prefix(), "sync_interval_s": 60}
+    store = {"url": redis_server_session.url, "key_prefix": unique_prefix(), "sync_interval_s": 60}
     upstream.hold_stream = asyncio.Event()
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
@@ -436,7 +423,7 @@ async def test_redis_that_comes_back_empty_is_restored_from_snapshots(
         tmp_path: Path, upstream: FakeUpstream, redis_server: RedisServer) -> None:
     """A Redis restarted without persistence comes back empty: the gateway writes its key and
     policy snapshots back (revoked keys stay revoked) instead of refusing every key."""
-    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": "closed"}
+    store = {"url": redis_server.url, "key_prefix": unique_prefix(), "on_error": "closed"}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
         key = await issue(gw, rpm=100)
@@ -470,7 +457,7 @@ async def test_scripts_reloaded_after_script_flush(
     settlement still work: EVALSHA's NOSCRIPT falls back to loading the script."""
     import redis.asyncio as aioredis
 
-    store = {"url": redis_server.url, "key_prefix": _prefix()}
+    store = {"url": redis_server.url, "key_prefix": unique_prefix()}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
         key = await issue(gw, rpm=5)

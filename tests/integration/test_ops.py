@@ -16,7 +16,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cli import GatewayProcess, child_pids, code_of, pid_alive, send
-from tests.support.gateway import ADMIN_TOKEN, poll, running_gateway, write_config
+from tests.support.gateway import issue_key_at, poll, running_gateway, write_config
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
@@ -169,15 +169,6 @@ async def test_admin_reload_refuses_broken_config_and_applies_valid_one(
         assert status == 200 and ready["status"] == "ready"
 
 
-async def _issue(admin_url: str) -> str:
-    async with aiohttp.ClientSession() as s, s.post(
-            admin_url + "/admin/keys", json={"reseller": "direct"},
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-        assert r.status == 201
-        key: str = (await r.json())["key"]
-        return key
-
-
 async def test_sighup_reload(tmp_path: Path, upstream: FakeUpstream) -> None:
     """SIGHUP to `gateway run` with a broken config keeps serving (config_reload_failed); a
     valid change (log level, openai headers) is applied (config_reloaded)."""
@@ -186,7 +177,7 @@ async def test_sighup_reload(tmp_path: Path, upstream: FakeUpstream) -> None:
         started = await poll(lambda: gw.events("gateway_started"), timeout=START_S)
         url = f"http://127.0.0.1:{started[0]['proxy_port']}"
         admin = f"http://127.0.0.1:{started[0]['admin_port']}"
-        key = await _issue(admin)
+        _, key = await issue_key_at(admin)
         assert (await send(url, key))[0] == 200
 
         await asyncio.to_thread(_write_broken, cfg)
@@ -221,7 +212,7 @@ async def test_workers_supervised(tmp_path: Path, upstream: FakeUpstream,
         await poll(lambda: len(sup.events("gateway_started")) == 2, timeout=START_S)
         workers = {e["pid"] for e in sup.events("worker_started")}
         assert len(workers) == 2 and child_pids(sup.pid) == workers
-        key = await _issue(f"http://127.0.0.1:{admin_port}")
+        _, key = await issue_key_at(f"http://127.0.0.1:{admin_port}")
 
         async def all_ok(n: int = 8) -> bool:
             got = [(await send(url, key))[0] for _ in range(n)]

@@ -10,7 +10,6 @@ import asyncio
 import copy
 import json
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,27 +20,20 @@ import pytest
 from gateway.ledger import reseller_subject, utc_day
 from gateway.quotas import period_end
 from gateway.store import open_store
-from gateway.store.base import KeyRecord, UsageRow
-from tests.support.gateway import DEFAULT_POLICY, RunningGateway, poll, running_gateway
+from gateway.store.base import UsageRow
+from tests.support.gateway import (
+    DEFAULT_POLICY,
+    RunningGateway,
+    poll,
+    running_gateway,
+    store_config,
+    unique_prefix,
+)
 from tests.support.upstream import FakeUpstream
 
 US = {"X-Forwarded-For": "192.0.2.1"}
 CN = {"X-Forwarded-For": "198.51.100.1"}
 CUSTOMER = {"X-Customer-IP": "192.0.2.1"}
-
-
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}:"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_cfg(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """`store:` of the embedded store, or of the session's redis-server under a prefix of this
-    test alone."""
-    if request.param == "memory":
-        return {"url": "memory://"}
-    return {"url": request.getfixturevalue("redis_server_session").url,
-            "key_prefix": _prefix()}
 
 
 def _policy(**quotas: Any) -> dict[str, Any]:
@@ -80,27 +72,6 @@ async def _post(s: aiohttp.ClientSession, gw: RunningGateway, key: str, body: by
         except ValueError:
             doc = text
         return r.status, r.headers, doc
-
-
-async def _issue(gw: RunningGateway, reseller: str, *others: RunningGateway,
-                 quotas: dict[str, int] | None = None, **spec: Any) -> tuple[str, str]:
-    """Issue a key (with its own `quotas` written to the store record) and wait until every
-    instance given knows it as written."""
-    key_id, key = await gw.issue_key(reseller, **spec)
-    if quotas:
-        rec = await gw.service.store.get_key(key_id)
-        assert rec is not None
-        rec.quotas = dict(quotas)
-        await gw.service.store.put_key(rec)
-    for inst in (gw, *others):
-        registry = inst.service.registry
-
-        def known(r: Any = registry) -> bool:
-            rec: KeyRecord | None = r.keys.get(key_id)
-            return rec is not None and rec.quotas == (quotas or {})
-
-        await poll(known, timeout=10.0)
-    return key_id, key
 
 
 def _expected(*gws: RunningGateway) -> Counter[tuple[Any, ...]]:
@@ -161,15 +132,14 @@ async def test_ledger_equals_the_upstreams_usage_over_a_mixed_run(
     families, whole and cut streams, a model-less request and refused ones: the ledger's cells
     equal, exactly, the usage the upstream reported as the request lines show it; refused
     requests count nowhere."""
-    store = {"url": request.getfixturevalue("redis_server_session").url,
-             "key_prefix": _prefix()}
+    store = store_config(request, "redis")
     async with (running_gateway(tmp_path / "a", upstream.url, store=store) as a,
                 running_gateway(tmp_path / "b", upstream.url, store=store) as b,
                 aiohttp.ClientSession() as s):
-        _, acme1 = await _issue(a, "acme", b)
-        _, acme2 = await _issue(a, "acme", b)
-        _, direct1 = await _issue(a, "direct", b)
-        _, tiny = await _issue(a, "direct", b, rpm=1)
+        _, acme1 = await a.issue_known_key("acme", b)
+        _, acme2 = await a.issue_known_key("acme", b)
+        _, direct1 = await a.issue_known_key("direct", b)
+        _, tiny = await a.issue_known_key("direct", b, rpm=1)
         for i in range(12):
             gw = (a, b)[i % 2]
             upstream.input_tokens, upstream.output_tokens = 10 + i, 3 + 2 * i
@@ -202,11 +172,11 @@ async def test_stop_flushes_what_is_left(tmp_path: Path, upstream: FakeUpstream,
                                          redis_server_session: Any) -> None:
     """Requests served just before a stop are in the Redis ledger once the instance has
     stopped: the stop flushes the tallies the loop had not sent yet."""
-    prefix = _prefix()
+    prefix = unique_prefix()
     store = {"url": redis_server_session.url, "key_prefix": prefix}
     async with running_gateway(tmp_path, upstream.url, store=store) as gw, \
             aiohttp.ClientSession() as s:
-        _, key = await _issue(gw, "direct")
+        _, key = await gw.issue_known_key("direct")
         for _ in range(5):
             assert (await _post(s, gw, key, _anthropic()))[0] == 200
         expected = _expected(gw)
@@ -242,8 +212,8 @@ async def test_daily_quotas_refuse_exactly(tmp_path: Path, upstream: FakeUpstrea
     async with running_gateway(tmp_path, upstream.url, policy, store=store_cfg) as gw, \
             aiohttp.ClientSession() as s:
         upstream.output_tokens = 12
-        _, k1 = await _issue(gw, "direct")
-        _, k2 = await _issue(gw, "direct")
+        _, k1 = await gw.issue_known_key("direct")
+        _, k2 = await gw.issue_known_key("direct")
         statuses = [(await _post(s, gw, k1, _anthropic()))[0] for _ in range(3)]
         assert statuses == [200, 200, 200]  # 0, 12, 24 output tokens used: below 30
         _assert_quota(*await _post(s, gw, k1, _anthropic()), "daily_quota_exceeded", "daily")
@@ -268,7 +238,7 @@ async def test_monthly_quota_refuses_with_retry_after_to_the_month(
     until the next UTC month; refusals take none of the key's rate limit."""
     async with running_gateway(tmp_path, upstream.url, store=store_cfg) as gw, \
             aiohttp.ClientSession() as s:
-        key_id, key = await _issue(gw, "direct", quotas={"monthly.requests": 2}, rpm=3)
+        key_id, key = await gw.issue_known_key("direct", quotas={"monthly.requests": 2}, rpm=3)
         assert [(await _post(s, gw, key, _anthropic()))[0] for _ in range(2)] == [200, 200]
         for _ in range(5):
             _assert_quota(*await _post(s, gw, key, _anthropic()), "monthly_quota_exceeded",
@@ -286,13 +256,12 @@ async def test_two_instances_share_a_quota(tmp_path: Path, upstream: FakeUpstrea
                                            request: pytest.FixtureRequest) -> None:
     """Two instances on one Redis: what one used counts at the other within the flush bound,
     after which the other refuses too."""
-    store = {"url": request.getfixturevalue("redis_server_session").url,
-             "key_prefix": _prefix()}
+    store = store_config(request, "redis")
     policy = _policy(direct={"daily": {"requests": 5}})
     async with (running_gateway(tmp_path / "a", upstream.url, policy, store=store) as a,
                 running_gateway(tmp_path / "b", upstream.url, policy, store=store) as b,
                 aiohttp.ClientSession() as s):
-        _, key = await _issue(a, "direct", b)
+        _, key = await a.issue_known_key("direct", b)
         assert (await _post(s, b, key, _anthropic()))[0] == 200  # b watches direct now
 
         async def flushed() -> bool:
@@ -322,7 +291,7 @@ async def test_self_service_answers_and_consumes_nothing(
     policy = _policy(direct={"daily": {"requests": 10}, "monthly": {"output_tokens": 1000}})
     async with running_gateway(tmp_path, upstream.url, policy, store=store_cfg) as gw, \
             aiohttp.ClientSession() as s:
-        key_id, key = await _issue(gw, "direct", quotas={"daily.requests": 3}, rpm=2,
+        key_id, key = await gw.issue_known_key("direct", quotas={"daily.requests": 3}, rpm=2,
                                    models=["claude-*"])
         upstream.output_tokens = 12
         assert (await _post(s, gw, key, _anthropic()))[0] == 200
@@ -374,11 +343,11 @@ async def test_a_quota_costs_one_read_per_subject_not_one_per_request(
 
     monkeypatch.setattr(gateway.app, "LAST_USED_FLUSH_S", 3600.0)  # no background writes
     monkeypatch.setattr(gateway.app, "FLUSH_INTERVAL_S", 3600.0)
-    store = {"url": redis_server_session.url, "key_prefix": _prefix(), "sync_interval_s": 60}
+    store = {"url": redis_server_session.url, "key_prefix": unique_prefix(), "sync_interval_s": 60}
     policy = _policy(key={"daily": {"requests": 100}})
     async with running_gateway(tmp_path, upstream.url, policy, store=store) as gw, \
             aiohttp.ClientSession() as s:
-        _, key = await _issue(gw, "direct")
+        _, key = await gw.issue_known_key("direct")
         redis_store: Any = gw.service.store
         epoch, _ = await redis_store.versions()
         await poll(lambda: gw.service.registry.epoch == epoch, timeout=10.0)

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,15 +22,17 @@ from gateway.store.base import PIPELINE_STATS, AdmitRequest, KeyRecord, Settleme
 from gateway.store.redis import RedisStore
 from gateway.store.redis.pooled import PooledRunner
 from tests.support.cli import GatewayProcess, code_of, run_cli, send
-from tests.support.gateway import RunningGateway, poll, running_gateway, write_config
+from tests.support.gateway import (
+    RunningGateway,
+    poll,
+    running_gateway,
+    unique_prefix,
+    write_config,
+)
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream
 
 US = {"X-Forwarded-For": "192.0.2.1"}
-
-
-def _prefix() -> str:
-    return f"f{uuid.uuid4().hex[:10]}:"
 
 
 def _body(max_tokens: int = 16) -> bytes:
@@ -44,12 +45,6 @@ async def _send(s: aiohttp.ClientSession, gw: RunningGateway, key: str,
     headers = {"content-type": "application/json", "x-api-key": key, **US}
     async with s.post(gw.url + "/v1/messages", data=_body(max_tokens), headers=headers) as r:
         return r.status, await r.json(content_type=None)
-
-
-async def _issue(gw: RunningGateway, **spec: Any) -> tuple[str, str]:
-    key_id, key = await gw.issue_key("direct", **spec)
-    await poll(lambda: key_id in gw.service.registry.keys, timeout=10.0)
-    return key_id, key
 
 
 @contextmanager
@@ -81,12 +76,12 @@ async def test_admissions_given_up_during_a_stall_are_rolled_back(
     """Requests refused 503 while Redis is paused spend no rpm or tokens and hold no lease
     once Redis resumes: within seconds the key admits exactly what it would have without
     them (rpm 5: 1 before, 4 after; concurrency 2: no lease left)."""
-    prefix = _prefix()
+    prefix = unique_prefix()
     store = {"url": redis_server.url, "key_prefix": prefix, "on_error": "closed",
              "timeout_s": 0.25}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
-        key_id, key = await _issue(gw, rpm=5, otpm=1000, concurrency=2)
+        key_id, key = await gw.issue_known_key(rpm=5, otpm=1000, concurrency=2)
         assert (await _send(s, gw, key))[0] == 200
 
         with paused(redis_server):
@@ -120,11 +115,11 @@ async def test_a_client_gone_while_its_admission_is_at_the_store_holds_no_lease(
     """A client hangs up while its admission waits on a slow Redis (the call is written, not
     yet answered). When Redis answers, the admission is given back: at concurrency 1 the key
     admits again within seconds, not a lease ttl (60 s) later."""
-    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": "closed",
+    store = {"url": redis_server.url, "key_prefix": unique_prefix(), "on_error": "closed",
              "timeout_s": 5.0}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
-        _, key = await _issue(gw, concurrency=1)
+        _, key = await gw.issue_known_key(concurrency=1)
         assert (await _send(s, gw, key))[0] == 200
         writes = PIPELINE_STATS.writes
         with paused(redis_server):
@@ -147,13 +142,13 @@ async def test_failed_settlement_is_retried_when_the_store_returns(
     """A stream that ends while Redis is down releases its lease once Redis is back (the
     settlement is retried), not a lease ttl later: a concurrency-1 key admits again within
     seconds."""
-    prefix = _prefix()
+    prefix = unique_prefix()
     store = {"url": durable_redis.url, "key_prefix": prefix, "on_error": "closed",
              "timeout_s": 0.25}
     upstream.hold_stream = asyncio.Event()
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
-        key_id, key = await _issue(gw, concurrency=1)
+        key_id, key = await gw.issue_known_key(concurrency=1)
         body = json.dumps({"model": "claude-test-1", "max_tokens": 16, "stream": True,
                            "messages": [{"role": "user", "content": "hi"}]})
         async with s.post(gw.url + "/v1/messages", data=body,
@@ -215,7 +210,7 @@ async def test_error_replies_become_store_errors_on_every_method(
     the event listener survives; once Redis heals, the same store works again."""
     pooled = PooledRunner(redis_server.url, 0.5)
     # "pooled": as on Sentinel and Cluster, the per-request scripts through redis-py too.
-    store = RedisStore(redis_server.url, _prefix(), timeout_s=0.5, pooled=pooled,
+    store = RedisStore(redis_server.url, unique_prefix(), timeout_s=0.5, pooled=pooled,
                        scripts=pooled if transport == "pooled" else None)
     await store.start()
     events: list[dict[str, Any]] = []
@@ -274,7 +269,7 @@ async def test_garbage_answering_peer_is_a_store_failure(
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    store = {"url": f"redis://127.0.0.1:{port}/0", "key_prefix": _prefix(),
+    store = {"url": f"redis://127.0.0.1:{port}/0", "key_prefix": unique_prefix(),
              "on_error": "closed", "timeout_s": 0.25}
     try:
         async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
@@ -318,11 +313,11 @@ async def test_write_error_replies_follow_on_error_and_recover(
     """Redis answering writes with OOM or NOREPLICAS: admission answers 503 store_unavailable
     (closed) or admits through the local fallback (open), never 500; the admin API answers
     503; once Redis takes writes again, admission goes through it without a restart."""
-    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": on_error,
+    store = {"url": redis_server.url, "key_prefix": unique_prefix(), "on_error": on_error,
              "timeout_s": 0.5}
     async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                 aiohttp.ClientSession() as s):
-        _, key = await _issue(gw, rpm=50)
+        _, key = await gw.issue_known_key(rpm=50)
         assert (await _send(s, gw, key))[0] == 200
         _deny_writes(redis_server, fault)
         status, body = await _send(s, gw, key)
@@ -351,12 +346,12 @@ async def test_readonly_replica_keeps_background_loops_alive(
     """Redis turned into a read-only replica of an empty server (a failover gone wrong): writes
     answer READONLY, admission 503, and every background loop (sync, events, retries) lives
     on; promoted again, the gateway restores its keys and admits without a restart."""
-    store = {"url": redis_server.url, "key_prefix": _prefix(), "on_error": "closed",
+    store = {"url": redis_server.url, "key_prefix": unique_prefix(), "on_error": "closed",
              "timeout_s": 0.5}
     with RedisServer() as empty:
         async with (running_gateway(tmp_path, upstream.url, store=store) as gw,
                     aiohttp.ClientSession() as s):
-            _, key = await _issue(gw, rpm=50)
+            _, key = await gw.issue_known_key(rpm=50)
             assert (await _send(s, gw, key))[0] == 200
             import redis
 
@@ -394,7 +389,7 @@ async def test_fallback_divides_by_instances_times_workers(
     port, admin_port = free_port(), free_port()
     config = write_config(tmp_path, upstream.url, listen=f"127.0.0.1:{port}",
                           admin_listen=f"127.0.0.1:{admin_port}",
-                          store={"url": redis_server.url, "key_prefix": _prefix(),
+                          store={"url": redis_server.url, "key_prefix": unique_prefix(),
                                  "on_error": "open", "fallback_instances": 2,
                                  "sync_interval_s": 0.2})
     # An empty Redis: apply the policy first (keys are issued for resellers it names).

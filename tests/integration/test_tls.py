@@ -19,9 +19,17 @@ import openai
 import pytest
 
 from gateway.cli import main as cli_main
-from tests.support.certs import Issued, TestCA, install, served_certificate
+from tests.support.certs import (
+    Issued,
+    TestCA,
+    install,
+    live_certificate,
+    served_certificate,
+    served_now,
+)
 from tests.support.cli import US, cli_env, gateway_process, run_cli
-from tests.support.gateway import ADMIN_TOKEN, DEFAULT_POLICY, poll, running_gateway, write_config
+from tests.support.gateway import DEFAULT_POLICY, poll, running_gateway, write_config
+from tests.support.raw_http import raw_request, read_response
 from tests.support.upstream import FakeUpstream
 
 MESSAGE: dict[str, Any] = {"model": "claude-test-1", "max_tokens": 16,
@@ -190,48 +198,17 @@ class KeptConnection:
         return hashlib.sha256(der).hexdigest()
 
     async def get(self, path: str, key: str) -> tuple[int, bytes]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nx-api-key: {key}\r\n"
-                          f"X-Forwarded-For: 192.0.2.1\r\n\r\n".encode())
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 30)
-        lines = head.decode().split("\r\n")
-        headers = {k.lower(): v for k, _, v in (x.partition(": ") for x in lines[1:] if x)}
-        if "content-length" in headers:
-            body = await self.reader.readexactly(int(headers["content-length"]))
-        else:
-            assert headers.get("transfer-encoding") == "chunked", headers
-            body = b""
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-                body += await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-        return int(lines[0].split()[1]), body
+        self.writer.write(raw_request("GET", path, {"x-api-key": key, **US}))
+        async with asyncio.timeout(30):
+            resp = await read_response(self.reader)
+        return resp.status, resp.body
 
     def close(self) -> None:
         self.writer.close()
 
 
-async def _issue(admin_url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.post(
-            admin_url + "/admin/keys", json={"reseller": "direct"},
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-        assert r.status == 201
-        key: str = (await r.json())["key"]
-        return key
-
-
-def _live(ca: TestCA, tmp_path: Path) -> tuple[Issued, Path, Path]:
-    """A server certificate installed at live/tls.crt and live/tls.key."""
-    first = ca.issue("first", folder=tmp_path / "made")
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = live / "tls.crt", live / "tls.key"
-    install(first, cert, key)
-    return first, cert, key
-
-
 async def _serves(port: int, ca: TestCA, sha256: str) -> bool:
-    return await asyncio.to_thread(served_certificate, "127.0.0.1", port, ca) == sha256
+    return await served_now(port, ca) == sha256
 
 
 async def test_sighup_swaps_the_certificate_and_an_open_connection_keeps_working(
@@ -240,11 +217,11 @@ async def test_sighup_swaps_the_certificate_and_an_open_connection_keeps_working
     connections get it, a connection opened before keeps being served with its own; a key
     that does not match refuses the reload (config_reload_failed naming tls.key_file) and
     the certificate in service stays."""
-    first, cert, key_file = _live(ca, tmp_path)
+    first, cert, key_file = live_certificate(ca, tmp_path)
     tls = {"cert_file": str(cert), "key_file": str(key_file), "reload_interval_s": 3600}
     async with gateway_process(tmp_path, upstream.url, tls=tls) as gw:
         assert gw.port is not None
-        key = await _issue(gw.admin_url)
+        _, key = await gw.issue_key()
         old = await KeptConnection.open(gw.port, ca)
         assert (await old.get("/v1/models", key))[0] == 200
         assert await _serves(gw.port, ca, first.sha256)
@@ -275,11 +252,11 @@ async def test_a_file_change_without_a_signal_is_served_and_a_bad_one_refused(
     """With no signal, files renamed into place are noticed within the watch interval
     (`tls.reload_interval_s`); a certificate file that is no certificate is refused
     (tls_certificate_rejected) and the good one keeps being served."""
-    first, cert, key_file = _live(ca, tmp_path)
+    first, cert, key_file = live_certificate(ca, tmp_path)
     tls = {"cert_file": str(cert), "key_file": str(key_file), "reload_interval_s": 0.2}
     async with gateway_process(tmp_path, upstream.url, tls=tls) as gw:
         assert gw.port is not None
-        key = await _issue(gw.admin_url)
+        _, key = await gw.issue_key()
         old = await KeptConnection.open(gw.port, ca)
         assert await _serves(gw.port, ca, first.sha256)
         second = ca.issue("second", folder=tmp_path / "made")

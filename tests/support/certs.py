@@ -1,9 +1,11 @@
 """Certificates made in the test: the tools' throwaway CA (tools/pki.py, shared with the demo)
 plus what only the tests need: a client context, an installer that renames files into place
-like cert-manager, and the fingerprint a live server presents."""
+like cert-manager, a certificate installed where a gateway's `tls:` section reads it, and the
+fingerprint a live server presents."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from tools.pki import CertificateAuthority, Issued
 
-__all__ = ["Issued", "TestCA", "install", "served_certificate"]
+__all__ = ["Issued", "TestCA", "install", "live_certificate", "served_certificate", "served_now"]
 
 
 class TestCA(CertificateAuthority):
@@ -40,6 +42,17 @@ def install(src: Issued, cert_file: Path, key_file: Path) -> None:
         os.replace(tmp, target)
 
 
+def live_certificate(ca: TestCA, tmp_path: Path) -> tuple[Issued, Path, Path]:
+    """A server certificate `first` installed at live/tls.crt and live/tls.key under
+    `tmp_path`: (it, the certificate file, the key file)."""
+    first = ca.issue("first", folder=tmp_path / "made")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    install(first, cert, key)
+    return first, cert, key
+
+
 def served_certificate(host: str, port: int, ca: TestCA) -> str:
     """SHA-256 of the certificate a TLS server on host:port presents to a new connection."""
     import socket
@@ -50,3 +63,8 @@ def served_certificate(host: str, port: int, ca: TestCA) -> str:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return hashlib.sha256(der).hexdigest()
+
+
+async def served_now(port: int, ca: TestCA) -> str:
+    """`served_certificate` of 127.0.0.1:port, off the event loop."""
+    return await asyncio.to_thread(served_certificate, "127.0.0.1", port, ca)

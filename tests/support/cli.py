@@ -20,7 +20,14 @@ from typing import IO, Any
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from tests.support.gateway import ADMIN_TOKEN, REPO, UPSTREAM_KEY, poll, write_config
+from tests.support.gateway import (
+    ADMIN_TOKEN,
+    REPO,
+    UPSTREAM_KEY,
+    issue_key_at,
+    poll,
+    write_config,
+)
 from tests.support.redis_server import free_port
 from tests.support.transcript import TRANSCRIPT
 
@@ -135,6 +142,10 @@ class GatewayProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    async def issue_key(self, reseller: str = "direct", **spec: Any) -> tuple[str, str]:
+        """(key id, key) of a key issued through this process's admin API."""
+        return await issue_key_at(self.admin_url, reseller, **spec)
 
     async def ready(self) -> bool:
         """True once the admin listener answers /readyz with 200 (fails if the process

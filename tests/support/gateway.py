@@ -7,12 +7,14 @@ import io
 import json
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -67,6 +69,18 @@ async def poll(fn: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         await asyncio.sleep(interval)
 
 
+async def issue_key_at(admin_url: str, reseller: str = "direct", **spec: Any) -> tuple[str, str]:
+    """(key id, key) of a key issued through the admin API at `admin_url` (`spec`: its other
+    fields); the key is a secret the transcript never shows."""
+    async with aiohttp.ClientSession() as s, s.post(
+            admin_url + "/admin/keys", json={"reseller": reseller, **spec},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        body = await r.json(content_type=None)
+        assert r.status == 201, body
+    TRANSCRIPT.secret(body["key"])
+    return body["key_id"], body["key"]
+
+
 class RunningGateway:
     def __init__(self, service: GatewayService, logs: LogCapture, tmp: Path) -> None:
         self.service = service
@@ -83,10 +97,23 @@ class RunningGateway:
             return r.status, await r.json(content_type=None)
 
     async def issue_key(self, reseller: str = "direct", **spec: Any) -> tuple[str, str]:
-        status, body = await self.admin("POST", "/admin/keys", json={"reseller": reseller, **spec})
-        assert status == 201, body
-        TRANSCRIPT.secret(body["key"])
-        return body["key_id"], body["key"]
+        return await issue_key_at(self.admin_url, reseller, **spec)
+
+    async def issue_known_key(self, reseller: str = "direct", *others: RunningGateway,
+                              **spec: Any) -> tuple[str, str]:
+        """Issue a key (`spec`: its other fields, its own `quotas` too) and wait until this
+        instance and every one of `others` holds it as issued."""
+        key_id, key = await self.issue_key(reseller, **spec)
+        quotas = spec.get("quotas") or {}
+        for inst in (self, *others):
+            registry = inst.service.registry
+
+            def known(r: Any = registry) -> bool:
+                rec = r.keys.get(key_id)
+                return rec is not None and rec.quotas == quotas
+
+            await poll(known, timeout=10.0)
+        return key_id, key
 
     async def apply_policy(self, policy: dict[str, Any]) -> int:
         status, body = await self.admin("PUT", "/admin/policy", data=json.dumps(policy))
@@ -97,6 +124,21 @@ class RunningGateway:
 
 
 DEFAULT_POLICY: dict[str, Any] = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())
+
+
+def unique_prefix() -> str:
+    """A store key prefix of one test's own (tests share a redis-server and never flush it)."""
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+def store_config(request: pytest.FixtureRequest, backend: str, **more: Any) -> dict[str, Any]:
+    """The `store:` section of the embedded store (`backend` memory), or of the session's
+    redis-server (redis) or Redis Cluster (cluster) under a key prefix of this test alone,
+    with the settings `more`."""
+    if backend == "memory":
+        return {"url": "memory://", **more}
+    fixture = {"redis": "redis_server_session", "cluster": "redis_cluster"}[backend]
+    return {"url": request.getfixturevalue(fixture).url, "key_prefix": unique_prefix(), **more}
 
 
 def write_config(tmp: Path, upstream_url: str, policy: dict[str, Any] | None = None,

@@ -4,6 +4,7 @@ spellings."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import ssl
 from pathlib import Path
@@ -43,3 +44,21 @@ def test_fingerprints_in_both_spellings(tmp_path: Path) -> None:
     assert issued.sha256 == hashlib.sha256(der).hexdigest()
     assert issued.sha256_colons.replace(":", "").lower() == issued.sha256
     assert len(issued.sha256_colons.split(":")) == 32
+
+
+def test_the_ca_signs_and_a_leaf_does_not(tmp_path: Path) -> None:
+    """The CA certificate is self-issued, a critical CA that may sign certificates, valid two
+    days; a leaf is no CA, issued by the CA's name, valid one day; both are valid from a
+    little before now."""
+    ca = CertificateAuthority(tmp_path, "ca")
+    leaf = ca.issue("leaf")
+    basic = ca.cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and basic.value.ca
+    assert ca.cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert ca.cert.issuer == ca.cert.subject
+    assert not leaf.cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert leaf.cert.issuer == ca.cert.subject
+    for cert, days in ((ca.cert, 2), (leaf.cert, 1)):
+        valid = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert valid == dt.timedelta(days=days, minutes=5)
+        assert cert.not_valid_before_utc < dt.datetime.now(dt.UTC)

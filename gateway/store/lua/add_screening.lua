@@ -26,9 +26,8 @@ for h = 1, hours do
   for asn, name in pairs(t["n"] or {}) do
     redis.call("HSET", KEYS[base + 3], asn, name)
   end
-  if redis.call("EXISTS", KEYS[base + 3]) == 1 then
-    redis.call("EXPIREAT", KEYS[base + 3], expires)
-  end
+  -- Names added now or by an earlier addition; on a missing key EXPIREAT does nothing.
+  redis.call("EXPIREAT", KEYS[base + 3], expires)
   local p = t["p"] or {}
   for k = 1, 4 do
     local members = p[kinds[k]] or {}

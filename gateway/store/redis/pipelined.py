@@ -296,16 +296,22 @@ class PipelinedRunner:
         done(reply, None)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """The script's reply."""
-        conn = self.conn
-        if conn._writer is None:
-            await conn.ensure()
-        reply = await conn.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await conn.call("EVAL", script.source, len(keys), *keys, *args)
-        if isinstance(reply, hiredis.ReplyError):
-            raise error_reply(str(reply))
-        return reply
+        """The script's reply: `submit`'s call (NOSCRIPT and errors handled as there), after
+        connecting when the connection is not up."""
+        if self.conn._writer is None:
+            await self.conn.ensure()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Any, error: BaseException | None) -> None:
+            if answer.done():  # the caller stopped waiting
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(reply)
+
+        self._send(("EVALSHA", script.sha), script, keys, args, done)
+        return await answer
 
     async def close(self) -> None:
         await self.conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import time
 import uuid
@@ -93,6 +94,10 @@ def _replies(reply: Any, count: int) -> list[Any]:
 SETTLE_WINDOW_S = 0.002
 #: The most settlements and admissions one admit.lua call carries (≈ 25 µs of Redis each).
 CALL_MAX = 64
+#: The most lease expiry ticks a store remembers (a few MB). A lease whose settlement was
+#: given up on (a long store outage) is never forgotten otherwise; a settlement whose tick
+#: was forgotten still applies (admit.lua reads it from the lease's marker).
+LEASE_TICKS_MAX = 65536
 
 
 def lua(name: str) -> Script:
@@ -125,6 +130,8 @@ class RedisStore(Store):
     _RESOLVE_USAGE = lua("resolve_usage.lua")
     _ADD_SCREENING = lua("add_screening.lua")
     _USAGE_PAGE = 500  # commands per pipeline of query_usage
+    #: Past this many remembered lease ticks the older half is forgotten.
+    lease_ticks_max: int = LEASE_TICKS_MAX
 
     def __init__(self, url: str, key_prefix: str = "gw:", timeout_s: float = 1.0, *,
                  pooled: PooledRunner | None = None,
@@ -350,7 +357,11 @@ class RedisStore(Store):
         result = self._admit_result(req, res)
         if result.ok and len(res) > 10:
             # The lease's expiry tick: settlement names the lease's count field with it.
-            self._lease_sec[req.lease_id] = int(res[10])
+            ticks = self._lease_sec
+            if len(ticks) >= self.lease_ticks_max:
+                for old in list(itertools.islice(ticks, max(1, len(ticks) // 2))):
+                    del ticks[old]  # the oldest admissions (insertion order)
+            ticks[req.lease_id] = int(res[10])
         return result
 
     @staticmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -412,3 +413,49 @@ async def test_many_admissions_of_one_turn_are_split_into_bounded_calls(
     if _batched(store):
         assert store.round_trips - trips == 2
     assert not (await store.admit(AdmitRequest((s,), "over", 60_000, 0, 0))).ok
+
+
+async def test_screening_tallies_give_every_key_of_the_hour_its_expiry_without_exists(
+        redis_server: RedisServer) -> None:
+    """add_screening.lua sets the hour's expiry on the names hash whether this addition named
+    an ASN or an earlier one did, leaves a names hash nobody wrote absent, and asks Redis no
+    EXISTS for it (EXPIREAT on a missing key already does nothing)."""
+    from gateway.store.base import ScreeningTally
+
+    hour = int(time.time() // 3600)
+    expires = (hour + 1 + 24) * 3600
+    named = ScreeningTally(counts={"req": 1}, names={"64500": "Example"})
+    async with _started(redis_server.url, "pipelined") as st:
+        plain = aioredis.from_url(redis_server.url)
+        try:
+            await plain.config_resetstat()
+            await st.add_screening({("acme", hour): named}, 24)
+            names = st.screening.hour_keys("acme", hour)[2]
+            assert await plain.expiretime(names) == expires
+            await plain.persist(names)
+            await st.add_screening({("acme", hour): ScreeningTally(counts={"req": 1}),
+                                    ("quiet", hour): ScreeningTally(counts={"req": 1})}, 24)
+            stats = await plain.info("commandstats")
+            assert "cmdstat_expireat" in stats and "cmdstat_exists" not in stats
+            assert await plain.expiretime(names) == expires
+            assert not await plain.exists(st.screening.hour_keys("quiet", hour)[2])
+        finally:
+            await plain.aclose()
+
+
+async def test_remembered_lease_ticks_are_bounded_and_a_forgotten_one_still_settles(
+        store: RedisStore) -> None:
+    """Leases whose settlement never comes (given up during a long store outage) do not
+    pile up in the store's memory: past `lease_ticks_max` the oldest ticks are forgotten. A
+    lease whose tick was forgotten still settles (the script reads the tick from its marker)
+    and frees its concurrency slot."""
+    store.lease_ticks_max = 8
+    s = Subject("key", f"k{uuid.uuid4().hex[:6]}", "r", concurrency=20)
+    for i in range(20):
+        assert (await store.admit(AdmitRequest((s,), f"l{i}", 60_000, 0, 0))).ok, i
+    assert 0 < len(store._lease_sec) <= 8 and "l19" in store._lease_sec
+    assert "l0" not in store._lease_sec
+    await store.settle(Settlement((s,), "l0", 0, 0, 0, 0))
+    assert (await store.admit(AdmitRequest((s,), "l20", 60_000, 0, 0))).ok
+    refused = await store.admit(AdmitRequest((s,), "l21", 60_000, 0, 0))
+    assert not refused.ok and refused.failed_dimension == "concurrency"

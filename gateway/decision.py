@@ -10,12 +10,11 @@ client certificate is an input, as its fingerprint) and `attest` run on the head
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from gateway.attestation import ATTESTATION_HEADER
+from gateway.attestation import ATTESTATION_HEADER, Verifications
 from gateway.attestation import parse_header as parse_signed_attestation
-from gateway.attestation import verify as verify_attestation
 from gateway.context import clip
 from gateway.errors import (
     GatewayError,
@@ -137,12 +136,14 @@ def check_client_cert(policy: CompiledPolicy, key: KeyRecord, cert_sha256: str |
 
 def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
            customer_ip: str | None, signature: str | None = None, method: str = "POST",
-           path: str = "/v1/messages", now: float = 0.0) -> Attestation:
+           path: str = "/v1/messages", now: float = 0.0,
+           verifications: Verifications | None = None) -> Attestation:
     """The customer attestation from its header values: 400 when malformed, 403 when the
     key's reseller requires it (both X-Customer-Id and X-Customer-IP) and it is incomplete;
     then its signature (`X-Customer-Attestation`, docs/architecture.md §13), verified whenever
     present and required where the reseller says so: 403 `attestation_signature_*` otherwise.
-    `method` and `path` (normalised) are the request's, `now` the time it is judged at."""
+    `method` and `path` (normalised) are the request's, `now` the time it is judged at;
+    `verifications` the cache of signature checks (None: verified afresh, nothing kept)."""
     att = parse_attestation(customer_id, customer_ip)
     reseller = policy.doc.resellers.get(key.reseller)
     required = reseller is not None and reseller.require_signed_attestation
@@ -154,17 +155,20 @@ def attest(policy: CompiledPolicy, key: KeyRecord, customer_id: str | None,
                                       f"this reseller must sign the customer attestation "
                                       f"({ATTESTATION_HEADER})")
         return att
-    signed = parse_signed_attestation(signature)
     pub = policy.attestation_keys.get(key.reseller)
-    if pub is None:
-        raise attestation_refused("invalid",
-                                  f"reseller {key.reseller!r} has no attestation key to verify "
-                                  f"{ATTESTATION_HEADER} with")
-    if customer_id is None or customer_ip is None:
+    if pub is None or customer_id is None or customer_ip is None:
+        parse_signed_attestation(signature)  # a malformed header is refused as such first
+        if pub is None:
+            raise attestation_refused("invalid",
+                                      f"reseller {key.reseller!r} has no attestation key to "
+                                      f"verify {ATTESTATION_HEADER} with")
         raise attestation_refused("invalid",
                                   f"{ATTESTATION_HEADER} needs X-Customer-Id and X-Customer-IP")
-    verify_attestation(pub, signed, customer_id, customer_ip, method, path, now)
-    return replace(att, signature=signed.sig)
+    if verifications is None:
+        verifications = Verifications(0)
+    sig = verifications.check(key.reseller, pub, policy.attestation_key_bytes[key.reseller],
+                              signature, customer_id, customer_ip, method, path, now)
+    return Attestation(att.customer_id, att.customer_ip, sig)
 
 
 def check_scopes(policy: CompiledPolicy, scopes: KeyScopes, key: KeyRecord, client: GeoInfo,

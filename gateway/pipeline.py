@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from gateway import metrics, tracing
-from gateway.attestation import ATTESTATION_HEADER
+from gateway.attestation import ATTESTATION_HEADER, Verifications
 from gateway.context import RequestContext, clip, new_request_id
 from gateway.decision import (
     KeyScopes,
@@ -61,6 +61,8 @@ class Pipeline:
         self.screening = ScreeningTallies(limits.store, lambda: self.snapshot.policy)
         self.ledger.flush_hooks.append(self.screening.flush)
         self.scopes = KeyScopes()
+        #: signed-attestation verification results (docs/architecture.md §5), across policies
+        self.attestations = Verifications()
         self.inflight = 0
         self.bodies = BodyBudget(snapshot.parts.config.settings.server.max_inflight_body_bytes)
         #: set when shutdown cuts the requests still running (logged with reason `shutdown`)
@@ -137,7 +139,7 @@ class Pipeline:
             attestation = attest(policy, key, request.headers.get(parts.customer_id_header),
                                  request.headers.get(parts.customer_ip_header),
                                  request.headers.get(ATTESTATION_HEADER), request.method, path,
-                                 time.time())
+                                 time.time(), self.attestations)
             ctx.customer_id = clip(attestation.customer_id)
             ctx.customer_ip = attestation.customer_ip
             ctx.attestation_sig = attestation.signature

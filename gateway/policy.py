@@ -467,6 +467,8 @@ class CompiledPolicy:
     model_rules: bool = False
     #: resellers' attestation public keys, loaded once per policy version
     attestation_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    #: the same keys' raw bytes: what attestation verification results are cached under
+    attestation_key_bytes: dict[str, bytes] = field(default_factory=dict)
     #: resellers bound to client certificates: their fingerprints (docs/architecture.md §5)
     client_certs: dict[str, frozenset[str]] = field(default_factory=dict)
 
@@ -497,6 +499,8 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
             has_location=any(x is not None for x in (m.country, m.not_country, m.asn,
                                                      m.anonymizer)),
         ))
+    attestation_keys = {n: load_public_key(r.attestation_key)
+                        for n, r in doc.resellers.items() if r.attestation_key}
     return CompiledPolicy(
         version=version, doc=doc, rules=tuple(rules),
         reseller_countries={n: _cc_set(r.countries) for n, r in doc.resellers.items()},
@@ -505,8 +509,8 @@ def compile_policy(doc: PolicyDoc, version: int) -> CompiledPolicy:
             r.id for r in doc.rules if r.action == "deny" and r.mode == "enforce"
             and (r.match.country is not None or r.match.not_country is not None)),
         model_rules=any(r.match.model for r in doc.rules),
-        attestation_keys={n: load_public_key(r.attestation_key)
-                          for n, r in doc.resellers.items() if r.attestation_key},
+        attestation_keys=attestation_keys,
+        attestation_key_bytes={n: k.public_bytes_raw() for n, k in attestation_keys.items()},
         client_certs={n: frozenset(r.client_cert_sha256) for n, r in doc.resellers.items()
                       if r.client_cert_sha256},
     )

@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.attestation import (
+    MAX_CACHED_CHARS,
     MAX_SKEW_S,
+    Verifications,
     load_public_key,
     parse_header,
     sign,
@@ -50,9 +52,9 @@ DIRECT = KeyRecord(key_id="k3", reseller="direct", secret_hash="h")
 
 def _code(policy: CompiledPolicy, key: KeyRecord, header: str | None, cid: str | None = CID,
           cip: str | None = CIP, method: str = "POST", path: str = PATH,
-          now: float = NOW) -> str | None:
+          now: float = NOW, cache: Verifications | None = None) -> str | None:
     try:
-        attest(policy, key, cid, cip, header, method, path, now)
+        attest(policy, key, cid, cip, header, method, path, now, cache)
     except GatewayError as err:
         assert err.status == 403
         return err.code
@@ -155,3 +157,94 @@ def test_a_bad_key_or_a_requirement_without_one_is_a_config_error_naming_the_fie
         assert where in str(bad.value)
     with pytest.raises(ValueError, match="Ed25519"):
         load_public_key(ec)
+
+
+# --- the verification cache ------------------------------------------------------------------
+
+def test_a_cached_success_is_refused_once_stale() -> None:
+    """Freshness is judged on every request: a header verified and cached at NOW is stale more
+    than 300 s later (or earlier), and still good at NOW from the same cache."""
+    policy = _policy(attestation_key=pem(PRIVATE), require_signed_attestation=True)
+    cache = Verifications()
+    header = sign(PRIVATE, CID, CIP, "POST", PATH, NOW)
+    assert _code(policy, ACME, header, cache=cache) is None
+    assert len(cache) == 1
+    for late in (NOW + MAX_SKEW_S + 1, NOW - MAX_SKEW_S - 1, NOW + 10 * MAX_SKEW_S):
+        assert _code(policy, ACME, header, now=late, cache=cache) == (
+            "attestation_signature_stale")
+    assert _code(policy, ACME, header, now=NOW + MAX_SKEW_S, cache=cache) is None
+    assert len(cache) == 1
+
+
+def test_a_rotated_key_never_reuses_a_cached_result() -> None:
+    """A success cached under acme's old key is refused once a new policy rotates the key,
+    and a refusal cached under the old key does not refuse what the new key signed: results
+    are kept by the key's bytes, across policies sharing one cache."""
+    old = _policy(attestation_key=pem(PRIVATE), require_signed_attestation=True)
+    new = _policy(attestation_key=pem(OTHER), require_signed_attestation=True)
+    cache = Verifications()
+    by_old, by_new = (sign(k, CID, CIP, "POST", PATH, NOW) for k in (PRIVATE, OTHER))
+    assert _code(old, ACME, by_old, cache=cache) is None
+    assert _code(old, ACME, by_new, cache=cache) == "attestation_signature_invalid"
+    assert _code(new, ACME, by_old, cache=cache) == "attestation_signature_invalid"
+    assert _code(new, ACME, by_new, cache=cache) is None
+    assert len(cache) == 4
+
+
+@pytest.mark.parametrize("change", [
+    {"cid": "cust-8"}, {"cip": "175.16.199.2"}, {"method": "GET"}, {"path": "/v1/complete"},
+    {"cid": "cust-7 "},  # the signed string takes the header value as sent
+])
+def test_a_cached_signature_for_another_claim_is_refused(change: dict[str, Any]) -> None:
+    """With the valid claim cached, the same signature for another customer, address, method
+    or path is refused, again when repeated, and the valid claim still passes."""
+    policy = _policy(attestation_key=pem(PRIVATE), require_signed_attestation=True)
+    cache = Verifications()
+    header = sign(PRIVATE, CID, CIP, "POST", PATH, NOW)
+    assert _code(policy, ACME, header, cache=cache) is None
+    for _ in range(2):
+        assert _code(policy, ACME, header, cache=cache, **change) == (
+            "attestation_signature_invalid")
+    assert _code(policy, ACME, header, cache=cache) is None
+    assert len(cache) == 2
+
+
+def test_a_refusal_is_cached_and_answered_as_without_the_cache() -> None:
+    """A forged signature is verified once and kept, and every refusal through the cache, first
+    or repeated, is the error judged without it (status, code and message); a malformed header
+    and a reseller without a key are refused before the cache and leave nothing in it."""
+    policy = _policy(attestation_key=pem(PRIVATE))
+    cache = Verifications()
+    forged = sign(OTHER, CID, CIP, "POST", PATH, NOW)
+    stale = sign(PRIVATE, CID, CIP, "POST", PATH, NOW - MAX_SKEW_S - 1)
+    cases = [(ACME, forged, CID), (ACME, stale, CID), (ACME, "v1;ts=1;sig=short", CID),
+             (ACME, forged, None), (DIRECT, forged, CID)]
+    for key, header, cid in cases * 3:
+        errors = []
+        for through in (None, cache):
+            with pytest.raises(GatewayError) as refused:
+                attest(policy, key, cid, CIP, header, "POST", PATH, NOW, through)
+            errors.append(refused.value)
+        assert [(e.status, e.code, e.message) for e in errors] == [
+            (errors[0].status, errors[0].code, errors[0].message)] * 2
+        assert len(cache) <= 2
+    assert len(cache) == 2  # the forged and the stale claim
+
+
+def test_the_cache_stays_bounded() -> None:
+    """Past its size each new claim evicts the least recently used one, so the cache never
+    holds more; a claim longer than MAX_CACHED_CHARS is judged alike but never kept."""
+    policy = _policy(attestation_key=pem(PRIVATE), require_signed_attestation=True)
+    cache = Verifications(8)
+    for i in range(40):
+        header = sign(PRIVATE, f"cust-{i}", CIP, "POST", PATH, NOW)
+        assert _code(policy, ACME, header, cid=f"cust-{i}", cache=cache) is None
+        assert len(cache) == min(i + 1, 8)
+    long_path = "/v1/" + "a" * MAX_CACHED_CHARS
+    good = sign(PRIVATE, CID, CIP, "POST", long_path, NOW)
+    assert _code(policy, ACME, good, path=long_path, cache=cache) is None
+    assert _code(policy, ACME, good, path=long_path + "b", cache=cache) == (
+        "attestation_signature_invalid")
+    assert _code(policy, ACME, good, path=long_path, now=NOW + MAX_SKEW_S + 1, cache=cache) == (
+        "attestation_signature_stale")
+    assert len(cache) == 8

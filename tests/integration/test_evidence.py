@@ -90,6 +90,26 @@ async def test_signed_attestations_through_the_official_sdks(tmp_path: Path,
         assert len(upstream.requests) == forwarded
 
 
+async def test_a_rotated_attestation_key_refuses_what_the_old_one_signed(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """A header accepted (and so remembered) under acme's key is refused once a new policy
+    rotates the key, and one the new key signed for the same claim and time is accepted."""
+    async with running_gateway(tmp_path, upstream.url, _policy()) as gw:
+        _, key = await gw.issue_key("acme")
+        now = int(time.time())
+        old = sign(PRIVATE, CID, CIP, "POST", "/v1/messages", now)
+        new = sign(FORGER, CID, CIP, "POST", "/v1/messages", now)
+        for _ in range(2):
+            assert (await send(gw.url, key, headers=_headers(old)))[0] == 200
+        rotated = _policy()
+        rotated["resellers"]["acme"]["attestation_key"] = FORGER.public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+        await gw.apply_policy(rotated)
+        status, body, _ = await send(gw.url, key, headers=_headers(old))
+        assert (status, body["error"]["code"]) == (403, "attestation_signature_invalid")
+        assert (await send(gw.url, key, headers=_headers(new)))[0] == 200
+
+
 async def test_optional_signing_and_explain_judge_the_same_header(
         tmp_path: Path, upstream: FakeUpstream) -> None:
     """Without the requirement an unsigned claim passes but a forged one is still refused, and

@@ -146,6 +146,13 @@ def _run_one(config: LoadedConfig, overrides: list[str], reuse_port: bool) -> in
     return 0
 
 
+def _stderr_line(text: str) -> None:
+    """One line on stderr in ONE write (print writes the newline apart): the processes of
+    `--workers N` share stderr, and two refusing at once must not run their lines together."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.request_log import configure_logging
 
@@ -153,7 +160,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     s = config.settings
     for line in config.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        _stderr_line(f"warning: {line}")
     _preflight(config)
     print(f"{config.path}: ok (listen {s.listen}, admin {s.admin_listen}, "
           f"upstream {redact_url(s.upstream.url)}, store {redact_url(s.store.url)})")
@@ -700,8 +707,8 @@ MOVED = {("demo",): "make demo (python -m tools demo)",
 def _moved(argv: list[str]) -> int | None:
     for words, where in MOVED.items():
         if tuple(argv[:len(words)]) == words:
-            print(f"error: gateway {' '.join(words)} is no longer part of the gateway: in a "
-                  f"source checkout, run {where}", file=sys.stderr)
+            _stderr_line(f"error: gateway {' '.join(words)} is no longer part of the gateway: "
+                         f"in a source checkout, run {where}")
             return EXIT_USAGE
     return None
 
@@ -891,15 +898,15 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.fn(args)
     except ConfigError as exc:
         for problem in exc.problems:  # every problem of the file, one line each
-            print(f"error: {problem.line()}", file=sys.stderr)
+            _stderr_line(f"error: {problem.line()}")
         return 2
     except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _stderr_line(f"error: {exc}")
         return EXIT_USAGE
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _stderr_line(f"error: {exc}")
         return exc.code
     except OperationError as exc:  # a refused input is a usage error, as an HTTP 400 is
-        print(f"error: {exc}", file=sys.stderr)
+        _stderr_line(f"error: {exc}")
         return EXIT_USAGE if exc.status == 400 else EXIT_FAILURE
     return code

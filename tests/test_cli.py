@@ -183,3 +183,30 @@ def test_usage_csv_has_all_eight_fields_and_empty_nulls(
     assert capsys.readouterr().out.splitlines() == [
         "day,reseller,key_id,customer_id,model,requests,input_tokens,output_tokens",
         "2026-12-01,,,,,3,30,1200", "2026-12-02,,,,,12,7,5"]
+
+
+class _Writes:
+    """A stderr that records each write call (the processes of `--workers N` share one)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_each_error_line_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `error:` line (one per problem of a bad config here) reaches stderr in one write,
+    newline included: two workers refusing at once must not run their lines together."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: nowhere\nupstream: {url: 'ftp://x'}\n")
+    err = _Writes()
+    monkeypatch.setattr("sys.stderr", err)
+    assert main(["check-config", "--config", str(bad)]) == 2
+    assert len(err.calls) >= 2
+    assert all(c.startswith("error: ") and c.endswith("\n") and c.count("\n") == 1
+               for c in err.calls), err.calls

@@ -2,15 +2,21 @@
 the store's ledger at most once a second, and what each watched subject (a key or reseller
 with a quota) used in the current UTC day and month.
 
-The hot path only touches dicts: `record` a forwarded request, `hold`/`release` an admitted
-one, `used` for a quota check. `flush` (the app's `usage-flush` loop, and once more at stop)
-sends the tallies with one `Store.add_usage` and then reads the watched subjects' totals with
-one `Store.period_use`. A flush that fails keeps its tallies for the next one: nothing is
-lost and, as the store adds all or nothing per reseller, nothing is counted twice. What a
-crash loses is what was not yet flushed: at most about one second of this instance's traffic.
+The hot path only touches dicts and the watched subjects' own records: `record` a forwarded
+request; for a quota check, `find` the request's watched subjects (or `watch` them: one read,
+on a subject's first request here), `use_of` them, `hold` and `release` the request. `flush`
+(the app's `usage-flush` loop, and once more at stop) sends the tallies with one
+`Store.add_usage`, drops the subjects without a request for IDLE_S, and reads the others'
+totals with one `Store.period_use`. A flush that fails keeps its tallies for the next one:
+nothing is lost and, as the store adds all or nothing per reseller, nothing is counted twice.
+What a crash loses is what was not yet flushed: at most about one second of this instance's
+traffic.
 
-What a subject used = the totals of its last read + this instance's tallies not yet in that
-read (not yet flushed, or flushed after it) + its requests admitted and still running.
+What a watched subject used = the totals of its last read + this instance's use not in that
+read (not yet flushed, or flushed after it) + its requests admitted and still running. Only
+watched subjects keep such tallies: a subject starts with this instance's cells not yet sent
+(registration and the first read are both under the flush lock, so everything sent before is
+in that read).
 """
 
 from __future__ import annotations
@@ -22,12 +28,23 @@ from datetime import UTC, datetime
 
 from gateway.errors import StoreError
 from gateway.log import logger
-from gateway.store.base import PeriodUse, Store, Tally, UsageKey, UsageNotAdded
+from gateway.store.base import (
+    PeriodUse,
+    Store,
+    Tally,
+    UsageKey,
+    UsageNotAdded,
+    key_subject,
+    reseller_subject,
+)
 
 #: the model a forwarded request is counted under when it named none
 UNKNOWN_MODEL = "unknown"
 #: seconds between flushes (the crash bound: at most this much of one instance's traffic)
 FLUSH_INTERVAL_S = 1.0
+#: seconds without a request after which a subject is no longer read (its next request reads
+#: it again, as a first one)
+IDLE_S = 600.0
 
 
 _last_day: tuple[int, str] = (-1, "")
@@ -42,60 +59,98 @@ def utc_day(now: float) -> str:
     return _last_day[1]
 
 
-def key_subject(key_id: str) -> str:
-    """The ledger's subject name of a key (as `Store.period_use` keys it)."""
-    return f"key:{key_id}"
-
-
-def reseller_subject(reseller: str) -> str:
-    """The ledger's subject name of a reseller (as `Store.period_use` keys it)."""
-    return f"reseller:{reseller}"
-
-
 def _copy(t: Tally) -> Tally:
     return Tally(t.requests, t.input_tokens, t.output_tokens)
 
 
-def _bump(into: dict[tuple[str, str], Tally], key: tuple[str, str], t: Tally,
-          sign: int = 1) -> None:
-    have = into.get(key)
+def _bump(into: dict[str, Tally], period: str, t: Tally, sign: int = 1) -> None:
+    have = into.get(period)
     if have is None:
         if sign > 0:
-            into[key] = _copy(t)
+            into[period] = _copy(t)
         return
     have.requests += sign * t.requests
     have.input_tokens += sign * t.input_tokens
     have.output_tokens += sign * t.output_tokens
 
 
-def _periods(cell: UsageKey) -> tuple[tuple[str, str], ...]:
-    """The (subject, period) pairs a cell adds to: day "YYYY-MM-DD" and month "YYYY-MM"."""
-    month = cell.day[:7]
-    ks, rs = key_subject(cell.key_id), reseller_subject(cell.reseller)
-    return (ks, cell.day), (ks, month), (rs, cell.day), (rs, month)
+class Watch:
+    """A subject (a key or a reseller) this instance reads every flush: its name in the store,
+    its last read, this instance's use not in that read, and its requests still running."""
+
+    __slots__ = ("inflight", "local", "name", "read", "read_day", "reseller", "seen",
+                 "touched", "unread")
+
+    def __init__(self, name: str, reseller: str, now: float) -> None:
+        #: "key:K" or "reseller:R", as `Store.period_use` names it
+        self.name = name
+        #: the reseller whose totals hold it (the store reads them per reseller)
+        self.reseller = reseller
+        self.read_day = ""
+        self.read: PeriodUse | None = None
+        # day "YYYY-MM-DD" or month "YYYY-MM" -> this instance's use not in `read`
+        self.local: dict[str, Tally] = {}
+        # day or month -> the part of `local` flushed since `read`
+        self.unread: dict[str, Tally] = {}
+        #: requests admitted under a quota and not yet ended (never dropped while any run)
+        self.inflight = 0
+        # clock time of its last request as the flushes saw it, and whether one came since
+        self.seen = now
+        self.touched = False
+
+    def used(self, now: float) -> PeriodUse:
+        """What the subject used in the UTC day and month of `now`, as far as this instance
+        knows: its last read, plus local use not in that read, plus requests running."""
+        day = utc_day(now)
+        month = day[:7]
+        d, m = Tally(self.inflight), Tally(self.inflight)
+        read = self.read
+        if read is not None:
+            if self.read_day == day:
+                d.add(read.day)
+            if self.read_day[:7] == month:
+                m.add(read.month)
+        local = self.local
+        if local:
+            have = local.get(day)
+            if have is not None:
+                d.add(have)
+            have = local.get(month)
+            if have is not None:
+                m.add(have)
+        return PeriodUse(d, m)
+
+
+#: the watched subjects of one request: (its key, its reseller), None for one not watched
+Watched = tuple[Watch | None, Watch | None]
+
+
+def use_of(held: Watched, now: float) -> tuple[PeriodUse, PeriodUse]:
+    """What the key and the reseller of `held` used in the UTC day and month of `now` (zeros
+    for one not watched: a subject without a quota)."""
+    k, r = held
+    return (k.used(now) if k is not None else PeriodUse(Tally(), Tally()),
+            r.used(now) if r is not None else PeriodUse(Tally(), Tally()))
 
 
 class Ledger:
-    """This instance's usage tallies and the cached period totals of the watched subjects."""
+    """This instance's usage tallies and the watched subjects' period use."""
 
-    def __init__(self, store: Store, retention_days: int) -> None:
+    def __init__(self, store: Store, retention_days: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         #: `usage.retention_days`; a reload may change it
         self.retention_days = retention_days
+        # measures IDLE_S and the pause after a failed read (injectable for tests)
+        self._clock = clock
         # Cells not yet sent to the store.
         self._pending: dict[UsageKey, Tally] = {}
-        # (subject, day or month) -> this instance's use not in the subject's last read.
-        self._local: dict[tuple[str, str], Tally] = {}
-        # (subject, day or month) -> the part of `_local` flushed since that read.
-        self._unread: dict[tuple[str, str], Tally] = {}
-        # subject -> (the day it was read for, its totals then)
-        self._cache: dict[str, tuple[str, PeriodUse]] = {}
-        # reseller -> its key ids watched (the reseller itself is watched with them)
-        self._watched: dict[str, set[str]] = {}
-        # subject -> requests admitted under a quota and not yet ended
-        self._inflight: dict[str, int] = {}
+        # key id / reseller -> its watch
+        self._keys: dict[str, Watch] = {}
+        self._resellers: dict[str, Watch] = {}
         self._lock = asyncio.Lock()
-        self._read_failed_at = -1e9
+        self._read_failed_at = float("-inf")
+        self._pruned_day = ""
         self._flushing: asyncio.Future[None] | None = None
         #: flushes (adds or reads) the store refused; for tests and diagnostics
         self.flush_errors = 0
@@ -108,67 +163,100 @@ class Ledger:
         """Count one forwarded request and the tokens the upstream reported for it, on the
         UTC day of `now` (its end)."""
         t = Tally(1, max(0, input_tokens or 0), max(0, output_tokens or 0))
-        cell = UsageKey(utc_day(now), reseller, key_id, customer_id, model or UNKNOWN_MODEL)
+        day = utc_day(now)
+        cell = UsageKey(day, reseller, key_id, customer_id, model or UNKNOWN_MODEL)
         have = self._pending.get(cell)
         if have is None:
-            self._pending[cell] = _copy(t)
+            self._pending[cell] = t
         else:
             have.add(t)
-        for p in _periods(cell):
-            _bump(self._local, p, t)
-
-    def hold(self, reseller: str, key_id: str) -> None:
-        """A request admitted under a quota: counted as a request until `release`."""
-        for s in (key_subject(key_id), reseller_subject(reseller)):
-            self._inflight[s] = self._inflight.get(s, 0) + 1
-
-    def release(self, reseller: str, key_id: str) -> None:
-        """The request `hold` counted has ended (recorded, if it was forwarded)."""
-        for s in (key_subject(key_id), reseller_subject(reseller)):
-            left = self._inflight.get(s, 0) - 1
-            if left > 0:
-                self._inflight[s] = left
-            else:
-                self._inflight.pop(s, None)
-
-    def known(self, reseller: str, key_id: str) -> bool:
-        """Both subjects have been read (or the first read failed just now)."""
-        return ((key_subject(key_id) in self._cache
-                 and reseller_subject(reseller) in self._cache)
-                or time.monotonic() - self._read_failed_at < FLUSH_INTERVAL_S)
-
-    def used(self, subject: str, now: float) -> PeriodUse:
-        """What `subject` used in the UTC day and month of `now`, as far as this instance
-        knows: its last read, plus local use not in that read, plus requests running."""
-        day = utc_day(now)
+        kw, rw = self._keys.get(key_id), self._resellers.get(reseller)
+        if kw is None and rw is None:
+            return
         month = day[:7]
-        d, m = Tally(), Tally()
-        hit = self._cache.get(subject)
-        if hit is not None:
-            read_day, use = hit
-            if read_day == day:
-                d.add(use.day)
-            if read_day[:7] == month:
-                m.add(use.month)
-        for into, period in ((d, day), (m, month)):
-            local = self._local.get((subject, period))
-            if local is not None:
-                into.add(local)
-            into.requests += self._inflight.get(subject, 0)
-        return PeriodUse(day=d, month=m)
+        for w in (kw, rw):
+            if w is not None:
+                _bump(w.local, day, t)
+                _bump(w.local, month, t)
+
+    def find(self, reseller: str, key_id: str, of_key: bool,
+             of_reseller: bool) -> Watched | None:
+        """The watched key (when `of_key`) and reseller (when `of_reseller`) of a request,
+        marked as used now; None unless each is watched and read (or the last read failed
+        under a second ago): then `watch` them."""
+        kw = rw = None
+        if of_key:
+            kw = self._keys.get(key_id)
+            if kw is None or (kw.read is None and not self._read_failed_lately()):
+                return None
+        if of_reseller:
+            rw = self._resellers.get(reseller)
+            if rw is None or (rw.read is None and not self._read_failed_lately()):
+                return None
+        if kw is not None:
+            kw.touched = True
+        if rw is not None:
+            rw.touched = True
+        return kw, rw
+
+    @staticmethod
+    def hold(held: Watched) -> None:
+        """A request admitted under a quota: counted as a request of its watched subjects
+        until `release` (which keeps them watched meanwhile)."""
+        for w in held:
+            if w is not None:
+                w.inflight += 1
+
+    @staticmethod
+    def release(held: Watched) -> None:
+        """The request `hold` counted has ended (recorded, if it was forwarded)."""
+        for w in held:
+            if w is not None and w.inflight > 0:
+                w.inflight -= 1
 
     # --- reads and flushes ------------------------------------------------------------------
-    async def watch(self, reseller: str, key_id: str) -> None:
-        """Watch a key and its reseller from now on (every flush reads them); read them now
-        when not yet read: one round trip, on the first request of the subject here. A failed
-        read is left to the next flush (until then, only this instance's use counts)."""
-        self._watched.setdefault(reseller, set()).add(key_id)
-        if self.known(reseller, key_id):
-            return
+    async def watch(self, reseller: str, key_id: str, of_key: bool,
+                    of_reseller: bool) -> Watched:
+        """Watch the key (when `of_key`) and the reseller (when `of_reseller`) of a request
+        from now on (every flush reads them until they are idle for IDLE_S), and read those
+        not yet read: one round trip, on the first request of a subject here. A failed read
+        is left to the next flush (until then, only this instance's use counts: what it has
+        not sent yet and what comes)."""
         async with self._lock:
-            if self.known(reseller, key_id):
-                return
-            await self._read({reseller: [key_id]}, utc_day(time.time()))
+            now = self._clock()
+            kw = self._watch(key_id, reseller, now) if of_key else None
+            rw = self._watch(None, reseller, now) if of_reseller else None
+            unread = [w for w in (kw, rw) if w is not None and w.read is None]
+            if unread and not self._read_failed_lately():
+                await self._read(unread, utc_day(time.time()))
+            return kw, rw
+
+    def _watch(self, key_id: str | None, reseller: str, now: float) -> Watch:
+        """The watch of a key (or of the reseller when `key_id` is None), made if new; under
+        the lock, so no flush is between its tallies and its first read."""
+        table, ident = (self._keys, key_id) if key_id is not None else (
+            self._resellers, reseller)
+        w = table.get(ident)
+        if w is None:
+            name = key_subject(key_id) if key_id is not None else reseller_subject(reseller)
+            w = table[ident] = Watch(name, reseller, now)
+            # What this instance counted and has not sent is in no read: it starts local.
+            for cell, t in self._pending.items():
+                if (cell.key_id == key_id) if key_id is not None else (
+                        cell.reseller == reseller):
+                    _bump(w.local, cell.day, t)
+                    _bump(w.local, cell.day[:7], t)
+        else:
+            w.touched = True
+        return w
+
+    def subject(self, *, key_id: str | None = None,
+                reseller: str | None = None) -> Watch | None:
+        """The watch of a key, or of a reseller; None when not watched (for tests and
+        diagnostics)."""
+        if key_id is not None:
+            return self._keys.get(key_id)
+        return self._resellers.get(reseller or "")
 
     async def flush_step(self) -> None:
         """The `usage-flush` loop's step: one flush, which goes on if the loop is cancelled
@@ -184,17 +272,17 @@ class Ledger:
         await self.flush()
 
     async def flush(self) -> None:
-        """Send the pending tallies (one `add_usage`), then read the watched subjects (one
-        `period_use`). What the store did not add stays pending for the next flush."""
+        """Send the pending tallies (one `add_usage`), drop the idle subjects, then read the
+        others (one `period_use`). What the store did not add stays pending for the next
+        flush."""
         async with self._lock:
-            now = time.time()
+            day = utc_day(time.time())
             batch, self._pending = self._pending, {}
             if batch:
                 await self._add(batch)
-            if self._watched:
-                await self._read({r: sorted(k) for r, k in self._watched.items()},
-                                 utc_day(now))
-            self._prune(utc_day(now))
+            watched = self._sweep(self._clock(), day)
+            if watched:
+                await self._read(watched, day)
         # Outside the lock (a first quota read waits on it), and each on its own: a hook's
         # failure is logged and must not end the flush loop that carries the usage ledger.
         for hook in self.flush_hooks:
@@ -224,29 +312,59 @@ class Ledger:
                     self._pending[cell] = t
                 else:
                     have.add(t)
-            else:
-                for p in _periods(cell):
-                    _bump(self._unread, p, t)
+                continue
+            for w in (self._keys.get(cell.key_id), self._resellers.get(cell.reseller)):
+                if w is not None:
+                    _bump(w.unread, cell.day, t)
+                    _bump(w.unread, cell.day[:7], t)
 
-    async def _read(self, subjects: dict[str, Collection[str]], day: str) -> None:
+    def _sweep(self, now: float, day: str) -> list[Watch]:
+        """The subjects to read: each with a request in the last IDLE_S or one running. The
+        others are dropped with their read and tallies (a dropped subject's next request reads
+        it again); on a new UTC day, local use of past periods is forgotten."""
+        prune = day != self._pruned_day
+        self._pruned_day = day
+        month = day[:7]
+        kept: list[Watch] = []
+        for table in (self._keys, self._resellers):
+            idle = []
+            for ident, w in table.items():
+                if w.touched:
+                    w.seen, w.touched = now, False
+                elif w.inflight == 0 and now - w.seen >= IDLE_S:
+                    idle.append(ident)
+                    continue
+                if prune:
+                    for tallies in (w.local, w.unread):
+                        for period in [p for p in tallies if p != day and p != month]:
+                            del tallies[period]
+                kept.append(w)
+            for ident in idle:
+                del table[ident]
+        return kept
+
+    async def _read(self, watched: list[Watch], day: str) -> None:
+        subjects: dict[str, list[str]] = {}
+        for w in watched:
+            subjects.setdefault(w.reseller, []).append(w.name)
         try:
             got = await self.store.period_use(subjects, day)
         except StoreError:
             self.flush_errors += 1
-            self._read_failed_at = time.monotonic()
+            self._read_failed_at = self._clock()
             return
-        for subject, use in got.items():
-            self._cache[subject] = (day, use)
-        # The read holds what was flushed before it: that part is no longer local.
-        for key in [k for k in self._unread if k[0] in got]:
-            _bump(self._local, key, self._unread.pop(key), -1)
+        for w in watched:
+            use = got.get(w.name)
+            if use is None:
+                continue
+            w.read_day, w.read = day, use
+            # The read holds what was flushed before it: that part is no longer local.
+            for period, t in w.unread.items():
+                _bump(w.local, period, t, -1)
+            w.unread.clear()
 
-    def _prune(self, day: str) -> None:
-        """Forget local use of periods past (a new UTC day or month)."""
-        month = day[:7]
-        for table in (self._local, self._unread):
-            for key in [k for k in table if k[1] != day and k[1] != month]:
-                del table[key]
+    def _read_failed_lately(self) -> bool:
+        return self._clock() - self._read_failed_at < FLUSH_INTERVAL_S
 
     def pending(self) -> dict[UsageKey, Tally]:
         """A copy of the tallies not yet sent (for tests and the stop log)."""

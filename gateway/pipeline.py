@@ -25,7 +25,7 @@ from gateway.decision import (
 from gateway.errors import GatewayError, invalid_request
 from gateway.geo import GeoInfo, GeoResolver
 from gateway.identity import KeyRegistry, extract_key
-from gateway.ledger import Ledger, key_subject, reseller_subject
+from gateway.ledger import Ledger, Watched, use_of
 from gateway.limits import Admission, Limits, settlement
 from gateway.log import logger
 from gateway.paths import normalize_target
@@ -97,7 +97,7 @@ class Pipeline:
         forwarded: Forwarded | None = None
         body: Body | None = None
         trace: tracing.RequestTrace | None = None
-        held: tuple[str, str] | None = None  # (reseller, key id) counted by a quota check
+        held: Watched | None = None  # the watched subjects a quota check counted
         try:
             ctx.peer_ip = peer = parts.ip.normalize(peer)
             peer_trusted = parts.ip.is_trusted(peer)
@@ -172,13 +172,14 @@ class Pipeline:
 
             quotas = effective_quotas(policy, key)
             if quotas:  # §12: after the decision, before the rate limits
-                if not self.ledger.known(key.reseller, key.key_id):
-                    await self.ledger.watch(key.reseller, key.key_id)
+                of_key, of_reseller = bool(quotas.key), bool(quotas.reseller)
+                watched = (self.ledger.find(key.reseller, key.key_id, of_key, of_reseller)
+                           or await self.ledger.watch(key.reseller, key.key_id, of_key,
+                                                      of_reseller))
                 now = time.time()
-                check_quotas(quotas, self.ledger.used(key_subject(key.key_id), now),
-                             self.ledger.used(reseller_subject(key.reseller), now), now)
-                self.ledger.hold(key.reseller, key.key_id)
-                held = (key.reseller, key.key_id)
+                check_quotas(quotas, *use_of(watched, now), now)
+                self.ledger.hold(watched)
+                held = watched
 
             admission, limit_headers = await self.limits.admit(
                 verdict.subjects, facts.input_estimate, facts.max_output_tokens,
@@ -248,15 +249,17 @@ class Pipeline:
                             key: KeyRecord) -> web.StreamResponse:
         """GET /v1/gateway/key: what the key may do and has left; never forwarded, no limit
         consumed (docs/architecture.md §12)."""
-        if not self.ledger.known(key.reseller, key.key_id):
-            await self.ledger.watch(key.reseller, key.key_id)
-        answer = describe_key(policy, key, self.ledger, time.time())
+        # The key's use is part of the answer; the reseller's only counts against its quota.
+        of_reseller = bool(effective_quotas(policy, key).reseller)
+        watched = (self.ledger.find(key.reseller, key.key_id, True, of_reseller)
+                   or await self.ledger.watch(key.reseller, key.key_id, True, of_reseller))
+        answer = describe_key(policy, key, *use_of(watched, time.time()))
         ctx.reason, ctx.status = SELF_SERVICE_REASON, 200
         return web.json_response(answer, headers={"x-request-id": ctx.request_id})
 
     def _finish(self, ctx: RequestContext, admission: Admission | None,
                 forwarded: Forwarded | None, snap: Snapshot,
-                held: tuple[str, str] | None = None,
+                held: Watched | None = None,
                 trace: tracing.RequestTrace | None = None) -> None:
         self.inflight -= 1
         if forwarded is not None:
@@ -279,7 +282,7 @@ class Pipeline:
                 self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
                                    ctx.input_tokens, ctx.output_tokens, time.time())
             if held is not None:
-                self.ledger.release(*held)
+                self.ledger.release(held)
             self.screening.record(ctx, snap)
             if trace is not None:
                 trace.finish(ctx)

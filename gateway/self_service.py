@@ -1,17 +1,16 @@
 """Self-service (docs/architecture.md §12): `GET /v1/gateway/key` answers a reseller, with its
 own key, what that key may do and has left. Built from the key record, the policy and the
-ledger's cached period use; never a secret or a hash. Pure apart from reading the ledger."""
+ledger's period use of the key and its reseller; never a secret or a hash. Pure."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from gateway.ledger import Ledger, key_subject, reseller_subject
 from gateway.limits import pick_limits
 from gateway.policy import CompiledPolicy
 from gateway.quotas import effective_quotas, nested, remaining
-from gateway.store.base import DIMENSIONS, KeyRecord, Tally
+from gateway.store.base import DIMENSIONS, KeyRecord, PeriodUse, Tally
 
 #: the path served on the proxy listener (GET only)
 SELF_SERVICE_PATH = "/v1/gateway/key"
@@ -30,12 +29,11 @@ def _tally(t: Tally) -> dict[str, int]:
     return dataclasses.asdict(t)
 
 
-def describe_key(policy: CompiledPolicy, key: KeyRecord, ledger: Ledger,
-                 now: float) -> dict[str, Any]:
-    """The self-service answer for `key` (the binding shape of docs/architecture.md §12)."""
+def describe_key(policy: CompiledPolicy, key: KeyRecord, key_use: PeriodUse,
+                 reseller_use: PeriodUse) -> dict[str, Any]:
+    """The self-service answer for `key` (the binding shape of docs/architecture.md §12),
+    given what the key and its reseller used (`ledger.use_of`)."""
     quotas = effective_quotas(policy, key)
-    key_use = ledger.used(key_subject(key.key_id), now)
-    reseller_use = ledger.used(reseller_subject(key.reseller), now)
     return {
         "key_id": key.key_id,
         "reseller": key.reseller,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from gateway.ledger import Ledger
+from gateway.ledger import Ledger, use_of
 from gateway.policy import CompiledPolicy, compile_policy, validate_policy
 from gateway.self_service import describe_key, key_limits
 from gateway.store.base import KeyRecord
@@ -38,10 +38,11 @@ async def test_describe_key_has_the_binding_shape_and_no_secret() -> None:
         key = KeyRecord("k1", "acme", "secret-hash-value", models=["claude-*"],
                         countries=["US"], expires_at=2e9, prev_secret_hash="old-hash-value",
                         quotas={"daily.requests": 3})
+        watched = await ledger.watch("acme", "k1", True, True)
         now = time.time()
         ledger.record("acme", "k1", None, "claude-x", 20, 40, now)
         ledger.record("acme", "k2", None, "claude-x", 1, 1, now)
-        body = describe_key(_policy(), key, ledger, now)
+        body = describe_key(_policy(), key, *use_of(watched, now))
     finally:
         await store.close()
     assert list(body) == ["key_id", "reseller", "status", "expires_at", "scopes", "limits",

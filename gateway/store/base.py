@@ -226,9 +226,19 @@ def month_total_expiry(day: str) -> float:
     return _day_start(check_day(day).replace(day=1)) + MONTH_TOTAL_DAYS * 86_400
 
 
+def key_subject(key_id: str) -> str:
+    """The name of a key's totals ("key:K", as period_use names it)."""
+    return f"key:{key_id}"
+
+
+def reseller_subject(reseller: str) -> str:
+    """The name of a reseller's totals ("reseller:R", as period_use names it)."""
+    return f"reseller:{reseller}"
+
+
 def usage_subjects(k: UsageKey) -> tuple[str, str]:
     """The subjects whose totals a cell adds to: "reseller:R" and "key:K"."""
-    return f"reseller:{k.reseller}", f"key:{k.key_id}"
+    return reseller_subject(k.reseller), key_subject(k.key_id)
 
 
 #: members a screening sketch or pair set keeps per reseller and hour (the embedded store's
@@ -444,9 +454,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def period_use(self, subjects: Mapping[str, Collection[str]],
                          day: str) -> dict[str, PeriodUse]:
-        """For each reseller R (mapping key) and its key ids: the totals of day `day` and of
-        its month, keyed "reseller:R" and "key:K"; zeros for a subject with no use. One round
-        trip per reseller at most (on Redis Cluster, per slot)."""
+        """For each reseller R (mapping key) and the names of subjects of R ("reseller:R",
+        "key:K" of R's keys; `reseller_subject`, `key_subject`): the totals of day `day` and
+        of its month, keyed by name; zeros for a subject with no use. Only the subjects named
+        are read. One round trip per reseller at most (on Redis Cluster, per slot)."""
 
     # reseller screening (docs/architecture.md §15) -------------------------------------------
     @abc.abstractmethod

@@ -121,8 +121,8 @@ class Ledger:
             return _copy(tot.by_subject[subject])
 
         out: dict[str, PeriodUse] = {}
-        for reseller, key_ids in subjects.items():
-            for subject in (f"reseller:{reseller}", *(f"key:{k}" for k in key_ids)):
+        for names in subjects.values():
+            for subject in names:
                 out[subject] = PeriodUse(of(day_tot, subject), of(month_tot, subject))
         return out
 

@@ -60,7 +60,7 @@ async def test_additions_sum_per_cell_and_per_subject(store: Store) -> None:
     await store.add_usage({a: Tally(3, 30, 300), c: Tally(1, 1, 1)}, RETAIN)
     rows = await store.query_usage(_day(), _day())
     assert rows == [_row(b, 2, 20, 200), _row(a, 4, 40, 400), _row(c, 1, 1, 1)]
-    use = await store.period_use({"acme": ["k1", "k2", "k3"]}, _day())
+    use = await store.period_use({"acme": ["reseller:acme", "key:k1", "key:k2", "key:k3"]}, _day())
     assert use == {
         "reseller:acme": PeriodUse(Tally(7, 61, 601), Tally(7, 61, 601)),
         "key:k1": PeriodUse(Tally(6, 60, 600), Tally(6, 60, 600)),
@@ -74,7 +74,7 @@ async def test_concurrent_additions_are_exact(store: Store) -> None:
     k = _k("k1")
     await asyncio.gather(*(store.add_usage({k: Tally(1, 2, 3)}, RETAIN) for _ in range(20)))
     assert await store.query_usage(_day(), _day()) == [_row(k, 20, 40, 60)]
-    use = await store.period_use({"acme": ["k1"]}, _day())
+    use = await store.period_use({"acme": ["reseller:acme", "key:k1"]}, _day())
     assert use["key:k1"].day == Tally(20, 40, 60)
 
 
@@ -97,7 +97,7 @@ async def test_models_past_the_fiftieth_of_a_reseller_day_are_other(store: Store
     assert "m50" not in rows and "m52" not in rows
     assert [r.model for r in await store.query_usage(_day(), _day(), "beta")] == ["m52"]
     assert [r.model for r in await store.query_usage(_day(-1), _day(-1))] == ["m52"]
-    use = await store.period_use({"acme": []}, _day())
+    use = await store.period_use({"acme": ["reseller:acme"]}, _day())
     assert use["reseller:acme"].day.requests == MODELS_PER_DAY - 1 + 4 + 7
 
 
@@ -136,16 +136,27 @@ async def test_period_use_counts_an_earlier_day_in_the_month_only(store: Store) 
     await store.add_usage({_k("k1", day=before): Tally(1, 10, 100),
                            _k("k1", day=day): Tally(2, 20, 200),
                            _k("k9", "beta", day=day): Tally(4, 40, 400)}, RETAIN)
-    use = await store.period_use({"acme": ["k1"], "beta": ["k9"]}, day)
+    use = await store.period_use({"acme": ["reseller:acme", "key:k1"],
+                                  "beta": ["reseller:beta", "key:k9"]}, day)
     assert use == {
         "reseller:acme": PeriodUse(Tally(2, 20, 200), Tally(3, 30, 300)),
         "key:k1": PeriodUse(Tally(2, 20, 200), Tally(3, 30, 300)),
         "reseller:beta": PeriodUse(Tally(4, 40, 400), Tally(4, 40, 400)),
         "key:k9": PeriodUse(Tally(4, 40, 400), Tally(4, 40, 400)),
     }
-    earlier = await store.period_use({"acme": ["k1"]}, before)
+    earlier = await store.period_use({"acme": ["reseller:acme", "key:k1"]}, before)
     assert earlier["key:k1"].day == Tally(1, 10, 100)
     assert await store.period_use({}, day) == {}
+
+
+async def test_period_use_answers_the_subjects_named_only(store: Store) -> None:
+    """period_use answers exactly the subjects named: a key without its reseller, a reseller
+    without its keys; a reseller with no name asked answers nothing."""
+    await store.add_usage({_k("k1"): Tally(1, 1, 1), _k("k9", "beta"): Tally(2, 2, 2)}, RETAIN)
+    use = await store.period_use({"acme": ["key:k1"], "beta": ["reseller:beta"], "gamma": []},
+                                 _day())
+    assert use == {"key:k1": PeriodUse(Tally(1, 1, 1), Tally(1, 1, 1)),
+                   "reseller:beta": PeriodUse(Tally(2, 2, 2), Tally(2, 2, 2))}
 
 
 async def test_cells_past_retention_are_not_kept(store: Store) -> None:
@@ -157,7 +168,7 @@ async def test_cells_past_retention_are_not_kept(store: Store) -> None:
     assert [r.day for r in await store.query_usage(_day(-30), _day())] == [recent]
     await store.add_usage({_k("k1", day=old): Tally(1, 1, 1)}, 20)
     assert [r.day for r in await store.query_usage(_day(-30), _day())] == [old, recent]
-    assert (await store.period_use({"acme": ["k1"]}, old))["key:k1"].day == Tally()
+    assert (await store.period_use({"acme": ["key:k1"]}, old))["key:k1"].day == Tally()
 
 
 async def test_a_refused_addition_adds_nothing(store: Store) -> None:
@@ -171,5 +182,6 @@ async def test_a_refused_addition_adds_nothing(store: Store) -> None:
         with pytest.raises(ValueError):
             await store.add_usage({**good, **bad}, retention)
     assert await store.query_usage(_day(-1), _day(1)) == []
-    use = await store.period_use({"acme": ["k1"], "beta": ["k2"]}, _day())
+    use = await store.period_use({"acme": ["reseller:acme", "key:k1"],
+                                  "beta": ["reseller:beta", "key:k2"]}, _day())
     assert all(u == PeriodUse(Tally(), Tally()) for u in use.values())

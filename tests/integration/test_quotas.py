@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.ledger import reseller_subject, utc_day
+from gateway.ledger import utc_day
 from gateway.quotas import period_end
 from gateway.store import open_store
 from gateway.store.base import UsageRow
@@ -273,8 +273,8 @@ async def test_two_instances_share_a_quota(tmp_path: Path, upstream: FakeUpstrea
         _assert_quota(*await _post(s, a, key, _anthropic()), "daily_quota_exceeded", "daily")
 
         def b_sees_all() -> bool:
-            return b.service.ledger.used(reseller_subject("direct"),
-                                         time.time()).day.requests >= 5
+            watch = b.service.ledger.subject(reseller="direct")
+            return watch is not None and watch.used(time.time()).day.requests >= 5
 
         await poll(b_sees_all, timeout=10.0)
         _assert_quota(*await _post(s, b, key, _anthropic()), "daily_quota_exceeded", "daily")

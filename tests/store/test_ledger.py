@@ -66,7 +66,7 @@ def test_expiry_of_cells_and_totals_follows_the_clock() -> None:
     starts, month totals until MONTH_TOTAL_DAYS after the month starts."""
     ledger = Ledger()
     ledger.commit([(_k(), Tally(1, 1, 1))], 3, NOW)
-    subjects = {"acme": ["k1"]}
+    subjects = {"acme": ["reseller:acme", "key:k1"]}
     assert ledger.period_use(subjects, DAY, NOW)["key:k1"] == PeriodUse(Tally(1, 1, 1),
                                                                          Tally(1, 1, 1))
     after_day = day_total_expiry(DAY)
@@ -88,7 +88,7 @@ def test_a_cell_past_retention_still_adds_to_live_totals() -> None:
     ledger = Ledger()
     ledger.commit([(_k(day="2026-03-01"), Tally(5))], 1, NOW)
     assert ledger.query("2026-03-01", DAY, None, None, None, NOW) == []
-    use = ledger.period_use({"acme": []}, DAY, NOW)["reseller:acme"]
+    use = ledger.period_use({"acme": ["reseller:acme"]}, DAY, NOW)["reseller:acme"]
     assert use == PeriodUse(Tally(), Tally(5))
 
 
@@ -103,7 +103,7 @@ def test_snapshot_round_trips() -> None:
     copy.load(ledger.snapshot())
     assert copy.query(DAY, DAY, None, None, None, NOW) == ledger.query(
         DAY, DAY, None, None, None, NOW)
-    subjects = {"acme": ["k1"], "beta": ["k2"]}
+    subjects = {"acme": ["reseller:acme", "key:k1"], "beta": ["reseller:beta", "key:k2"]}
     assert copy.period_use(subjects, DAY, NOW) == ledger.period_use(subjects, DAY, NOW)
     assert copy.days[(DAY, "acme")].models == {"a"}
 

@@ -585,12 +585,14 @@ class RedisStore(Store):
     async def period_use(self, subjects: Mapping[str, Collection[str]],
                          day: str) -> dict[str, PeriodUse]:
         check_day(day)
-        if not subjects:
+        if not any(subjects.values()):
             return {}
         pipe = self._pipeline()
         order: list[list[str]] = []
-        for reseller, key_ids in subjects.items():
-            names = [f"reseller:{reseller}", *(f"key:{k}" for k in key_ids)]
+        for reseller, named in subjects.items():
+            names = list(named)
+            if not names:
+                continue
             fields = totals_fields(names)
             pipe.hmget(self.usage.day_totals(reseller, day), fields)
             pipe.hmget(self.usage.month_totals(reseller, day), fields)

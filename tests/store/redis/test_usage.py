@@ -92,7 +92,7 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 
 async def _key_use(store: RedisStore) -> PeriodUse:
-    return (await store.period_use({"acme": ["k1"]}, _today()))["key:k1"]
+    return (await store.period_use({"acme": ["reseller:acme", "key:k1"]}, _today()))["key:k1"]
 
 
 async def _run_addition(store: RedisStore, number: int,
@@ -199,7 +199,8 @@ async def test_a_timed_out_addition_is_counted_once_after_the_retry(
     assert caught.value.resellers == {"acme", "beta"}
     assert set(store._in_doubt) == {"acme", "beta"}
     await store.add_usage({_k(): Tally(2, 2, 2), _k("k2", "beta"): Tally(2, 2, 2)}, 400)
-    use = await store.period_use({"acme": ["k1"], "beta": ["k2"]}, _today())
+    use = await store.period_use({"acme": ["reseller:acme", "key:k1"],
+                                  "beta": ["reseller:beta", "key:k2"]}, _today())
     assert use["reseller:acme"].day == Tally(3, 2, 2)  # with the warm-up request
     assert use["key:k2"].day == Tally(2, 2, 2)
     assert store._in_doubt == {}
@@ -216,7 +217,8 @@ async def test_round_trips_per_flush_and_per_period_query(store: RedisStore) -> 
     await store.add_usage(tallies, 400)
     assert store.round_trips - before == 2
     before = store.round_trips
-    await store.period_use({"acme": ["k1"], "beta": ["k2"]}, _today())
+    await store.period_use({"acme": ["reseller:acme", "key:k1"],
+                            "beta": ["reseller:beta", "key:k2"]}, _today())
     assert store.round_trips - before == 1
 
 
@@ -253,7 +255,7 @@ async def test_every_ledger_call_fails_as_a_store_error(
         with pytest.raises(UsageNotAdded) as added:
             await store.add_usage({_k(): Tally(1)}, 400)
         with pytest.raises(StoreError) as used:
-            await store.period_use({"acme": ["k1"]}, _today())
+            await store.period_use({"acme": ["reseller:acme", "key:k1"]}, _today())
         with pytest.raises(StoreError) as queried:
             await store.query_usage(_today(), _today())
         for caught in (added, used, queried):

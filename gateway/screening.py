@@ -5,12 +5,14 @@ line and the suspension they may trigger; and the report.
 The hot path (`Screening.record`, every request with a known reseller, allowed or denied)
 only touches dicts: one tally per (reseller, hour). The usage ledger's once-a-second flush
 calls `Screening.flush`: one `Store.add_screening` for all tallies, then the resellers it
-flushed are judged (one `screening_window` read each) and their transitions acted on. The
-signal computations are pure functions of a `ScreeningWindow` (`compute_signals`).
+flushed are judged (the window's open hours read; its closed hours kept, screening_hours.py)
+and their transitions acted on. The signal computations are pure functions of a
+`ScreeningWindow` (`compute_signals`) or of its `Figures` (`values_of`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import json
@@ -30,6 +32,16 @@ from gateway.policy import (
     Screening,
     parse_window,
     validate_policy,
+)
+from gateway.screening_hours import (
+    SEP,
+    ClosedHours,
+    Figures,
+    OpenHours,
+    closed_hours,
+    figures,
+    last_closed_hour,
+    open_hours,
 )
 from gateway.store.base import PolicyConflict, ScreeningTally, ScreeningWindow, Store
 
@@ -69,7 +81,10 @@ ACTIVITY_MIN_HOURS = 6
 #: In-hours of `activity_hours_mismatch`, local time: [07:00, 23:00).
 DAY_START, DAY_END = 7, 23
 TOP_N = 10
-SEP = "\x1f"  # between the two parts of a pair-set member
+#: A reseller whose judgement took t seconds of the event loop's time is judged again no
+#: sooner than this times t later (at most about 2 % of the loop per reseller). A judgement
+#: whose open hours are small takes well under 20 ms: judged on every flush, as before.
+PACE_FACTOR = 50
 
 # Country -> standard UTC offset in hours (no daylight saving; one zone per country, for the
 # largest countries the zone of the capital or of most people). An approximation: the report
@@ -180,37 +195,30 @@ def _sum(w: ScreeningWindow, name: str) -> int:
     return sum(c.get(name, 0) for c in w.hours.values())
 
 
-def _max_group(members: Collection[str]) -> int:
-    """The largest number of distinct second parts of one first part."""
-    groups: dict[str, set[str]] = {}
-    for m in members:
-        a, _, b = m.partition(SEP)
-        groups.setdefault(a, set()).add(b)
-    return max((len(v) for v in groups.values()), default=0)
-
-
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole > 0 else 0.0
 
 
 def signal_values(w: ScreeningWindow, current_hour: int, window_hours: int) -> dict[str, float]:
     """Each signal's value over window `w` (whose last hour is `current_hour`)."""
-    att = _sum(w, "att")
-    den = _sum(w, "den")
-    last = w.hours.get(current_hour, {}).get("den", 0)
+    return values_of(figures(w, current_hour), window_hours)
+
+
+def values_of(f: Figures, window_hours: int) -> dict[str, float]:
+    """Each signal's value from the figures of a window of `window_hours` hours."""
+    sums, att, den = f.sums, f.sums["att"], f.sums["den"]
     spike = 0.0
-    if last >= SPIKE_MIN_DENIALS and den > 0:
-        spike = round(last / (den / max(1, window_hours)), 4)
+    if f.last_den >= SPIKE_MIN_DENIALS and den > 0:
+        spike = round(f.last_den / (den / max(1, window_hours)), 4)
     return {
-        "restricted_customer_share": _share(_sum(w, "rst"), att),
-        "anonymizer_customer_share": _share(_sum(w, "anon"), att),
-        "invalid_customer_ip_share": _share(_sum(w, "inv"), att),
-        "customer_country_hopping": _max_group(w.pairs.get("cc", ())),
-        "shared_customer_ip": _max_group(w.pairs.get("ip", ())),
-        "activity_hours_mismatch": _share(_sum(w, "off"), _sum(w, "lt"))
-        if sum(1 for c in w.hours.values() if c.get("lt")) >= ACTIVITY_MIN_HOURS else 0.0,
-        "egress_spread": max(_max_group(w.pairs.get("kc", ())),
-                             _max_group(w.pairs.get("ka", ()))),
+        "restricted_customer_share": _share(sums["rst"], att),
+        "anonymizer_customer_share": _share(sums["anon"], att),
+        "invalid_customer_ip_share": _share(sums["inv"], att),
+        "customer_country_hopping": f.groups["cc"],
+        "shared_customer_ip": f.groups["ip"],
+        "activity_hours_mismatch": _share(sums["off"], sums["lt"])
+        if f.lt_hours >= ACTIVITY_MIN_HOURS else 0.0,
+        "egress_spread": max(f.groups["kc"], f.groups["ka"]),
         "denial_spike": spike,
     }
 
@@ -233,7 +241,11 @@ def compute_signals(w: ScreeningWindow, current_hour: int, window_hours: int,
                     screening: Screening) -> list[dict[str, Any]]:
     """All eight signals of `w`, in report order: name, value, threshold, watch, state,
     meaning."""
-    values = signal_values(w, current_hour, window_hours)
+    return signals_of(signal_values(w, current_hour, window_hours), screening)
+
+
+def signals_of(values: Mapping[str, float], screening: Screening) -> list[dict[str, Any]]:
+    """The eight signals of `values` (signal_values), as compute_signals lists them."""
     out = []
     for name in SIGNALS:
         threshold, watch = screening.limits(name)
@@ -344,16 +356,32 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 class ScreeningTallies:
     """This instance's screening tallies, added to the store by the ledger's flush, and the
-    judgement of the resellers flushed (alerts, suspension, the gauge)."""
+    judgement of the resellers flushed (alerts, suspension, the gauge).
+
+    A judgement reads from the store only the hours of the window still open; the closed ones
+    are kept per reseller, aggregated (screening_hours.ClosedHours), and move on once an
+    hour. A reseller whose judgement still costs much is paced (PACE_FACTOR) and judged by a
+    later flush. `now` (wall time), `clock` (for pacing) and `cpu` (the loop's time spent)
+    are the clocks, to be replaced in tests."""
 
     def __init__(self, store: Store, policy: Callable[[], CompiledPolicy | None],
-                 actor: str = "screening") -> None:
+                 actor: str = "screening", *, now: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[], float] = time.thread_time) -> None:
         self.store = store
         self.policy = policy
         self.actor = actor
+        self.now, self.clock, self.cpu = now, clock, cpu
         self._pending: dict[tuple[str, int], ScreeningTally] = {}
         # (reseller, signal) -> flagged when this instance last judged it
         self._flagged: dict[tuple[str, str], bool] = {}
+        self._closed: dict[str, ClosedHours] = {}
+        self._open: dict[str, OpenHours] = {}
+        self._due: dict[str, float] = {}  # reseller -> clock() before which it waits
+        self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
+        # the admin API's flush may run beside the loop's: one judgement at a time, as the
+        # closed hours move on across awaits
+        self._judging = asyncio.Lock()
         #: flushes the store refused (tallies dropped); for tests and diagnostics
         self.flush_errors = 0
 
@@ -380,59 +408,85 @@ class ScreeningTallies:
                       snap.parts.config.settings.geo.allow_demo_databases)
 
     async def flush(self) -> None:
-        """Add the pending tallies (one `add_screening`), then judge the resellers added."""
-        if not self._pending:
+        """Add the pending tallies (one `add_screening`), then judge the resellers added and
+        those owed a judgement."""
+        if not self._pending and not self._owed:
             return
         batch, self._pending = self._pending, {}
         policy = self.policy()
         screening = policy.doc.screening_or_default if policy is not None else Screening()
-        try:
-            await self.store.add_screening(batch, screening.window_hours)
-        except StoreError:
-            self.flush_errors += 1  # best effort: screening tallies are not retried
-            return
-        except ValueError as exc:
-            logger().error("screening_flush_failed", reason=str(exc)[:200])
-            return
+        if batch:
+            try:
+                await self.store.add_screening(batch, screening.window_hours)
+            except StoreError:
+                self.flush_errors += 1  # best effort: screening tallies are not retried
+                return
+            except ValueError as exc:
+                logger().error("screening_flush_failed", reason=str(exc)[:200])
+                return
         if policy is not None:
-            await self.judge(policy, {r for r, _ in batch})
+            await self.judge(policy, self._owed | {r for r, _ in batch})
 
     async def judge(self, policy: CompiledPolicy, resellers: Collection[str]) -> None:
-        """Compute the signals of `resellers` (those of the policy), set the gauge, and act
-        on each transition to `flag` (one instance wins it: Store.screening_mark)."""
+        """Compute the signals of `resellers` (those of the policy) that are due, set the
+        gauge, and act on each transition to `flag` (one instance wins it:
+        Store.screening_mark). Those not due are owed: a later flush judges them."""
         screening = policy.doc.screening_or_default
-        known = [r for r in sorted(resellers) if r in policy.doc.resellers]
-        if not known:
-            return
-        now = time.time()
-        current = int(now // 3600)
-        hours = screening.window_hours
-        try:
-            windows = await self.store.screening_window(known, current - hours + 1, current)
-            for r in known:
-                suspend = False
-                for s in compute_signals(windows[r], current, hours, screening):
-                    flagged = s["state"] == "flag"
-                    metrics.child(metrics.SCREENING_FLAGGED, r, s["name"]).set(
-                        1 if flagged else 0)
-                    # The store's mark only on a change seen here: no round trip per signal
-                    # and flush while nothing changes.
-                    if self._flagged.get((r, s["name"]), False) == flagged:
-                        continue
-                    won = await self.store.screening_mark(r, s["name"], flagged, hours * 3600)
-                    self._flagged[(r, s["name"])] = flagged
-                    if not won:
-                        continue
-                    logger().warning("screening_alert", reseller=r, signal=s["name"],
-                                     value=s["value"], threshold=s["threshold"],
-                                     action=screening.actions.flag,
-                                     mode=screening.actions.mode)
-                    suspend = True
-                if (suspend and screening.actions.flag == "suspend"
-                        and screening.actions.mode == "enforce"):
-                    await suspend_reseller(self.store, r, self.actor)
-        except StoreError:
-            self.flush_errors += 1
+        async with self._judging:
+            now = self.now()
+            current = int(now // 3600)
+            hours = screening.window_hours
+            first, last_closed = current - hours + 1, last_closed_hour(now)
+            for r in [r for r, c in self._closed.items()
+                      if r not in policy.doc.resellers or c.last < first]:
+                del self._closed[r]  # gone from the policy, or idle for a whole window
+                self._open.pop(r, None)
+                self._due.pop(r, None)
+            start = self.clock()
+            known = [r for r in sorted(resellers) if r in policy.doc.resellers]
+            due = [r for r in known if self._due.get(r, start) <= start]
+            self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
+            try:
+                for r in due:
+                    # The thread's CPU time across the awaits: the loop's, including other
+                    # tasks' meanwhile (under load this errs towards pacing more).
+                    spent = self.cpu()
+                    have = self._closed.pop(r, None)
+                    closed = await closed_hours(self.store, r, have, first, last_closed)
+                    self._closed[r] = closed
+                    opened = max(first, last_closed + 1)
+                    read = await self.store.screening_window([r], opened, current,
+                                                             detail=False)
+                    kept = self._open[r] = open_hours(self._open.get(r), closed, opened,
+                                                      current)
+                    values = values_of(kept.figures(read[r]), hours)
+                    self._due[r] = self.clock() + PACE_FACTOR * (self.cpu() - spent)
+                    self._owed.discard(r)
+                    await self._act(r, signals_of(values, screening), screening)
+            except StoreError:
+                self.flush_errors += 1
+
+    async def _act(self, r: str, signals: list[dict[str, Any]], screening: Screening) -> None:
+        """Reseller `r`'s gauge, and the alert (and suspension) of each signal turned `flag`."""
+        suspend, hours = False, screening.window_hours
+        for s in signals:
+            flagged = s["state"] == "flag"
+            metrics.child(metrics.SCREENING_FLAGGED, r, s["name"]).set(1 if flagged else 0)
+            # The store's mark only on a change seen here: no round trip per signal and flush
+            # while nothing changes.
+            if self._flagged.get((r, s["name"]), False) == flagged:
+                continue
+            won = await self.store.screening_mark(r, s["name"], flagged, hours * 3600)
+            self._flagged[(r, s["name"])] = flagged
+            if not won:
+                continue
+            logger().warning("screening_alert", reseller=r, signal=s["name"],
+                             value=s["value"], threshold=s["threshold"],
+                             action=screening.actions.flag, mode=screening.actions.mode)
+            suspend = True
+        if (suspend and screening.actions.flag == "suspend"
+                and screening.actions.mode == "enforce"):
+            await suspend_reseller(self.store, r, self.actor)
 
 
 async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:

@@ -44,7 +44,7 @@ TABLE = (
                         "store.redis.pooled store.redis.pipelined store.redis.store "
                         "store.redis.usage store.redis.screening"),
     _group(2, "stages", "client_ip geo identity policy limits usage ledger quotas "
-                        "self_service attestation"),
+                        "self_service attestation screening_hours"),
     _group(3, "store_factory", "store"),
     _group(3, "edge", "proxy request_body responses audit usage_report request_log metrics "
                       "listeners tracing tls", never="stores"),

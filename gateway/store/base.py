@@ -473,9 +473,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def screening_window(self, resellers: Collection[str], first_hour: int,
-                               last_hour: int) -> dict[str, ScreeningWindow]:
+                               last_hour: int, *, detail: bool = True
+                               ) -> dict[str, ScreeningWindow]:
         """Every reseller's data of the hours [first_hour, last_hour] still kept (an empty
-        window for one without). One round trip per reseller at most."""
+        window for one without). Without `detail` only the counters and pair sets (what the
+        signals need): the customer count is 0 and the names empty (on Redis no PFCOUNT over
+        the sketches, no names read). One round trip per reseller at most."""
 
     @abc.abstractmethod
     async def screening_mark(self, reseller: str, signal: str, flagged: bool,

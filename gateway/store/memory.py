@@ -254,7 +254,8 @@ class MemoryStore(Store):
             self._screening[(reseller, hour)] = (expires, have)
 
     async def screening_window(self, resellers: Collection[str], first_hour: int,
-                               last_hour: int) -> dict[str, ScreeningWindow]:
+                               last_hour: int, *, detail: bool = True
+                               ) -> dict[str, ScreeningWindow]:
         now = time.time()
         out: dict[str, ScreeningWindow] = {}
         for r in resellers:
@@ -266,10 +267,11 @@ class MemoryStore(Store):
                     continue
                 t = got[1]
                 w.hours[hour] = dict(t.counts)
-                customers |= t.customers
                 for kind, members in t.pairs.items():
                     w.pairs.setdefault(kind, set()).update(members)
-                w.names.update(t.names)
+                if detail:
+                    customers |= t.customers
+                    w.names.update(t.names)
             w.customers = len(customers)
         return out
 

@@ -41,6 +41,18 @@ async def test_counters_sum_per_hour_and_customers_are_distinct(store: Store) ->
     assert got["other"].hours == {} and got["other"].customers == 0
 
 
+async def test_window_without_detail_has_counters_and_pairs_only(store: Store) -> None:
+    """Without detail a window holds the same counters and pair sets, no customers or names."""
+    await store.add_screening({("lean", NOW_HOUR): _tally(2, {"c1", "c2"}, {"c1\x1fDE"}),
+                               ("lean", NOW_HOUR - 1): _tally(4, {"c3"}, {"c3\x1fFR"})}, 24)
+    full = (await store.screening_window(["lean"], NOW_HOUR - 2, NOW_HOUR))["lean"]
+    lean = (await store.screening_window(["lean"], NOW_HOUR - 2, NOW_HOUR,
+                                         detail=False))["lean"]
+    assert lean.hours == full.hours and lean.pairs == full.pairs
+    assert full.customers == 3 and full.names
+    assert lean.customers == 0 and lean.names == {}
+
+
 async def test_window_leaves_out_hours_outside_the_range(store: Store) -> None:
     """Only the hours asked for are read."""
     await store.add_screening({("r1", NOW_HOUR - 5): _tally(7, {"x"})}, 24)

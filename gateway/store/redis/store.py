@@ -653,7 +653,8 @@ class RedisStore(Store):
                 raise res
 
     async def screening_window(self, resellers: Collection[str], first_hour: int,
-                               last_hour: int) -> dict[str, ScreeningWindow]:
+                               last_hour: int, *, detail: bool = True
+                               ) -> dict[str, ScreeningWindow]:
         hours = list(range(first_hour, last_hour + 1))
 
         async def one(reseller: str) -> ScreeningWindow:
@@ -662,12 +663,16 @@ class RedisStore(Store):
             for hour in hours:
                 c, u, n, *sets = self.screening.hour_keys(reseller, hour)
                 pipe.hgetall(c)
-                pipe.hgetall(n)
+                if detail:
+                    pipe.hgetall(n)
                 for k in sets:
                     pipe.smembers(k)
                 sketches.append(u)
-            pipe.execute_command("PFCOUNT", *sketches)  # one slot: the hash tag
+            if detail:
+                pipe.execute_command("PFCOUNT", *sketches)  # one slot: the hash tag
             replies: list[Any] = await self._cmd(pipe.execute())
+            if not detail:
+                return decode_window(hours, replies, 0, names=False)
             return decode_window(hours, replies[:-1], replies[-1])
 
         names = list(resellers)

@@ -40,3 +40,13 @@ def test_decode_window_reads_counters_names_and_pairs() -> None:
     assert w.hours == {2: {"req": 3}}
     assert w.names == {"64500": "Demo"} and w.customers == 5
     assert w.pairs == {"cc": {"a\x1fUS"}, "ka": {"k\x1f64500"}}
+
+
+def test_decode_window_without_names_reads_text_or_bytes() -> None:
+    """Without names the replies per hour are counters and pair sets; members decode whether
+    the client gave bytes or text."""
+    replies: list[object] = [{b"req": b"2"}, {b"a\x1fUS", b"b\x1fDE"}, {"k\x1fFR"}, set(),
+                             set()]
+    w = decode_window([7], replies, 0, names=False)
+    assert w.hours == {7: {"req": 2}} and w.names == {} and w.customers == 0
+    assert w.pairs == {"cc": {"a\x1fUS", "b\x1fDE"}, "ip": {"k\x1fFR"}}

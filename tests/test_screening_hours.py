@@ -1,0 +1,255 @@
+"""Screening's closed hours (gateway/screening_hours.py) and the judgement built on them
+(gateway/screening.py ScreeningTallies.judge), on the embedded store and a real redis-server:
+the figures of closed hours kept plus open hours read equal a full read's, the store is asked
+only for the open hours once the closed ones are kept, and a costly judgement is paced."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from gateway.policy import compile_policy, validate_policy
+from gateway.screening import (
+    PACE_FACTOR,
+    ScreeningTallies,
+    compute_signals,
+    signals_of,
+    values_of,
+)
+from gateway.screening_hours import (
+    CLOSE_GRACE_S,
+    SEP,
+    SIGNAL_COUNTERS,
+    OpenHours,
+    closed_hours,
+    figures,
+    last_closed_hour,
+    open_hours,
+)
+from gateway.store.base import SCREENING_PAIRS, ScreeningTally, ScreeningWindow, Store
+from gateway.store.memory import MemoryStore
+from gateway.store.redis.store import RedisStore
+from tests.support.gateway import DEFAULT_POLICY
+from tests.support.redis_server import RedisServer
+
+# Hours ahead of the real clock: the stores keep a bucket until `window` hours after its hour
+# by the real clock, so a simulated clock running ahead of it sees every bucket it wrote.
+AHEAD = 10 * 24
+START = (int(time.time() // 3600) + AHEAD) * 3600.0
+
+
+class RecordsRanges:
+    """Put before a real store class: records the hour ranges screening_window is asked
+    for, then reads as the store does (a spy, not a mock)."""
+
+    asked: list[tuple[int, int, bool]]
+
+    async def screening_window(self, resellers: Collection[str], first_hour: int,
+                               last_hour: int, *, detail: bool = True
+                               ) -> dict[str, ScreeningWindow]:
+        self.asked.append((first_hour, last_hour, detail))
+        window: dict[str, ScreeningWindow] = await super().screening_window(  # type: ignore[misc]
+            resellers, first_hour, last_hour, detail=detail)
+        return window
+
+
+class SpyMemoryStore(RecordsRanges, MemoryStore):
+    """The embedded store, recording the ranges asked for."""
+
+
+class SpyRedisStore(RecordsRanges, RedisStore):
+    """The Redis store, recording the ranges asked for."""
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A started spy store: embedded, or on the session's redis-server under a fresh prefix."""
+    st: SpyMemoryStore | SpyRedisStore
+    if request.param == "memory":
+        st = SpyMemoryStore()
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server_session")
+        st = SpyRedisStore(redis.url, f"sh{uuid.uuid4().hex[:10]}:")
+    st.asked = []
+    await st.start()
+    try:
+        yield st
+    finally:
+        await st.close()
+
+
+def _tally(rng: random.Random) -> ScreeningTally:
+    """A random tally: small counters (some absent), pairs over small alphabets, so that
+    hours share pairs and groups grow across hours."""
+    t = ScreeningTally()
+    for name in (*SIGNAL_COUNTERS, "req"):
+        if rng.random() < 0.7:
+            t.count(name, rng.randint(1, 12))
+    for kind in SCREENING_PAIRS:
+        for _ in range(rng.randint(0, 6)):
+            t.pair(kind, f"{kind}{rng.randint(0, 5)}{SEP}{rng.randint(0, 7)}")
+    return t
+
+
+async def _full(store: Store, reseller: str, now: float, window: int) -> ScreeningWindow:
+    current = int(now // 3600)
+    return (await store.screening_window([reseller], current - window + 1, current))[reseller]
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_closed_hours_and_open_read_equal_a_full_read(store: Any, seed: int) -> None:
+    """Over a simulated day or two of random tallies, at every step the figures of the kept
+    closed hours plus the open hours' read equal those of a full read, and so do the signals
+    (hours closing, leaving the window, and quiet hours included)."""
+    rng = random.Random(seed)
+    window = rng.choice([1, 3, 7, 24])
+    screening = compile_policy(validate_policy(DEFAULT_POLICY, "t"), 1).doc.screening_or_default
+    r = f"r{seed}"
+    have, kept = None, None
+    now = START + rng.uniform(0, 3600)
+    for _ in range(80):
+        now += rng.choice([1.0, 60.0, 120.0, 600.0, 1500.0, 3600.0, 3 * 3600.0])
+        current = int(now // 3600)
+        if rng.random() < 0.8:
+            await store.add_screening({(r, current): _tally(rng)}, window)
+        first, last = current - window + 1, last_closed_hour(now)
+        have = await closed_hours(store, r, have, first, last)
+        opened = max(first, last + 1)
+        kept = open_hours(kept, have, opened, current)
+        read = await store.screening_window([r], opened, current, detail=False)
+        got = kept.figures(read[r])
+        full = await _full(store, r, now, window)
+        assert got == figures(full, current)
+        assert (signals_of(values_of(got, window), screening)
+                == compute_signals(full, current, window, screening))
+
+
+async def test_an_hour_written_after_it_closed_is_read_again(store: Any) -> None:
+    """A closed hour that reads differently when it leaves the window (written late, or
+    expired) has the closed hours built anew: the figures still equal a full read."""
+    r, window = "late", 3
+    now = START + 600
+    have = None
+    hours = [int(now // 3600) + i for i in range(4)]
+    t = ScreeningTally(counts={"att": 2, "den": 1})
+    t.pair("cc", f"c1{SEP}DE")
+    await store.add_screening({(r, hours[0]): t}, window)
+    now = hours[1] * 3600 + CLOSE_GRACE_S + 1  # hours[0] closed
+    have = await closed_hours(store, r, have, hours[1] - window + 1, last_closed_hour(now))
+    assert have.holds(hours[0])
+    late = ScreeningTally(counts={"att": 5})
+    late.pair("cc", f"c1{SEP}FR")
+    await store.add_screening({(r, hours[0]): late}, window)  # after it closed
+    now = hours[3] * 3600 + CLOSE_GRACE_S + 1  # hours[0] leaves the window
+    current = int(now // 3600)
+    first, last = current - window + 1, last_closed_hour(now)
+    have = await closed_hours(store, r, have, first, last)
+    read = await store.screening_window([r], last + 1, current, detail=False)
+    assert OpenHours(have, last + 1, current).figures(read[r]) == figures(
+        await _full(store, r, now, window), current)
+
+
+class Clocks:
+    """Wall time, the pacing clock and the loop-time clock of a ScreeningTallies, moved by
+    the test; `cost` is the loop time each judgement takes."""
+
+    def __init__(self, now: float, cost: float) -> None:
+        self.wall, self.mono, self.spent, self.cost = now, 0.0, 0.0, cost
+        self._calls = 0
+
+    def now(self) -> float:
+        return self.wall
+
+    def clock(self) -> float:
+        return self.mono
+
+    def cpu(self) -> float:
+        self._calls += 1
+        if self._calls % 2 == 0:  # a judgement reads it before and after its work
+            self.spent += self.cost
+        return self.spent
+
+
+def _tallies(store: Store, clocks: Clocks) -> ScreeningTallies:
+    policy = compile_policy(validate_policy(DEFAULT_POLICY, "t"), 1)
+    return ScreeningTallies(store, lambda: policy, now=clocks.now, clock=clocks.clock,
+                            cpu=clocks.cpu)
+
+
+async def _seed_day(store: Store, reseller: str, now: float) -> None:
+    current = int(now // 3600)
+    await store.add_screening({(reseller, h): ScreeningTally(counts={"att": 1, "req": 1},
+                                                             pairs={"cc": {f"c{h}{SEP}DE"}})
+                               for h in range(current - 23, current + 1)}, 24)
+
+
+async def test_after_the_first_judgement_only_open_hours_are_read(store: Any) -> None:
+    """The first judgement reads the closed hours once; later ones in the same hour ask the
+    store only for the open hours, without the customer count or names (detail)."""
+    clocks = Clocks(START + 1800, cost=0.0001)
+    screening = _tallies(store, clocks)
+    policy = screening.policy()
+    assert policy is not None
+    await _seed_day(store, "acme", clocks.wall)
+    current = int(clocks.wall // 3600)
+    await screening.judge(policy, {"acme"})
+    assert store.asked[-1] == (current, current, False)
+    assert {a[0] for a in store.asked} == set(range(current - 23, current + 1))
+    for step in range(3):
+        store.asked.clear()
+        clocks.wall += 60
+        clocks.mono += 1
+        await screening.judge(policy, {"acme"})
+        assert store.asked == [(current, current, False)], step
+    store.asked.clear()
+    # A new hour: the oldest leaves the window (read once more, to take it out); the previous
+    # hour stays open until the grace ends, then is read once more, to keep it.
+    clocks.wall = (current + 1) * 3600 + 30
+    clocks.mono += 1
+    await screening.judge(policy, {"acme"})
+    assert store.asked == [(current - 23, current - 23, False), (current, current + 1, False)]
+    store.asked.clear()
+    clocks.wall = (current + 1) * 3600 + CLOSE_GRACE_S + 1
+    clocks.mono += 1
+    await screening.judge(policy, {"acme"})
+    assert store.asked == [(current, current, False), (current + 1, current + 1, False)]
+    store.asked.clear()
+    clocks.mono += 1
+    await screening.judge(policy, {"acme"})
+    assert store.asked == [(current + 1, current + 1, False)]
+
+
+async def test_a_costly_judgement_is_paced_and_owed_ones_follow(store: Any) -> None:
+    """A judgement taking t of loop time waits PACE_FACTOR times t; the reseller is then judged by
+    a flush even with nothing new flushed. A cheap one is judged on every flush."""
+    clocks = Clocks(START + 1800, cost=0.1)
+    screening = _tallies(store, clocks)
+    policy = screening.policy()
+    assert policy is not None
+    await _seed_day(store, "acme", clocks.wall)
+    await screening.judge(policy, {"acme"})
+    judged = len(store.asked)
+    for _ in range(4):  # 4 s later: not yet (the pace is 5 s)
+        clocks.mono += 1
+        await screening.judge(policy, {"acme"})
+    assert len(store.asked) == judged
+    clocks.mono = PACE_FACTOR * 0.1 + 0.01
+    await screening.flush()  # nothing pending: the owed judgement alone
+    assert len(store.asked) == judged + 1
+    await screening.flush()  # nothing owed any more
+    assert len(store.asked) == judged + 1
+
+    clocks.cost = 0.001  # cheap: paced by 50 ms, well within one flush
+    clocks.mono += 10
+    await screening.judge(policy, {"acme"})
+    before = len(store.asked)
+    for _ in range(3):
+        clocks.mono += 1
+        await screening.judge(policy, {"acme"})
+    assert len(store.asked) == before + 3

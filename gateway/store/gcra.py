@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import collections
 import heapq
 import time
 
@@ -27,8 +26,10 @@ class Limiter:
     """In-process GCRA buckets and concurrency leases; also the `on_error: open` fallback.
 
     Memory holds only live entries: a bucket leaves once it is full again, a lease once it
-    expires. Each write pushes its expiry onto a heap, and every admission pops what is due,
-    so clean-up costs O(log n) amortised per admission however many subjects are live."""
+    expires, an admission's marker between one and two mark spans after its last write (the
+    span: a minute, or the longest lease ttl asked for). Buckets and leases wait in heaps of
+    their expiries, and every admission pops what is due, so clean-up costs O(log n)
+    amortised per admission however many subjects are live."""
 
     def __init__(self, divisor: int = 1) -> None:
         self.divisor = divisor
@@ -39,10 +40,16 @@ class Limiter:
         self._tat_due: list[tuple[float, str]] = []
         self._lease_due: list[tuple[float, str, str]] = []
         self._lease_count = 0
-        # Admission id → state: "a" admitted, "s" settled, "c" cancelled (as admit.lua's
-        # marker), until the expiry in `_mark_due`.
-        self.marks: dict[str, tuple[str, float]] = {}
-        self._mark_due: collections.deque[tuple[float, str]] = collections.deque()
+        # Admission id → "a" admitted, "s" settled, "c" cancelled (admit.lua's marker), in
+        # two generations: a mark is written to `_marks`, which becomes `_marks_old` at the
+        # first write `_mark_span` after the generation began, and is dropped at the next
+        # such turn. So a mark lives at least the span past its last write (a lease ttl, or a
+        # minute for a settled one: the span is the longest of those) and, while marks are
+        # written, at most two, with no per-mark expiry or queue entry.
+        self._marks: dict[str, str] = {}
+        self._marks_old: dict[str, str] = {}
+        self._marks_since: float | None = None
+        self._mark_span = WINDOW_MS
 
     def _limit(self, limit: int) -> int:
         if limit <= 0:
@@ -90,7 +97,7 @@ class Limiter:
                                            1000.0)
         if self._state(req.lease_id) == "c":
             raise StoreError("admission cancelled before it ran")
-        self._mark(req.lease_id, "a", now + req.lease_ttl_ms)
+        self._mark(req.lease_id, "a", req.lease_ttl_ms, now)
         for key, new_tat in planned:
             self._set_tat(key, new_tat)
         until = now + req.lease_ttl_ms
@@ -104,13 +111,21 @@ class Limiter:
         return AdmitResult(True, buckets=buckets)
 
     def _state(self, lease_id: str) -> str | None:
-        mark = self.marks.get(lease_id)
-        return mark[0] if mark is not None else None
+        return self._marks.get(lease_id) or self._marks_old.get(lease_id)
 
-    def _mark(self, lease_id: str, state: str, until: float) -> None:
-        self.marks[lease_id] = (state, until)
-        # Every mark lives one lease ttl: a deque in time order (ttls are alike) expires them.
-        self._mark_due.append((until, lease_id))
+    def _mark(self, lease_id: str, state: str, ttl_ms: float, now: float) -> None:
+        """Mark `lease_id` with `state` for at least `ttl_ms` (and at most twice the span)."""
+        if ttl_ms > self._mark_span:
+            self._mark_span = ttl_ms  # only lengthens what the marks already written live
+        since = self._marks_since
+        if since is None:
+            self._marks_since = now
+        elif now - since >= self._mark_span:
+            # One step per write at most: a mark moved to the old generation now was written
+            # before now, so it still lives a whole span from now.
+            self._marks_old, self._marks = self._marks, {}
+            self._marks_since = now
+        self._marks[lease_id] = state
 
     def cancel(self, req: AdmitRequest, now_ms: float | None = None) -> None:
         """Roll back admission `req` if it was applied, else make it a no-op (admit.lua's
@@ -119,7 +134,7 @@ class Limiter:
         prev = self._state(req.lease_id)
         if prev in ("c", "s"):
             return
-        self._mark(req.lease_id, "c", now + req.lease_ttl_ms)
+        self._mark(req.lease_id, "c", req.lease_ttl_ms, now)
         if prev != "a":
             return
         costs = {"rpm": 1, "itpm": req.input_tokens, "otpm": req.output_tokens}
@@ -150,7 +165,7 @@ class Limiter:
         now = time.time() * 1000.0 if now_ms is None else now_ms
         if self._state(st.lease_id) in ("s", "c"):
             return  # already settled (a retry) or cancelled
-        self._mark(st.lease_id, "s", now + WINDOW_MS)
+        self._mark(st.lease_id, "s", WINDOW_MS, now)
         for s in st.subjects:
             for dim, reserved, actual in (("itpm", st.input_reserved, st.input_actual),
                                           ("otpm", st.output_reserved, st.output_actual)):
@@ -176,13 +191,7 @@ class Limiter:
                     heapq.heappush(self._lease_due, (until, key, lease_id))
 
     def _gc(self, now: float) -> None:
-        """Drop what is due: full buckets, expired leases (stale heap entries skipped) and
-        admission marks."""
-        marks = self._mark_due
-        while marks and marks[0][0] <= now:
-            due_at, mark_id = marks.popleft()
-            if self.marks.get(mark_id, ("", 0.0))[1] == due_at:
-                del self.marks[mark_id]
+        """Drop what is due: full buckets and expired leases (stale heap entries skipped)."""
         due = self._tat_due
         while due and due[0][0] <= now:
             _, key = heapq.heappop(due)

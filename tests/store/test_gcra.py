@@ -3,8 +3,12 @@ clean-up) behind the embedded store and the `on_error: open` fallback."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 
+from gateway.errors import StoreError
 from gateway.limits import retry_after_s
 from gateway.store.base import (
     WINDOW_MS,
@@ -310,3 +314,71 @@ def test_settled_refund_to_full_bucket_is_dropped() -> None:
     lim.settle(Settlement((s,), "l", 500, 0, 0, 0), now_ms=0.0)
     lim.admit(_req(_subject("key", "other", rpm=6000)), now_ms=1.0)
     assert lim._key(s, "itpm") not in lim.tat
+
+
+# --- Limiter: admission markers (a retried settlement or cancel applies once) --------------------
+
+
+def _marks_held(lim: Limiter) -> int:
+    return len(lim._marks) + len(lim._marks_old)
+
+
+def test_markers_live_one_to_two_minutes_then_go() -> None:
+    """A settled request's marker outlasts a minute (its retried settlement is a no-op) and is
+    gone within two: over five minutes at 10 requests/s at most two minutes of markers are
+    held, whatever the traffic before."""
+    lim = Limiter()
+    s = _subject(itpm=10**6)
+    for i in range(3000):
+        now = i * 100.0
+        lim.admit(_req(s, lease=f"l{i}", inp=10), now_ms=now)
+        lim.settle(Settlement((s,), f"l{i}", 10, 0, 10, 0), now_ms=now)
+        if i >= 600:  # the request of a minute ago: its retry applies nothing
+            before = lim.tat[lim._key(s, "itpm")]
+            lim.settle(Settlement((s,), f"l{i - 600}", 10, 0, 1000, 0), now_ms=now)
+            assert lim.tat[lim._key(s, "itpm")] == before
+        assert _marks_held(lim) <= 2 * 600 + 2
+    assert lim._state("l0") is None and lim._state("l1700") is None
+    assert lim._state("l2999") == "s"
+
+
+def test_a_lease_ttl_longer_than_a_minute_keeps_its_marker_as_long() -> None:
+    """A cancel's tombstone lives the request's own lease ttl when it is longer than the
+    minute other markers live: its admission is still void 4.9 minutes on, while the markers
+    of the requests around it come and go."""
+    lim = Limiter()
+    s = _subject(rpm=10**6)
+    gone = _req(s, lease="gone", ttl_ms=300_000)
+    lim.cancel(gone, now_ms=0.0)
+    for i in range(1, 295):
+        assert lim.admit(_req(s, lease=f"l{i}"), now_ms=i * 1000.0).ok
+    with pytest.raises(StoreError):
+        lim.admit(gone, now_ms=294_000.0)
+
+
+def test_a_settled_request_holds_under_160_bytes() -> None:
+    """What the limiter keeps of an admitted and settled request, until its marker goes, is
+    its marker alone: under 160 bytes with three subjects limited on every dimension (it was
+    ≈ 320: a tuple, a float and a queue entry per marker write)."""
+    subjects = tuple(_subject(kind, ident, rpm=10**9, itpm=10**9, otpm=10**9,
+                              concurrency=10_000)
+                     for kind, ident in (("key", "k1"), ("reseller", "r"), ("customer", "c1")))
+
+    def serve(lim: Limiter, first: int, n: int) -> None:
+        for i in range(first, first + n):
+            lease = f"0123456789ab:{i:x}"
+            lim.admit(AdmitRequest(subjects, lease, 60_000, 400, 1000), now_ms=i * 2.0)
+            lim.settle(Settlement(subjects, lease, 400, 1000, 380, 250), now_ms=i * 2.0)
+
+    lim = Limiter()
+    serve(lim, 0, 2000)  # buckets, heaps and dicts at their working sizes
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        serve(lim, 2000, 10_000)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / 10_000 < 160

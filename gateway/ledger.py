@@ -143,13 +143,19 @@ class Ledger:
         self.retention_days = retention_days
         # measures IDLE_S and the pause after a failed read (injectable for tests)
         self._clock = clock
-        # Cells not yet sent to the store.
+        # Cells not yet sent to the store, and the cells of each key and reseller among them
+        # (a new watch starts from its own, not from a scan of all).
         self._pending: dict[UsageKey, Tally] = {}
+        self._cells_of_key: dict[str, list[UsageKey]] = {}
+        self._cells_of_reseller: dict[str, list[UsageKey]] = {}
         # key id / reseller -> its watch
         self._keys: dict[str, Watch] = {}
         self._resellers: dict[str, Watch] = {}
         self._lock = asyncio.Lock()
         self._read_failed_at = float("-inf")
+        # whether the last read succeeded: no subject is dropped while reads fail, as its last
+        # read is then all this instance knows of its use elsewhere
+        self._last_read_ok = True
         self._pruned_day = ""
         self._flushing: asyncio.Future[None] | None = None
         #: flushes (adds or reads) the store refused; for tests and diagnostics
@@ -164,12 +170,7 @@ class Ledger:
         UTC day of `now` (its end)."""
         t = Tally(1, max(0, input_tokens or 0), max(0, output_tokens or 0))
         day = utc_day(now)
-        cell = UsageKey(day, reseller, key_id, customer_id, model or UNKNOWN_MODEL)
-        have = self._pending.get(cell)
-        if have is None:
-            self._pending[cell] = t
-        else:
-            have.add(t)
+        self._pend(UsageKey(day, reseller, key_id, customer_id, model or UNKNOWN_MODEL), t)
         kw, rw = self._keys.get(key_id), self._resellers.get(reseller)
         if kw is None and rw is None:
             return
@@ -178,6 +179,23 @@ class Ledger:
             if w is not None:
                 _bump(w.local, day, t)
                 _bump(w.local, month, t)
+
+    def _pend(self, cell: UsageKey, t: Tally) -> None:
+        """Add `t` to the pending `cell` (its own now: not copied), indexed when new."""
+        have = self._pending.get(cell)
+        if have is None:
+            self._pending[cell] = t
+            self._cells_of_key.setdefault(cell.key_id, []).append(cell)
+            self._cells_of_reseller.setdefault(cell.reseller, []).append(cell)
+        else:
+            have.add(t)
+
+    async def watched(self, reseller: str, key_id: str, of_key: bool,
+                      of_reseller: bool) -> Watched:
+        """The watched subjects of a request (`find`), watched and read first when not yet
+        (`watch`: one round trip, on a subject's first request here)."""
+        return (self.find(reseller, key_id, of_key, of_reseller)
+                or await self.watch(reseller, key_id, of_key, of_reseller))
 
     def find(self, reseller: str, key_id: str, of_key: bool,
              of_reseller: bool) -> Watched | None:
@@ -241,11 +259,12 @@ class Ledger:
             name = key_subject(key_id) if key_id is not None else reseller_subject(reseller)
             w = table[ident] = Watch(name, reseller, now)
             # What this instance counted and has not sent is in no read: it starts local.
-            for cell, t in self._pending.items():
-                if (cell.key_id == key_id) if key_id is not None else (
-                        cell.reseller == reseller):
-                    _bump(w.local, cell.day, t)
-                    _bump(w.local, cell.day[:7], t)
+            cells = (self._cells_of_key.get(key_id, ()) if key_id is not None
+                     else self._cells_of_reseller.get(reseller, ()))
+            for cell in cells:
+                t = self._pending[cell]
+                _bump(w.local, cell.day, t)
+                _bump(w.local, cell.day[:7], t)
         else:
             w.touched = True
         return w
@@ -278,6 +297,7 @@ class Ledger:
         async with self._lock:
             day = utc_day(time.time())
             batch, self._pending = self._pending, {}
+            self._cells_of_key, self._cells_of_reseller = {}, {}
             if batch:
                 await self._add(batch)
             watched = self._sweep(self._clock(), day)
@@ -307,11 +327,7 @@ class Ledger:
             self.flush_errors += 1
         for cell, t in batch.items():
             if cell.reseller in failed:
-                have = self._pending.get(cell)
-                if have is None:
-                    self._pending[cell] = t
-                else:
-                    have.add(t)
+                self._pend(cell, t)
                 continue
             for w in (self._keys.get(cell.key_id), self._resellers.get(cell.reseller)):
                 if w is not None:
@@ -321,7 +337,8 @@ class Ledger:
     def _sweep(self, now: float, day: str) -> list[Watch]:
         """The subjects to read: each with a request in the last IDLE_S or one running. The
         others are dropped with their read and tallies (a dropped subject's next request reads
-        it again); on a new UTC day, local use of past periods is forgotten."""
+        it again), unless the last read failed; on a new UTC day, local use of past periods is
+        forgotten."""
         prune = day != self._pruned_day
         self._pruned_day = day
         month = day[:7]
@@ -331,7 +348,7 @@ class Ledger:
             for ident, w in table.items():
                 if w.touched:
                     w.seen, w.touched = now, False
-                elif w.inflight == 0 and now - w.seen >= IDLE_S:
+                elif w.inflight == 0 and now - w.seen >= IDLE_S and self._last_read_ok:
                     idle.append(ident)
                     continue
                 if prune:
@@ -352,7 +369,9 @@ class Ledger:
         except StoreError:
             self.flush_errors += 1
             self._read_failed_at = self._clock()
+            self._last_read_ok = False
             return
+        self._last_read_ok = True
         for w in watched:
             use = got.get(w.name)
             if use is None:

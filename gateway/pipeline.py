@@ -173,9 +173,8 @@ class Pipeline:
             quotas = effective_quotas(policy, key)
             if quotas:  # §12: after the decision, before the rate limits
                 of_key, of_reseller = bool(quotas.key), bool(quotas.reseller)
-                watched = (self.ledger.find(key.reseller, key.key_id, of_key, of_reseller)
-                           or await self.ledger.watch(key.reseller, key.key_id, of_key,
-                                                      of_reseller))
+                watched = await self.ledger.watched(key.reseller, key.key_id, of_key,
+                                                    of_reseller)
                 now = time.time()
                 check_quotas(quotas, *use_of(watched, now), now)
                 self.ledger.hold(watched)
@@ -251,8 +250,7 @@ class Pipeline:
         consumed (docs/architecture.md §12)."""
         # The key's use is part of the answer; the reseller's only counts against its quota.
         of_reseller = bool(effective_quotas(policy, key).reseller)
-        watched = (self.ledger.find(key.reseller, key.key_id, True, of_reseller)
-                   or await self.ledger.watch(key.reseller, key.key_id, True, of_reseller))
+        watched = await self.ledger.watched(key.reseller, key.key_id, True, of_reseller)
         answer = describe_key(policy, key, *use_of(watched, time.time()))
         ctx.reason, ctx.status = SELF_SERVICE_REASON, 200
         return web.json_response(answer, headers={"x-request-id": ctx.request_id})
@@ -276,13 +274,13 @@ class Pipeline:
         # Runs in `finally`: a fault of these must neither replace the answer (aiohttp's plain
         # 500) nor cost the request its settlement or its log line, both already done.
         try:
+            if held is not None:  # first: it cannot fail, and a held watch is never dropped
+                self.ledger.release(held)
             if (forwarded is not None and forwarded.upstream_status is not None
                     and ctx.key_id is not None and ctx.reseller is not None):
                 # §12: every request the upstream answered, with the usage it reported
                 self.ledger.record(ctx.reseller, ctx.key_id, ctx.customer_id, ctx.model,
                                    ctx.input_tokens, ctx.output_tokens, time.time())
-            if held is not None:
-                self.ledger.release(held)
             self.screening.record(ctx, snap)
             if trace is not None:
                 trace.finish(ctx)

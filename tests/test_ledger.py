@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest_asyncio
 
+from gateway.errors import StoreError
 from gateway.ledger import IDLE_S, UNKNOWN_MODEL, Ledger, Watched, use_of, utc_day
 from gateway.store import open_store
 from gateway.store.base import PeriodUse, Tally, UsageKey, UsageNotAdded
@@ -30,10 +31,13 @@ class SpyStore(MemoryStore):
         self.gate: asyncio.Event | None = None
         self.adding = asyncio.Event()
         self.refuse = False
+        self.fail_reads = False
 
     async def period_use(self, subjects: Mapping[str, Collection[str]],
                          day: str) -> dict[str, PeriodUse]:
         self.asked.append({r: sorted(names) for r, names in subjects.items()})
+        if self.fail_reads:
+            raise StoreError("reads refused")
         return await super().period_use(subjects, day)
 
     async def add_usage(self, tallies: Mapping[UsageKey, Tally], retention_days: int) -> None:
@@ -267,6 +271,47 @@ async def test_an_idle_subject_is_no_longer_read(store: SpyStore) -> None:
     await ledger.flush()
     await ledger.flush()
     assert len(store.asked) == asked  # everything idle: nothing is read
+
+
+async def test_no_subject_is_dropped_while_reads_fail(store: SpyStore) -> None:
+    """While the store refuses reads, an idle subject keeps its last read (all this instance
+    knows of its use elsewhere): its next request still counts it, instead of starting from
+    zero; once reads work again, it is dropped after the idle time."""
+    clock = Clock()
+    ledger = Ledger(store, 400, clock=clock)
+    now = time.time()
+    await store.add_usage({UsageKey(utc_day(now), "acme", "k1", None, "m"): _t(5, 5, 5)}, 400)
+    await ledger.watch("acme", "k1", True, False)
+    store.fail_reads = True
+    clock.now += 1
+    await ledger.flush()  # its read fails
+    clock.now += IDLE_S + 1
+    await ledger.flush()
+    assert ledger.subject(key_id="k1") is not None  # kept, with its last read
+    held = await ledger.watched("acme", "k1", True, False)
+    assert use_of(held, now)[0].day == _t(5, 5, 5)
+    store.fail_reads = False
+    await ledger.flush()
+    clock.now += IDLE_S + 1
+    await ledger.flush()
+    assert ledger.subject(key_id="k1") is None
+
+
+async def test_a_late_watch_counts_cells_a_refused_flush_kept(store: SpyStore) -> None:
+    """Cells a refused flush put back are pending again: a subject watched afterwards starts
+    from them (once), and from nothing of other subjects."""
+    ledger = Ledger(store, 400)
+    now = time.time()
+    ledger.record("acme", "k1", None, "m", 1, 1, now)
+    ledger.record("acme", "k2", None, "m", 2, 2, now)
+    store.refuse = True
+    await ledger.flush()
+    store.refuse = False
+    ledger.record("acme", "k1", None, "m", 4, 4, now)
+    k1, _ = await ledger.watch("acme", "k1", True, False)
+    assert k1 is not None and k1.used(now).day == _t(2, 5, 5)
+    await ledger.flush()
+    assert k1.used(now).day == _t(2, 5, 5)
 
 
 async def test_a_subject_with_a_request_running_is_never_dropped(store: SpyStore) -> None:

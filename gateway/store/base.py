@@ -457,7 +457,9 @@ class Store(abc.ABC):
         """For each reseller R (mapping key) and the names of subjects of R ("reseller:R",
         "key:K" of R's keys; `reseller_subject`, `key_subject`): the totals of day `day` and
         of its month, keyed by name; zeros for a subject with no use. Only the subjects named
-        are read. One round trip per reseller at most (on Redis Cluster, per slot)."""
+        are read. One round trip per reseller at most (on Redis Cluster, per slot). A key
+        named under a reseller not its own is undefined (Redis reads the reseller's totals,
+        so zeros; the embedded store keeps totals by name): the ledger never asks that."""
 
     # reseller screening (docs/architecture.md §15) -------------------------------------------
     @abc.abstractmethod

@@ -34,6 +34,7 @@ from gateway.policy import (
     validate_policy,
 )
 from gateway.screening_hours import (
+    CLOSE_GRACE_S,
     SEP,
     ClosedHours,
     Figures,
@@ -85,6 +86,9 @@ TOP_N = 10
 #: sooner than this times t later (at most about 2 % of the loop per reseller). A judgement
 #: whose open hours are small takes well under 20 ms: judged on every flush, as before.
 PACE_FACTOR = 50
+#: The longest window a policy takes (7 d), in hours: how far back the windows seen in force
+#: matter.
+WINDOW_MAX_HOURS = 7 * 24
 
 # Country -> standard UTC offset in hours (no daylight saving; one zone per country, for the
 # largest countries the zone of the capital or of most people). An approximation: the report
@@ -379,6 +383,9 @@ class ScreeningTallies:
         self._open: dict[str, OpenHours] = {}
         self._due: dict[str, float] = {}  # reseller -> clock() before which it waits
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
+        # the windows seen in force: (wall time from which, hours), oldest first; an hour's
+        # buckets expire `window` hours after it with the window of the write that set it
+        self._windows: list[tuple[float, int]] = []
         # the admin API's flush may run beside the loop's: one judgement at a time, as the
         # closed hours move on across awaits
         self._judging = asyncio.Lock()
@@ -436,6 +443,10 @@ class ScreeningTallies:
             now = self.now()
             current = int(now // 3600)
             hours = screening.window_hours
+            if self._windows and self._windows[-1][1] != hours:
+                self._closed.clear()  # built for another window: built again
+                self._open.clear()
+            self._see_window(now, hours)
             first, last_closed = current - hours + 1, last_closed_hour(now)
             for r in [r for r, c in self._closed.items()
                       if r not in policy.doc.resellers or c.last < first]:
@@ -452,7 +463,10 @@ class ScreeningTallies:
                     # tasks' meanwhile (under load this errs towards pacing more).
                     spent = self.cpu()
                     have = self._closed.pop(r, None)
-                    closed = await closed_hours(self.store, r, have, first, last_closed)
+                    if have is not None and have.expiry <= now:
+                        have = None  # an hour kept expired in the store: built again
+                    closed = await closed_hours(self.store, r, have, first, last_closed,
+                                                functools.partial(self._expiry, now=now))
                     self._closed[r] = closed
                     opened = max(first, last_closed + 1)
                     read = await self.store.screening_window([r], opened, current,
@@ -465,6 +479,26 @@ class ScreeningTallies:
                     await self._act(r, signals_of(values, screening), screening)
             except StoreError:
                 self.flush_errors += 1
+
+    def _see_window(self, now: float, hours: int) -> None:
+        """Note the window in force at `now`; forget those no kept hour was written under."""
+        if not self._windows or self._windows[-1][1] != hours:
+            self._windows.append((now, hours))
+        horizon = now - (WINDOW_MAX_HOURS + 2) * 3600
+        while len(self._windows) > 1 and self._windows[1][0] <= horizon:
+            del self._windows[0]
+
+    def _expiry(self, hour: int, now: float) -> float:
+        """When the store drops `hour`, read at `now`: its buckets expire `window` hours after
+        the hour with the window of their last write, one of those in force while the hour
+        could be written; of those, the earliest still ahead (it was read: not expired). An
+        earlier guess than the truth only costs a rebuild."""
+        start, end = hour * 3600.0, (hour + 1) * 3600.0 + CLOSE_GRACE_S
+        ahead = [(hour + 1 + w) * 3600.0 for i, (since, w) in enumerate(self._windows)
+                 if (i == 0 or since < end) and (i + 1 == len(self._windows)
+                                     or self._windows[i + 1][0] > start)]
+        ahead = [t for t in ahead if t > now] or [now + 3600.0]  # written under a window not
+        return min(ahead)  # seen here (another instance's): looked at again in an hour
 
     async def _act(self, r: str, signals: list[dict[str, Any]], screening: Screening) -> None:
         """Reseller `r`'s gauge, and the alert (and suspension) of each signal turned `flag`."""

@@ -4,7 +4,8 @@ reseller reads and adds only the hours still being written (docs/architecture.md
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from gateway.store.base import SCREENING_PAIRS, ScreeningWindow, Store
@@ -68,16 +69,19 @@ class ClosedHours:
     """One reseller's closed hours [first, last], aggregated: per hour its counters (a few
     ints); per pair set, each pair with the number of these hours holding it (so an hour
     leaving the window is taken out again) and each first part with its number of distinct
-    pairs. Built by `closed_hours`; the figures of the whole window come from an OpenHours
-    next to it."""
+    pairs; per hour also when the store lets it expire (`expiry`: the earliest). Built by
+    `closed_hours`; the figures of the whole window come from an OpenHours next to it."""
 
-    __slots__ = ("_hours", "counters", "first", "groups", "last", "lt_hours", "pairs",
-                 "sizes", "version")
+    __slots__ = ("_expires", "_hours", "counters", "expiry", "first", "groups", "last",
+                 "lt_hours", "pairs", "sizes", "version")
 
     def __init__(self, first: int, last: int) -> None:
         self.first = first
         self.last = last
         self._hours: dict[int, tuple[int, ...]] = {}  # hour with data -> _fingerprint
+        self._expires: dict[int, float] = {}  # hour with data -> when the store drops it
+        #: the earliest of the hours' expiries (Unix s): from then on these figures are wrong
+        self.expiry = math.inf
         #: pair set -> pair (member) -> the number of these hours holding it
         self.pairs: dict[str, dict[str, int]] = {k: {} for k in SCREENING_PAIRS}
         #: pair set -> first part -> its number of distinct pairs (the group's size)
@@ -92,12 +96,14 @@ class ClosedHours:
         """Whether `hour` added data."""
         return hour in self._hours
 
-    def add(self, hour: int, w: ScreeningWindow) -> None:
-        """Add `w`, one hour's read (detail not needed)."""
+    def add(self, hour: int, w: ScreeningWindow, expires: float = math.inf) -> None:
+        """Add `w`, one hour's read (detail not needed), which the store keeps until
+        `expires`."""
         mark = _fingerprint(w, hour)
         if not any(mark):
             return
         self._hours[hour] = mark
+        self._expires[hour] = expires
         for kind, members in w.pairs.items():
             held, sizes = self.pairs[kind], self.sizes[kind]
             for m in members:
@@ -113,6 +119,7 @@ class ClosedHours:
         """Take out `hour`, read again as `w`; False (and this object spoilt) when the read is
         not what was added: the hour expired or was written to after it closed."""
         mark = self._hours.pop(hour, None)
+        self._expires.pop(hour, None)
         if mark is None:
             return True
         if _fingerprint(w, hour) != mark:
@@ -138,6 +145,7 @@ class ClosedHours:
         self.counters = tuple(sum(m[i] for m in marks) for i in range(len(SIGNAL_COUNTERS)))
         self.lt_hours = sum(1 for m in marks if m[_LT])
         self.groups = {k: max(g.values(), default=0) for k, g in self.sizes.items()}
+        self.expiry = min(self._expires.values(), default=math.inf)
         self.version += 1
 
 
@@ -195,13 +203,17 @@ async def _read_hour(store: Store, reseller: str, hour: int) -> ScreeningWindow:
     return (await store.screening_window([reseller], hour, hour, detail=False))[reseller]
 
 
+def _forever(hour: int) -> float:
+    return math.inf
+
+
 async def closed_hours(store: Store, reseller: str, have: ClosedHours | None, first: int,
-                       last: int) -> ClosedHours:
+                       last: int, expiry: Callable[[int], float] = _forever) -> ClosedHours:
     """`reseller`'s closed hours [first, last]: `have` moved on (the hours that left the
     range read again and taken out, the newly closed ones read and added), or built anew,
     one hour's read at a time, when it cannot be (none yet, time went back, no hour in
-    common, or an hour to take out no longer reads as it did). `have` is not to be used
-    afterwards."""
+    common, or an hour to take out no longer reads as it did). `expiry(hour)` is when the
+    store drops an hour read now. `have` is not to be used afterwards."""
     if have is not None and (have.first, have.last) == (first, last):
         return have
     if have is not None and have.first <= first <= have.last <= last:
@@ -213,13 +225,13 @@ async def closed_hours(store: Store, reseller: str, have: ClosedHours | None, fi
                 break
         if moved:
             for hour in range(have.last + 1, last + 1):
-                have.add(hour, await _read_hour(store, reseller, hour))
+                have.add(hour, await _read_hour(store, reseller, hour), expiry(hour))
             have.first, have.last = first, last
             have.settle()
             return have
     fresh = ClosedHours(first, last)
     for hour in range(first, last + 1):
-        fresh.add(hour, await _read_hour(store, reseller, hour))
+        fresh.add(hour, await _read_hour(store, reseller, hour), expiry(hour))
     fresh.settle()
     return fresh
 

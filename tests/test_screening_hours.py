@@ -5,10 +5,12 @@ only for the open hours once the closed ones are kept, and a costly judgement is
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from gateway.screening_hours import (
     last_closed_hour,
     open_hours,
 )
+from gateway.store import memory as memory_store
 from gateway.store.base import SCREENING_PAIRS, ScreeningTally, ScreeningWindow, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis.store import RedisStore
@@ -253,3 +256,62 @@ async def test_a_costly_judgement_is_paced_and_owed_ones_follow(store: Any) -> N
         clocks.mono += 1
         await screening.judge(policy, {"acme"})
     assert len(store.asked) == before + 3
+
+
+def _policy_of(window: int) -> Any:
+    doc = copy.deepcopy(DEFAULT_POLICY)
+    doc.setdefault("screening", {})["window"] = f"{window}h"
+    return compile_policy(validate_policy(doc, "t"), 1)
+
+
+class Judged:
+    """A ScreeningTallies on the embedded store whose judgements are recorded (its `_act`
+    replaced by a recorder: the alerts are not what is tested here)."""
+
+    def __init__(self, store: Store, policy: Any, clocks: Any) -> None:
+        self.policy = policy
+        self.tallies = ScreeningTallies(store, lambda: self.policy, now=clocks.now,
+                                        clock=clocks.clock, cpu=clocks.cpu)
+        self.values: dict[str, list[tuple[str, Any]]] = {}
+
+        async def record(r: str, signals: list[dict[str, Any]], screening: Any) -> None:
+            self.values[r] = [(s["name"], s["value"]) for s in signals]
+
+        self.tallies._act = record  # type: ignore[method-assign]
+
+    async def judge(self, reseller: str) -> list[tuple[str, Any]]:
+        """Judge `reseller` until it is judged (a rebuild may take several judgements)."""
+        self.values.clear()
+        for _ in range(50):
+            await self.tallies.judge(self.policy, {reseller})
+            if reseller in self.values:
+                return self.values[reseller]
+        raise AssertionError("not judged in 50 judgements")
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_window_changes_judge_as_a_full_read(monkeypatch: pytest.MonkeyPatch,
+                                                  seed: int) -> None:
+    """Through reloads that change the window (24, 48, 6 hours) with the embedded store's real
+    expiry (its clock moved with the test's), every judgement's signal values equal those of
+    a full read of the window: a kept hour that expired inside a lengthened window is not
+    counted."""
+    clocks = Clocks(START, cost=0.0)
+    monkeypatch.setattr(memory_store, "time", SimpleNamespace(time=clocks.now))
+    rng = random.Random(seed)
+    store = MemoryStore()
+    await store.start()
+    judged = Judged(store, _policy_of(24), clocks)
+    for step in range(150):
+        clocks.wall += rng.choice([60.0, 600.0, 1800.0, 3600.0])
+        clocks.mono += 1
+        if rng.random() < 0.05:
+            judged.policy = _policy_of(rng.choice([24, 48, 6]))
+        screening = judged.policy.doc.screening_or_default
+        window, current = screening.window_hours, int(clocks.wall // 3600)
+        await store.add_screening({("acme", current): _tally(rng)}, window)
+        got = await judged.judge("acme")
+        full = (await store.screening_window(["acme"], current - window + 1, current))["acme"]
+        assert got == [(s["name"], s["value"])
+                       for s in compute_signals(full, current, window, screening)], step
+    await store.close()

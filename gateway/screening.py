@@ -447,7 +447,7 @@ class ScreeningTallies:
                 self._closed.clear()  # built for another window: built again
                 self._open.clear()
             self._see_window(now, hours)
-            first, last_closed = current - hours + 1, last_closed_hour(now)
+            first = current - hours + 1
             for r in [r for r, c in self._closed.items()
                       if r not in policy.doc.resellers or c.last < first]:
                 del self._closed[r]  # gone from the policy, or idle for a whole window
@@ -457,28 +457,38 @@ class ScreeningTallies:
             known = [r for r in sorted(resellers) if r in policy.doc.resellers]
             due = [r for r in known if self._due.get(r, start) <= start]
             self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
-            try:
-                for r in due:
-                    # The thread's CPU time across the awaits: the loop's, including other
-                    # tasks' meanwhile (under load this errs towards pacing more).
-                    spent = self.cpu()
-                    have = self._closed.pop(r, None)
-                    if have is not None and have.expiry <= now:
-                        have = None  # an hour kept expired in the store: built again
-                    closed = await closed_hours(self.store, r, have, first, last_closed,
-                                                functools.partial(self._expiry, now=now))
-                    self._closed[r] = closed
-                    opened = max(first, last_closed + 1)
-                    read = await self.store.screening_window([r], opened, current,
-                                                             detail=False)
-                    kept = self._open[r] = open_hours(self._open.get(r), closed, opened,
-                                                      current)
-                    values = values_of(kept.figures(read[r]), hours)
+            for r in due:
+                # The thread's CPU time across the awaits: the loop's, including other tasks'
+                # meanwhile (under load this errs towards pacing more).
+                spent = self.cpu()
+                try:
+                    values = await self._values(r, now, hours)
+                except StoreError:
+                    self.flush_errors += 1  # still owed; the kept hours as they were
+                    continue
+                finally:
                     self._due[r] = self.clock() + PACE_FACTOR * (self.cpu() - spent)
-                    self._owed.discard(r)
+                self._owed.discard(r)
+                try:
                     await self._act(r, signals_of(values, screening), screening)
-            except StoreError:
-                self.flush_errors += 1
+                except StoreError:
+                    self.flush_errors += 1
+
+    async def _values(self, r: str, now: float, hours: int) -> dict[str, float]:
+        """Reseller `r`'s signal values over the window of `hours` hours ending at `now`: its
+        closed hours moved on (kept only once every read succeeded), its open hours read."""
+        current = int(now // 3600)
+        first, last_closed = current - hours + 1, last_closed_hour(now)
+        have = self._closed.get(r)
+        if have is not None and have.expiry <= now:
+            have = None  # an hour kept expired in the store: built again
+        closed = await closed_hours(self.store, r, have, first, last_closed,
+                                    functools.partial(self._expiry, now=now))
+        self._closed[r] = closed
+        opened = max(first, last_closed + 1)
+        read = await self.store.screening_window([r], opened, current, detail=False)
+        kept = self._open[r] = open_hours(self._open.get(r), closed, opened, current)
+        return values_of(kept.figures(read[r]), hours)
 
     def _see_window(self, now: float, hours: int) -> None:
         """Note the window in force at `now`; forget those no kept hour was written under."""

@@ -115,15 +115,17 @@ class ClosedHours:
                 else:
                     held[m] = n + 1
 
-    def drop(self, hour: int, w: ScreeningWindow) -> bool:
-        """Take out `hour`, read again as `w`; False (and this object spoilt) when the read is
-        not what was added: the hour expired or was written to after it closed."""
-        mark = self._hours.pop(hour, None)
+    def fits(self, hour: int, w: ScreeningWindow) -> bool:
+        """Whether `w`, `hour` read again, is what was added (or nothing was): False when the
+        hour expired or was written to after it closed."""
+        mark = self._hours.get(hour)
+        return mark is None or _fingerprint(w, hour) == mark
+
+    def drop(self, hour: int, w: ScreeningWindow) -> None:
+        """Take out `hour`, read again as `w` (which `fits`)."""
+        if self._hours.pop(hour, None) is None:
+            return
         self._expires.pop(hour, None)
-        if mark is None:
-            return True
-        if _fingerprint(w, hour) != mark:
-            return False
         for kind, members in w.pairs.items():
             held, sizes = self.pairs[kind], self.sizes[kind]
             for m in members:
@@ -137,7 +139,6 @@ class ClosedHours:
                     del sizes[a]
                 else:
                     sizes[a] -= 1
-        return True
 
     def settle(self) -> None:
         """Recompute the aggregates after hours were added or dropped (once an hour)."""
@@ -213,19 +214,25 @@ async def closed_hours(store: Store, reseller: str, have: ClosedHours | None, fi
     range read again and taken out, the newly closed ones read and added), or built anew,
     one hour's read at a time, when it cannot be (none yet, time went back, no hour in
     common, or an hour to take out no longer reads as it did). `expiry(hour)` is when the
-    store drops an hour read now. `have` is not to be used afterwards."""
+    store drops an hour read now. Every read is made before `have` changes: a StoreError
+    leaves it as it was; otherwise it is not to be used afterwards."""
     if have is not None and (have.first, have.last) == (first, last):
         return have
     if have is not None and have.first <= first <= have.last <= last:
-        moved = True
+        gone = []
         for hour in range(have.first, first):
-            if have.holds(hour) and not have.drop(hour, await _read_hour(
-                    store, reseller, hour)):
-                moved = False
-                break
-        if moved:
-            for hour in range(have.last + 1, last + 1):
-                have.add(hour, await _read_hour(store, reseller, hour), expiry(hour))
+            if have.holds(hour):
+                w = await _read_hour(store, reseller, hour)
+                if not have.fits(hour, w):
+                    break
+                gone.append((hour, w))
+        else:
+            new = [(hour, await _read_hour(store, reseller, hour))
+                   for hour in range(have.last + 1, last + 1)]
+            for hour, w in gone:
+                have.drop(hour, w)
+            for hour, w in new:
+                have.add(hour, w, expiry(hour))
             have.first, have.last = first, last
             have.settle()
             return have

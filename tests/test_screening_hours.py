@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from gateway.errors import StoreError
 from gateway.policy import compile_policy, validate_policy
 from gateway.screening import (
     PACE_FACTOR,
@@ -314,4 +315,62 @@ async def test_window_changes_judge_as_a_full_read(monkeypatch: pytest.MonkeyPat
         full = (await store.screening_window(["acme"], current - window + 1, current))["acme"]
         assert got == [(s["name"], s["value"])
                        for s in compute_signals(full, current, window, screening)], step
+    await store.close()
+
+
+class FailingMemoryStore(SpyMemoryStore):
+    """The embedded store, refusing (StoreError) the reads of the (reseller, first hour)
+    pairs in `failing`, each once; records the resellers asked for."""
+
+    failing: set[tuple[str, int]]
+    readers: list[str]
+
+    async def screening_window(self, resellers: Collection[str], first_hour: int,
+                               last_hour: int, *, detail: bool = True
+                               ) -> dict[str, ScreeningWindow]:
+        for r in resellers:
+            self.readers.append(r)
+            if (r, first_hour) in self.failing:
+                self.failing.discard((r, first_hour))
+                raise StoreError("refused")
+        return await super().screening_window(resellers, first_hour, last_hour, detail=detail)
+
+
+async def test_a_store_error_keeps_the_closed_hours_paces_and_judges_the_others() -> None:
+    """A read refused in the middle of a reseller's judgement is counted once, leaves its kept
+    closed hours as they were (the retry reads only what moved on), paces the retry like a
+    judgement, and does not stop the judgement of the resellers after it."""
+    store = FailingMemoryStore()
+    store.asked, store.failing, store.readers = [], set(), []
+    await store.start()
+    clocks = Clocks(START + 1800, cost=0.1)
+    screening = _tallies(store, clocks)
+    policy = screening.policy()
+    assert policy is not None
+    for r in ("acme", "direct"):
+        await _seed_day(store, r, clocks.wall)
+    await screening.judge(policy, {"acme", "direct"})
+    current = int(clocks.wall // 3600)
+    # The next hour closes: acme's oldest hour is read (to take out), then the newly closed
+    # one, refused.
+    clocks.wall = (current + 1) * 3600 + CLOSE_GRACE_S + 1
+    clocks.mono += PACE_FACTOR * 0.1 + 1
+    store.failing = {("acme", current)}
+    store.asked.clear()
+    store.readers.clear()
+    await screening.judge(policy, {"acme", "direct"})
+    assert screening.flush_errors == 1
+    assert "direct" in store.readers  # judged after acme's error
+    assert screening._owed == {"acme"}
+    clocks.mono += 1  # acme's failed judgement cost 0.1 s of loop time: paced 5 s
+    store.readers.clear()
+    await screening.judge(policy, {"acme"})
+    assert store.readers == []
+    clocks.mono += PACE_FACTOR * 0.1
+    store.asked.clear()
+    await screening.judge(policy, {"acme"})
+    assert screening._owed == set() and screening.flush_errors == 1
+    # The closed hours kept: the hour leaving read again, the newly closed one, the open one.
+    assert store.asked == [(current - 23, current - 23, False), (current, current, False),
+                           (current + 1, current + 1, False)]
     await store.close()

@@ -382,6 +382,7 @@ class ScreeningTallies:
         self._closed: dict[str, ClosedHours] = {}
         self._open: dict[str, OpenHours] = {}
         self._due: dict[str, float] = {}  # reseller -> clock() before which it waits
+        self._judged: dict[str, float] = {}  # reseller -> now() of its last judgement
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
         # the windows seen in force: (wall time from which, hours), oldest first; an hour's
         # buckets expire `window` hours after it with the window of the write that set it
@@ -441,16 +442,16 @@ class ScreeningTallies:
         screening = policy.doc.screening_or_default
         async with self._judging:
             now = self.now()
-            current = int(now // 3600)
             hours = screening.window_hours
             if self._windows and self._windows[-1][1] != hours:
                 self._closed.clear()  # built for another window: built again
                 self._open.clear()
             self._see_window(now, hours)
-            first = current - hours + 1
-            for r in [r for r, c in self._closed.items()
-                      if r not in policy.doc.resellers or c.last < first]:
-                del self._closed[r]  # gone from the policy, or idle for a whole window
+            idle = now - hours * 3600
+            for r in [r for r, t in self._judged.items()
+                      if r not in policy.doc.resellers or t < idle]:
+                del self._judged[r]  # gone from the policy, or idle for a whole window
+                self._closed.pop(r, None)
                 self._open.pop(r, None)
                 self._due.pop(r, None)
             start = self.clock()
@@ -477,6 +478,7 @@ class ScreeningTallies:
     async def _values(self, r: str, now: float, hours: int) -> dict[str, float]:
         """Reseller `r`'s signal values over the window of `hours` hours ending at `now`: its
         closed hours moved on (kept only once every read succeeded), its open hours read."""
+        self._judged[r] = now
         current = int(now // 3600)
         first, last_closed = current - hours + 1, last_closed_hour(now)
         have = self._closed.get(r)

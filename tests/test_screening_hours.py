@@ -374,3 +374,32 @@ async def test_a_store_error_keeps_the_closed_hours_paces_and_judges_the_others(
     assert store.asked == [(current - 23, current - 23, False), (current, current, False),
                            (current + 1, current + 1, False)]
     await store.close()
+
+
+@pytest.mark.parametrize(("window", "into_hour"), [(1, 1800.0), (2, 60.0)])
+async def test_a_short_window_is_paced_and_an_idle_reseller_forgotten(
+        window: int, into_hour: float) -> None:
+    """With a window of one hour (or two, within the grace, when no closed hour is in it) a
+    costly judgement is still paced; a reseller not judged for a whole window has its kept
+    state dropped."""
+    store = SpyMemoryStore()
+    store.asked = []
+    await store.start()
+    clocks = Clocks(START + into_hour, cost=0.1)
+    judged = Judged(store, _policy_of(window), clocks)
+    await store.add_screening({("acme", int(clocks.wall // 3600)): _tally(random.Random(1))},
+                              window)
+    await judged.tallies.judge(judged.policy, {"acme"})
+    asked = len(store.asked)
+    clocks.mono += 0.1  # 5 s of pace
+    await judged.tallies.judge(judged.policy, {"acme"})
+    assert len(store.asked) == asked
+    assert judged.tallies._owed == {"acme"}
+    clocks.mono += 10
+    await judged.tallies.judge(judged.policy, {"acme"})
+    assert judged.tallies._owed == set()
+    clocks.wall += (window + 1) * 3600
+    clocks.mono += 3600
+    await judged.tallies.judge(judged.policy, {"direct"})
+    assert "acme" not in judged.tallies._closed and "acme" not in judged.tallies._due
+    await store.close()

@@ -35,6 +35,7 @@ from gateway.policy import (
 )
 from gateway.screening_hours import (
     CLOSE_GRACE_S,
+    REBUILD_PAIRS,
     SEP,
     ClosedHours,
     Figures,
@@ -86,6 +87,11 @@ TOP_N = 10
 #: sooner than this times t later (at most about 2 % of the loop per reseller). A judgement
 #: whose open hours are small takes well under 20 ms: judged on every flush, as before.
 PACE_FACTOR = 50
+#: ... and never more than this many seconds later.
+PACE_MAX_S = 60.0
+#: The loop time one flush spends judging (seconds of `cpu`): the resellers it did not reach
+#: stay owed and go first at the next flush; the first one is always judged.
+FLUSH_BUDGET_S = 0.05
 #: The longest window a policy takes (7 d), in hours: how far back the windows seen in force
 #: matter.
 WINDOW_MAX_HOURS = 7 * 24
@@ -382,7 +388,11 @@ class ScreeningTallies:
         self._closed: dict[str, ClosedHours] = {}
         self._open: dict[str, OpenHours] = {}
         self._due: dict[str, float] = {}  # reseller -> clock() before which it waits
-        self._judged: dict[str, float] = {}  # reseller -> now() of its last judgement
+        # reseller -> now() of its last judgement, the least recent first
+        self._judged: dict[str, float] = {}
+        #: a build of a reseller's closed hours reads at most about this many pairs a
+        #: judgement (screening_hours.closed_hours); until it is complete it is owed
+        self.rebuild_pairs = REBUILD_PAIRS
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
         # the windows seen in force: (wall time from which, hours), oldest first; an hour's
         # buckets expire `window` hours after it with the window of the write that set it
@@ -456,28 +466,40 @@ class ScreeningTallies:
                 self._due.pop(r, None)
             start = self.clock()
             known = [r for r in sorted(resellers) if r in policy.doc.resellers]
-            due = [r for r in known if self._due.get(r, start) <= start]
             self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
+            # the least recently judged first: those a flush's budget did not reach go first
+            turn = {r: i for i, r in enumerate(self._judged)}
+            due = sorted((r for r in known if self._due.get(r, start) <= start),
+                         key=lambda r: turn.get(r, -1))
+            begun: float | None = None
             for r in due:
                 # The thread's CPU time across the awaits: the loop's, including other tasks'
                 # meanwhile (under load this errs towards pacing more).
                 spent = self.cpu()
+                begun = spent if begun is None else begun
+                values = None
                 try:
                     values = await self._values(r, now, hours)
                 except StoreError:
                     self.flush_errors += 1  # still owed; the kept hours as they were
-                    continue
                 finally:
-                    self._due[r] = self.clock() + PACE_FACTOR * (self.cpu() - spent)
-                self._owed.discard(r)
-                try:
-                    await self._act(r, signals_of(values, screening), screening)
-                except StoreError:
-                    self.flush_errors += 1
+                    after = self.cpu()
+                    self._due[r] = self.clock() + min(PACE_MAX_S,
+                                                      PACE_FACTOR * (after - spent))
+                if values is not None:
+                    self._owed.discard(r)
+                    try:
+                        await self._act(r, signals_of(values, screening), screening)
+                    except StoreError:
+                        self.flush_errors += 1
+                if after - begun >= FLUSH_BUDGET_S:
+                    break
 
-    async def _values(self, r: str, now: float, hours: int) -> dict[str, float]:
+    async def _values(self, r: str, now: float, hours: int) -> dict[str, float] | None:
         """Reseller `r`'s signal values over the window of `hours` hours ending at `now`: its
-        closed hours moved on (kept only once every read succeeded), its open hours read."""
+        closed hours moved on (kept only once every read succeeded), its open hours read;
+        None while a build of its closed hours is under way (a step of it done)."""
+        self._judged.pop(r, None)
         self._judged[r] = now
         current = int(now // 3600)
         first, last_closed = current - hours + 1, last_closed_hour(now)
@@ -485,8 +507,11 @@ class ScreeningTallies:
         if have is not None and have.expiry <= now:
             have = None  # an hour kept expired in the store: built again
         closed = await closed_hours(self.store, r, have, first, last_closed,
-                                    functools.partial(self._expiry, now=now))
+                                    functools.partial(self._expiry, now=now),
+                                    self.rebuild_pairs)
         self._closed[r] = closed
+        if closed.last < last_closed:
+            return None
         opened = max(first, last_closed + 1)
         read = await self.store.screening_window([r], opened, current, detail=False)
         kept = self._open[r] = open_hours(self._open.get(r), closed, opened, current)

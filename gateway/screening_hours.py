@@ -18,6 +18,10 @@ SIGNAL_COUNTERS = ("att", "den", "rst", "anon", "inv", "off", "lt")
 #: second (a failed flush drops screening tallies, it never retries them late); the rest
 #: covers a flush slowed by a busy store and clocks of instances a minute or two apart.
 CLOSE_GRACE_S = 180
+#: A build of closed hours under way reads, per call, hours until they held this many pairs
+#: (one busy hour: four full pair sets) or this many hours.
+REBUILD_PAIRS = 4 * 4096
+REBUILD_HOURS = 24
 
 
 def last_closed_hour(now: float) -> int:
@@ -209,38 +213,48 @@ def _forever(hour: int) -> float:
 
 
 async def closed_hours(store: Store, reseller: str, have: ClosedHours | None, first: int,
-                       last: int, expiry: Callable[[int], float] = _forever) -> ClosedHours:
+                       last: int, expiry: Callable[[int], float] = _forever,
+                       pairs: int | None = None) -> ClosedHours:
     """`reseller`'s closed hours [first, last]: `have` moved on (the hours that left the
     range read again and taken out, the newly closed ones read and added), or built anew,
     one hour's read at a time, when it cannot be (none yet, time went back, no hour in
     common, or an hour to take out no longer reads as it did). `expiry(hour)` is when the
-    store drops an hour read now. Every read is made before `have` changes: a StoreError
-    leaves it as it was; otherwise it is not to be used afterwards."""
+    store drops an hour read now. With `pairs`, the reads of hours to add stop once they
+    held that many pairs or REBUILD_HOURS hours: the result's `last` is then short of `last`
+    (a build under way), and a later call with it goes on. Every read is made before `have`
+    changes: a StoreError leaves it as it was; otherwise it is not to be used afterwards."""
     if have is not None and (have.first, have.last) == (first, last):
         return have
-    if have is not None and have.first <= first <= have.last <= last:
-        gone = []
+    gone = []
+    if have is not None and have.first <= first <= have.last + 1 and have.last <= last:
         for hour in range(have.first, first):
             if have.holds(hour):
                 w = await _read_hour(store, reseller, hour)
                 if not have.fits(hour, w):
+                    have = None
                     break
                 gone.append((hour, w))
-        else:
-            new = [(hour, await _read_hour(store, reseller, hour))
-                   for hour in range(have.last + 1, last + 1)]
-            for hour, w in gone:
-                have.drop(hour, w)
-            for hour, w in new:
-                have.add(hour, w, expiry(hour))
-            have.first, have.last = first, last
-            have.settle()
-            return have
-    fresh = ClosedHours(first, last)
-    for hour in range(first, last + 1):
-        fresh.add(hour, await _read_hour(store, reseller, hour), expiry(hour))
-    fresh.settle()
-    return fresh
+    else:
+        have = None
+    if have is None:
+        have, gone = ClosedHours(first, min(last, first - 1)), []
+    new: list[tuple[int, ScreeningWindow]] = []
+    held = 0
+    for hour in range(have.last + 1, last + 1):
+        if pairs is not None and (held >= pairs or len(new) >= REBUILD_HOURS):
+            break
+        w = await _read_hour(store, reseller, hour)
+        new.append((hour, w))
+        held += sum(len(m) for m in w.pairs.values())
+    for hour, w in gone:
+        have.drop(hour, w)
+    for hour, w in new:
+        have.add(hour, w, expiry(hour))
+    have.first = first
+    if new:
+        have.last = new[-1][0]
+    have.settle()
+    return have
 
 
 def open_hours(have: OpenHours | None, closed: ClosedHours, first: int,

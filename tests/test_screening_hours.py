@@ -19,7 +19,9 @@ import pytest_asyncio
 from gateway.errors import StoreError
 from gateway.policy import compile_policy, validate_policy
 from gateway.screening import (
+    FLUSH_BUDGET_S,
     PACE_FACTOR,
+    PACE_MAX_S,
     ScreeningTallies,
     compute_signals,
     signals_of,
@@ -343,7 +345,7 @@ async def test_a_store_error_keeps_the_closed_hours_paces_and_judges_the_others(
     store = FailingMemoryStore()
     store.asked, store.failing, store.readers = [], set(), []
     await store.start()
-    clocks = Clocks(START + 1800, cost=0.1)
+    clocks = Clocks(START + 1800, cost=0.02)
     screening = _tallies(store, clocks)
     policy = screening.policy()
     assert policy is not None
@@ -354,7 +356,7 @@ async def test_a_store_error_keeps_the_closed_hours_paces_and_judges_the_others(
     # The next hour closes: acme's oldest hour is read (to take out), then the newly closed
     # one, refused.
     clocks.wall = (current + 1) * 3600 + CLOSE_GRACE_S + 1
-    clocks.mono += PACE_FACTOR * 0.1 + 1
+    clocks.mono += PACE_FACTOR * 0.02 + 1
     store.failing = {("acme", current)}
     store.asked.clear()
     store.readers.clear()
@@ -362,11 +364,11 @@ async def test_a_store_error_keeps_the_closed_hours_paces_and_judges_the_others(
     assert screening.flush_errors == 1
     assert "direct" in store.readers  # judged after acme's error
     assert screening._owed == {"acme"}
-    clocks.mono += 1  # acme's failed judgement cost 0.1 s of loop time: paced 5 s
+    clocks.mono += 0.5  # acme's failed judgement cost 0.02 s of loop time: paced 1 s
     store.readers.clear()
     await screening.judge(policy, {"acme"})
     assert store.readers == []
-    clocks.mono += PACE_FACTOR * 0.1
+    clocks.mono += PACE_FACTOR * 0.02
     store.asked.clear()
     await screening.judge(policy, {"acme"})
     assert screening._owed == set() and screening.flush_errors == 1
@@ -402,4 +404,90 @@ async def test_a_short_window_is_paced_and_an_idle_reseller_forgotten(
     clocks.mono += 3600
     await judged.tallies.judge(judged.policy, {"direct"})
     assert "acme" not in judged.tallies._closed and "acme" not in judged.tallies._due
+    await store.close()
+
+
+def _policy_with(resellers: int) -> Any:
+    doc = copy.deepcopy(DEFAULT_POLICY)
+    doc["resellers"] = {f"r{i}": copy.deepcopy(DEFAULT_POLICY["resellers"]["acme"])
+                        for i in range(resellers)}
+    return compile_policy(validate_policy(doc, "t"), 1)
+
+
+async def _failing_store() -> FailingMemoryStore:
+    store = FailingMemoryStore()
+    store.asked, store.failing, store.readers = [], set(), []
+    await store.start()
+    return store
+
+
+def _in_order(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+async def test_a_flush_judges_within_its_budget_and_those_not_reached_go_first() -> None:
+    """Once a flush's judgements took FLUSH_BUDGET_S of loop time the resellers left stay
+    owed; the next flush judges them first."""
+    store = await _failing_store()
+    clocks = Clocks(START + 1800, cost=FLUSH_BUDGET_S * 0.6)
+    judged = Judged(store, _policy_with(5), clocks)
+    everyone = {f"r{i}" for i in range(5)}
+    for r in everyone:
+        await _seed_day(store, r, clocks.wall)
+    order = []
+    for _ in range(3):
+        store.readers.clear()
+        await judged.tallies.judge(judged.policy, everyone)
+        order.append(_in_order(store.readers))
+        clocks.mono += 1  # a judgement's pace: 1.5 s
+    assert order == [["r0", "r1"], ["r2", "r3"], ["r4", "r0"]]
+    assert judged.tallies._owed == {"r1", "r2", "r3"}  # r2, r3 paced; r1 not reached
+    await store.close()
+
+
+async def test_a_build_of_closed_hours_goes_a_step_a_judgement() -> None:
+    """A reseller's closed hours are built a few hours (rebuild_pairs) a judgement; until
+    they are complete it is owed and not judged on part of its window, then judged as a full
+    read is."""
+    store = SpyMemoryStore()
+    store.asked = []
+    await store.start()
+    clocks = Clocks(START + 1800, cost=0.0001)
+    judged = Judged(store, _policy_of(24), clocks)
+    judged.tallies.rebuild_pairs = 4
+    await _seed_day(store, "acme", clocks.wall)  # one pair an hour
+    steps = 0
+    while "acme" not in judged.values:
+        steps += 1
+        store.asked.clear()
+        clocks.mono += 1
+        await judged.tallies.judge(judged.policy, {"acme"})
+        assert len([a for a in store.asked if a[0] < int(clocks.wall // 3600)]) <= 4
+        assert ("acme" in judged.tallies._owed) == ("acme" not in judged.values)
+        assert steps < 10
+    assert steps == 6  # 23 closed hours, 4 a judgement
+    current = int(clocks.wall // 3600)
+    full = (await store.screening_window(["acme"], current - 23, current))["acme"]
+    screening = judged.policy.doc.screening_or_default
+    assert judged.values["acme"] == [(s["name"], s["value"])
+                                     for s in compute_signals(full, current, 24, screening)]
+    await store.close()
+
+
+async def test_the_pace_is_capped() -> None:
+    """However costly a judgement, the reseller is judged again PACE_MAX_S later."""
+    store = SpyMemoryStore()
+    store.asked = []
+    await store.start()
+    clocks = Clocks(START + 1800, cost=10.0)
+    judged = Judged(store, _policy_of(24), clocks)
+    await _seed_day(store, "acme", clocks.wall)
+    await judged.tallies.judge(judged.policy, {"acme"})
+    asked = len(store.asked)
+    clocks.mono += PACE_MAX_S - 1
+    await judged.tallies.judge(judged.policy, {"acme"})
+    assert len(store.asked) == asked
+    clocks.mono += 2
+    await judged.tallies.judge(judged.policy, {"acme"})
+    assert len(store.asked) > asked
     await store.close()

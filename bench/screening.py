@@ -108,7 +108,8 @@ async def measure(store: Store, window: str, rounds: int,
                            "first_loop_ms": round((time.thread_time() - t0) * 1000, 1),
                            "build_steps": steps,
                            "longest_step_ms": round(longest * 1000, 1),
-                           "kept_mib": round((rss_bytes(os.getpid()) - rss) / 2**20, 1)}
+                           "kept_mib": round((rss_bytes(os.getpid()) - rss) / 2**20, 1),
+                           "kept_pairs": tallies._kept.get(RESELLER, 0)}
     client = aioredis.from_url(redis_url) if redis_url else None
     try:
         for name, judge in (("old", lambda: _old(store, policy)),

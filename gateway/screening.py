@@ -92,6 +92,11 @@ PACE_MAX_S = 60.0
 #: The loop time one flush spends judging (seconds of `cpu`): the resellers it did not reach
 #: stay owed and go first at the next flush; the first one is always judged.
 FLUSH_BUDGET_S = 0.05
+#: The pairs of closed and open hours kept across all resellers (35-60 bytes each in
+#: bench.screening: about 120 MiB at most, two full 7 d windows): past it the least recently
+#: judged resellers' are dropped (built anew when next judged); the one just judged keeps its
+#: own.
+KEPT_PAIRS_MAX = 2_000_000
 #: The longest window a policy takes (7 d), in hours: how far back the windows seen in force
 #: matter.
 WINDOW_MAX_HOURS = 7 * 24
@@ -393,6 +398,8 @@ class ScreeningTallies:
         #: a build of a reseller's closed hours reads at most about this many pairs a
         #: judgement (screening_hours.closed_hours); until it is complete it is owed
         self.rebuild_pairs = REBUILD_PAIRS
+        self.kept_pairs_max = KEPT_PAIRS_MAX
+        self._kept: dict[str, int] = {}  # reseller -> the pairs of its closed and open hours
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
         # the windows seen in force: (wall time from which, hours), oldest first; an hour's
         # buckets expire `window` hours after it with the window of the write that set it
@@ -456,11 +463,13 @@ class ScreeningTallies:
             if self._windows and self._windows[-1][1] != hours:
                 self._closed.clear()  # built for another window: built again
                 self._open.clear()
+                self._kept.clear()
             self._see_window(now, hours)
             idle = now - hours * 3600
             for r in [r for r, t in self._judged.items()
                       if r not in policy.doc.resellers or t < idle]:
                 del self._judged[r]  # gone from the policy, or idle for a whole window
+                self._kept.pop(r, None)
                 self._closed.pop(r, None)
                 self._open.pop(r, None)
                 self._due.pop(r, None)
@@ -511,11 +520,27 @@ class ScreeningTallies:
                                     self.rebuild_pairs)
         self._closed[r] = closed
         if closed.last < last_closed:
+            self._keep(r, closed.kept())
             return None
         opened = max(first, last_closed + 1)
         read = await self.store.screening_window([r], opened, current, detail=False)
         kept = self._open[r] = open_hours(self._open.get(r), closed, opened, current)
-        return values_of(kept.figures(read[r]), hours)
+        figures = kept.figures(read[r])
+        self._keep(r, closed.kept() + kept.kept())
+        return values_of(figures, hours)
+
+    def _keep(self, r: str, pairs: int) -> None:
+        """Note that `r` keeps `pairs` pairs; past kept_pairs_max in all, drop the kept hours
+        of the least recently judged resellers but `r`."""
+        self._kept[r] = pairs
+        total = sum(self._kept.values())
+        for other in list(self._judged):
+            if total <= self.kept_pairs_max:
+                break
+            if other != r and other in self._kept:
+                total -= self._kept.pop(other)
+                self._closed.pop(other, None)
+                self._open.pop(other, None)
 
     def _see_window(self, now: float, hours: int) -> None:
         """Note the window in force at `now`; forget those no kept hour was written under."""

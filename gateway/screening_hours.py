@@ -96,6 +96,10 @@ class ClosedHours:
         self.groups: dict[str, int] = dict.fromkeys(SCREENING_PAIRS, 0)
         self.version = 0  # moves on with every settle
 
+    def kept(self) -> int:
+        """The number of pairs kept."""
+        return sum(len(p) for p in self.pairs.values())
+
     def holds(self, hour: int) -> bool:
         """Whether `hour` added data."""
         return hour in self._hours
@@ -174,6 +178,10 @@ class OpenHours:
         """Whether these are still the open hours [first, current] next to `closed`."""
         return (self.closed is closed and self.version == closed.version
                 and self.first == first and self.current == current)
+
+    def kept(self) -> int:
+        """The number of pairs kept (those of the open hours seen)."""
+        return sum(len(p) for p in self._seen.values())
 
     def figures(self, w: ScreeningWindow) -> Figures:
         """The window's figures, `w` being a read of the open hours (detail not needed)."""

@@ -20,6 +20,7 @@ from gateway.errors import StoreError
 from gateway.policy import compile_policy, validate_policy
 from gateway.screening import (
     FLUSH_BUDGET_S,
+    KEPT_PAIRS_MAX,
     PACE_FACTOR,
     PACE_MAX_S,
     ScreeningTallies,
@@ -490,4 +491,29 @@ async def test_the_pace_is_capped() -> None:
     clocks.mono += 2
     await judged.tallies.judge(judged.policy, {"acme"})
     assert len(store.asked) > asked
+    await store.close()
+
+
+async def test_kept_pairs_are_capped_across_resellers() -> None:
+    """Past kept_pairs_max pairs kept across resellers, the least recently judged reseller's
+    kept hours are dropped; judged again, it builds them anew."""
+    store = SpyMemoryStore()
+    store.asked = []
+    await store.start()
+    clocks = Clocks(START + 1800, cost=0.0001)
+    judged = Judged(store, _policy_with(3), clocks)
+    assert judged.tallies.kept_pairs_max == KEPT_PAIRS_MAX
+    judged.tallies.kept_pairs_max = 50  # 24 pairs a reseller: two fit
+    for r in ("r0", "r1", "r2"):
+        await _seed_day(store, r, clocks.wall)
+    for r in ("r0", "r1", "r2"):
+        clocks.mono += 1
+        await judged.tallies.judge(judged.policy, {r})
+    assert set(judged.tallies._closed) == {"r1", "r2"}
+    assert set(judged.tallies._open) == {"r1", "r2"}
+    store.asked.clear()
+    clocks.mono += 1
+    await judged.tallies.judge(judged.policy, {"r0"})
+    assert len(store.asked) == 24  # built anew: 23 closed hours and the open one
+    assert set(judged.tallies._closed) == {"r0", "r2"}
     await store.close()

@@ -400,6 +400,7 @@ class ScreeningTallies:
         self.rebuild_pairs = REBUILD_PAIRS
         self.kept_pairs_max = KEPT_PAIRS_MAX
         self._kept: dict[str, int] = {}  # reseller -> the pairs of its closed and open hours
+        self._suspend: set[str] = set()  # suspensions owed (refused so far), retried
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
         # the windows seen in force: (wall time from which, hours), oldest first; an hour's
         # buckets expire `window` hours after it with the window of the write that set it
@@ -503,6 +504,7 @@ class ScreeningTallies:
                         self.flush_errors += 1
                 if after - begun >= FLUSH_BUDGET_S:
                     break
+            await self._suspend_owed(policy)
 
     async def _values(self, r: str, now: float, hours: int) -> dict[str, float] | None:
         """Reseller `r`'s signal values over the window of `hours` hours ending at `now`: its
@@ -580,15 +582,33 @@ class ScreeningTallies:
                              value=s["value"], threshold=s["threshold"],
                              action=screening.actions.flag, mode=screening.actions.mode)
             suspend = True
-        if (suspend and screening.actions.flag == "suspend"
-                and screening.actions.mode == "enforce"):
-            await suspend_reseller(self.store, r, self.actor)
+        if suspend and _suspends(screening):
+            self._suspend.add(r)  # made by judge, after the judgements, until done
+
+    async def _suspend_owed(self, policy: CompiledPolicy) -> None:
+        """Make the suspensions owed (those the policy still asks for); one the store refuses
+        stays owed for the next judgement."""
+        for r in sorted(self._suspend):
+            if r in policy.doc.resellers and _suspends(policy.doc.screening_or_default):
+                try:
+                    await suspend_reseller(self.store, r, self.actor)
+                except StoreError:
+                    self.flush_errors += 1
+                    continue
+                except PolicyConflict:
+                    continue
+            self._suspend.discard(r)
+
+
+def _suspends(screening: Screening) -> bool:
+    return screening.actions.flag == "suspend" and screening.actions.mode == "enforce"
 
 
 async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
     """Set `reseller`'s status to suspended in the stored policy (a new version, audited as
-    `reseller_status_changed`); False when it is not there or already suspended."""
-    for _ in range(3):  # another writer moved the version on: read again
+    `reseller_status_changed`); False when it is not there or already suspended;
+    PolicyConflict when other writers moved the version on three times running."""
+    for attempt in range(3):  # another writer moved the version on: read again
         stored = await store.get_policy()
         if stored is None:
             return False
@@ -600,7 +620,9 @@ async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
         try:
             await store_policy(store, validate_policy(raw, "store"), actor, stored.version)
         except PolicyConflict:
+            if attempt == 2:
+                raise
             continue
         logger().warning("screening_suspended", reseller=reseller)
         return True
-    return False
+    return False  # not reached

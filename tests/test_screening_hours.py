@@ -6,6 +6,7 @@ only for the open hours once the closed ones are kept, and a costly judgement is
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from gateway.audit import store_policy
 from gateway.errors import StoreError
 from gateway.policy import compile_policy, validate_policy
 from gateway.screening import (
@@ -39,7 +41,13 @@ from gateway.screening_hours import (
     open_hours,
 )
 from gateway.store import memory as memory_store
-from gateway.store.base import SCREENING_PAIRS, ScreeningTally, ScreeningWindow, Store
+from gateway.store.base import (
+    SCREENING_PAIRS,
+    PolicyConflict,
+    ScreeningTally,
+    ScreeningWindow,
+    Store,
+)
 from gateway.store.memory import MemoryStore
 from gateway.store.redis.store import RedisStore
 from tests.support.gateway import DEFAULT_POLICY
@@ -516,4 +524,49 @@ async def test_kept_pairs_are_capped_across_resellers() -> None:
     await judged.tallies.judge(judged.policy, {"r0"})
     assert len(store.asked) == 24  # built anew: 23 closed hours and the open one
     assert set(judged.tallies._closed) == {"r0", "r2"}
+    await store.close()
+
+
+class RefusingPolicyStore(MemoryStore):
+    """The embedded store, refusing its next `refusals` policy writes with `error`."""
+
+    refusals = 0
+    error: Exception = StoreError("refused")
+
+    async def put_policy(self, doc: str, actor: str, expected_version: int | None = None) -> int:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise self.error
+        return await super().put_policy(doc, actor, expected_version)
+
+
+@pytest.mark.parametrize(("error", "refusals"), [(StoreError("refused"), 1),
+                                                 (PolicyConflict(2, 1), 3)])
+async def test_a_suspension_refused_is_retried(error: Exception, refusals: int) -> None:
+    """A suspension the store refuses (an error, or other writers moving the version on past
+    the retries) is owed and made by a later judgement."""
+    doc = copy.deepcopy(DEFAULT_POLICY)
+    doc["screening"] = {"actions": {"flag": "suspend", "mode": "enforce"}}
+    policy = validate_policy(doc, "t")
+    store = RefusingPolicyStore()
+    await store.start()
+    await store_policy(store, policy, "test", None)
+    clocks = Clocks(START + 1800, cost=0.0001)
+    compiled = compile_policy(policy, 1)
+    tallies = ScreeningTallies(store, lambda: compiled, now=clocks.now, clock=clocks.clock,
+                               cpu=clocks.cpu)
+    await store.add_screening({("acme", int(clocks.wall // 3600)): ScreeningTally(
+        counts={"att": 10, "rst": 10})}, 24)
+
+    async def status() -> str:
+        stored = await store.get_policy()
+        assert stored is not None
+        return str(json.loads(stored.doc)["resellers"]["acme"]["status"])
+
+    store.refusals, store.error = refusals, error
+    await tallies.judge(compiled, {"acme"})
+    assert await status() == "active"
+    clocks.mono += 10
+    await tallies.judge(compiled, {"acme"})
+    assert await status() == "suspended"
     await store.close()

@@ -466,14 +466,7 @@ class ScreeningTallies:
                 self._open.clear()
                 self._kept.clear()
             self._see_window(now, hours)
-            idle = now - hours * 3600
-            for r in [r for r, t in self._judged.items()
-                      if r not in policy.doc.resellers or t < idle]:
-                del self._judged[r]  # gone from the policy, or idle for a whole window
-                self._kept.pop(r, None)
-                self._closed.pop(r, None)
-                self._open.pop(r, None)
-                self._due.pop(r, None)
+            self._forget(policy.doc.resellers, now - hours * 3600)
             start = self.clock()
             known = [r for r in sorted(resellers) if r in policy.doc.resellers]
             self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
@@ -543,6 +536,19 @@ class ScreeningTallies:
                 total -= self._kept.pop(other)
                 self._closed.pop(other, None)
                 self._open.pop(other, None)
+
+    def _forget(self, resellers: Collection[str], idle: float) -> None:
+        """Drop all state of the resellers not in `resellers`, and the kept hours and pace of
+        those not judged since `idle` (wall time)."""
+        per_reseller: list[dict[str, Any]] = [self._judged, self._kept, self._closed,
+                                              self._open, self._due]
+        for r in {r for d in per_reseller for r in d}:
+            if r not in resellers or self._judged.get(r, idle) < idle:
+                for d in per_reseller:
+                    d.pop(r, None)
+        self._flagged = {k: v for k, v in self._flagged.items() if k[0] in resellers}
+        self._suspend.intersection_update(resellers)
+        self._owed.intersection_update(resellers)
 
     def _see_window(self, now: float, hours: int) -> None:
         """Note the window in force at `now`; forget those no kept hour was written under."""

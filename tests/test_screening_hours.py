@@ -570,3 +570,28 @@ async def test_a_suspension_refused_is_retried(error: Exception, refusals: int) 
     await tallies.judge(compiled, {"acme"})
     assert await status() == "suspended"
     await store.close()
+
+
+async def test_a_reseller_gone_from_the_policy_is_forgotten() -> None:
+    """A reseller no longer in the policy leaves nothing behind in any per-reseller state
+    (flags, kept hours, pace, owed judgements)."""
+    store = MemoryStore()
+    await store.start()
+    clocks = Clocks(START + 1800, cost=0.0001)
+    tallies = ScreeningTallies(store, lambda: None, now=clocks.now, clock=clocks.clock,
+                               cpu=clocks.cpu)
+    both = compile_policy(validate_policy(DEFAULT_POLICY, "t"), 1)
+    await _seed_day(store, "acme", clocks.wall)
+    await store.add_screening({("acme", int(clocks.wall // 3600)): ScreeningTally(
+        counts={"att": 10, "rst": 10})}, 24)
+    await tallies.judge(both, {"acme", "direct"})
+    assert ("acme", "restricted_customer_share") in tallies._flagged
+    doc = copy.deepcopy(DEFAULT_POLICY)
+    del doc["resellers"]["acme"]
+    clocks.mono += 10
+    await tallies.judge(compile_policy(validate_policy(doc, "t"), 2), {"direct"})
+    for name, held in vars(tallies).items():
+        if isinstance(held, dict | set) and name != "_pending":
+            assert not any(k == "acme" or (isinstance(k, tuple) and k[0] == "acme")
+                           for k in held), name
+    await store.close()

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import ipaddress
 import json
+import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -515,6 +516,7 @@ class ScreeningTallies:
                                     self.rebuild_pairs)
         self._closed[r] = closed
         if closed.last < last_closed:
+            self._open.pop(r, None)  # it holds the closed hours it was made next to
             self._keep(r, closed.kept())
             return None
         opened = max(first, last_closed + 1)
@@ -564,11 +566,12 @@ class ScreeningTallies:
         could be written; of those, the earliest still ahead (it was read: not expired). An
         earlier guess than the truth only costs a rebuild."""
         start, end = hour * 3600.0, (hour + 1) * 3600.0 + CLOSE_GRACE_S
-        ahead = [(hour + 1 + w) * 3600.0 for i, (since, w) in enumerate(self._windows)
-                 if (i == 0 or since < end) and (i + 1 == len(self._windows)
-                                     or self._windows[i + 1][0] > start)]
-        ahead = [t for t in ahead if t > now] or [now + 3600.0]  # written under a window not
-        return min(ahead)  # seen here (another instance's): looked at again in an hour
+        ends = [since for since, _ in self._windows[1:]] + [math.inf]
+        ahead = [(hour + 1 + w) * 3600.0
+                 for i, ((since, w), until) in enumerate(zip(self._windows, ends, strict=True))
+                 if (i == 0 or since < end) and until > start and (hour + 1 + w) * 3600.0 > now]
+        # none: written under a window not seen here (another instance's); looked at in an hour
+        return min(ahead, default=now + 3600.0)
 
     async def _act(self, r: str, signals: list[dict[str, Any]], screening: Screening) -> None:
         """Reseller `r`'s gauge, and the alert (and suspension) of each signal turned `flag`."""

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import ipaddress
 import json
+import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -34,6 +35,8 @@ from gateway.policy import (
     validate_policy,
 )
 from gateway.screening_hours import (
+    CLOSE_GRACE_S,
+    REBUILD_PAIRS,
     SEP,
     ClosedHours,
     Figures,
@@ -85,6 +88,19 @@ TOP_N = 10
 #: sooner than this times t later (at most about 2 % of the loop per reseller). A judgement
 #: whose open hours are small takes well under 20 ms: judged on every flush, as before.
 PACE_FACTOR = 50
+#: ... and never more than this many seconds later.
+PACE_MAX_S = 60.0
+#: The loop time one flush spends judging (seconds of `cpu`): the resellers it did not reach
+#: stay owed and go first at the next flush; the first one is always judged.
+FLUSH_BUDGET_S = 0.05
+#: The pairs of closed and open hours kept across all resellers (35-60 bytes each in
+#: bench.screening: about 120 MiB at most, two full 7 d windows): past it the least recently
+#: judged resellers' are dropped (built anew when next judged); the one just judged keeps its
+#: own.
+KEPT_PAIRS_MAX = 2_000_000
+#: The longest window a policy takes (7 d), in hours: how far back the windows seen in force
+#: matter.
+WINDOW_MAX_HOURS = 7 * 24
 
 # Country -> standard UTC offset in hours (no daylight saving; one zone per country, for the
 # largest countries the zone of the capital or of most people). An approximation: the report
@@ -378,7 +394,18 @@ class ScreeningTallies:
         self._closed: dict[str, ClosedHours] = {}
         self._open: dict[str, OpenHours] = {}
         self._due: dict[str, float] = {}  # reseller -> clock() before which it waits
+        # reseller -> now() of its last judgement, the least recent first
+        self._judged: dict[str, float] = {}
+        #: a build of a reseller's closed hours reads at most about this many pairs a
+        #: judgement (screening_hours.closed_hours); until it is complete it is owed
+        self.rebuild_pairs = REBUILD_PAIRS
+        self.kept_pairs_max = KEPT_PAIRS_MAX
+        self._kept: dict[str, int] = {}  # reseller -> the pairs of its closed and open hours
+        self._suspend: set[str] = set()  # suspensions owed (refused so far), retried
         self._owed: set[str] = set()  # flushed, not judged since (not due yet, or failed)
+        # the windows seen in force: (wall time from which, hours), oldest first; an hour's
+        # buckets expire `window` hours after it with the window of the write that set it
+        self._windows: list[tuple[float, int]] = []
         # the admin API's flush may run beside the loop's: one judgement at a time, as the
         # closed hours move on across awaits
         self._judging = asyncio.Lock()
@@ -434,37 +461,117 @@ class ScreeningTallies:
         screening = policy.doc.screening_or_default
         async with self._judging:
             now = self.now()
-            current = int(now // 3600)
             hours = screening.window_hours
-            first, last_closed = current - hours + 1, last_closed_hour(now)
-            for r in [r for r, c in self._closed.items()
-                      if r not in policy.doc.resellers or c.last < first]:
-                del self._closed[r]  # gone from the policy, or idle for a whole window
-                self._open.pop(r, None)
-                self._due.pop(r, None)
+            if self._windows and self._windows[-1][1] != hours:
+                self._closed.clear()  # built for another window: built again
+                self._open.clear()
+                self._kept.clear()
+            self._see_window(now, hours)
+            self._forget(policy.doc.resellers, now - hours * 3600)
             start = self.clock()
             known = [r for r in sorted(resellers) if r in policy.doc.resellers]
-            due = [r for r in known if self._due.get(r, start) <= start]
             self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
-            try:
-                for r in due:
-                    # The thread's CPU time across the awaits: the loop's, including other
-                    # tasks' meanwhile (under load this errs towards pacing more).
-                    spent = self.cpu()
-                    have = self._closed.pop(r, None)
-                    closed = await closed_hours(self.store, r, have, first, last_closed)
-                    self._closed[r] = closed
-                    opened = max(first, last_closed + 1)
-                    read = await self.store.screening_window([r], opened, current,
-                                                             detail=False)
-                    kept = self._open[r] = open_hours(self._open.get(r), closed, opened,
-                                                      current)
-                    values = values_of(kept.figures(read[r]), hours)
-                    self._due[r] = self.clock() + PACE_FACTOR * (self.cpu() - spent)
+            # the least recently judged first: those a flush's budget did not reach go first
+            turn = {r: i for i, r in enumerate(self._judged)}
+            due = sorted((r for r in known if self._due.get(r, start) <= start),
+                         key=lambda r: turn.get(r, -1))
+            begun: float | None = None
+            for r in due:
+                # The thread's CPU time across the awaits: the loop's, including other tasks'
+                # meanwhile (under load this errs towards pacing more).
+                spent = self.cpu()
+                begun = spent if begun is None else begun
+                values = None
+                try:
+                    values = await self._values(r, now, hours)
+                except StoreError:
+                    self.flush_errors += 1  # still owed; the kept hours as they were
+                finally:
+                    after = self.cpu()
+                    self._due[r] = self.clock() + min(PACE_MAX_S,
+                                                      PACE_FACTOR * (after - spent))
+                if values is not None:
                     self._owed.discard(r)
-                    await self._act(r, signals_of(values, screening), screening)
-            except StoreError:
-                self.flush_errors += 1
+                    try:
+                        await self._act(r, signals_of(values, screening), screening)
+                    except StoreError:
+                        self.flush_errors += 1
+                if after - begun >= FLUSH_BUDGET_S:
+                    break
+            await self._suspend_owed(policy)
+
+    async def _values(self, r: str, now: float, hours: int) -> dict[str, float] | None:
+        """Reseller `r`'s signal values over the window of `hours` hours ending at `now`: its
+        closed hours moved on (kept only once every read succeeded), its open hours read;
+        None while a build of its closed hours is under way (a step of it done)."""
+        self._judged.pop(r, None)
+        self._judged[r] = now
+        current = int(now // 3600)
+        first, last_closed = current - hours + 1, last_closed_hour(now)
+        have = self._closed.get(r)
+        if have is not None and have.expiry <= now:
+            have = None  # an hour kept expired in the store: built again
+        closed = await closed_hours(self.store, r, have, first, last_closed,
+                                    functools.partial(self._expiry, now=now),
+                                    self.rebuild_pairs)
+        self._closed[r] = closed
+        if closed.last < last_closed:
+            self._open.pop(r, None)  # it holds the closed hours it was made next to
+            self._keep(r, closed.kept())
+            return None
+        opened = max(first, last_closed + 1)
+        read = await self.store.screening_window([r], opened, current, detail=False)
+        kept = self._open[r] = open_hours(self._open.get(r), closed, opened, current)
+        figures = kept.figures(read[r])
+        self._keep(r, closed.kept() + kept.kept())
+        return values_of(figures, hours)
+
+    def _keep(self, r: str, pairs: int) -> None:
+        """Note that `r` keeps `pairs` pairs; past kept_pairs_max in all, drop the kept hours
+        of the least recently judged resellers but `r`."""
+        self._kept[r] = pairs
+        total = sum(self._kept.values())
+        for other in list(self._judged):
+            if total <= self.kept_pairs_max:
+                break
+            if other != r and other in self._kept:
+                total -= self._kept.pop(other)
+                self._closed.pop(other, None)
+                self._open.pop(other, None)
+
+    def _forget(self, resellers: Collection[str], idle: float) -> None:
+        """Drop all state of the resellers not in `resellers`, and the kept hours and pace of
+        those not judged since `idle` (wall time)."""
+        per_reseller: list[dict[str, Any]] = [self._judged, self._kept, self._closed,
+                                              self._open, self._due]
+        for r in {r for d in per_reseller for r in d}:
+            if r not in resellers or self._judged.get(r, idle) < idle:
+                for d in per_reseller:
+                    d.pop(r, None)
+        self._flagged = {k: v for k, v in self._flagged.items() if k[0] in resellers}
+        self._suspend.intersection_update(resellers)
+        self._owed.intersection_update(resellers)
+
+    def _see_window(self, now: float, hours: int) -> None:
+        """Note the window in force at `now`; forget those no kept hour was written under."""
+        if not self._windows or self._windows[-1][1] != hours:
+            self._windows.append((now, hours))
+        horizon = now - (WINDOW_MAX_HOURS + 2) * 3600
+        while len(self._windows) > 1 and self._windows[1][0] <= horizon:
+            del self._windows[0]
+
+    def _expiry(self, hour: int, now: float) -> float:
+        """When the store drops `hour`, read at `now`: its buckets expire `window` hours after
+        the hour with the window of their last write, one of those in force while the hour
+        could be written; of those, the earliest still ahead (it was read: not expired). An
+        earlier guess than the truth only costs a rebuild."""
+        start, end = hour * 3600.0, (hour + 1) * 3600.0 + CLOSE_GRACE_S
+        ends = [since for since, _ in self._windows[1:]] + [math.inf]
+        ahead = [(hour + 1 + w) * 3600.0
+                 for i, ((since, w), until) in enumerate(zip(self._windows, ends, strict=True))
+                 if (i == 0 or since < end) and until > start and (hour + 1 + w) * 3600.0 > now]
+        # none: written under a window not seen here (another instance's); looked at in an hour
+        return min(ahead, default=now + 3600.0)
 
     async def _act(self, r: str, signals: list[dict[str, Any]], screening: Screening) -> None:
         """Reseller `r`'s gauge, and the alert (and suspension) of each signal turned `flag`."""
@@ -484,15 +591,33 @@ class ScreeningTallies:
                              value=s["value"], threshold=s["threshold"],
                              action=screening.actions.flag, mode=screening.actions.mode)
             suspend = True
-        if (suspend and screening.actions.flag == "suspend"
-                and screening.actions.mode == "enforce"):
-            await suspend_reseller(self.store, r, self.actor)
+        if suspend and _suspends(screening):
+            self._suspend.add(r)  # made by judge, after the judgements, until done
+
+    async def _suspend_owed(self, policy: CompiledPolicy) -> None:
+        """Make the suspensions owed (those the policy still asks for); one the store refuses
+        stays owed for the next judgement."""
+        for r in sorted(self._suspend):
+            if r in policy.doc.resellers and _suspends(policy.doc.screening_or_default):
+                try:
+                    await suspend_reseller(self.store, r, self.actor)
+                except StoreError:
+                    self.flush_errors += 1
+                    continue
+                except PolicyConflict:
+                    continue
+            self._suspend.discard(r)
+
+
+def _suspends(screening: Screening) -> bool:
+    return screening.actions.flag == "suspend" and screening.actions.mode == "enforce"
 
 
 async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
     """Set `reseller`'s status to suspended in the stored policy (a new version, audited as
-    `reseller_status_changed`); False when it is not there or already suspended."""
-    for _ in range(3):  # another writer moved the version on: read again
+    `reseller_status_changed`); False when it is not there or already suspended;
+    PolicyConflict when other writers moved the version on three times running."""
+    for attempt in range(3):  # another writer moved the version on: read again
         stored = await store.get_policy()
         if stored is None:
             return False
@@ -504,7 +629,9 @@ async def suspend_reseller(store: Store, reseller: str, actor: str) -> bool:
         try:
             await store_policy(store, validate_policy(raw, "store"), actor, stored.version)
         except PolicyConflict:
+            if attempt == 2:
+                raise
             continue
         logger().warning("screening_suspended", reseller=reseller)
         return True
-    return False
+    return False  # not reached

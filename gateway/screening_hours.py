@@ -4,7 +4,8 @@ reseller reads and adds only the hours still being written (docs/architecture.md
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from gateway.store.base import SCREENING_PAIRS, ScreeningWindow, Store
@@ -17,6 +18,10 @@ SIGNAL_COUNTERS = ("att", "den", "rst", "anon", "inv", "off", "lt")
 #: second (a failed flush drops screening tallies, it never retries them late); the rest
 #: covers a flush slowed by a busy store and clocks of instances a minute or two apart.
 CLOSE_GRACE_S = 180
+#: A build of closed hours under way reads, per call, hours until they held this many pairs
+#: (one busy hour: four full pair sets) or this many hours.
+REBUILD_PAIRS = 4 * 4096
+REBUILD_HOURS = 24
 
 
 def last_closed_hour(now: float) -> int:
@@ -68,16 +73,19 @@ class ClosedHours:
     """One reseller's closed hours [first, last], aggregated: per hour its counters (a few
     ints); per pair set, each pair with the number of these hours holding it (so an hour
     leaving the window is taken out again) and each first part with its number of distinct
-    pairs. Built by `closed_hours`; the figures of the whole window come from an OpenHours
-    next to it."""
+    pairs; per hour also when the store lets it expire (`expiry`: the earliest). Built by
+    `closed_hours`; the figures of the whole window come from an OpenHours next to it."""
 
-    __slots__ = ("_hours", "counters", "first", "groups", "last", "lt_hours", "pairs",
-                 "sizes", "version")
+    __slots__ = ("_expires", "_hours", "counters", "expiry", "first", "groups", "last",
+                 "lt_hours", "pairs", "sizes", "version")
 
     def __init__(self, first: int, last: int) -> None:
         self.first = first
         self.last = last
         self._hours: dict[int, tuple[int, ...]] = {}  # hour with data -> _fingerprint
+        self._expires: dict[int, float] = {}  # hour with data -> when the store drops it
+        #: the earliest of the hours' expiries (Unix s): from then on these figures are wrong
+        self.expiry = math.inf
         #: pair set -> pair (member) -> the number of these hours holding it
         self.pairs: dict[str, dict[str, int]] = {k: {} for k in SCREENING_PAIRS}
         #: pair set -> first part -> its number of distinct pairs (the group's size)
@@ -88,16 +96,22 @@ class ClosedHours:
         self.groups: dict[str, int] = dict.fromkeys(SCREENING_PAIRS, 0)
         self.version = 0  # moves on with every settle
 
+    def kept(self) -> int:
+        """The number of pairs kept."""
+        return sum(len(p) for p in self.pairs.values())
+
     def holds(self, hour: int) -> bool:
         """Whether `hour` added data."""
         return hour in self._hours
 
-    def add(self, hour: int, w: ScreeningWindow) -> None:
-        """Add `w`, one hour's read (detail not needed)."""
+    def add(self, hour: int, w: ScreeningWindow, expires: float = math.inf) -> None:
+        """Add `w`, one hour's read (detail not needed), which the store keeps until
+        `expires`."""
         mark = _fingerprint(w, hour)
         if not any(mark):
             return
         self._hours[hour] = mark
+        self._expires[hour] = expires
         for kind, members in w.pairs.items():
             held, sizes = self.pairs[kind], self.sizes[kind]
             for m in members:
@@ -109,14 +123,17 @@ class ClosedHours:
                 else:
                     held[m] = n + 1
 
-    def drop(self, hour: int, w: ScreeningWindow) -> bool:
-        """Take out `hour`, read again as `w`; False (and this object spoilt) when the read is
-        not what was added: the hour expired or was written to after it closed."""
-        mark = self._hours.pop(hour, None)
-        if mark is None:
-            return True
-        if _fingerprint(w, hour) != mark:
-            return False
+    def fits(self, hour: int, w: ScreeningWindow) -> bool:
+        """Whether `w`, `hour` read again, is what was added (or nothing was): False when the
+        hour expired or was written to after it closed."""
+        mark = self._hours.get(hour)
+        return mark is None or _fingerprint(w, hour) == mark
+
+    def drop(self, hour: int, w: ScreeningWindow) -> None:
+        """Take out `hour`, read again as `w` (which `fits`)."""
+        if self._hours.pop(hour, None) is None:
+            return
+        self._expires.pop(hour, None)
         for kind, members in w.pairs.items():
             held, sizes = self.pairs[kind], self.sizes[kind]
             for m in members:
@@ -130,7 +147,6 @@ class ClosedHours:
                     del sizes[a]
                 else:
                     sizes[a] -= 1
-        return True
 
     def settle(self) -> None:
         """Recompute the aggregates after hours were added or dropped (once an hour)."""
@@ -138,6 +154,7 @@ class ClosedHours:
         self.counters = tuple(sum(m[i] for m in marks) for i in range(len(SIGNAL_COUNTERS)))
         self.lt_hours = sum(1 for m in marks if m[_LT])
         self.groups = {k: max(g.values(), default=0) for k, g in self.sizes.items()}
+        self.expiry = min(self._expires.values(), default=math.inf)
         self.version += 1
 
 
@@ -161,6 +178,10 @@ class OpenHours:
         """Whether these are still the open hours [first, current] next to `closed`."""
         return (self.closed is closed and self.version == closed.version
                 and self.first == first and self.current == current)
+
+    def kept(self) -> int:
+        """The number of pairs kept (those of the open hours seen)."""
+        return sum(len(p) for p in self._seen.values())
 
     def figures(self, w: ScreeningWindow) -> Figures:
         """The window's figures, `w` being a read of the open hours (detail not needed)."""
@@ -195,33 +216,53 @@ async def _read_hour(store: Store, reseller: str, hour: int) -> ScreeningWindow:
     return (await store.screening_window([reseller], hour, hour, detail=False))[reseller]
 
 
+def _forever(hour: int) -> float:
+    return math.inf
+
+
 async def closed_hours(store: Store, reseller: str, have: ClosedHours | None, first: int,
-                       last: int) -> ClosedHours:
+                       last: int, expiry: Callable[[int], float] = _forever,
+                       pairs: int | None = None) -> ClosedHours:
     """`reseller`'s closed hours [first, last]: `have` moved on (the hours that left the
     range read again and taken out, the newly closed ones read and added), or built anew,
     one hour's read at a time, when it cannot be (none yet, time went back, no hour in
-    common, or an hour to take out no longer reads as it did). `have` is not to be used
-    afterwards."""
+    common, or an hour to take out no longer reads as it did). `expiry(hour)` is when the
+    store drops an hour read now. With `pairs`, the reads of hours to add stop once they
+    held that many pairs or REBUILD_HOURS hours: the result's `last` is then short of `last`
+    (a build under way), and a later call with it goes on. Every read is made before `have`
+    changes: a StoreError leaves it as it was; otherwise it is not to be used afterwards."""
     if have is not None and (have.first, have.last) == (first, last):
         return have
-    if have is not None and have.first <= first <= have.last <= last:
-        moved = True
+    gone = []
+    if have is not None and have.first <= first <= have.last + 1 and have.last <= last:
         for hour in range(have.first, first):
-            if have.holds(hour) and not have.drop(hour, await _read_hour(
-                    store, reseller, hour)):
-                moved = False
-                break
-        if moved:
-            for hour in range(have.last + 1, last + 1):
-                have.add(hour, await _read_hour(store, reseller, hour))
-            have.first, have.last = first, last
-            have.settle()
-            return have
-    fresh = ClosedHours(first, last)
-    for hour in range(first, last + 1):
-        fresh.add(hour, await _read_hour(store, reseller, hour))
-    fresh.settle()
-    return fresh
+            if have.holds(hour):
+                w = await _read_hour(store, reseller, hour)
+                if not have.fits(hour, w):
+                    have = None
+                    break
+                gone.append((hour, w))
+    else:
+        have = None
+    if have is None:
+        have, gone = ClosedHours(first, min(last, first - 1)), []
+    new: list[tuple[int, ScreeningWindow]] = []
+    held = 0
+    for hour in range(have.last + 1, last + 1):
+        if pairs is not None and (held >= pairs or len(new) >= REBUILD_HOURS):
+            break
+        w = await _read_hour(store, reseller, hour)
+        new.append((hour, w))
+        held += sum(len(m) for m in w.pairs.values())
+    for hour, w in gone:
+        have.drop(hour, w)
+    for hour, w in new:
+        have.add(hour, w, expiry(hour))
+    have.first = first
+    if new:
+        have.last = new[-1][0]
+    have.settle()
+    return have
 
 
 def open_hours(have: OpenHours | None, closed: ClosedHours, first: int,

@@ -28,6 +28,7 @@ from gateway.errors import OperationError, StoreError
 from gateway.log import logger
 from gateway.policy import (
     COUNT_SIGNALS,
+    MAX_SCREENING_HOURS,
     SCREENING_DEFAULTS,
     CompiledPolicy,
     Screening,
@@ -98,9 +99,6 @@ FLUSH_BUDGET_S = 0.05
 #: judged resellers' are dropped (built anew when next judged); the one just judged keeps its
 #: own.
 KEPT_PAIRS_MAX = 2_000_000
-#: The longest window a policy takes (7 d), in hours: how far back the windows seen in force
-#: matter.
-WINDOW_MAX_HOURS = 7 * 24
 
 # Country -> standard UTC offset in hours (no daylight saving; one zone per country, for the
 # largest countries the zone of the capital or of most people). An approximation: the report
@@ -556,7 +554,7 @@ class ScreeningTallies:
         """Note the window in force at `now`; forget those no kept hour was written under."""
         if not self._windows or self._windows[-1][1] != hours:
             self._windows.append((now, hours))
-        horizon = now - (WINDOW_MAX_HOURS + 2) * 3600
+        horizon = now - (MAX_SCREENING_HOURS + 2) * 3600
         while len(self._windows) > 1 and self._windows[1][0] <= horizon:
             del self._windows[0]
 

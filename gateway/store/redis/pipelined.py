@@ -246,12 +246,12 @@ class PipelinedRunner:
     @property
     def connected(self) -> bool:
         """Whether the connection is up (it opens on the first call)."""
-        return self.conn._writer is not None
+        return self.conn._writer is not None and not self.conn._closed
 
     def before_flush(self, producer: Callable[[], None]) -> bool:
         """Have `producer` called right before this turn's write (PipelinedConnection's
         before_flush); False, calling nothing, when the connection is not up."""
-        if self.conn._writer is None or self.conn._closed:
+        if not self.connected:
             return False
         self.conn.before_flush(producer)
         return True
@@ -262,7 +262,7 @@ class PipelinedRunner:
         `done(None, error)` when it is answered (NOSCRIPT: sent again with its source; errors
         as `run` raises them), straight from the reply: no task, no future in between. False,
         calling nothing, when the connection is not up: then use `run`, which connects."""
-        if self.conn._writer is None or self.conn._closed:
+        if not self.connected:
             return False
         self._send(("EVALSHA", script.sha), script, keys, args, done)
         return True

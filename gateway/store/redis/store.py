@@ -397,14 +397,7 @@ class RedisStore(Store):
         self._settling.append((st, fut))
         if self._send_timer is None and not self._send_queued:
             self._send_timer = loop.call_later(SETTLE_WINDOW_S, self._send)
-        fut.add_done_callback(lambda f: self._settled(st, f))
         return fut
-
-    def _settled(self, st: Settlement, fut: asyncio.Future[None]) -> None:
-        """A settlement applied forgets its lease's tick; a failed one keeps it for the
-        caller's retry."""
-        if not fut.cancelled() and fut.exception() is None:
-            self._lease_sec.pop(st.lease_id, None)
 
     async def settle(self, st: Settlement) -> None:
         fut = self.settle_soon(st)
@@ -487,7 +480,9 @@ class RedisStore(Store):
                 if not f.done():
                     f.set_exception(err)
             return
-        for _, f in sts:
+        for st, f in sts:
+            # Applied: its lease's tick is forgotten (a failed one keeps it for the retry).
+            self._lease_sec.pop(st.lease_id, None)
             if not f.done():
                 f.set_result(None)
         for (req, f), res in zip(adms, replies[len(sts):], strict=True):

@@ -25,7 +25,9 @@ from gateway.store.base import (
     UsageRow,
     cell_expiry,
     day_total_expiry,
+    key_subject,
     month_total_expiry,
+    reseller_subject,
 )
 
 ADDS_TTL_S = 7 * 86_400  # an instance's additions hash outlives its last addition this long
@@ -100,7 +102,7 @@ class UsageLayout:
         for k, _ in cells:
             days.setdefault(k.day, len(days) + 1)
         keys = [self.additions(reseller, instance)]
-        args: list[Any] = [number, ADDS_TTL_S, len(days), f"reseller:{reseller}",
+        args: list[Any] = [number, ADDS_TTL_S, len(days), reseller_subject(reseller),
                            MODELS_PER_DAY, OTHER_MODEL]
         for day in days:
             keys += [self.cells(reseller, day), self.cells(reseller, day) + ":models",
@@ -109,7 +111,7 @@ class UsageLayout:
                      int(month_total_expiry(day))]
         args.append(len(cells))
         for k, t in cells:
-            args += [days[k.day], f"key:{k.key_id}", k.model,
+            args += [days[k.day], key_subject(k.key_id), k.model,
                      cell_field(k.key_id, k.customer_id, k.model),
                      cell_field(k.key_id, k.customer_id, OTHER_MODEL),
                      t.requests, t.input_tokens, t.output_tokens]

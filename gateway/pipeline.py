@@ -260,6 +260,8 @@ class Pipeline:
                 held: Watched | None = None,
                 trace: tracing.RequestTrace | None = None) -> None:
         self.inflight -= 1
+        if held is not None:  # first, as inflight: a held watch is never dropped
+            self.ledger.release(held)
         if forwarded is not None:
             forwarded.to_context(ctx)
         if admission is not None:
@@ -274,8 +276,6 @@ class Pipeline:
         # Runs in `finally`: a fault of these must neither replace the answer (aiohttp's plain
         # 500) nor cost the request its settlement or its log line, both already done.
         try:
-            if held is not None:  # first: it cannot fail, and a held watch is never dropped
-                self.ledger.release(held)
             if (forwarded is not None and forwarded.upstream_status is not None
                     and ctx.key_id is not None and ctx.reseller is not None):
                 # §12: every request the upstream answered, with the usage it reported

@@ -250,6 +250,10 @@ def judge_body(method: str, content_type: str, body: Body, path: str, must_judge
     except ValueError as exc:
         raise invalid_request("invalid_max_tokens", str(exc)) from None
     if facts.add_include_usage and doc is not None:
-        # Re-encoded from the document just parsed, not parsed a second time.
-        body.data = with_include_usage(doc)
+        # Re-encoded from the document just parsed, not parsed a second time. orjson reads
+        # 1024 levels, json writes fewer: deeper than json goes is refused as json reads it.
+        try:
+            body.data = with_include_usage(doc)
+        except RecursionError:
+            raise invalid_request("invalid_json", "request body is nested too deeply") from None
     return facts

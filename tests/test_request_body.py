@@ -149,3 +149,11 @@ def test_judge_body_asks_an_openai_stream_for_its_usage() -> None:
     body, facts = _judge(sent, path="/v1/chat/completions")
     assert isinstance(facts, RequestFacts) and not facts.add_include_usage
     assert body.data == sent
+
+
+def test_an_openai_stream_too_deep_to_re_encode_is_a_400() -> None:
+    """A stream body orjson reads (up to 1024 levels) but the re-encoding that asks for usage
+    cannot write is refused as `invalid_json` in the §6 shape, not a 500."""
+    deep = b'{"model": "gpt-x", "stream": true, "x": ' + b"[" * 1010 + b"]" * 1010 + b"}"
+    _, got = _judge(deep, path="/v1/chat/completions")
+    assert got == (400, "invalid_json", "request body is nested too deeply")

@@ -152,10 +152,9 @@ class Ledger:
         self._keys: dict[str, Watch] = {}
         self._resellers: dict[str, Watch] = {}
         self._lock = asyncio.Lock()
+        # when the last read failed; -inf while the last read succeeded (no subject is dropped
+        # while reads fail: its last read is then all this instance knows of its use elsewhere)
         self._read_failed_at = float("-inf")
-        # whether the last read succeeded: no subject is dropped while reads fail, as its last
-        # read is then all this instance knows of its use elsewhere
-        self._last_read_ok = True
         self._pruned_day = ""
         self._flushing: asyncio.Future[None] | None = None
         #: flushes (adds or reads) the store refused; for tests and diagnostics
@@ -348,7 +347,7 @@ class Ledger:
             for ident, w in table.items():
                 if w.touched:
                     w.seen, w.touched = now, False
-                elif w.inflight == 0 and now - w.seen >= IDLE_S and self._last_read_ok:
+                elif w.inflight == 0 and now - w.seen >= IDLE_S and not self._read_failing():
                     idle.append(ident)
                     continue
                 if prune:
@@ -369,9 +368,8 @@ class Ledger:
         except StoreError:
             self.flush_errors += 1
             self._read_failed_at = self._clock()
-            self._last_read_ok = False
             return
-        self._last_read_ok = True
+        self._read_failed_at = float("-inf")
         for w in watched:
             use = got.get(w.name)
             if use is None:
@@ -384,6 +382,9 @@ class Ledger:
 
     def _read_failed_lately(self) -> bool:
         return self._clock() - self._read_failed_at < FLUSH_INTERVAL_S
+
+    def _read_failing(self) -> bool:
+        return self._read_failed_at != float("-inf")
 
     def pending(self) -> dict[UsageKey, Tally]:
         """A copy of the tallies not yet sent (for tests and the stop log)."""

@@ -468,7 +468,7 @@ class ScreeningTallies:
             self._forget(policy.doc.resellers, now - hours * 3600)
             start = self.clock()
             known = [r for r in sorted(resellers) if r in policy.doc.resellers]
-            self._owed = {r for r in self._owed.union(known) if r in policy.doc.resellers}
+            self._owed.update(known)  # _forget keeps it to the policy's resellers
             # the least recently judged first: those a flush's budget did not reach go first
             turn = {r: i for i, r in enumerate(self._judged)}
             due = sorted((r for r in known if self._due.get(r, start) <= start),
@@ -529,6 +529,8 @@ class ScreeningTallies:
         of the least recently judged resellers but `r`."""
         self._kept[r] = pairs
         total = sum(self._kept.values())
+        if total <= self.kept_pairs_max:
+            return
         for other in list(self._judged):
             if total <= self.kept_pairs_max:
                 break
@@ -595,8 +597,9 @@ class ScreeningTallies:
     async def _suspend_owed(self, policy: CompiledPolicy) -> None:
         """Make the suspensions owed (those the policy still asks for); one the store refuses
         stays owed for the next judgement."""
+        asks = _suspends(policy.doc.screening_or_default)
         for r in sorted(self._suspend):
-            if r in policy.doc.resellers and _suspends(policy.doc.screening_or_default):
+            if asks and r in policy.doc.resellers:
                 try:
                     await suspend_reseller(self.store, r, self.actor)
                 except StoreError:

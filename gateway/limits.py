@@ -328,20 +328,9 @@ class Limits:
         if self.store.settle_now(st):
             return
         fut = self.store.settle_soon(st)
-        if fut is None:
-            task = asyncio.create_task(self._settle(st))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        # No task per settlement: one callback takes the batch's outcome.
+        # One callback takes the outcome (on one Redis node, the batch's: no task).
         self._tasks.add(fut)
         fut.add_done_callback(lambda f: self._settled(st, f))
-
-    async def _settle(self, st: Settlement) -> None:
-        try:
-            await self.store.settle(st)
-        except StoreError:
-            self._settle_failed(st)
 
     def _settled(self, st: Settlement, fut: asyncio.Future[None]) -> None:
         self._tasks.discard(fut)

@@ -336,11 +336,11 @@ class Store(abc.ABC):
         False (the default) means: call `settle` (I/O) instead."""
         return False
 
-    def settle_soon(self, s: Settlement) -> asyncio.Future[None] | None:
-        """Queue `s` for a call the store sends anyway (the single-node Redis store batches
-        settlements) and return the future of its outcome: the caller needs no task of its
-        own per settlement. None (the default) means: call `settle`."""
-        return None
+    def settle_soon(self, s: Settlement) -> asyncio.Future[None]:
+        """Settle `s` in the background; the future of its outcome. By default a task of
+        `settle`; the single-node Redis store queues it for a call it sends anyway (no task
+        per settlement)."""
+        return asyncio.ensure_future(self.settle(s))
 
     @abc.abstractmethod
     async def start(self) -> None: ...

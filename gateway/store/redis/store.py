@@ -387,9 +387,9 @@ class RedisStore(Store):
         await self._run(self._CANCEL, keys, args)
         self._lease_sec.pop(req.lease_id, None)
 
-    def settle_soon(self, st: Settlement) -> asyncio.Future[None] | None:
+    def settle_soon(self, st: Settlement) -> asyncio.Future[None]:
         if self.scripts is self.pooled:
-            return None  # Sentinel and Cluster: one call per settlement (`settle`)
+            return super().settle_soon(st)  # Sentinel and Cluster: a task of `settle`
         # One node: no response waits for a settlement, so it waits up to SETTLE_WINDOW_S
         # for company: other settlements, or the next admissions' call.
         loop = asyncio.get_running_loop()
@@ -400,9 +400,8 @@ class RedisStore(Store):
         return fut
 
     async def settle(self, st: Settlement) -> None:
-        fut = self.settle_soon(st)
-        if fut is not None:
-            await fut
+        if self.scripts is not self.pooled:
+            await self.settle_soon(st)
             return
         # Sentinel and Cluster: one call per settlement (a call must stay on one shard).
         keys, args = self._admit_call([st], [])
